@@ -1,0 +1,380 @@
+"""The architecture table: every layout fact plancc knows, as data.
+
+One entry per family says how its `config.json` maps to the plan's model facts,
+which tensors a decoder layer owns, and which axis of each tensor lives in
+which *space*. The compiler's cost model counts parameters from these shapes,
+`plangen header` reads the facts from them, and the executor slices along the
+spaces they name. Adding a layout is adding an entry here plus a test.
+
+Spaces (symbolic dimensions of a tensor):
+  hidden      the residual width                       (never sliced)
+  q           heads * head_dim, sliced by KV group     (query rows / o columns)
+  kv          kv_heads * head_dim, sliced by KV group
+  qkv         q + kv + kv fused along one axis (Phi-3 `qkv_proj`)
+  head_dim    per-head norms (Qwen3 q_norm/k_norm)     (never sliced)
+  ffn         dense MLP channels
+  gate_up     2 * ffn fused (Phi-3 `gate_up_proj`)
+  experts     routed experts (router rows)
+  expert_ffn  channels of one routed expert
+  shared_ffn  channels of the shared expert
+  vocab       embedding rows                           (never sliced)
+  one         a literal 1 (Qwen2-MoE `shared_expert_gate`)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SPACES = (
+    "hidden",
+    "q",
+    "kv",
+    "qkv",
+    "head_dim",
+    "ffn",
+    "gate_up",
+    "experts",
+    "expert_ffn",
+    "shared_ffn",
+    "vocab",
+    "one",
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a layer (name relative to the layer prefix) or of the model.
+
+    `dims` names the space of each axis, outermost first, as stored on disk
+    (`nn.Linear` weights are (out_features, in_features)). `when` names a
+    boolean model fact that must hold for the tensor to exist (e.g. `qkv_bias`,
+    `untied`). `{e}` in a name is the routed-expert index.
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    when: str | None = None
+
+    @property
+    def per_expert(self) -> bool:
+        return "{e}" in self.name
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """How one model fact is read from config.json.
+
+    `keys` are tried in order (families renamed keys over time); `default` is a
+    constant or a function of the facts read so far; `convert` maps the raw
+    value (Qwen-1 stores twice the real MLP width).
+    """
+
+    keys: tuple[str, ...]
+    default: Any = None
+    convert: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The layout of one model family."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layer_prefix: str  # with `{i}` for the layer index
+    layers_module: str  # dotted path of the decoder-layer list, for loaders
+    facts: Mapping[str, ConfigKey]
+    attention: tuple[TensorSpec, ...]
+    dense_mlp: tuple[TensorSpec, ...]
+    norms: tuple[TensorSpec, ...]
+    embeddings: tuple[TensorSpec, ...]
+    moe_mlp: tuple[TensorSpec, ...] = ()
+    # Which layers of a MoE model are dense, from config.json (None: all MoE).
+    dense_layers: Callable[[Mapping[str, Any], int], list[int]] | None = None
+    # Per-layer config lists that must follow a depth change (e.g. layer_types).
+    per_layer_config_lists: tuple[str, ...] = ("layer_types",)
+    moe: bool = False
+    notes: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def layer_tensors(self, moe_layer: bool) -> tuple[TensorSpec, ...]:
+        mlp = self.moe_mlp if moe_layer else self.dense_mlp
+        return self.norms + self.attention + mlp
+
+
+def _t(name: str, *dims: str, when: str | None = None) -> TensorSpec:
+    return TensorSpec(name, tuple(dims), when)
+
+
+def _head_dim_default(facts: Mapping[str, Any]) -> int | None:
+    if facts.get("hidden") and facts.get("heads"):
+        return facts["hidden"] // facts["heads"]
+    return None
+
+
+_COMMON_FACTS: dict[str, ConfigKey] = {
+    "layers": ConfigKey(("num_hidden_layers", "n_layer", "num_layers")),
+    "hidden": ConfigKey(("hidden_size", "n_embd", "d_model")),
+    "heads": ConfigKey(("num_attention_heads", "n_head")),
+    "kv_heads": ConfigKey(("num_key_value_heads",), default=lambda f: f.get("heads")),
+    "head_dim": ConfigKey(("head_dim",), default=_head_dim_default),
+    "ffn": ConfigKey(("intermediate_size", "ffn_hidden_size")),
+    "vocab": ConfigKey(("vocab_size",)),
+    "tied": ConfigKey(("tie_word_embeddings",), default=False),
+}
+
+_LLAMA_ATTENTION = (
+    _t("self_attn.q_proj.weight", "q", "hidden"),
+    _t("self_attn.q_proj.bias", "q", when="qkv_bias"),
+    _t("self_attn.k_proj.weight", "kv", "hidden"),
+    _t("self_attn.k_proj.bias", "kv", when="qkv_bias"),
+    _t("self_attn.v_proj.weight", "kv", "hidden"),
+    _t("self_attn.v_proj.bias", "kv", when="qkv_bias"),
+    _t("self_attn.o_proj.weight", "hidden", "q"),
+    _t("self_attn.o_proj.bias", "hidden", when="o_bias"),
+)
+_LLAMA_MLP = (
+    _t("mlp.gate_proj.weight", "ffn", "hidden"),
+    _t("mlp.gate_proj.bias", "ffn", when="mlp_bias"),
+    _t("mlp.up_proj.weight", "ffn", "hidden"),
+    _t("mlp.up_proj.bias", "ffn", when="mlp_bias"),
+    _t("mlp.down_proj.weight", "hidden", "ffn"),
+    _t("mlp.down_proj.bias", "hidden", when="mlp_bias"),
+)
+_LLAMA_NORMS = (
+    _t("input_layernorm.weight", "hidden"),
+    _t("post_attention_layernorm.weight", "hidden"),
+)
+_LLAMA_EMBEDDINGS = (
+    _t("model.embed_tokens.weight", "vocab", "hidden"),
+    _t("model.norm.weight", "hidden"),
+    _t("lm_head.weight", "vocab", "hidden", when="untied"),
+)
+_QK_NORMS = (
+    _t("self_attn.q_norm.weight", "head_dim"),
+    _t("self_attn.k_norm.weight", "head_dim"),
+)
+_EXPERTS = (
+    _t("mlp.gate.weight", "experts", "hidden"),
+    _t("mlp.experts.{e}.gate_proj.weight", "expert_ffn", "hidden"),
+    _t("mlp.experts.{e}.up_proj.weight", "expert_ffn", "hidden"),
+    _t("mlp.experts.{e}.down_proj.weight", "hidden", "expert_ffn"),
+)
+
+
+def _bool_key(*keys: str, default: bool = False) -> ConfigKey:
+    return ConfigKey(keys, default=default, convert=bool)
+
+
+def _qwen_moe_dense_layers(config: Mapping[str, Any], layers: int) -> list[int]:
+    """Qwen2/3-MoE: a layer is dense when listed in `mlp_only_layers`, when the
+    model has no experts, or when `decoder_sparse_step` skips it (transformers'
+    own rule in `Qwen2MoeDecoderLayer`). transformers 5 writes a Qwen3-MoE
+    expert count as `num_local_experts` (hub checkpoints say `num_experts`), so
+    both are read; reading only `num_experts` made every layer look dense.
+    """
+    only = set(config.get("mlp_only_layers") or [])
+    step = int(config.get("decoder_sparse_step") or 1)
+    experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
+    return [i for i in range(layers) if i in only or experts == 0 or (i + 1) % step != 0]
+
+
+def _llama_like(name: str, model_types: tuple[str, ...], **over: Any) -> Architecture:
+    facts = dict(_COMMON_FACTS)
+    facts["qkv_bias"] = _bool_key("attention_bias")
+    facts["o_bias"] = _bool_key("attention_bias")
+    facts["mlp_bias"] = _bool_key("mlp_bias")
+    facts.update(over.pop("facts", {}))
+    return Architecture(
+        name=name,
+        model_types=model_types,
+        layer_prefix="model.layers.{i}.",
+        layers_module="model.layers",
+        facts=facts,
+        attention=over.pop("attention", _LLAMA_ATTENTION),
+        dense_mlp=over.pop("dense_mlp", _LLAMA_MLP),
+        norms=over.pop("norms", _LLAMA_NORMS),
+        embeddings=over.pop("embeddings", _LLAMA_EMBEDDINGS),
+        **over,
+    )
+
+
+# Families whose modeling code hard-codes `bias=False` on the MLP (every one but
+# Llama) must not read `mlp_bias` from config.json: a stray key there would
+# predict tensors that transformers never creates.
+_NO_MLP_BIAS = {"mlp_bias": ConfigKey((), default=False)}
+_NO_BIAS = {
+    "qkv_bias": ConfigKey((), default=False),
+    "o_bias": ConfigKey((), default=False),
+    **_NO_MLP_BIAS,
+}
+# Qwen2 hard-codes q/k/v biases (no config key switches them off); Qwen2-MoE
+# reads `qkv_bias` from its config.
+_QWEN2_FACTS = {
+    "qkv_bias": ConfigKey((), default=True),
+    "o_bias": ConfigKey((), default=False),
+    **_NO_MLP_BIAS,
+}
+_QWEN2_MOE_FACTS = {
+    **_QWEN2_FACTS,
+    "qkv_bias": ConfigKey(("qkv_bias",), default=True, convert=bool),
+}
+_MOE_FACTS = {
+    "experts": ConfigKey(("num_experts", "num_local_experts", "n_routed_experts")),
+    "top_k": ConfigKey(("num_experts_per_tok",)),
+    "expert_ffn": ConfigKey(("moe_intermediate_size",)),
+}
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        _llama_like("llama", ("llama",)),
+        _llama_like("mistral", ("mistral",), facts=_NO_BIAS),
+        _llama_like("qwen2", ("qwen2",), facts=_QWEN2_FACTS),
+        _llama_like(
+            "qwen3",
+            ("qwen3",),
+            norms=_LLAMA_NORMS + _QK_NORMS,
+            facts={"o_bias": _bool_key("attention_bias"), **_NO_MLP_BIAS},
+        ),
+        _llama_like(
+            "phi3",
+            ("phi3",),
+            attention=(
+                _t("self_attn.qkv_proj.weight", "qkv", "hidden"),
+                _t("self_attn.o_proj.weight", "hidden", "q"),
+            ),
+            dense_mlp=(
+                _t("mlp.gate_up_proj.weight", "gate_up", "hidden"),
+                _t("mlp.down_proj.weight", "hidden", "ffn"),
+            ),
+            facts=_NO_BIAS,
+        ),
+        _llama_like(
+            "qwen2_moe",
+            ("qwen2_moe",),
+            moe=True,
+            facts={
+                **_QWEN2_MOE_FACTS,
+                **_MOE_FACTS,
+                "shared_ffn": ConfigKey(("shared_expert_intermediate_size",), default=0),
+            },
+            moe_mlp=(
+                *_EXPERTS,
+                _t("mlp.shared_expert.gate_proj.weight", "shared_ffn", "hidden"),
+                _t("mlp.shared_expert.up_proj.weight", "shared_ffn", "hidden"),
+                _t("mlp.shared_expert.down_proj.weight", "hidden", "shared_ffn"),
+                _t("mlp.shared_expert_gate.weight", "one", "hidden"),
+            ),
+            dense_layers=_qwen_moe_dense_layers,
+        ),
+        _llama_like(
+            "qwen3_moe",
+            ("qwen3_moe",),
+            moe=True,
+            norms=_LLAMA_NORMS + _QK_NORMS,
+            facts={**_MOE_FACTS, "o_bias": _bool_key("attention_bias"), **_NO_MLP_BIAS},
+            moe_mlp=_EXPERTS,
+            dense_layers=_qwen_moe_dense_layers,
+        ),
+        _llama_like(
+            "mixtral",
+            ("mixtral",),
+            moe=True,
+            facts={
+                **_MOE_FACTS,
+                "expert_ffn": ConfigKey(("intermediate_size",)),
+                **_NO_BIAS,
+            },
+            moe_mlp=(
+                _t("block_sparse_moe.gate.weight", "experts", "hidden"),
+                _t("block_sparse_moe.experts.{e}.w1.weight", "expert_ffn", "hidden"),
+                _t("block_sparse_moe.experts.{e}.w3.weight", "expert_ffn", "hidden"),
+                _t("block_sparse_moe.experts.{e}.w2.weight", "hidden", "expert_ffn"),
+            ),
+            dense_layers=lambda config, layers: [],
+        ),
+        _llama_like(
+            "olmoe",
+            ("olmoe",),
+            moe=True,
+            norms=(
+                *_LLAMA_NORMS,
+                _t("self_attn.q_norm.weight", "q"),
+                _t("self_attn.k_norm.weight", "kv"),
+            ),
+            facts={
+                **_MOE_FACTS,
+                "expert_ffn": ConfigKey(("intermediate_size",)),
+                "qkv_bias": _bool_key("attention_bias"),
+                "o_bias": _bool_key("attention_bias"),
+                **_NO_MLP_BIAS,
+            },
+            moe_mlp=_EXPERTS,
+            dense_layers=lambda config, layers: [],
+        ),
+        Architecture(
+            name="qwen",
+            model_types=("qwen",),
+            layer_prefix="transformer.h.{i}.",
+            layers_module="transformer.h",
+            facts={
+                **_COMMON_FACTS,
+                "kv_heads": ConfigKey((), default=lambda f: f.get("heads")),
+                "head_dim": ConfigKey(("kv_channels",), default=_head_dim_default),
+                # Qwen-1 states twice the width of w1/w2 (they split it in two).
+                "ffn": ConfigKey(("intermediate_size",), convert=lambda v: int(v) // 2),
+                "tied": ConfigKey(("tie_word_embeddings",), default=False),
+                "qkv_bias": ConfigKey((), default=True),
+                "o_bias": ConfigKey((), default=False),
+            },
+            norms=(_t("ln_1.weight", "hidden"), _t("ln_2.weight", "hidden")),
+            attention=(
+                _t("attn.c_attn.weight", "qkv", "hidden"),
+                _t("attn.c_attn.bias", "qkv", when="qkv_bias"),
+                _t("attn.c_proj.weight", "hidden", "q"),
+            ),
+            dense_mlp=(
+                _t("mlp.w1.weight", "ffn", "hidden"),
+                _t("mlp.w2.weight", "ffn", "hidden"),
+                _t("mlp.c_proj.weight", "hidden", "ffn"),
+            ),
+            embeddings=(
+                _t("transformer.wte.weight", "vocab", "hidden"),
+                _t("transformer.ln_f.weight", "hidden"),
+                _t("lm_head.weight", "vocab", "hidden", when="untied"),
+            ),
+            per_layer_config_lists=(),
+            notes="remote code (trust_remote_code); MHA only",
+        ),
+    )
+}
+
+ARCH_NAMES = tuple(sorted(ARCHITECTURES))
+
+
+def architecture_for_model_type(model_type: str) -> Architecture | None:
+    """The table entry whose `model_types` include a config's `model_type`."""
+    for arch in ARCHITECTURES.values():
+        if model_type in arch.model_types:
+            return arch
+    return None
+
+
+def read_facts(arch: Architecture, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Model facts (plan vocabulary) from a config.json mapping, in table order."""
+    facts: dict[str, Any] = {}
+    for fact, key in arch.facts.items():
+        value = next((config[k] for k in key.keys if config.get(k) is not None), None)
+        if value is None:
+            value = key.default(facts) if callable(key.default) else key.default
+        elif key.convert is not None:
+            value = key.convert(value)
+        if value is not None:
+            facts[fact] = value
+    if arch.dense_layers is not None and "layers" in facts:
+        dense = arch.dense_layers(config, facts["layers"])
+        if dense:
+            facts["dense_layers"] = tuple(dense)
+    return facts

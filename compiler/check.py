@@ -1,0 +1,148 @@
+"""The compiler pipeline: parse → IR → fact validation → passes → resolved plan.
+
+`check_text` is what `plancc check`, `plancc diff` and the executor call. It
+never raises on a bad plan: every problem becomes a diagnostic, and the
+resolved plan is produced only when there is no error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compiler import ir
+from compiler.diagnostics import Diagnostic, error, sort_diagnostics
+from compiler.facts import ModelFacts, validate_facts
+from compiler.parse import parse
+from compiler.passes import PASSES, Context
+from compiler.resolve import ResolvedPlan, resolve
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    source: str
+    plan: ir.Plan | None
+    facts: ModelFacts | None
+    diagnostics: tuple[Diagnostic, ...]
+    resolved: ResolvedPlan | None
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.is_error]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check_text(
+    text: str,
+    base_dir: Path | None = None,
+    checkpoint: Mapping[str, Any] | None = None,
+) -> CheckResult:
+    """Check plan text. `checkpoint`: facts read from the real model (`--model`)."""
+    parsed = parse(text)
+    diags = list(parsed.diagnostics)
+    plan = parsed.plan
+    if plan is None or plan.model is None:
+        return CheckResult(text, plan, None, tuple(sort_diagnostics(diags)), None)
+    facts, fact_diags = validate_facts(plan.model)
+    diags += fact_diags
+    if checkpoint is not None:
+        diags += compare_with_checkpoint(plan.model, checkpoint)
+    if facts.layers is not None:
+        ctx = Context(plan, facts, base_dir)
+        for _name, run in PASSES:
+            diags += run(ctx)
+    diags = sort_diagnostics(diags)
+    resolved = None
+    if facts.layers is not None and not any(d.is_error for d in diags):
+        resolved = resolve(plan, facts)
+    return CheckResult(text, plan, facts, tuple(diags), resolved)
+
+
+def check_file(path: Path, checkpoint: Mapping[str, Any] | None = None) -> CheckResult:
+    """Read and check a plan file (raises OSError/UnicodeDecodeError on I/O problems)."""
+    text = path.read_text(encoding="utf-8")
+    return check_text(text, base_dir=path.parent, checkpoint=checkpoint)
+
+
+def compare_with_checkpoint(block: ir.ModelBlock, real: Mapping[str, Any]) -> list[Diagnostic]:
+    """P130/P131: every fact the plan states must equal the checkpoint's.
+
+    Facts the plan omits are not errors (the plan may state only what it
+    needs); facts the checkpoint defines and the plan states differently are.
+    """
+    out = []
+    for fact in block.facts:
+        if fact.key not in real and fact.key not in ("fingerprint", "arch"):
+            if isinstance(fact.value, bool) and fact.value is False:
+                continue
+            if fact.key == "dense_layers" or (isinstance(fact.value, bool)):
+                out.append(
+                    error(
+                        "P130",
+                        f"the plan says `{fact.key} {_show(fact.value)}`, the checkpoint "
+                        "does not have it",
+                        fact.span,
+                    )
+                )
+            continue
+        if fact.key not in real:
+            continue
+        want, have = real[fact.key], fact.value
+        if isinstance(have, ir.Selection):
+            have = tuple(have)
+        if isinstance(want, list):
+            want = tuple(want)
+        if isinstance(have, int) and not isinstance(have, bool) and fact.key == "dense_layers":
+            have = (have,)
+        if have != want:
+            code = "P131" if fact.key == "fingerprint" else "P130"
+            what = "fingerprint" if code == "P131" else f"`{fact.key}`"
+            out.append(
+                error(
+                    code,
+                    f"{what} disagrees with the checkpoint: plan {_show(fact.value)}, "
+                    f"checkpoint {_show(real[fact.key])}",
+                    fact.value_span,
+                    "this plan was written for another model: regenerate the model block with "
+                    "`plangen header MODEL_DIR`"
+                    if code == "P131"
+                    else "fix the fact, or check that --model points at the right checkpoint",
+                )
+            )
+    stated = {f.key for f in block.facts}
+    for key, value in real.items():
+        if key == "dense_layers" and key not in stated:
+            out.append(
+                error(
+                    "P130",
+                    f"the checkpoint has dense (non-MoE) layers {_show(value)}, "
+                    "which the model block does not state",
+                    block.span,
+                    f"add `dense_layers {_show(value)}`",
+                )
+            )
+        elif isinstance(value, bool) and value and key != "tied" and key not in stated:
+            out.append(
+                error(
+                    "P130",
+                    f"the checkpoint has `{key} true`, which the model block does not state",
+                    block.span,
+                    f"add `{key} true` to the model block",
+                )
+            )
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return str(ir.Selection.from_ints(list(value)))
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)

@@ -1,0 +1,209 @@
+"""`plancc check`, `plancc fmt` and `plancc diff`: the compiler's commands.
+
+They need no weights and no torch. `executor.cli` adds `apply`, `restore` and
+`eval` to the same `plancc` program.
+
+Exit status (all commands): 0 clean (warnings allowed) / no difference,
+1 plan errors / would reformat / differences, 2 usage or I/O errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from compiler.check import CheckResult, check_file
+from compiler.diagnostics import render_json, render_text, summary_line
+from compiler.diff import diff_plans
+from compiler.fmt import format_plan
+from compiler.parse import parse
+
+EXIT_OK, EXIT_PLAN, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command line or unreadable input: exit status 2."""
+
+
+def read_plan_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, expected a .prn plan file") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+
+
+def checkpoint_facts(model_dir: Path) -> dict[str, object]:
+    """Facts of a real checkpoint (config.json + safetensors headers only)."""
+    from compiler.checkpoint import CheckpointError, load_checkpoint_facts
+
+    try:
+        ck = load_checkpoint_facts(model_dir)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    return {"arch": ck.arch.name, **ck.facts}
+
+
+def run_check(path: Path, model: Path | None) -> CheckResult:
+    read_plan_text(path)  # I/O errors become usage errors, before any diagnostics
+    real = checkpoint_facts(model) if model is not None else None
+    return check_file(path, checkpoint=real)
+
+
+# ---- check ----------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from compiler.report import render_report, report_json
+
+    status = EXIT_OK
+    for path in args.plans:
+        result = run_check(path, args.model)
+        diags = list(result.diagnostics)
+        if args.format == "json":
+            if diags:
+                print(render_json(diags, str(path)))
+            if result.resolved is not None and not args.no_cost:
+                print(json.dumps({"path": str(path), "report": report_json(result.resolved)}))
+        else:
+            if diags:
+                print(render_text(diags, str(path), result.source))
+                print()
+            print(f"{path}: {summary_line(diags)}")
+            if result.resolved is not None and not args.no_cost:
+                print()
+                print(render_report(result.resolved))
+        if result.errors:
+            status = EXIT_PLAN
+    return status
+
+
+# ---- fmt ------------------------------------------------------------------------------
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write next to `path` and rename over it: a crash never leaves half a plan."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for path in args.files:
+        text = read_plan_text(path)
+        parsed = parse(text)
+        if parsed.plan is None:
+            print(render_text(list(parsed.diagnostics), str(path), text), file=sys.stderr)
+            print(f"{path}: not formatted: fix the syntax errors first", file=sys.stderr)
+            status = max(status, EXIT_PLAN)
+            continue
+        formatted = format_plan(parsed.plan)
+        if formatted == text:
+            continue
+        if args.check:
+            print(f"would reformat {path}")
+            status = max(status, EXIT_PLAN)
+        else:
+            write_atomically(path, formatted)
+            print(f"reformatted {path}")
+    return status
+
+
+# ---- diff -----------------------------------------------------------------------------
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    resolved = []
+    for path in (args.old, args.new):
+        result = run_check(path, None)
+        if result.resolved is None:
+            errors = [d for d in result.diagnostics if d.is_error]
+            print(render_text(errors, str(path), result.source), file=sys.stderr)
+            raise UsageError(f"{path} does not check cleanly; `plancc check {path}` says why")
+        resolved.append(result.resolved)
+    differs, text = diff_plans(*resolved)
+    print(text)
+    return EXIT_PLAN if differs else EXIT_OK
+
+
+# ---- wiring ---------------------------------------------------------------------------
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register check, fmt and diff on a `plancc` subparser set."""
+    p = sub.add_parser(
+        "check",
+        help="validate plans and print their cost report (no weights needed)",
+        description="Validate plans against the language rules and the GQA/MoE invariants, "
+        "then print the cost before → after: parameters, FLOPs/token, KV-cache bytes/token, "
+        "a per-layer table and whether stock transformers can load the result.",
+        epilog="exit status: 0 clean (warnings allowed), 1 plan errors, 2 usage or I/O errors\n"
+        "example: plancc check examples/smollm2-depth.prn --model ~/.cache/plancc/"
+        "SmolLM2-135M-Instruct",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("plans", nargs="+", type=Path, metavar="PLAN", help="plan files (.prn)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        metavar="DIR",
+        help="also verify the model block and fingerprint against this checkpoint "
+        "(reads config.json and safetensors headers only)",
+    )
+    p.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    p.add_argument("--no-cost", action="store_true", help="diagnostics only, no cost report")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "fmt",
+        help="rewrite plans in canonical layout",
+        description="Rewrite plans in canonical layout: header, then statements by kind and "
+        "first layer; comments stay with their statements. Idempotent.",
+        epilog="exit status: 0 nothing to do / formatted, 1 --check found files to reformat "
+        "or a file has syntax errors, 2 I/O errors",
+    )
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if any would")
+    p.set_defaults(func=cmd_fmt)
+
+    p = sub.add_parser(
+        "diff",
+        help="semantic difference between two plans",
+        description="Compare the models two plans describe, layer by layer (dropped/kept, "
+        "KV groups, widths, experts, bundles), with the cost delta. Plans that mean the same "
+        "model print `no difference` even when their text differs.",
+        epilog="exit status: 0 no difference, 1 differences, 2 a plan has errors",
+    )
+    p.add_argument("old", type=Path)
+    p.add_argument("new", type=Path)
+    p.set_defaults(func=cmd_diff)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse argv and dispatch; usage errors print `plancc: error: ...` and exit 2."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `plancc check x | head`
+        return EXIT_OK

@@ -1,0 +1,217 @@
+"""The model block, validated and typed: `ModelFacts`.
+
+The plan repeats the shape facts it depends on so it can be checked without
+weights. This module knows which facts exist, their types, and turns the
+`model { }` block into a `ModelFacts` the passes and the cost model use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compiler import ir
+from compiler.architectures import ARCH_NAMES, ARCHITECTURES, Architecture
+from compiler.diagnostics import Diagnostic, error, warning
+
+INT_FACTS = (
+    "layers",
+    "hidden",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "ffn",
+    "vocab",
+    "experts",
+    "top_k",
+    "expert_ffn",
+    "shared_ffn",
+    "expert_groups",
+)
+BOOL_FACTS = ("tied", "qkv_bias", "o_bias", "mlp_bias")
+STR_FACTS = ("arch", "fingerprint")
+SELECTION_FACTS = ("dense_layers",)
+KNOWN_FACTS = STR_FACTS + INT_FACTS + BOOL_FACTS + SELECTION_FACTS
+# Upper bounds that keep a mistyped number from making the checker expand a
+# billion-entry range; real models are far below them.
+LIMITS = {"layers": 4096, "heads": 65536, "kv_heads": 65536, "experts": 65536}
+# Facts that may be zero (a MoE without a shared expert states `shared_ffn 0`).
+ZERO_OK = ("shared_ffn",)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Typed model facts. Missing facts are None; statements needing them fail P101."""
+
+    name: str
+    arch: Architecture | None
+    layers: int | None = None
+    hidden: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    ffn: int | None = None
+    vocab: int | None = None
+    tied: bool = False
+    experts: int | None = None
+    top_k: int | None = None
+    expert_ffn: int | None = None
+    shared_ffn: int | None = None
+    expert_groups: int | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    dense_layers: frozenset[int] = frozenset()
+    fingerprint: str | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts is not None
+
+    @property
+    def group_size(self) -> int | None:
+        """Query heads per KV head (the GQA ratio)."""
+        if self.heads and self.kv_heads and self.heads % self.kv_heads == 0:
+            return self.heads // self.kv_heads
+        return None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and layer not in self.dense_layers
+
+    def as_dict(self) -> dict[str, object]:
+        """Plan-vocabulary facts (what `read_facts` gives for a checkpoint)."""
+        out: dict[str, object] = {}
+        for key in INT_FACTS + BOOL_FACTS + ("fingerprint",):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.dense_layers:
+            out["dense_layers"] = tuple(sorted(self.dense_layers))
+        return out
+
+
+def validate_facts(block: ir.ModelBlock) -> tuple[ModelFacts, list[Diagnostic]]:
+    """Type-check every fact; unknown, duplicate and ill-typed facts are errors."""
+    diags: list[Diagnostic] = []
+    values: dict[str, object] = {}
+    for fact in block.facts:
+        if fact.key not in KNOWN_FACTS:
+            diags.append(
+                error(
+                    "P003",
+                    f"unknown model fact `{fact.key}`",
+                    fact.span,
+                    "model facts are: " + ", ".join(KNOWN_FACTS),
+                )
+            )
+            continue
+        if fact.key in values:
+            diags.append(
+                error("P009", f"model fact `{fact.key}` is stated twice", fact.span, "keep one")
+            )
+            continue
+        value = fact.value
+        problem = None
+        if fact.key in INT_FACTS:
+            if not isinstance(value, int) or isinstance(value, bool):
+                problem = "an integer"
+            elif value <= 0 and not (value == 0 and fact.key in ZERO_OK):
+                problem = "a positive integer"
+            elif value > LIMITS.get(fact.key, 2**40):
+                problem = f"at most {LIMITS.get(fact.key, 2**40)}"
+        elif fact.key in BOOL_FACTS:
+            if not isinstance(value, bool):
+                problem = "`true` or `false`"
+        elif fact.key in SELECTION_FACTS:
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = ir.Selection.from_ints([value])
+            if not isinstance(value, ir.Selection):
+                problem = "a list of layers"
+        elif fact.key == "fingerprint":
+            if not isinstance(value, str):
+                problem = 'a quoted string "sha256:..."'
+        elif fact.key == "arch" and not isinstance(value, str):
+            problem = "an architecture name"
+        if problem:
+            diags.append(
+                error("P011", f"model fact `{fact.key}` must be {problem}", fact.value_span)
+            )
+            continue
+        values[fact.key] = value
+
+    arch = None
+    arch_fact = block.fact("arch")
+    if "arch" in values:
+        arch = ARCHITECTURES.get(str(values["arch"]))
+        if arch is None:
+            diags.append(
+                error(
+                    "P010",
+                    f"unknown architecture `{values['arch']}`",
+                    arch_fact.value_span if arch_fact else block.span,
+                    "supported: " + ", ".join(ARCH_NAMES),
+                )
+            )
+    elif arch_fact is None:
+        diags.append(error("P101", "the model block does not state `arch`", block.span))
+    if "layers" not in values and block.fact("layers") is None:
+        diags.append(
+            error(
+                "P101",
+                "the model block does not state `layers`",
+                block.span,
+                "`plangen header MODEL_DIR` prints every fact",
+            )
+        )
+
+    heads, kv = values.get("heads"), values.get("kv_heads")
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv != 0:
+        fact = block.fact("kv_heads")
+        diags.append(
+            error(
+                "P011",
+                f"heads {heads} is not a multiple of kv_heads {kv}",
+                fact.value_span if fact else block.span,
+            )
+        )
+        values.pop("kv_heads")
+    if "fingerprint" not in values:
+        diags.append(
+            warning(
+                "W005",
+                "the model block has no fingerprint: apply cannot prove the checkpoint matches",
+                block.span,
+                "add the `fingerprint` line that `plangen header MODEL_DIR` prints",
+            )
+        )
+    dense = values.pop("dense_layers", None)
+    layers = values.get("layers")
+    if isinstance(dense, ir.Selection) and isinstance(layers, int):
+        for r in dense.ranges:
+            if r.lo > r.hi or r.hi >= layers:
+                diags.append(
+                    error("P104", f"dense_layers {r.lo}..{r.hi} is outside 0..{layers - 1}", r.span)
+                )
+                dense = None
+                break
+    elif isinstance(dense, ir.Selection):
+        dense = None
+    facts = ModelFacts(
+        name=block.name,
+        arch=arch,
+        dense_layers=frozenset(dense) if isinstance(dense, ir.Selection) else frozenset(),
+        **{k: v for k, v in values.items() if k != "arch"},  # type: ignore[arg-type]
+    )
+    return facts, diags
+
+
+# Canonical layout of the model block: one tuple per printed line, in order.
+# `plancc fmt` and `plangen header` both print through this table.
+FACT_LINES: tuple[tuple[str, ...], ...] = (
+    ("arch",),
+    ("layers", "hidden", "ffn", "vocab", "tied"),
+    ("heads", "kv_heads", "head_dim"),
+    ("experts", "top_k", "expert_ffn", "shared_ffn", "expert_groups"),
+    ("qkv_bias", "o_bias", "mlp_bias"),
+    ("dense_layers",),
+    ("fingerprint",),
+)

@@ -1,0 +1,193 @@
+"""The canonical printer (`plancc fmt`): IR + comments → text.
+
+Layout: the header (`plan`, `model { }`, `source`, `scores`, `calibration`),
+a blank line, then statements in a fixed kind order (keep, drop, bundle |
+attn, mlp | moe ...) and by first layer, with a blank line between those three
+paragraphs. Selections are sorted and merged (`3, 4, 5` → `3..5`); `by
+magnitude` (the default) is omitted. Every comment stays with the statement
+(or model fact) it was written beside or above; comments after the last
+statement stay at the end. The printer is idempotent: fmt(fmt(x)) == fmt(x).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from compiler import ir
+from compiler.facts import FACT_LINES
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*\Z")
+# Keys for comment targets that are not IR nodes.
+_PLAN_LINE = object()
+_MODEL_CLOSE = object()
+_PARAGRAPH = {0: 0, 1: 0, 2: 0, 3: 1, 4: 1}  # statement order → paragraph (default 2)
+
+
+def quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def bare_or_quoted(text: str) -> str:
+    return text if _NAME.match(text) and text not in ("true", "false") else quote(text)
+
+
+def fact_value(fact: ir.Fact) -> str:
+    v = fact.value
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | ir.Selection):
+        return str(v)
+    if fact.key == "arch":
+        return bare_or_quoted(str(v))
+    return quote(str(v))
+
+
+def _width(w: ir.Width) -> str:
+    return f"width {w.n}" + ("" if w.metric == "magnitude" else f" by {w.metric}")
+
+
+def statement_text(st: ir.Statement) -> str:
+    """The one canonical line of a statement."""
+    layers = f"layers {st.layers}"
+    match st:
+        case ir.KeepLayers():
+            return f"keep {layers}"
+        case ir.DropLayers():
+            return f"drop {layers}"
+        case ir.Bundle(name=name):
+            return f"bundle {name} {layers}"
+        case ir.AttnDropGroups(groups=groups, compensate=comp):
+            return f"attn {layers} drop groups {groups}" + (" compensate" if comp else "")
+        case ir.MlpWidth(width=w, compensate=comp):
+            return f"mlp {layers} {_width(w)}" + (" compensate" if comp else "")
+        case ir.MoeDropExperts(experts=experts):
+            return f"moe {layers} drop experts {experts}"
+        case ir.MoeExpertsWidth(width=w):
+            return f"moe {layers} experts {_width(w)}"
+        case ir.MoeSharedWidth(width=w):
+            return f"moe {layers} shared {_width(w)}"
+    raise TypeError(f"no printer for {type(st).__name__}")  # pragma: no cover
+
+
+def statement_key(st: ir.Statement) -> tuple[int, int, int, str]:
+    first = st.layers.ranges[0] if st.layers.ranges else ir.Range(0, 0)
+    return (st.order, first.lo, first.hi, statement_text(st))
+
+
+@dataclass
+class _Notes:
+    """Comments attached to one printed unit."""
+
+    leading: list[str] = field(default_factory=list)
+    trailing: list[str] = field(default_factory=list)
+
+
+def _attach(plan: ir.Plan) -> tuple[dict[int, _Notes], list[str]]:
+    """Map each comment to the unit it belongs to (by id of the IR node)."""
+    units: list[tuple[int, int, object]] = []  # (start line, end line, node)
+    if plan.version_span.line:
+        units.append((plan.version_span.line, plan.version_span.line, _PLAN_LINE))
+    if plan.model is not None:
+        units.append((plan.model.span.line, plan.model.span.end_line, plan.model))
+    for node in (plan.source, plan.scores, plan.calibration):
+        if node is not None:
+            units.append((node.span.line, node.span.line, node))
+    for st in plan.statements:
+        units.append((st.span.line, st.span.end_line or st.span.line, st))
+    units.sort(key=lambda u: u[0])
+
+    notes: dict[int, _Notes] = defaultdict(_Notes)
+    trailer: list[str] = []
+    model = plan.model
+    facts_by_line: dict[int, list[ir.Fact]] = defaultdict(list)
+    if model is not None:
+        for f in model.facts:
+            facts_by_line[f.span.line].append(f)
+    for c in plan.comments:
+        if model is not None and model.span.line < c.line < model.span.end_line:
+            if c.trailing and facts_by_line.get(c.line):
+                notes[id(facts_by_line[c.line][-1])].trailing.append(c.text)
+                continue
+            later = [f for f in model.facts if f.span.line > c.line]
+            target = min(later, key=lambda f: f.span.line) if later else _MODEL_CLOSE
+            notes[id(target)].leading.append(c.text)
+            continue
+        if c.trailing:
+            unit = next((u for u in units if u[0] <= c.line <= u[1]), None)
+            if unit is not None:
+                notes[id(unit[2])].trailing.append(c.text)
+                continue
+        following = next((u for u in units if u[0] > c.line or u[0] == c.line), None)
+        if following is None:
+            trailer.append(c.text)
+        else:
+            notes[id(following[2])].leading.append(c.text)
+    return notes, trailer
+
+
+def _emit(out: list[str], notes: _Notes | None, text: str, indent: str = "") -> None:
+    trailing = notes.trailing if notes else []
+    if notes:
+        out.extend(indent + c for c in notes.leading)
+        # Only one comment fits after the code; others go above it.
+        out.extend(indent + c for c in trailing[:-1])
+    out.append(indent + text + (f"  {trailing[-1]}" if trailing else ""))
+
+
+def format_plan(plan: ir.Plan) -> str:
+    """Canonical text of a parsed plan (comments from `plan.comments`)."""
+    notes, trailer = _attach(plan)
+    out: list[str] = []
+    _emit(out, notes.get(id(_PLAN_LINE)), f"plan {plan.version}")
+    if plan.model is not None:
+        _emit_model(out, plan.model, notes)
+    if plan.source is not None:
+        _emit(out, notes.get(id(plan.source)), f"source {quote(plan.source.path)}")
+    if plan.scores is not None:
+        s = plan.scores
+        _emit(out, notes.get(id(s)), f"scores {quote(s.path)} sha256 {quote(s.sha256)}")
+    if plan.calibration is not None:
+        c = plan.calibration
+        opts = "".join(f" {k} {v}" for k, v in c.options)
+        _emit(out, notes.get(id(c)), f"calibration {bare_or_quoted(c.data)}{opts}")
+    paragraph = None
+    for st in sorted(plan.statements, key=statement_key):
+        p = _PARAGRAPH.get(st.order, 2)
+        if p != paragraph:
+            out.append("")
+            paragraph = p
+        _emit(out, notes.get(id(st)), statement_text(st))
+    if trailer:
+        out.append("")
+        out.extend(trailer)
+    return "\n".join(out) + "\n"
+
+
+def _emit_model(out: list[str], model: ir.ModelBlock, notes: dict[int, _Notes]) -> None:
+    _emit(out, notes.get(id(model)), f"model {quote(model.name)} {{")
+    placed: set[int] = set()
+    for line_keys in FACT_LINES:
+        facts = [f for key in line_keys for f in model.facts if f.key == key]
+        if facts:
+            _emit_fact_line(out, facts, notes)
+            placed.update(id(f) for f in facts)
+    for f in model.facts:  # unknown facts: kept, in source order, one per line
+        if id(f) not in placed:
+            _emit_fact_line(out, [f], notes)
+    close = notes.get(id(_MODEL_CLOSE))
+    if close:
+        out.extend("  " + c for c in close.leading)
+    out.append("}")
+
+
+def _emit_fact_line(out: list[str], facts: list[ir.Fact], notes: dict[int, _Notes]) -> None:
+    merged = _Notes()
+    for f in facts:
+        n = notes.get(id(f))
+        if n:
+            merged.leading += n.leading
+            merged.trailing += n.trailing
+    text = "  ".join(f"{f.key} {fact_value(f)}" for f in facts)
+    _emit(out, merged, text, indent="  ")

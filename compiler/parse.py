@@ -1,0 +1,366 @@
+"""Text → syntax tree (lark, `grammar/plan.lark`) → typed IR (`compiler.ir`).
+
+Parse failures never reach the user as lark exceptions: each becomes a
+`Diagnostic` that names what was expected. After a syntax error the offending
+statement is blanked out and parsing resumes, so one run reports every syntax
+error in the file. Structural problems found while building the IR (duplicate
+or missing header statements, a wrong version) are diagnostics too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from dataclasses import dataclass
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from compiler import ir
+from compiler.diagnostics import Diagnostic, error
+from grammar import grammar_text
+
+LANGUAGE_VERSION = 1
+STATEMENT_KEYWORDS = (
+    "plan",
+    "model",
+    "source",
+    "scores",
+    "calibration",
+    "keep",
+    "drop",
+    "bundle",
+    "attn",
+    "mlp",
+    "moe",
+)
+
+
+@functools.cache
+def _parser() -> Lark:
+    return Lark(grammar_text(), parser="lalr", lexer="contextual", propagate_positions=True)
+
+
+@functools.cache
+def _terminal_text() -> dict[str, str]:
+    """Terminal name → how to show it to a person (`width`, `..`, an integer)."""
+    shown = {"INT": "an integer", "NAME": "a name", "STRING": "a quoted string"}
+    shown["_NL"] = "end of line"
+    shown["$END"] = "end of file"
+    for t in _parser().terminals:
+        if t.name not in shown and t.pattern.type == "str":
+            shown[t.name] = f"`{t.pattern.value}`"
+    return shown
+
+
+@dataclass(frozen=True)
+class ParseResult:
+    plan: ir.Plan | None
+    diagnostics: tuple[Diagnostic, ...]
+    source: str
+
+
+def parse(text: str) -> ParseResult:
+    """Parse plan text; on syntax errors `plan` is None and every error is listed."""
+    syntax_errors: list[Diagnostic] = []
+    work = text
+    for _ in range(text.count("\n") + 2):
+        try:
+            tree = _parser().parse(work)
+            break
+        except UnexpectedInput as exc:
+            syntax_errors.append(_syntax_diagnostic(exc, work))
+            if isinstance(exc, UnexpectedEOF) or (
+                isinstance(exc, UnexpectedToken) and exc.token.type == "$END"
+            ):
+                break
+            blanked = _blank_statement(work, exc.line)
+            if blanked == work:
+                break
+            work = blanked
+    else:  # pragma: no cover - the loop always breaks: each round blanks a line
+        tree = None
+    if syntax_errors:
+        return ParseResult(None, tuple(syntax_errors), text)
+    builder = _Builder(text)
+    plan = builder.build(tree)
+    return ParseResult(plan, tuple(builder.diagnostics), text)
+
+
+# ---- syntax errors -----------------------------------------------------------
+
+
+def _syntax_diagnostic(exc: UnexpectedInput, text: str) -> Diagnostic:
+    shown = _terminal_text()
+    if isinstance(exc, UnexpectedCharacters):
+        line = text.splitlines()[exc.line - 1] if exc.line >= 1 else ""
+        char = line[exc.column - 1] if 0 < exc.column <= len(line) else text[exc.pos_in_stream]
+        span = ir.Span(exc.line, exc.column, exc.line, exc.column + 1)
+        help_ = None
+        if char == "-":
+            help_ = "indices and widths are non-negative integers; ranges are written `A..B`"
+        elif char in "'":
+            help_ = 'strings are written in double quotes: "..."'
+        return error("P001", f"unexpected character `{char}`", span, help_)
+    expected = sorted({shown.get(e, e) for e in exc.expected if not e.startswith("__ANON")})
+    if isinstance(exc, UnexpectedEOF) or (
+        isinstance(exc, UnexpectedToken) and exc.token.type == "$END"
+    ):
+        lines = text.rstrip("\n").splitlines() or [""]
+        span = ir.Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+        return error("P001", f"unexpected end of file, expected {_one_of(expected)}", span)
+    assert isinstance(exc, UnexpectedToken)
+    token = exc.token
+    span = _span(token)
+    at_statement_start = any(e in exc.expected for e in ("KEEP", "ATTN", "MLP", "PLAN"))
+    if token.type == "_NL":
+        span = ir.Span(token.line, token.column, token.line, token.column + 1)
+        return error("P001", f"unexpected end of line, expected {_one_of(expected)}", span)
+    if at_statement_start and token.type == "NAME":
+        close = difflib.get_close_matches(str(token), STATEMENT_KEYWORDS, n=1)
+        help_ = f"did you mean `{close[0]}`?" if close else None
+        help_ = help_ or "statements are: " + ", ".join(STATEMENT_KEYWORDS)
+        return error("P002", f"unknown statement `{token}`", span, help_)
+    keywords = [e.strip("`") for e in expected if e.startswith("`") and e[1:-1].isalpha()]
+    if token.type == "NAME" and keywords:
+        close = difflib.get_close_matches(str(token), keywords, n=1)
+        help_ = f"did you mean `{close[0]}`?" if close else None
+        return error(
+            "P003", f"unknown keyword `{token}`, expected {_one_of(expected)}", span, help_
+        )
+    found = shown.get(token.type, token.type) if token.type not in ("INT", "NAME") else None
+    found = f"`{token}`" if found is None or found.startswith("`") else found
+    return error("P001", f"expected {_one_of(expected)}, found {found}", span)
+
+
+def _one_of(items: list[str]) -> str:
+    if len(items) == 1:
+        return items[0]
+    return "one of " + ", ".join(items)
+
+
+def _blank_statement(text: str, line_no: int) -> str:
+    """Replace the statement on `line_no` (1-based) with spaces, to resume parsing.
+
+    A line that opens a `{` is blanked through the line that closes it, so a
+    broken `model` header does not cascade into one error per fact.
+    """
+    lines = text.split("\n")
+    if not 1 <= line_no <= len(lines):
+        return text
+    start = line_no - 1
+    end = start
+    if "{" in lines[start] and "}" not in lines[start]:
+        while end + 1 < len(lines) and "}" not in lines[end]:
+            end += 1
+    for i in range(start, end + 1):
+        lines[i] = " " * len(lines[i])
+    return "\n".join(lines)
+
+
+# ---- comments ------------------------------------------------------------------
+
+
+def scan_comments(text: str) -> tuple[ir.Comment, ...]:
+    """Every `#` comment with its line, and whether code precedes it on that line."""
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        in_string = escaped = False
+        for col, char in enumerate(line):
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif char == "\\":
+                    escaped = True
+                elif char == '"':
+                    in_string = False
+            elif char == '"':
+                in_string = True
+            elif char == "#":
+                out.append(ir.Comment(line[col:].rstrip(), number, bool(line[:col].strip())))
+                break
+    return tuple(out)
+
+
+# ---- syntax tree → IR ------------------------------------------------------------
+
+
+def _span(token: Token | Tree) -> ir.Span:
+    if isinstance(token, Tree):
+        m = token.meta
+        return ir.Span(m.line, m.column, m.end_line, m.end_column)
+    return ir.Span(token.line, token.column, token.end_line, token.end_column)
+
+
+def unquote(token: str) -> str:
+    """The value of a STRING token: strip quotes, undo `\\"` and `\\\\`."""
+    body = token[1:-1]
+    out, i = [], 0
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body):
+            out.append(body[i + 1])
+            i += 2
+        else:
+            out.append(body[i])
+            i += 1
+    return "".join(out)
+
+
+def _selection(tree: Tree) -> ir.Selection:
+    ranges = []
+    for item in tree.children:
+        ints = [int(t) for t in item.children]
+        lo, hi = (ints[0], ints[0]) if item.data == "single" else (ints[0], ints[1])
+        ranges.append(ir.Range(lo, hi, _span(item)))
+    return ir.Selection.of(ranges)
+
+
+def _width(int_token: Token, by: Tree | None) -> ir.Width:
+    if by is None:
+        return ir.Width(int(int_token), "magnitude", _span(int_token))
+    name = by.children[0]
+    return ir.Width(int(int_token), str(name), _span(int_token), _span(name))
+
+
+class _Builder:
+    """Walks the lark tree once, building IR and structural diagnostics."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.diagnostics: list[Diagnostic] = []
+
+    def build(self, tree: Tree) -> ir.Plan:
+        version, version_span = 0, ir.NOWHERE
+        header: dict[str, object] = {}
+        statements: list[ir.Statement] = []
+        for node in tree.children:
+            kind = node.data
+            if kind in ("plan_version", "model_block", "source", "scores", "calibration"):
+                if kind in header or (kind == "plan_version" and version_span != ir.NOWHERE):
+                    code = "P007" if kind == "model_block" else "P008"
+                    what = {"model_block": "model", "plan_version": "plan"}.get(kind, kind)
+                    self.diagnostics.append(
+                        error(code, f"`{what}` is stated twice", _span(node), "keep only one")
+                    )
+                    continue
+                if kind == "plan_version":
+                    version, version_span = int(node.children[0]), _span(node.children[0])
+                    header[kind] = version
+                else:
+                    header[kind] = getattr(self, kind)(node)
+            else:
+                statements.append(getattr(self, kind)(node))
+        if version_span == ir.NOWHERE:
+            self.diagnostics.append(
+                error(
+                    "P005",
+                    "the plan does not start with a `plan` version line",
+                    ir.Span(1, 1, 1, 2),
+                    f"add `plan {LANGUAGE_VERSION}` as the first line",
+                )
+            )
+        elif version != LANGUAGE_VERSION:
+            self.diagnostics.append(
+                error(
+                    "P004",
+                    f"plan language version {version} is not supported",
+                    version_span,
+                    f"this plancc reads `plan {LANGUAGE_VERSION}`",
+                )
+            )
+        if "model_block" not in header:
+            self.diagnostics.append(
+                error(
+                    "P006",
+                    "the plan has no `model { ... }` block",
+                    version_span if version_span != ir.NOWHERE else ir.Span(1, 1, 1, 2),
+                    "print one for your checkpoint with `plangen header MODEL_DIR`",
+                )
+            )
+        return ir.Plan(
+            version=version,
+            model=header.get("model_block"),  # type: ignore[arg-type]
+            source=header.get("source"),  # type: ignore[arg-type]
+            scores=header.get("scores"),  # type: ignore[arg-type]
+            calibration=header.get("calibration"),  # type: ignore[arg-type]
+            statements=tuple(statements),
+            version_span=version_span,
+            comments=scan_comments(self.text),
+        )
+
+    # header
+    def model_block(self, node: Tree) -> ir.ModelBlock:
+        name = unquote(node.children[0])
+        facts = []
+        for fact in node.children[1:]:
+            key, value_tree = fact.children
+            raw = value_tree.children[0]
+            if isinstance(raw, Tree):  # a selection
+                sel = _selection(raw)
+                single = len(sel.ranges) == 1 and sel.ranges[0].lo == sel.ranges[0].hi
+                value: object = sel.ranges[0].lo if single else sel
+            elif raw.type == "STRING":
+                value = unquote(raw)
+            elif str(raw) in ("true", "false"):
+                value = str(raw) == "true"
+            else:
+                value = str(raw)
+            facts.append(ir.Fact(str(key), value, _span(key), _span(value_tree)))
+        return ir.ModelBlock(name, tuple(facts), _span(node))
+
+    def source(self, node: Tree) -> ir.Source:
+        return ir.Source(unquote(node.children[0]), _span(node.children[0]))
+
+    def scores(self, node: Tree) -> ir.Scores:
+        path, sha = node.children
+        return ir.Scores(unquote(path), unquote(sha), _span(path), _span(sha))
+
+    def calibration(self, node: Tree) -> ir.Calibration:
+        data = node.children[0]
+        data_text = unquote(data) if data.type == "STRING" else str(data)
+        options = tuple((str(o.children[0]), int(o.children[1])) for o in node.children[1:])
+        return ir.Calibration(data_text, options, _span(node))
+
+    # statements
+    def keep_layers(self, node: Tree) -> ir.KeepLayers:
+        return ir.KeepLayers(_selection(node.children[0]), _span(node))
+
+    def drop_layers(self, node: Tree) -> ir.DropLayers:
+        return ir.DropLayers(_selection(node.children[0]), _span(node))
+
+    def bundle(self, node: Tree) -> ir.Bundle:
+        name, sel = node.children
+        return ir.Bundle(_selection(sel), _span(node), str(name), _span(name))
+
+    def attn(self, node: Tree) -> ir.AttnDropGroups:
+        layers, groups, *rest = node.children
+        comp = rest[0] if rest else None
+        return ir.AttnDropGroups(
+            _selection(layers),
+            _span(node),
+            _selection(groups),
+            comp is not None,
+            _span(comp) if comp is not None else ir.NOWHERE,
+        )
+
+    def mlp(self, node: Tree) -> ir.MlpWidth:
+        layers, width, *rest = node.children
+        by = next((r for r in rest if r.data == "by_metric"), None)
+        comp = next((r for r in rest if r.data == "compensate"), None)
+        return ir.MlpWidth(
+            _selection(layers),
+            _span(node),
+            _width(width, by),
+            comp is not None,
+            _span(comp) if comp is not None else ir.NOWHERE,
+        )
+
+    def moe(self, node: Tree) -> ir.Statement:
+        layers, action = node.children
+        sel = _selection(layers)
+        if action.data == "moe_drop_experts":
+            return ir.MoeDropExperts(sel, _span(node), _selection(action.children[0]))
+        width = _width(action.children[0], action.children[1] if len(action.children) > 1 else None)
+        if action.data == "moe_experts_width":
+            return ir.MoeExpertsWidth(sel, _span(node), width)
+        return ir.MoeSharedWidth(sel, _span(node), width)

@@ -1,0 +1,533 @@
+"""Validation passes: one function per invariant, listed in order in `PASSES`.
+
+Each pass reads the plan and the typed model facts and returns diagnostics;
+none stops the others, so one run reports every problem. A pass never assumes
+another has succeeded: indices outside the model are ignored here (the
+`selections` pass reports them), missing facts make a pass skip what it cannot
+judge (the `required_facts` pass reports them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from compiler import ir
+from compiler.diagnostics import Diagnostic, error, warning
+from compiler.facts import ModelFacts
+from compiler.sidecar import SidecarError, read_sidecar_tables, required_tables
+
+
+@dataclass(frozen=True)
+class Context:
+    plan: ir.Plan
+    facts: ModelFacts
+    base_dir: Path | None  # where relative sidecar paths are resolved
+
+    def layers(self, st: ir.Statement) -> list[int]:
+        """The statement's layers that exist in the model, in order."""
+        n = self.facts.layers or 0
+        return [i for r in st.layers.ranges for i in range(max(r.lo, 0), min(r.hi, n - 1) + 1)]
+
+    def of(self, kind: type[ir.Statement]) -> list[ir.Statement]:
+        return [st for st in self.plan.statements if isinstance(st, kind)]
+
+    def dropped(self) -> set[int]:
+        return {i for st in self.of(ir.DropLayers) for i in self.layers(st)}
+
+
+def span_of(sel: ir.Selection, index: int) -> ir.Span:
+    """The span of the range in `sel` that contains `index`."""
+    return next((r.span for r in sel.ranges if r.lo <= index <= r.hi), sel.span)
+
+
+def fmt_indices(indices: Iterable[int]) -> str:
+    return str(ir.Selection.from_ints(sorted(set(indices))))
+
+
+def _plural(word: str, n: int) -> str:
+    return word if n == 1 else word + "s"
+
+
+# ---- passes ------------------------------------------------------------------------
+
+
+def check_required_facts(ctx: Context) -> list[Diagnostic]:
+    """P101: a statement needs a model fact the block does not state."""
+    f = ctx.facts
+    needs: dict[type, tuple[tuple[str, object], ...]] = {
+        ir.AttnDropGroups: (("heads", f.heads), ("kv_heads", f.kv_heads)),
+        ir.MlpWidth: (("ffn", f.ffn),),
+        ir.MoeDropExperts: (("experts", f.experts), ("top_k", f.top_k)),
+        ir.MoeExpertsWidth: (("experts", f.experts), ("expert_ffn", f.expert_ffn)),
+        ir.MoeSharedWidth: (("experts", f.experts), ("shared_ffn", f.shared_ffn or None)),
+    }
+    out = []
+    for st in ctx.plan.statements:
+        for fact, value in needs.get(type(st), ()):
+            if value is None:
+                out.append(
+                    error(
+                        "P101",
+                        f"`{st.kind}` needs the model fact `{fact}`, which the model block "
+                        "does not state",
+                        st.span,
+                        f"add `{fact} N` to the model block (`plangen header` prints it)",
+                    )
+                )
+                break
+    return out
+
+
+def check_selections(ctx: Context) -> list[Diagnostic]:
+    """P102 reversed ranges, P103 repeated indices, P104 indices out of range."""
+    f = ctx.facts
+    out: list[Diagnostic] = []
+
+    def visit(sel: ir.Selection, what: str, limit: int | None, limit_text: str) -> None:
+        seen: list[ir.Range] = []
+        for r in sel.ranges:
+            if r.lo > r.hi:
+                out.append(
+                    error(
+                        "P102",
+                        f"range {r.lo}..{r.hi} is reversed",
+                        r.span,
+                        f"write `{r.hi}..{r.lo}`",
+                    )
+                )
+                continue
+            if limit is not None and r.hi >= limit:
+                bad = r.hi if r.lo == r.hi or r.lo < limit else r.lo
+                out.append(
+                    error(
+                        "P104",
+                        f"{what} {bad} is out of range: the model has {limit} "
+                        f"{_plural(what, limit)} ({limit_text})",
+                        r.span,
+                    )
+                )
+            for prev in seen:
+                if r.lo <= prev.hi and prev.lo <= r.hi:
+                    both = max(r.lo, prev.lo)
+                    out.append(
+                        error(
+                            "P103",
+                            f"{what} {both} is listed twice",
+                            r.span,
+                            "list every index once",
+                        )
+                    )
+                    break
+            seen.append(r)
+
+    def range_text(n: int | None) -> str:
+        return f"0..{n - 1}" if n else "none"
+
+    for st in ctx.plan.statements:
+        visit(st.layers, "layer", f.layers, range_text(f.layers))
+        if isinstance(st, ir.AttnDropGroups):
+            visit(st.groups, "group", f.kv_heads, f"groups 0..{(f.kv_heads or 1) - 1}")
+        if isinstance(st, ir.MoeDropExperts):
+            visit(st.experts, "expert", f.experts, f"experts 0..{(f.experts or 1) - 1}")
+    return out
+
+
+SLOTS: dict[type, str] = {
+    ir.DropLayers: "drop",
+    ir.AttnDropGroups: "attn",
+    ir.MlpWidth: "mlp width",
+    ir.MoeDropExperts: "expert drop",
+    ir.MoeExpertsWidth: "experts width",
+    ir.MoeSharedWidth: "shared width",
+}
+
+
+def check_conflicts(ctx: Context) -> list[Diagnostic]:
+    """P105: two statements decide the same thing for one layer."""
+    owner: dict[tuple[str, int], ir.Statement] = {}
+    out = []
+    for st in ctx.plan.statements:
+        slot = SLOTS.get(type(st))
+        if slot is None:
+            continue
+        clashes: dict[int, list[int]] = {}
+        for i in ctx.layers(st):
+            first = owner.setdefault((slot, i), st)
+            if first is not st:
+                clashes.setdefault(first.span.line, []).append(i)
+        for line, idx in clashes.items():
+            out.append(
+                error(
+                    "P105",
+                    f"{_plural('layer', len(idx))} {fmt_indices(idx)} already "
+                    f"{'has' if len(idx) == 1 else 'have'} a `{slot}` decision on line {line}",
+                    span_of(st.layers, idx[0]),
+                    "a plan is declarative: state each decision once",
+                )
+            )
+    return out
+
+
+def check_drops(ctx: Context) -> list[Diagnostic]:
+    """P107 all layers dropped, P108 a guarded layer dropped, W001 the last layer."""
+    n = ctx.facts.layers
+    if not n:
+        return []
+    out = []
+    guarded = {i for st in ctx.of(ir.KeepLayers) for i in ctx.layers(st)}
+    drops = ctx.of(ir.DropLayers)
+    for st in drops:
+        hit = [i for i in ctx.layers(st) if i in guarded]
+        if hit:
+            out.append(
+                error(
+                    "P108",
+                    f"{_plural('layer', len(hit))} {fmt_indices(hit)} "
+                    f"{'is' if len(hit) == 1 else 'are'} guarded by `keep layers` "
+                    "and cannot be dropped",
+                    span_of(st.layers, hit[0]),
+                    "remove them from this statement, or from `keep layers`",
+                )
+            )
+    dropped = ctx.dropped()
+    if drops and len(dropped) == n:
+        out.append(
+            error(
+                "P107",
+                f"every layer is dropped ({n} of {n}): the model would have no decoder",
+                drops[-1].layers.span,
+                "keep at least one layer",
+            )
+        )
+    elif n - 1 in dropped:
+        st = next(s for s in drops if n - 1 in ctx.layers(s))
+        out.append(
+            warning(
+                "W001",
+                f"the last layer ({n - 1}) is dropped; it usually matters most for the output",
+                span_of(st.layers, n - 1),
+                f"consider `keep layers {n - 1}`",
+            )
+        )
+    return out
+
+
+def check_dropped_targets(ctx: Context) -> list[Diagnostic]:
+    """P106: width, group or expert statements on a layer that is dropped."""
+    dropped = ctx.dropped()
+    out = []
+    for st in ctx.plan.statements:
+        if type(st) not in SLOTS or isinstance(st, ir.DropLayers):
+            continue
+        hit = [i for i in ctx.layers(st) if i in dropped]
+        if hit:
+            out.append(
+                error(
+                    "P106",
+                    f"`{st.kind}` applies to dropped {_plural('layer', len(hit))} "
+                    f"{fmt_indices(hit)}",
+                    span_of(st.layers, hit[0]),
+                    "a dropped layer has nothing left to shrink: remove it from this statement",
+                )
+            )
+    return out
+
+
+def check_layer_kinds(ctx: Context) -> list[Diagnostic]:
+    """P117: `mlp` on a MoE layer, or `moe` on a dense layer."""
+    f = ctx.facts
+    out = []
+    for st in ctx.plan.statements:
+        if isinstance(st, ir.MlpWidth) and f.is_moe:
+            bad = [i for i in ctx.layers(st) if f.is_moe_layer(i)]
+            fix = "use `moe layers ... experts width N` or `shared width N`"
+            kind = "mixture-of-experts"
+        elif isinstance(st, ir.MoeDropExperts | ir.MoeExpertsWidth | ir.MoeSharedWidth):
+            if not f.is_moe:
+                continue  # reported by check_required_facts
+            bad = [i for i in ctx.layers(st) if not f.is_moe_layer(i)]
+            fix = "use `mlp layers ... width N` for dense layers"
+            kind = "dense"
+        else:
+            continue
+        if bad:
+            out.append(
+                error(
+                    "P117",
+                    f"{_plural('layer', len(bad))} {fmt_indices(bad)} "
+                    f"{'is' if len(bad) == 1 else 'are'} {kind}: `{st.kind}` does not apply",
+                    span_of(st.layers, bad[0]),
+                    fix,
+                )
+            )
+    return out
+
+
+def check_groups(ctx: Context) -> list[Diagnostic]:
+    """P109: every KV group of a layer dropped (the layer would have no attention)."""
+    kv = ctx.facts.kv_heads
+    out = []
+    for st in ctx.of(ir.AttnDropGroups):
+        assert isinstance(st, ir.AttnDropGroups)
+        if kv and len({g for g in st.groups if 0 <= g < kv}) >= kv:
+            out.append(
+                error(
+                    "P109",
+                    f"all {kv} KV groups are dropped: the layers would have no attention",
+                    st.groups.span,
+                    "drop the whole layer with `drop layers` instead",
+                )
+            )
+    return out
+
+
+def check_widths(ctx: Context) -> list[Diagnostic]:
+    """P110 widths out of range; W003 not a multiple of 8; W004 width unchanged."""
+    f = ctx.facts
+    out = []
+    for st in ctx.plan.statements:
+        if isinstance(st, ir.MlpWidth):
+            original, what = f.ffn, "ffn"
+        elif isinstance(st, ir.MoeExpertsWidth):
+            original, what = f.expert_ffn, "expert_ffn"
+        elif isinstance(st, ir.MoeSharedWidth):
+            original, what = f.shared_ffn or None, "shared_ffn"
+        else:
+            continue
+        w = st.width  # type: ignore[attr-defined]
+        if original is None:
+            continue
+        if w.n <= 0 or w.n > original:
+            out.append(
+                error(
+                    "P110",
+                    f"width {w.n} is outside 1..{original} (the model's {what} is {original})",
+                    w.span,
+                    "to remove an MLP entirely, drop the layer" if w.n <= 0 else None,
+                )
+            )
+        elif w.n == original:
+            out.append(
+                warning(
+                    "W004",
+                    f"width {w.n} equals the model's {what}: this statement changes nothing",
+                    w.span,
+                    "remove the statement",
+                )
+            )
+        elif w.n % 8:
+            out.append(
+                warning(
+                    "W003",
+                    f"width {w.n} is not a multiple of 8; matrix kernels run slower on it",
+                    w.span,
+                    f"use {w.n - w.n % 8} or {w.n - w.n % 8 + 8}",
+                )
+            )
+    return out
+
+
+def check_experts(ctx: Context) -> list[Diagnostic]:
+    """P111 fewer experts than top_k; P112 group-routed counts not divisible."""
+    f = ctx.facts
+    if not f.experts:
+        return []
+    out = []
+    for st in ctx.of(ir.MoeDropExperts):
+        assert isinstance(st, ir.MoeDropExperts)
+        left = f.experts - len({e for e in st.experts if 0 <= e < f.experts})
+        if f.top_k and left < f.top_k:
+            out.append(
+                error(
+                    "P111",
+                    f"{left} {_plural('expert', left)} would be left, fewer than top_k {f.top_k}",
+                    st.experts.span,
+                    f"keep at least {f.top_k} experts per layer",
+                )
+            )
+        if f.expert_groups and left % f.expert_groups:
+            out.append(
+                error(
+                    "P112",
+                    f"{left} experts left is not divisible by the {f.expert_groups} "
+                    "expert groups the router selects from",
+                    st.experts.span,
+                    f"drop a multiple of {f.expert_groups} experts, spread over the groups",
+                )
+            )
+    return out
+
+
+def check_bundles(ctx: Context) -> list[Diagnostic]:
+    """P113-P116: bundles hold dropped layers, each exactly once, all of them."""
+    bundles = ctx.of(ir.Bundle)
+    if not bundles:
+        return []
+    dropped = ctx.dropped()
+    out = []
+    owner: dict[int, ir.Bundle] = {}
+    names: dict[str, ir.Bundle] = {}
+    for st in bundles:
+        assert isinstance(st, ir.Bundle)
+        if st.name in names:
+            out.append(
+                error(
+                    "P116",
+                    f"bundle {st.name} is declared twice (first on line "
+                    f"{names[st.name].span.line})",
+                    st.name_span,
+                    "list all its layers in one statement",
+                )
+            )
+            continue
+        names[st.name] = st
+        idx = ctx.layers(st)
+        missing = [i for i in idx if i not in dropped]
+        if missing:
+            out.append(
+                error(
+                    "P113",
+                    f"bundle {st.name} names {_plural('layer', len(missing))} "
+                    f"{fmt_indices(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                    "not dropped",
+                    span_of(st.layers, missing[0]),
+                    "bundles hold dropped layers only",
+                )
+            )
+        shared = [i for i in idx if i in owner]
+        if shared:
+            out.append(
+                error(
+                    "P114",
+                    f"{_plural('layer', len(shared))} {fmt_indices(shared)} "
+                    f"{'is' if len(shared) == 1 else 'are'} already in bundle "
+                    f"{owner[shared[0]].name}",
+                    span_of(st.layers, shared[0]),
+                    "each dropped layer goes to exactly one bundle",
+                )
+            )
+        for i in idx:
+            owner.setdefault(i, st)
+    uncovered = sorted(dropped - set(owner))
+    if uncovered:
+        out.append(
+            error(
+                "P115",
+                f"dropped {_plural('layer', len(uncovered))} {fmt_indices(uncovered)} "
+                f"{'is' if len(uncovered) == 1 else 'are'} in no bundle",
+                bundles[-1].span,
+                f"add them to a bundle, e.g. `bundle C layers {fmt_indices(uncovered)}`",
+            )
+        )
+    return out
+
+
+def check_heterogeneous(ctx: Context) -> list[Diagnostic]:
+    """W002: kept layers end up with different shapes (needs the plancc loader)."""
+    f = ctx.facts
+    n = f.layers or 0
+    dropped = ctx.dropped()
+    kept = [i for i in range(n) if i not in dropped]
+    shaping = [
+        st for st in ctx.plan.statements if type(st) in SLOTS and not isinstance(st, ir.DropLayers)
+    ]
+    for st in shaping:
+        covered = set(ctx.layers(st))
+        same_kind = [i for i in kept if f.is_moe_layer(i) == f.is_moe_layer(next(iter(covered)))]
+        if covered and any(i not in covered for i in same_kind):
+            rest = [i for i in same_kind if i not in covered]
+            return [
+                warning(
+                    "W002",
+                    f"`{st.kind}` shapes layers {fmt_indices(sorted(covered))} but not "
+                    f"{fmt_indices(rest)}: the result is heterogeneous; stock "
+                    "`from_pretrained` cannot load it, `executor.load` can",
+                    st.layers.span,
+                )
+            ]
+    return []
+
+
+def check_sidecar(ctx: Context) -> list[Diagnostic]:
+    """P120-P123: metrics and `compensate` need their tables in the pinned sidecar."""
+    needed = required_tables(ctx.plan, ctx.facts)
+    if not needed:
+        return []
+    scores = ctx.plan.scores
+    first_span = needed[0].span
+    if scores is None:
+        return [
+            error(
+                "P120",
+                f"`{needed[0].reason}` needs a scores sidecar, and the plan names none",
+                first_span,
+                'add `scores "FILE.safetensors" sha256 "..."` (plangen analyze writes it), '
+                "or use `by magnitude`",
+            )
+        ]
+    path = Path(scores.path)
+    if not path.is_absolute() and ctx.base_dir is not None:
+        path = ctx.base_dir / path
+    try:
+        sha, shapes = read_sidecar_tables(path)
+    except SidecarError as exc:
+        return [error("P123", str(exc), scores.span, "generate it with `plangen analyze`")]
+    out = []
+    if sha != scores.sha256.removeprefix("sha256:"):
+        out.append(
+            error(
+                "P121",
+                f"sidecar {scores.path} has sha256 {sha}, the plan pins {scores.sha256}",
+                scores.sha_span,
+                "the scores changed since the plan was written: re-run `plangen analyze`, "
+                "or update the pin if the change is intended",
+            )
+        )
+    reported: set[tuple[str, int]] = set()
+    for need in needed:
+        key = (need.table, need.span.line)
+        if key in reported:
+            continue
+        if need.table not in shapes:
+            reported.add(key)
+            out.append(
+                error(
+                    "P120",
+                    f"the sidecar has no table `{need.table}` (needed by `{need.reason}`)",
+                    need.span,
+                    "tables present: " + ", ".join(sorted({k.split(".")[0] for k in shapes})),
+                )
+            )
+        elif shapes[need.table] != need.shape:
+            reported.add(key)
+            out.append(
+                error(
+                    "P122",
+                    f"sidecar table `{need.table}` has shape {list(shapes[need.table])}, "
+                    f"the model needs {list(need.shape)}",
+                    need.span,
+                    "the sidecar was made for another model: re-run `plangen analyze`",
+                )
+            )
+    return out
+
+
+Pass = Callable[[Context], list[Diagnostic]]
+
+# The pipeline, in order: the table of contents of `plancc check`.
+PASSES: tuple[tuple[str, Pass], ...] = (
+    ("required facts", check_required_facts),
+    ("selections", check_selections),
+    ("layer kinds", check_layer_kinds),
+    ("conflicts", check_conflicts),
+    ("drops", check_drops),
+    ("dropped targets", check_dropped_targets),
+    ("groups", check_groups),
+    ("widths", check_widths),
+    ("experts", check_experts),
+    ("bundles", check_bundles),
+    ("heterogeneity", check_heterogeneous),
+    ("sidecar", check_sidecar),
+)

@@ -1,0 +1,28 @@
+"""The `plancc` program: the compiler's commands (check, fmt, diff) plus the
+executor's (apply, restore, eval, added as they land)."""
+
+from __future__ import annotations
+
+import argparse
+
+from compiler import cli as compiler_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plancc",
+        description="plancc: compile, check and apply declarative pruning plans (.prn) for "
+        "large language models.",
+        epilog="Start with `plancc check PLAN`; see `plancc COMMAND --help` for each command.",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    compiler_cli.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return compiler_cli.run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
