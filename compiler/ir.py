@@ -62,7 +62,8 @@ class Selection:
         for r in ordered:
             last = merged[-1] if merged else None
             if last is not None and r.lo <= r.hi and last.lo <= last.hi and r.lo == last.hi + 1:
-                merged[-1] = Range(last.lo, r.hi, last.span)
+                span = Span(last.span.line, last.span.col, r.span.end_line, r.span.end_col)
+                merged[-1] = Range(last.lo, r.hi, span)
             else:
                 merged.append(r)
         return Selection(tuple(merged))

@@ -1,0 +1,204 @@
+"""Every diagnostic code: a plan that triggers it, and the exact line and column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compiler.check import check_text
+from compiler.diagnostics import CODES, render_text
+from tests.plans import FIRST_BODY_LINE as B
+from tests.plans import FIRST_MOE_LINE as M
+from tests.plans import MOE_HEADER, SMOL_HEADER
+
+# (code, plan text, line, column, words the message must contain)
+CASES: list[tuple[str, str, int, int, str]] = [
+    ("P001", SMOL_HEADER + "drop layers 3..\n", B, 16, "expected an integer"),
+    ("P001", SMOL_HEADER + "mlp layers 3 width -5\n", B, 20, "unexpected character `-`"),
+    ("P002", SMOL_HEADER + "prune layers 3\n", B, 1, "unknown statement `prune`"),
+    ("P003", SMOL_HEADER + "mlp layers 3 wdth 512\n", B, 14, "unknown keyword `wdth`"),
+    ("P003", SMOL_HEADER.replace("  arch llama", "  arch llama\n  colour 3"), 4, 3, "`colour`"),
+    ("P004", SMOL_HEADER.replace("plan 1", "plan 2"), 1, 6, "version 2"),
+    ("P005", SMOL_HEADER.replace("plan 1\n", ""), 1, 1, "`plan` version line"),
+    ("P006", "plan 1\ndrop layers 3\n", 1, 6, "no `model"),
+    ("P007", SMOL_HEADER + 'model "x" {\n  arch llama\n}\n', B, 1, "`model` is stated twice"),
+    ("P008", SMOL_HEADER + 'source "a"\nsource "b"\n', B + 1, 1, "`source` is stated twice"),
+    ("P009", SMOL_HEADER.replace("tied true", "tied true  hidden 5"), 4, 60, "`hidden`"),
+    ("P010", SMOL_HEADER.replace("arch llama", "arch gpt9"), 3, 8, "unknown architecture"),
+    ("P011", SMOL_HEADER.replace("heads 9", "heads nine"), 5, 9, "`heads` must be"),
+    ("P011", SMOL_HEADER.replace("kv_heads 3", "kv_heads 4"), 5, 21, "not a multiple"),
+    ("P101", SMOL_HEADER + "moe layers 3 drop experts 1\n", B, 1, "`experts`"),
+    ("P102", SMOL_HEADER + "drop layers 9..3\n", B, 13, "reversed"),
+    ("P103", SMOL_HEADER + "drop layers 3..5, 4\n", B, 19, "layer 4 is listed twice"),
+    ("P104", SMOL_HEADER + "drop layers 31\n", B, 13, "layer 31 is out of range"),
+    ("P104", SMOL_HEADER + "attn layers 1 drop groups 3\n", B, 27, "group 3"),
+    ("P104", MOE_HEADER + "moe layers 1 drop experts 16\n", M, 27, "expert 16"),
+    (
+        "P105",
+        SMOL_HEADER + "mlp layers 5 width 512\nmlp layers 4..6 width 1024\n",
+        B + 1,
+        12,
+        "already has a `mlp width` decision on line 8",
+    ),
+    ("P105", SMOL_HEADER + "drop layers 5\ndrop layers 5\n", B + 1, 13, "line 8"),
+    ("P106", SMOL_HEADER + "drop layers 5\nmlp layers 5 width 512\n", B + 1, 12, "dropped layer 5"),
+    ("P107", SMOL_HEADER + "drop layers 0..29\n", B, 13, "every layer is dropped"),
+    (
+        "P108",
+        SMOL_HEADER + "keep layers 0, 29\ndrop layers 20..29\n",
+        B + 1,
+        13,
+        "guarded by `keep layers`",
+    ),
+    ("P109", SMOL_HEADER + "attn layers 4 drop groups 0..2\n", B, 27, "all 3 KV groups"),
+    ("P110", SMOL_HEADER + "mlp layers 4 width 0\n", B, 20, "outside 1..1536"),
+    ("P110", SMOL_HEADER + "mlp layers 4 width 2048\n", B, 20, "outside 1..1536"),
+    ("P111", MOE_HEADER + "moe layers 0 drop experts 0..14\n", M, 27, "fewer than top_k 2"),
+    ("P112", MOE_HEADER + "moe layers 0 drop experts 3\n", M, 27, "not divisible"),
+    ("P113", SMOL_HEADER + "drop layers 5\nbundle B layers 5, 6\n", B + 1, 17, "not dropped"),
+    (
+        "P114",
+        SMOL_HEADER + "drop layers 5..6\nbundle B layers 5..6\nbundle C layers 6\n",
+        B + 2,
+        17,
+        "already in bundle B",
+    ),
+    (
+        "P115",
+        SMOL_HEADER + "drop layers 5..6\nbundle B layers 5\n",
+        B + 1,
+        1,
+        "layer 6 is in no bundle",
+    ),
+    (
+        "P116",
+        SMOL_HEADER + "drop layers 5..6\nbundle B layers 5\nbundle B layers 6\n",
+        B + 2,
+        8,
+        "declared twice",
+    ),
+    ("P117", MOE_HEADER + "mlp layers 0 width 256\n", M, 12, "mixture-of-experts"),
+    ("P117", MOE_HEADER + "moe layers 5 experts width 64\n", M, 12, "dense"),
+    ("P120", SMOL_HEADER + "mlp layers 4 width 1024 by taylor\n", B, 28, "needs a scores sidecar"),
+    ("W001", SMOL_HEADER + "drop layers 29\n", B, 13, "last layer"),
+    ("W002", SMOL_HEADER + "mlp layers 4..6 width 1024\n", B, 12, "heterogeneous"),
+    ("W003", SMOL_HEADER + "mlp layers 0..29 width 1001\n", B, 24, "multiple of 8"),
+    ("W004", SMOL_HEADER + "mlp layers 0..29 width 1536\n", B, 24, "changes nothing"),
+    ("W005", SMOL_HEADER.replace('  fingerprint "sha256:0000"\n', ""), 2, 1, "no fingerprint"),
+]
+
+
+@pytest.mark.parametrize(("code", "text", "line", "col", "words"), CASES)
+def test_code_line_column(code: str, text: str, line: int, col: int, words: str) -> None:
+    result = check_text(text)
+    hits = [d for d in result.diagnostics if d.code == code]
+    assert hits, f"no {code}; got {[(d.code, d.message) for d in result.diagnostics]}"
+    assert any((d.span.line, d.span.col) == (line, col) for d in hits), [
+        (d.span.line, d.span.col, d.message) for d in hits
+    ]
+    assert any(words in d.message for d in hits), [d.message for d in hits]
+
+
+def test_every_code_is_tested() -> None:
+    tested = {c[0] for c in CASES} | {"P121", "P122", "P123", "P130", "P131"}
+    assert tested == set(CODES)
+
+
+def write_sidecar(path: Path, tables: dict[str, tuple[int, ...]]) -> str:
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(v) for k, v in tables.items()}, str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sidecar_codes(tmp_path: Path) -> None:
+    sha = write_sidecar(tmp_path / "s.safetensors", {"taylor.4.mlp": (1536,), "wanda.4.mlp": (7,)})
+    head = SMOL_HEADER + f'scores "s.safetensors" sha256 "{sha}"\n'
+    ok = check_text(head + "mlp layers 4 width 1024 by taylor\n", base_dir=tmp_path)
+    assert ok.ok, ok.diagnostics
+    missing = check_text(head + "mlp layers 4..5 width 1024 by taylor\n", base_dir=tmp_path)
+    [d] = [d for d in missing.diagnostics if d.is_error]
+    assert (d.code, d.span.line, d.span.col) == ("P120", B + 1, 31)
+    assert "taylor.5.mlp" in d.message
+    shape = check_text(head + "mlp layers 4 width 1024 by wanda\n", base_dir=tmp_path)
+    [d] = [d for d in shape.diagnostics if d.is_error]
+    assert (d.code, d.span.line) == ("P122", B + 1)
+    assert "[7]" in d.message and "[1536]" in d.message
+    comp = check_text(head + "mlp layers 4 width 1024 compensate\n", base_dir=tmp_path)
+    assert [d.code for d in comp.diagnostics if d.is_error] == ["P120"]
+    assert "mean_in.4.mlp" in comp.errors[0].message
+    wrong = SMOL_HEADER + 'scores "s.safetensors" sha256 "abc"\n'
+    bad = check_text(wrong + "mlp layers 4 width 1024 by taylor\n", base_dir=tmp_path)
+    [d] = [d for d in bad.diagnostics if d.is_error]
+    assert (d.code, d.span.line, d.span.col) == ("P121", B, 31)
+    gone = SMOL_HEADER + 'scores "nope.safetensors" sha256 "abc"\n'
+    absent = check_text(gone + "mlp layers 4 width 1024 by taylor\n", base_dir=tmp_path)
+    [d] = [d for d in absent.diagnostics if d.is_error]
+    assert (d.code, d.span.line, d.span.col) == ("P123", B, 8)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x05")
+    corrupt = SMOL_HEADER + 'scores "bad.safetensors" sha256 "abc"\n'
+    result = check_text(corrupt + "mlp layers 4 width 1024 by taylor\n", base_dir=tmp_path)
+    assert [d.code for d in result.diagnostics if d.is_error] == ["P123"]
+
+
+def test_checkpoint_mismatch_codes() -> None:
+    real = {
+        "arch": "llama",
+        "layers": 30,
+        "hidden": 576,
+        "heads": 9,
+        "kv_heads": 3,
+        "head_dim": 64,
+        "ffn": 1536,
+        "vocab": 49152,
+        "tied": True,
+        "fingerprint": "sha256:0000",
+    }
+    assert check_text(SMOL_HEADER, checkpoint=real).ok
+    other = dict(real, ffn=2048, fingerprint="sha256:1111")
+    result = check_text(SMOL_HEADER, checkpoint=other)
+    got = {(d.code, d.span.line, d.span.col) for d in result.diagnostics if d.is_error}
+    assert got == {("P130", 4, 30), ("P131", 6, 15)}
+    assert "plan 1536, checkpoint 2048" in result.errors[0].message
+
+
+def test_all_problems_in_one_run() -> None:
+    text = SMOL_HEADER + "drop layers 31\nmlp layers 2 width 0\nfrob\nattn layers 1 drop groups 9\n"
+    syntax = check_text(text)
+    assert [d.code for d in syntax.diagnostics] == ["P002"]  # syntax first, all of them
+    text = text.replace("frob\n", "")
+    result = check_text(text)
+    assert [(d.code, d.span.line) for d in result.diagnostics] == [
+        ("P104", B),
+        ("W002", B + 1),
+        ("P110", B + 1),
+        ("P104", B + 2),
+    ]
+
+
+def test_every_syntax_error_reported() -> None:
+    text = SMOL_HEADER + "drop layers\nfrob 3\nmlp layers 1 width\nkeep layers 1\n"
+    result = check_text(text)
+    assert [(d.code, d.span.line) for d in result.diagnostics] == [
+        ("P001", B),
+        ("P002", B + 1),
+        ("P001", B + 2),
+    ]
+
+
+def test_rendered_text_has_caret_and_help() -> None:
+    text = SMOL_HEADER + "drop layers 31\n"
+    result = check_text(text)
+    out = render_text(result.diagnostics, "plan.prn", text)
+    assert out.splitlines() == [
+        "plan.prn:8:13: error[P104]: layer 31 is out of range: the model has 30 layers (0..29)",
+        "   8 | drop layers 31",
+        "     |             ^^",
+    ]
+    result = check_text(SMOL_HEADER + "mlp layers 3 wdth 5\n")
+    out = render_text(result.diagnostics, "p.prn", SMOL_HEADER + "mlp layers 3 wdth 5\n")
+    assert out.splitlines()[-1] == "  = help: did you mean `width`?"
