@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -132,8 +133,12 @@ class CheckpointFacts:
 
     @property
     def name(self) -> str:
-        """The model's name in a plan: the checkpoint directory's basename."""
-        return self.model_dir.resolve().name
+        """The model's name in a plan: the checkpoint directory's basename.
+
+        `abspath`, not `resolve`: `.` and `dir/` get their real name, but a
+        symlink keeps the name the user gave it.
+        """
+        return Path(os.path.abspath(self.model_dir)).name
 
     def model_block(self) -> str:
         return format_model_block(self.name, self.arch.name, self.facts)
@@ -353,25 +358,34 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def fingerprinted_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json less the keys that record who saved it, not what the model is."""
+    return {
+        k: v for k, v in config.items() if k != "transformers_version" and not k.startswith("_")
+    }
+
+
 def fingerprint(config: Mapping[str, Any], index: Mapping[str, TensorInfo]) -> str:
     """The identity of a checkpoint's structure, as written in a plan's model block.
 
     Definition (a contract: other tools may recompute it):
 
         "sha256:" + sha256(canonical_json({
-            "config": <config.json as parsed JSON>,
+            "config": <config.json as parsed JSON, without bookkeeping keys:
+                       `transformers_version` and keys starting with `_`>,
             "tensors": sorted([name, list(shape), dtype] for every tensor),
         }).encode("utf-8")).hexdigest()
 
     with canonical_json = json.dumps(obj, sort_keys=True, separators=(",", ":"),
-    ensure_ascii=False). It covers every config value (so re-saving with another
-    transformers version, which rewrites `transformers_version`, changes it) and
-    every tensor's name, shape and dtype, but not the weights: a fine-tune of
+    ensure_ascii=False). It covers every config value that describes the model
+    (re-saving with another transformers version, which only rewrites
+    `transformers_version` and `_name_or_path`-style keys, keeps it) and every
+    tensor's name, shape and dtype, but not the weights: a fine-tune of
     the same model shares its fingerprint, which is what a structural plan
     needs, and computing it never reads tensor data.
     """
     tensors = sorted([info.name, list(info.shape), info.dtype] for info in index.values())
-    payload = canonical_json({"config": dict(config), "tensors": tensors})
+    payload = canonical_json({"config": fingerprinted_config(config), "tensors": tensors})
     return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

@@ -9,8 +9,19 @@ from equality, so two texts that say the same thing compare equal
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
+
+
+def canonical(obj: Any) -> Any:
+    """A span-free, comment-free nested tuple of an IR value, for ordering and hashing."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return (type(obj).__name__,) + tuple(
+            canonical(getattr(obj, f.name)) for f in fields(obj) if f.compare
+        )
+    if isinstance(obj, tuple | list):
+        return tuple(canonical(x) for x in obj)
+    return obj
 
 
 @dataclass(frozen=True, order=True)
@@ -76,6 +87,10 @@ class Selection:
         for r in self.ranges:
             yield from range(r.lo, r.hi + 1)
 
+    def within(self, n: int) -> list[int]:
+        """The indices in 0..n-1, in order, without expanding what lies outside."""
+        return [i for r in self.ranges for i in range(max(r.lo, 0), min(r.hi, n - 1) + 1)]
+
     def values(self) -> tuple[int, ...]:
         return tuple(self)
 
@@ -106,7 +121,7 @@ class ModelBlock:
     span: Span = field(default=NOWHERE, compare=False)
 
     def _key(self) -> tuple[Any, ...]:
-        return (self.name, sorted(self.facts, key=lambda f: (f.key, repr(f.value))))
+        return (self.name, tuple(sorted(canonical(f) for f in self.facts)))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ModelBlock) and self._key() == other._key()
@@ -263,8 +278,9 @@ class Plan:
     comments: tuple[Comment, ...] = field(default=(), compare=False)
 
     def _key(self) -> tuple[Any, ...]:
-        body = sorted(self.statements, key=lambda s: (s.order, repr(s)))
-        return (self.version, self.model, self.source, self.scores, self.calibration, body)
+        body = tuple(sorted((repr(canonical(s)) for s in self.statements)))
+        head = (self.version, self.model, self.source, self.scores, self.calibration)
+        return (*head, body)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Plan) and self._key() == other._key()

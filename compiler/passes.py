@@ -27,8 +27,7 @@ class Context:
 
     def layers(self, st: ir.Statement) -> list[int]:
         """The statement's layers that exist in the model, in order."""
-        n = self.facts.layers or 0
-        return [i for r in st.layers.ranges for i in range(max(r.lo, 0), min(r.hi, n - 1) + 1)]
+        return st.layers.within(self.facts.layers or 0)
 
     def of(self, kind: type[ir.Statement]) -> list[ir.Statement]:
         return [st for st in self.plan.statements if isinstance(st, kind)]
@@ -271,7 +270,7 @@ def check_groups(ctx: Context) -> list[Diagnostic]:
     out = []
     for st in ctx.of(ir.AttnDropGroups):
         assert isinstance(st, ir.AttnDropGroups)
-        if kv and len({g for g in st.groups if 0 <= g < kv}) >= kv:
+        if kv and len(set(st.groups.within(kv))) >= kv:
             out.append(
                 error(
                     "P109",
@@ -337,7 +336,7 @@ def check_experts(ctx: Context) -> list[Diagnostic]:
     out = []
     for st in ctx.of(ir.MoeDropExperts):
         assert isinstance(st, ir.MoeDropExperts)
-        left = f.experts - len({e for e in st.experts if 0 <= e < f.experts})
+        left = f.experts - len(set(st.experts.within(f.experts)))
         if f.top_k and left < f.top_k:
             out.append(
                 error(
@@ -381,8 +380,7 @@ def check_bundles(ctx: Context) -> list[Diagnostic]:
                     "list all its layers in one statement",
                 )
             )
-            continue
-        names[st.name] = st
+        names.setdefault(st.name, st)
         idx = ctx.layers(st)
         missing = [i for i in idx if i not in dropped]
         if missing:
@@ -435,9 +433,11 @@ def check_heterogeneous(ctx: Context) -> list[Diagnostic]:
     ]
     for st in shaping:
         covered = set(ctx.layers(st))
-        same_kind = [i for i in kept if f.is_moe_layer(i) == f.is_moe_layer(next(iter(covered)))]
-        if covered and any(i not in covered for i in same_kind):
-            rest = [i for i in same_kind if i not in covered]
+        if not covered:
+            continue
+        moe = f.is_moe_layer(min(covered))
+        rest = [i for i in kept if f.is_moe_layer(i) == moe and i not in covered]
+        if rest:
             return [
                 warning(
                     "W002",

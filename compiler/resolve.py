@@ -114,20 +114,21 @@ def resolve(plan: ir.Plan, facts: ModelFacts) -> ResolvedPlan:
     layer: dict[int, dict[str, object]] = {i: {} for i in range(n)}
     named_bundles: dict[str, tuple[int, ...]] = {}
     for st in plan.statements:
-        idx = [i for i in st.layers if 0 <= i < n]
+        idx = st.layers.within(n)
         for i in idx:
             rec = layer[i]
             match st:
                 case ir.DropLayers():
                     rec["dropped"] = True
                 case ir.AttnDropGroups(groups=groups, compensate=comp):
-                    rec["groups_kept"] = tuple(g for g in range(kv) if g not in set(groups))
+                    gone = set(groups.within(kv))
+                    rec["groups_kept"] = tuple(g for g in range(kv) if g not in gone)
                     rec["attn_compensate"] = comp
                 case ir.MlpWidth(width=w, compensate=comp):
                     rec["ffn"] = _channels(w, facts.ffn)
                     rec["ffn_compensate"] = comp
                 case ir.MoeDropExperts(experts=experts):
-                    gone = set(experts)
+                    gone = set(experts.within(facts.experts or 0))
                     rec["experts_kept"] = tuple(
                         e for e in range(facts.experts or 0) if e not in gone
                     )

@@ -45,7 +45,7 @@ def required_tables(plan: ir.Plan, facts: ModelFacts) -> list[NeededTable]:
     n = facts.layers or 0
     out: list[NeededTable] = []
     for st in plan.statements:
-        layers = [i for i in st.layers if 0 <= i < n] if n else []
+        layers = st.layers.within(n)
         match st:
             case ir.MlpWidth(width=w, compensate=comp):
                 if w.metric != "magnitude" and facts.ffn:

@@ -1,0 +1,7 @@
+"""`python -m plangen` is the `plangen` command."""
+
+import sys
+
+from plangen.cli import main
+
+sys.exit(main())

