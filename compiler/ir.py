@@ -16,8 +16,9 @@ from typing import Any
 def canonical(obj: Any) -> Any:
     """A span-free, comment-free nested tuple of an IR value, for ordering and hashing."""
     if is_dataclass(obj) and not isinstance(obj, type):
-        return (type(obj).__name__,) + tuple(
-            canonical(getattr(obj, f.name)) for f in fields(obj) if f.compare
+        return (
+            type(obj).__name__,
+            *tuple(canonical(getattr(obj, f.name)) for f in fields(obj) if f.compare),
         )
     if isinstance(obj, tuple | list):
         return tuple(canonical(x) for x in obj)
@@ -278,7 +279,7 @@ class Plan:
     comments: tuple[Comment, ...] = field(default=(), compare=False)
 
     def _key(self) -> tuple[Any, ...]:
-        body = tuple(sorted((repr(canonical(s)) for s in self.statements)))
+        body = tuple(sorted(repr(canonical(s)) for s in self.statements))
         head = (self.version, self.model, self.source, self.scores, self.calibration)
         return (*head, body)
 

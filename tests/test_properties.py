@@ -108,7 +108,7 @@ def test_fmt_keeps_the_check_verdict(text: str) -> None:
     assert a.resolved == b.resolved
 
 
-MUTATION_CHARS = list('0123456789.,{}"#\\ \n\t-_abz') + ["..", "layers", "drop", "width", "ü"]
+MUTATION_CHARS = [*list('0123456789.,{}"#\\ \n\t-_abz'), "..", "layers", "drop", "width", "ü"]
 
 
 @st.composite
