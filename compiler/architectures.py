@@ -378,3 +378,42 @@ def read_facts(arch: Architecture, config: Mapping[str, Any]) -> dict[str, Any]:
         if dense:
             facts["dense_layers"] = tuple(dense)
     return facts
+
+
+def renumber_layer_config(
+    arch: Architecture, config: Mapping[str, Any], kept: list[int] | tuple[int, ...]
+) -> dict[str, Any]:
+    """The config keys that describe layers one by one, after a depth change.
+
+    `kept` lists the original layer index of every new layer, in new order.
+    Returns only the keys that change (the caller merges them):
+      * `num_hidden_layers` (or the family's spelling) = len(kept);
+      * every list in `per_layer_config_lists` (e.g. `layer_types`) that has one
+        entry per original layer keeps the kept layers' entries;
+      * Qwen's `max_window_layers` (layers below it use full attention) becomes
+        the number of kept layers that were below it, so every kept layer keeps
+        its attention kind;
+      * MoE families with `dense_layers`: `mlp_only_layers` lists the new
+        indices of the kept dense layers and `decoder_sparse_step` becomes 1,
+        because the step rule of the original numbering does not survive
+        renumbering.
+    """
+    n = next((config[k] for k in arch.facts["layers"].keys if isinstance(config.get(k), int)), None)
+    out: dict[str, Any] = {}
+    layers_key = next((k for k in arch.facts["layers"].keys if k in config), None)
+    if layers_key is not None:
+        out[layers_key] = len(kept)
+    for key in arch.per_layer_config_lists:
+        value = config.get(key)
+        if isinstance(value, list) and n is not None and len(value) == n:
+            out[key] = [value[i] for i in kept]
+    mwl = config.get("max_window_layers")
+    if isinstance(mwl, int) and not isinstance(mwl, bool):
+        out["max_window_layers"] = sum(1 for i in kept if i < mwl)
+    sparse_keys = ("mlp_only_layers", "decoder_sparse_step")
+    if arch.dense_layers is not None and n is not None and any(k in config for k in sparse_keys):
+        dense = set(arch.dense_layers(config, n))
+        out["mlp_only_layers"] = [new for new, i in enumerate(kept) if i in dense]
+        if "decoder_sparse_step" in config:
+            out["decoder_sparse_step"] = 1
+    return out

@@ -65,24 +65,6 @@ DTYPE_BITS: dict[str, int] = {
     "F6_E3M2": 6,
 }
 
-# The canonical layout of the `model { }` block: one tuple per line, facts in
-# this order on it. `plangen header` and `plancc fmt` both print from it, so a
-# generated block and a formatted one are byte-identical.
-FACT_LINES: tuple[tuple[str, ...], ...] = (
-    ("arch",),
-    ("layers", "hidden", "ffn", "vocab", "tied"),
-    ("heads", "kv_heads", "head_dim"),
-    ("experts", "top_k", "expert_ffn", "shared_ffn", "expert_groups"),
-    ("qkv_bias", "o_bias", "mlp_bias"),
-    ("dense_layers",),
-    ("fingerprint",),
-)
-# Booleans that default to false and are printed only when true (a block on a
-# bias-free model stays short); `tied` is always printed, true or false.
-OPTIONAL_FLAGS = ("qkv_bias", "o_bias", "mlp_bias")
-# Facts whose value is a bare word, not a quoted string.
-NAME_FACTS = ("arch",)
-
 
 class CheckpointError(Exception):
     """A checkpoint directory or file cannot be read; the message names the file and the fix."""
@@ -557,72 +539,29 @@ def tensor_mismatches(
 
 # ---- the model block ------------------------------------------------------------
 
-
-def quote(text: str) -> str:
-    """A plan-language string literal: double quotes, with `\\` and `"` escaped."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def format_selection(values: Iterable[int]) -> str:
-    """Sorted comma list with runs of consecutive integers as `A..B`: `0..2, 5`."""
-    ordered = sorted(set(values))
-    parts: list[str] = []
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}..{ordered[j]}")
-        i = j + 1
-    return ", ".join(parts)
-
-
-def format_fact_value(key: str, value: Any) -> str:
-    """One fact value in plan syntax (bool, int, bare name, string or selection)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return value if key in NAME_FACTS else quote(value)
-    if isinstance(value, Iterable):
-        return format_selection(value)
-    raise TypeError(f"model fact {key!r}: cannot print a {type(value).__name__}")
-
-
-def _present(key: str, value: Any) -> bool:
-    if value is None:
-        return False
-    if key in OPTIONAL_FLAGS:
-        return value is True
-    if not isinstance(value, (str, int)) and isinstance(value, Iterable):
-        return bool(list(value))
-    return True
+# Booleans that default to false and are printed only when true (a block on a
+# bias-free model stays short); `tied` is always printed, true or false.
+OPTIONAL_FLAGS = ("qkv_bias", "o_bias", "mlp_bias")
 
 
 def format_model_block(name: str, arch_name: str, facts: Mapping[str, Any]) -> str:
     """The `model "NAME" { ... }` block in canonical layout, ending with a newline.
 
-    Lines follow `FACT_LINES`; facts on a line are separated by two spaces,
-    lines are indented by two; a line none of whose facts is present is left
-    out; `qkv_bias`/`o_bias`/`mlp_bias` appear only when true; selections print
-    as `0..2, 5`. Facts that `FACT_LINES` does not know (a newer table entry)
-    go on one line, sorted, just before `fingerprint`, so nothing is dropped.
+    Printed by `compiler.fmt` (layout: `compiler.facts.FACT_LINES`), so a
+    generated block and a formatted one are byte-identical. `qkv_bias`,
+    `o_bias` and `mlp_bias` appear only when true; `dense_layers` only when
+    the model has some.
     """
-    values = {**facts, "arch": arch_name}
-    known = {k for line in FACT_LINES for k in line}
-    extra = tuple(sorted(k for k in values if k not in known))
-    lines = list(FACT_LINES)
-    if extra:
-        lines.insert(len(lines) - 1, extra)
-    out = [f"model {quote(name)} {{"]
-    for line in lines:
-        items = [
-            f"{key} {format_fact_value(key, values[key])}"
-            for key in line
-            if _present(key, values.get(key))
-        ]
-        if items:
-            out.append("  " + "  ".join(items))
-    out.append("}")
-    return "\n".join(out) + "\n"
+    from compiler import ir
+    from compiler.fmt import format_model_block as print_block
+
+    block = [ir.Fact("arch", arch_name)]
+    for key, value in facts.items():
+        if value is None or (key in OPTIONAL_FLAGS and value is not True):
+            continue
+        if isinstance(value, tuple | list | set | frozenset):
+            if not value:
+                continue
+            value = ir.Selection.from_ints(sorted(set(value)))
+        block.append(ir.Fact(key, value))
+    return print_block(ir.ModelBlock(name, tuple(block)))

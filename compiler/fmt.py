@@ -191,3 +191,10 @@ def _emit_fact_line(out: list[str], facts: list[ir.Fact], notes: dict[int, _Note
             merged.trailing += n.trailing
     text = "  ".join(f"{f.key} {fact_value(f)}" for f in facts)
     _emit(out, merged, text, indent="  ")
+
+
+def format_model_block(block: ir.ModelBlock) -> str:
+    """A model block alone (what `plangen header` prints), ending with a newline."""
+    out: list[str] = []
+    _emit_model(out, block, {})
+    return "\n".join(out) + "\n"

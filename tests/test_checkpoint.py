@@ -17,18 +17,18 @@ from hypothesis import strategies as st
 
 from compiler.architectures import ARCH_NAMES, ARCHITECTURES
 from compiler.checkpoint import (
-    FACT_LINES,
     CheckpointError,
     TensorInfo,
     expected_tensors,
     fingerprint,
     format_model_block,
-    format_selection,
     load_checkpoint_facts,
     read_safetensors_header,
     tensor_index,
     tensor_mismatches,
 )
+from compiler.facts import FACT_LINES
+from compiler.ir import Selection
 
 SHARED_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen2moe-tiny"
 
@@ -453,9 +453,10 @@ def test_model_block_omits_empty_lines_and_false_flags() -> None:
 
 def test_model_block_keeps_unknown_facts_before_the_fingerprint() -> None:
     facts = {"layers": 2, "zeta": 1, "alpha": "x", "fingerprint": "sha256:0"}
-    assert format_model_block("m", "llama", facts).splitlines()[-3:] == [
-        '  alpha "x"  zeta 1',
+    assert format_model_block("m", "llama", facts).splitlines()[-4:] == [
         '  fingerprint "sha256:0"',
+        "  zeta 1",
+        '  alpha "x"',
         "}",
     ]
 
@@ -471,7 +472,7 @@ def test_fact_lines_cover_the_compiler_fact_vocabulary() -> None:
     [([], ""), ([3], "3"), ([0, 1, 2, 5], "0..2, 5"), ([7, 1, 2, 2, 9, 8], "1..2, 7..9")],
 )
 def test_format_selection(values: list[int], text: str) -> None:
-    assert format_selection(values) == text
+    assert str(Selection.from_ints(sorted(set(values)))) == text
 
 
 def _parse_selection(text: str) -> set[int]:
@@ -484,7 +485,7 @@ def _parse_selection(text: str) -> set[int]:
 
 @given(st.sets(st.integers(min_value=0, max_value=200), max_size=40))
 def test_format_selection_round_trips(values: set[int]) -> None:
-    text = format_selection(values)
+    text = str(Selection.from_ints(sorted(values)))
     assert _parse_selection(text) == values
     # Canonical: no two items could have been merged.
     parts = [p for p in text.split(", ") if p]
