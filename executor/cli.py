@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from compiler import cli as compiler_cli
+from executor.eval_command import add_eval_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     compiler_cli.add_commands(sub)
+    add_eval_command(sub)
     return parser
 
 

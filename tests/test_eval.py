@@ -1,0 +1,102 @@
+"""The corpus protocol and `plancc eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from compiler.corpus import (
+    CorpusError,
+    TokenPools,
+    builtin_text,
+    load_text,
+    windows,
+)
+
+
+def test_builtin_corpus_is_pydoc_topics_in_key_order() -> None:
+    from pydoc_data.topics import topics
+
+    text = builtin_text()
+    keys = sorted(topics)
+    assert text.startswith(topics[keys[0]]) and text.endswith(topics[keys[-1]])
+    assert len(text) == sum(len(topics[k]) for k in keys) + 2 * (len(keys) - 1)
+
+
+def test_split_and_windows() -> None:
+    ids = list(range(1000))
+    pools = TokenPools.split(ids, "x")
+    assert pools.calibration == list(range(600)) and pools.evaluation == list(range(600, 1000))
+    chunks = windows(pools.evaluation, 128)
+    assert [c[0] for c in chunks] == [600, 728, 856]  # non-overlapping, short tail dropped
+    assert all(len(c) == 128 for c in chunks)
+    assert len(windows(pools.evaluation, 128, limit=2)) == 2
+    with pytest.raises(CorpusError):
+        windows(ids, 1)
+
+
+def test_wikitext2_and_ptb_through_datasets_with_local_files(tmp_path: Path) -> None:
+    wiki = tmp_path / "wiki.jsonl"
+    wiki.write_text("\n".join(json.dumps({"text": t}) for t in (" = Title = ", "", " body .")))
+    assert load_text("wikitext2", data_files=[str(wiki)]) == " = Title = \n\n\n\n body ."
+    ptb = tmp_path / "ptb.csv"
+    ptb.write_text("sentence\nthe cat sat\na dog ran\n")
+    assert load_text("ptb", data_files=str(ptb)) == "the cat sat a dog ran"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"words": "x"}) + "\n")
+    with pytest.raises(CorpusError, match="no column 'text'"):
+        load_text("wikitext2", data_files=[str(bad)])
+
+
+def test_local_text_file_and_errors(tmp_path: Path) -> None:
+    f = tmp_path / "corpus.txt"
+    f.write_text("hello world", encoding="utf-8")
+    assert load_text(str(f)) == "hello world"
+    with pytest.raises(CorpusError, match="neither a built-in corpus"):
+        load_text(str(tmp_path / "missing.txt"))
+    offline = CorpusError
+    with pytest.raises(offline, match="use --data builtin"):
+
+        def no_network(*args: object, **kwargs: object) -> None:
+            raise ConnectionError("no network")
+
+        load_text("wikitext2", load_dataset=no_network)
+
+
+def test_perplexity_matches_transformers_loss(tiny_model) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from executor.evaluate import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randint(0, 128, (16,), generator=g).tolist() for _ in range(3)]
+    with torch.no_grad():
+        losses = [float(model(torch.tensor([c]), labels=torch.tensor([c])).loss) for c in chunks]
+    expected = math.exp(sum(losses) / len(losses))  # equal window lengths: mean of means
+    assert perplexity(model, chunks, "cpu", progress=False) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_cli_on_smollm2(smollm2_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from executor.cli import main
+
+    code = main(["eval", str(smollm2_dir), "--limit", "2", "--new-tokens", "4", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    [r] = report["results"]
+    assert r["params"] == 134_515_008
+    assert r["windows"] == 2 and r["eval_tokens"] == 2 * 511
+    assert 5 < r["perplexity"] < 40  # SmolLM2 on Python's docs: about 16
+    assert r["sample"] and r["tokens_per_s"] > 0
+
+
+def test_eval_cli_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from executor.cli import main
+
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "holds no config.json" in capsys.readouterr().err
