@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from compiler import cli as compiler_cli
+from executor import commands as executor_commands
 from executor.eval_command import add_eval_command
 
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     compiler_cli.add_commands(sub)
+    executor_commands.add_commands(sub)
     add_eval_command(sub)
     return parser
 

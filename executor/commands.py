@@ -1,0 +1,139 @@
+"""`plancc apply` and `plancc restore`: argparse wiring for the executor.
+
+Refusals (a plan that does not fit the checkpoint, an unreadable or pickle
+checkpoint, an existing output without --force) print why and exit 2 with
+nothing written, like every usage error of `plancc`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from compiler.cli import EXIT_OK, UsageError
+
+
+def parse_size(text: str) -> int:
+    """`5GB`, `500MB`, `2GiB`, `1000000` → bytes (for --max-shard-size)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from executor.apply import ApplyError, apply_plan
+
+    def warn(text: str) -> None:
+        print(text, file=sys.stderr)
+
+    try:
+        res = apply_plan(
+            args.plan,
+            args.out,
+            model=args.model,
+            device=args.device,
+            force=args.force,
+            max_shard_bytes=args.max_shard_size,
+            allow_pickle=args.allow_pickle,
+            warn=warn,
+        )
+    except ApplyError as exc:
+        if exc.details:
+            print(exc.details, file=sys.stderr)
+        raise UsageError(str(exc)) from None
+    m = res.manifest
+    removed = m["removed"]
+    rate = res.bytes_written / res.write_seconds / 1e6 if res.write_seconds else 0.0
+    print(
+        f"wrote {res.out} ({_mb(res.bytes_written)} of tensors in {res.write_seconds:.2f} s, "
+        f"{rate:,.0f} MB/s; {res.seconds:.2f} s in all)"
+    )
+    for name, b in removed["bundles"].items():
+        layers = ", ".join(map(str, b["layers"]))
+        print(f"  bundle {name}: layers {layers} ({b['params']:,} parameters)")
+    if removed["width"]["dir"]:
+        print(f"  {removed['width']['dir']}: {removed['width']['params']:,} sliced-away parameters")
+    pct = (res.params_after - res.params_before) / res.params_before * 100
+    print(f"  parameters {res.params_before:,} → {res.params_after:,} ({pct:+.1f}%)")
+    print(f"  load with {res.loader} ({m['loadability']})")
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from executor.restore import RestoreError, restore
+
+    try:
+        res = restore(args.out_dir, args.upto, args.dest, force=args.force)
+    except RestoreError as exc:
+        raise UsageError(str(exc)) from None
+    what = "the original checkpoint" if res.complete else f"{len(res.layers)} layers"
+    print(f"wrote {res.dest}: {what} ({res.seconds:.2f} s)")
+    return EXIT_OK
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register apply and restore on a `plancc` subparser set."""
+    p = sub.add_parser(
+        "apply",
+        help="apply a plan to a checkpoint: OUT/A (the pruned model) and OUT/bundles",
+        description="Check the plan against the checkpoint (model block and fingerprint), then "
+        "stream the checkpoint into OUT/A (pruned, renumbered, config updated, manifest) and "
+        "OUT/bundles (dropped layers and sliced-away channels, original bytes). Untouched "
+        "tensors are copied as byte ranges; nothing is written unless everything succeeds.",
+        epilog="exit status: 0 written, 2 refused (plan does not fit, bad checkpoint, OUT exists)"
+        "\nexample: plancc apply examples/smollm2-depth.prn -o out/smollm2-depth",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("plan", type=Path, metavar="PLAN", help="the plan (.prn)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        metavar="DIR",
+        help="checkpoint directory (default: the plan's `source`, relative to the plan file)",
+    )
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="OUT", help="output directory")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where channel metrics are computed (default cpu)",
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default="5GB",
+        metavar="SIZE",
+        help="largest output shard (default 5GB)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickle (.bin) checkpoints (not supported by apply yet: refused with a "
+        "message)",
+    )
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser(
+        "restore",
+        help="rebuild a model from OUT/A plus bundles (all of them: the original, bit for bit)",
+        description="Put the layers of bundles back in their original places: `--upto B` "
+        "restores bundle B (and every bundle before it in name order), `--upto all` every "
+        "bundle plus the sliced-away channels, giving back the original checkpoint byte for "
+        "byte.",
+        epilog="exit status: 0 written, 2 refused (OUT incomplete, DIR exists)",
+    )
+    p.add_argument("out_dir", type=Path, metavar="OUT", help="the -o directory of `plancc apply`")
+    p.add_argument("--upto", default="all", metavar="BUNDLE", help="a bundle name, or `all`")
+    p.add_argument("-o", "--out", dest="dest", type=Path, required=True, metavar="DIR")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.set_defaults(func=cmd_restore)

@@ -1,0 +1,234 @@
+"""config.json of a pruned (or partly restored) model.
+
+The new config is the original one with every key a plan changes rewritten:
+layer count and per-layer lists (`compiler.architectures.renumber_layer_config`),
+then the widths: attention heads, KV heads, MLP width. Which config key holds
+each width comes from the architecture table (`Architecture.facts`), and the
+new value is scaled from the original raw value (Qwen-1 stores twice the MLP
+width; scaling keeps its convention without a special case).
+
+When one config cannot describe the model (layers of different widths,
+`compensate` biases, or widths the family's config class refuses), the
+top-level widths are the largest any layer has (the original ones if the
+config class refuses even those), and the exact widths of every layer are
+stored under the `plancc` key, which `executor.load` reads:
+
+    "plancc": {
+      "format": 1,
+      "loader": "executor.load",
+      "layers": [                         # one entry per layer, in new order
+        {"original": 0,                   # original layer index
+         "config": {"num_attention_heads": 6, "num_key_value_heads": 2,
+                    "intermediate_size": 1024, "head_dim": 64}},
+        ...
+      ]
+    }
+
+transformers keeps unknown config keys as attributes, so such a config still
+loads with `AutoConfig`; stock `from_pretrained` then fails on the tensor
+shapes, loudly, rather than building a wrong model.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from compiler.architectures import Architecture, renumber_layer_config
+
+# Width facts a plan can change in a dense layer, in config order.
+WIDTH_FACTS = ("heads", "kv_heads", "ffn")
+PLANCC_KEY = "plancc"
+PLANCC_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The widths of one layer of the written model."""
+
+    original: int
+    heads: int
+    kv_heads: int
+    ffn: int | None
+    added_biases: tuple[str, ...] = ()  # layer-relative names of tensors `compensate` added
+
+    def widths(self) -> dict[str, int]:
+        out = {"heads": self.heads, "kv_heads": self.kv_heads}
+        if self.ffn is not None:
+            out["ffn"] = self.ffn
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "original": self.original,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "ffn": self.ffn,
+            "added_biases": list(self.added_biases),
+        }
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> LayerShape:
+        return LayerShape(
+            int(d["original"]),
+            int(d["heads"]),
+            int(d["kv_heads"]),
+            None if d.get("ffn") is None else int(d["ffn"]),
+            tuple(d.get("added_biases") or ()),
+        )
+
+
+def config_key(arch: Architecture, fact: str, config: Mapping[str, Any]) -> str | None:
+    """The config key that holds `fact` in this config (the first spelling present)."""
+    keys = arch.facts[fact].keys if fact in arch.facts else ()
+    present = [k for k in keys if k in config]
+    return present[0] if present else (keys[0] if keys else None)
+
+
+def _raw(arch: Architecture, fact: str, config: Mapping[str, Any], orig: Mapping[str, Any], v: int):
+    """Config value for fact value `v`, in the config's own units (scaled from the original)."""
+    key = config_key(arch, fact, config)
+    base = orig.get(fact)
+    raw = config.get(key) if key else None
+    if isinstance(raw, int) and isinstance(base, int) and base:
+        return raw * v // base
+    return v
+
+
+def width_overrides(
+    arch: Architecture,
+    config: Mapping[str, Any],
+    facts: Mapping[str, Any],
+    widths: Mapping[str, int],
+) -> dict[str, Any]:
+    """Config keys and raw values that give a layer these widths."""
+    out: dict[str, Any] = {}
+    for fact, value in widths.items():
+        key = config_key(arch, fact, config)
+        if key is not None:
+            out[key] = _raw(arch, fact, config, facts, value)
+    # head_dim defaults to hidden/heads in most families: pin it once heads change.
+    hd_key = config_key(arch, "head_dim", config)
+    if hd_key is not None and widths.get("heads") != facts.get("heads"):
+        out[hd_key] = config.get(hd_key, facts.get("head_dim"))
+    return out
+
+
+VERDICT_CACHE = "config_verdicts.json"
+VERDICT_CACHE_MAX = 512
+
+
+def config_accepts(config: Mapping[str, Any]) -> tuple[bool, str]:
+    """Does the family's transformers config class accept this config? (and why not)
+
+    Building the class imports transformers and torch (seconds); the verdict
+    depends only on the config and the transformers version, so it is
+    memoized on disk (`compiler.cache`), like the cost report's verdicts.
+    """
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    from compiler.cache import read_json, write_json
+    from compiler.checkpoint import canonical_json
+
+    try:
+        installed = version("transformers")
+    except PackageNotFoundError:  # pragma: no cover - transformers is a dependency
+        return False, "transformers is not installed"
+    digest = hashlib.sha256(canonical_json(dict(config)).encode("utf-8")).hexdigest()
+    key = f"transformers {installed}|{digest}"
+    cached = read_json(VERDICT_CACHE)
+    hit = cached.get(key)
+    if isinstance(hit, list) and len(hit) == 2:
+        return bool(hit[0]), str(hit[1])
+    verdict = _build_config_class(config)
+    if len(cached) >= VERDICT_CACHE_MAX:
+        cached = {}
+    cached[key] = list(verdict)
+    write_json(VERDICT_CACHE, cached)
+    return verdict
+
+
+def _build_config_class(config: Mapping[str, Any]) -> tuple[bool, str]:
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False, "transformers is not installed"
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        return False, f"this transformers has no config class for `{model_type}`"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = CONFIG_MAPPING[model_type].from_dict(dict(config))
+            if hasattr(cfg, "validate"):
+                cfg.validate()
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        return False, f"{CONFIG_MAPPING[model_type].__name__} refuses it: " + (
+            " ".join(t.strip() for t in text) if text else type(exc).__name__
+        )
+    return True, "accepted"
+
+
+@dataclass(frozen=True)
+class NewConfig:
+    config: dict[str, Any]
+    uniform: bool
+    needs_loader: bool
+    reason: str
+
+
+def build_config(
+    original: Mapping[str, Any],
+    arch: Architecture,
+    facts: Mapping[str, Any],
+    layers: list[LayerShape],
+) -> NewConfig:
+    """config.json for a model whose layers are `layers` (new order)."""
+    cfg = copy.deepcopy(dict(original))
+    cfg.pop(PLANCC_KEY, None)
+    cfg.update(renumber_layer_config(arch, original, [s.original for s in layers]))
+    widths = [s.widths() for s in layers]
+    # MoE layers (no dense `ffn`) and dense layers are compared separately, as
+    # their config does; `top` is the largest width of every fact.
+    kinds: dict[bool, list[dict[str, int]]] = {}
+    for w in widths:
+        kinds.setdefault("ffn" in w, []).append(w)
+    uniform = all(all(w == ws[0] for w in ws) for ws in kinds.values())
+    added = any(s.added_biases for s in layers)
+    top = {
+        f: max(w[f] for w in widths if f in w) for f in dict.fromkeys(k for w in widths for k in w)
+    }
+    cfg.update(width_overrides(arch, original, facts, top))
+    ok, why = config_accepts(cfg)
+    if uniform and not added and ok:
+        return NewConfig(cfg, True, False, "uniform: stock from_pretrained loads it")
+    if not ok:
+        # Describe the model with widths the class accepts; `plancc` holds the truth.
+        original_widths = {f: facts[f] for f in top if f in facts}
+        cfg.update(width_overrides(arch, original, facts, original_widths))
+    if not uniform:
+        reason = "heterogeneous: layers differ in width; load with executor.load"
+    elif added:
+        reason = (
+            "`compensate` added biases the stock config cannot describe; load with executor.load"
+        )
+    else:
+        reason = f"not stock-loadable: {why}; load with executor.load"
+    cfg[PLANCC_KEY] = {
+        "format": PLANCC_FORMAT,
+        "loader": "executor.load",
+        "layers": [
+            {
+                "original": s.original,
+                "config": width_overrides(arch, original, facts, s.widths()),
+                "added_biases": list(s.added_biases),
+            }
+            for s in layers
+        ],
+    }
+    return NewConfig(cfg, uniform, True, reason)

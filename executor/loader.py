@@ -1,0 +1,132 @@
+"""`executor.load`: load any `plancc apply` result, heterogeneous ones included.
+
+A uniform result is an ordinary checkpoint: this is then just
+`AutoModelForCausalLM.from_pretrained`. A result whose config carries the
+`plancc` key (layers of different widths, `compensate` biases, or widths the
+config class refuses; see `executor.configs`) is built in three steps:
+
+1. the model is built from config.json (top-level widths: the largest any
+   layer has);
+2. every decoder layer whose widths differ is rebuilt by the family's own
+   decoder-layer class from a copy of the config with that layer's widths,
+   so its attention and MLP code see consistent head counts (Phi-3, for one,
+   splits its fused qkv by `config.num_attention_heads`); the layer list is
+   found through the architecture table's `layers_module`, not a hard-coded
+   path;
+3. linear layers that gained a bias (`compensate`) get one, then the weights
+   are loaded strictly: every tensor of the checkpoint must land in a
+   parameter of the same shape.
+
+The result is a normal transformers model: `generate`, `save_pretrained`
+(which writes the same tensors back) and the KV cache all work.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from compiler.checkpoint import architecture_of, read_config, tensor_index
+from executor.configs import PLANCC_KEY
+
+
+def _dtype(config: Any, dtype: Any) -> Any:
+    import torch
+
+    if dtype is not None:
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        return getattr(torch, d)
+    return d if d is not None else torch.float32
+
+
+def load(path: str | Path, device: str = "cpu", dtype: Any = None) -> Any:
+    """Load a `plancc apply` (or `restore`) result as a transformers causal LM, in eval mode."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    raw_config = read_config(path)
+    spec = raw_config.get(PLANCC_KEY)
+    if not spec:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype_for_stock(dtype))
+        return model.to(device).eval()
+
+    arch = architecture_of(raw_config, str(path / "config.json"))
+    config = AutoConfig.from_pretrained(path)
+    torch_dtype = _dtype(config, dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    layers = model.get_submodule(arch.layers_module)
+    records = spec["layers"]
+    if len(records) != len(layers):
+        raise ValueError(
+            f"{path}: config.json `plancc` lists {len(records)} layers, the model has {len(layers)}"
+        )
+    for j, rec in enumerate(records):
+        overrides = rec.get("config", {})
+        if all(getattr(config, k, None) == v for k, v in overrides.items()):
+            continue
+        layer_config = copy.deepcopy(config)
+        for k, v in overrides.items():
+            setattr(layer_config, k, v)
+        layers[j] = type(layers[j])(layer_config, j).to(torch_dtype)
+
+    index = tensor_index(path)
+    _add_missing_biases(model, index)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted({info.file for info in index.values()}):
+        with safe_open(str(path / file), framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                state[name] = fh.get_tensor(name)
+    own = model.state_dict()
+    wrong = [
+        f"{n}: checkpoint {list(t.shape)}, model {list(own[n].shape)}"
+        for n, t in state.items()
+        if n in own and own[n].shape != t.shape
+    ]
+    if wrong:
+        raise ValueError(f"{path}: tensor shapes do not fit the model: " + "; ".join(wrong[:5]))
+    result = model.load_state_dict(state, strict=False)
+    tied = {n for n in result.missing_keys if _is_tied(model, n)}
+    missing = [n for n in result.missing_keys if n not in tied]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: checkpoint and model disagree: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model.to(device).eval()
+
+
+def _dtype_for_stock(dtype: Any) -> Any:
+    return dtype if dtype is not None else "auto"
+
+
+def _is_tied(model: Any, name: str) -> bool:
+    """A parameter missing from the checkpoint because it shares storage with another."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    p = params.get(name)
+    if p is None:
+        return False
+    return any(q is p for n, q in params.items() if n != name)
+
+
+def _add_missing_biases(model: Any, index: dict[str, Any]) -> None:
+    """Give a bias to every nn.Linear whose checkpoint has one (`compensate`)."""
+    import torch
+    from torch import nn
+
+    own = set(model.state_dict())
+    for name in index:
+        if name in own or not name.endswith(".bias"):
+            continue
+        module_path = name.removesuffix(".bias")
+        try:
+            linear = model.get_submodule(module_path)
+        except AttributeError:
+            continue
+        if isinstance(linear, nn.Linear) and linear.bias is None:
+            w = linear.weight
+            linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
