@@ -273,10 +273,9 @@ def magnitude_scores(
             continue
         for axis, space in enumerate(spec.dims):
             if space in slicing.FFN_PARTS:
-                t = decode(read_raw(files, model_dir / info.file, info), info.dtype)
-                sums = slicing.axis_square_sums(t, axis, device)
+                raw = read_raw(files, model_dir / info.file, info)
+                sums = slicing.axis_square_sums(raw, info.dtype, axis, device)
                 total += slicing.fold_channels(sums, space, ffn)
-                del t
     return np.sqrt(total)
 
 

@@ -159,32 +159,76 @@ def merge(
 # ---- channel scores -------------------------------------------------------------------
 
 
-def axis_square_sums(tensor: object, axis: int, device: str = "cpu") -> np.ndarray:
-    """Sum of squares over every axis but `axis`, accumulated in float64.
+# Safetensors dtypes the CPU metric widens with numpy alone (no torch needed).
+_NUMPY_FLOATS = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
-    Chunked along axis 0 so that a few MB are widened at a time. A 16-bit
-    float squares exactly in float32 (its 8- or 11-bit mantissa doubles to at
-    most 22 bits), so only float32-and-wider inputs are widened to float64
-    before squaring; either way the result equals an all-float64 computation
-    up to summation order.
+
+def axis_square_sums(raw: np.ndarray, dtype: str, axis: int, device: str = "cpu") -> np.ndarray:
+    """Sum of squares of a tensor over every axis but `axis`, accumulated in float64.
+
+    `raw` is the tensor's bytes shaped (*shape, itemsize). Rows are widened a
+    few MB at a time into one reused buffer, squared in place and summed
+    into float64. A 16-bit float squares exactly in float32 (its 8- or 11-bit
+    mantissa at most doubles), so BF16/F16 are widened to float32 and wider
+    types to float64. On CPU this is numpy alone (bf16 is widened by shifting
+    its bits into the top half of a float32); `device` other than cpu (or a
+    dtype numpy lacks, such as F8) goes through torch.
     """
+    shape = raw.shape[:-1]
+    if not shape:
+        raw, shape = raw.reshape(1, raw.shape[-1]), (1,)
+    if device != "cpu" or (dtype not in _NUMPY_FLOATS and dtype != "BF16"):
+        return _torch_square_sums(raw, dtype, axis, device)
+    work = np.float32 if dtype in ("BF16", "F16") else np.float64
+    rows, row_numel = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    step = max(1, SCORE_CHUNK_BYTES // max(1, row_numel * np.dtype(work).itemsize))
+    buf = np.empty(min(step, rows) * row_numel, dtype=work)
+    if dtype == "BF16":
+        bits = np.empty(buf.shape, dtype=np.uint32)
+        source = raw.reshape(rows, -1).view(np.uint16)  # (rows, row_numel)
+    else:
+        source = raw.reshape(rows, -1).view(_NUMPY_FLOATS[dtype])
+    parts: list[np.ndarray] = []
+    total = np.zeros(shape[axis], dtype=np.float64) if axis else None
+    for start in range(0, rows, step):
+        src = source[start : start + step]
+        n = src.shape[0]
+        if dtype == "BF16":
+            b = bits[: n * row_numel].reshape(n, row_numel)
+            np.copyto(b, src)  # uint16 -> uint32
+            np.left_shift(b, 16, out=b)
+            chunk = b.view(np.float32)
+        else:
+            chunk = buf[: n * row_numel].reshape(n, row_numel)
+            np.copyto(chunk, src)
+        np.square(chunk, out=chunk)
+        chunk = chunk.reshape(n, *shape[1:])
+        if axis == 0:
+            parts.append(chunk.reshape(n, -1).sum(axis=1, dtype=np.float64))
+        else:
+            dims = tuple(d for d in range(chunk.ndim) if d != axis)
+            assert total is not None
+            total += chunk.sum(axis=dims, dtype=np.float64)
+    out = np.concatenate(parts) if axis == 0 else total
+    assert out is not None and out.shape == (shape[axis],), (out, shape, axis)
+    return out
+
+
+def _torch_square_sums(raw: np.ndarray, dtype: str, axis: int, device: str) -> np.ndarray:
+    """`axis_square_sums` with torch (GPU, or dtypes numpy cannot read)."""
     import torch
 
-    assert isinstance(tensor, torch.Tensor)
-    t = tensor if tensor.ndim else tensor.reshape(1)
-    exact32 = t.dtype in (torch.bfloat16, torch.float16) or not t.dtype.is_floating_point
-    work = torch.float32 if exact32 and t.dtype.is_floating_point else torch.float64
+    from executor.safetensors_io import decode
+
+    t = decode(raw, dtype)
+    work = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else torch.float64
     rows = t.shape[0]
     row_numel = t[0].numel() if rows else 1
     step = max(1, SCORE_CHUNK_BYTES // max(1, row_numel * (4 if work == torch.float32 else 8)))
-    # One work buffer for every chunk (widened copy, squared in place).
-    work_buf = torch.empty(min(step, rows) * row_numel, dtype=work, device=device)
     parts: list[torch.Tensor] = []
     total = torch.zeros(t.shape[axis], dtype=torch.float64, device=device) if axis else None
     for start in range(0, rows, step):
-        src = t[start : start + step]
-        chunk = work_buf[: src.numel()].view(src.shape)
-        chunk.copy_(src)
+        chunk = t[start : start + step].to(device=device, dtype=work)
         chunk.square_()
         if axis == 0:
             parts.append(chunk.reshape(chunk.shape[0], -1).sum(dim=1, dtype=torch.float64))

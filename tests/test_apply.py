@@ -156,6 +156,24 @@ def test_magnitude_metric_definition() -> None:
     assert top_channels(np.array([0.0, 0.0, 0.0]), 1) == (0,)
 
 
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_magnitude_numpy_and_torch_paths_agree(dtype: str) -> None:
+    """The CPU metric (numpy, bf16 widened by bit shifting) equals the torch one."""
+    import torch
+
+    from executor.safetensors_io import encode
+    from executor.slicing import _torch_square_sums, axis_square_sums
+
+    t = torch.randn(257, 96, generator=torch.Generator().manual_seed(0)).to(
+        {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
+    )
+    raw = np.frombuffer(bytearray(encode(t, dtype)), dtype=np.uint8).reshape(257, 96, -1)
+    for axis in (0, 1):
+        want = t.double().square().sum(1 - axis).numpy()
+        np.testing.assert_allclose(axis_square_sums(raw, dtype, axis), want, rtol=1e-12)
+        np.testing.assert_allclose(_torch_square_sums(raw, dtype, axis, "cpu"), want, rtol=1e-12)
+
+
 def test_safetensors_writer_roundtrip(tmp_path: Path) -> None:
     """A written header is valid safetensors (the library reads it) and 8-byte padded."""
     from safetensors.numpy import load_file
@@ -407,3 +425,21 @@ def test_smollm2_examples_apply_generate_restore(
         partial = tmp_path / "b"
         assert main(["restore", str(out), "--upto", "B", "-o", str(partial)]) == 0
         assert AutoModelForCausalLM.from_pretrained(partial).config.num_hidden_layers == 27
+
+
+def test_refuses_expert_changes_for_now(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = make_tiny_model(tmp_path, "qwen2_moe", num_hidden_layers=2)
+    plan = write_plan(tmp_path, model, "moe layers 0 drop experts 1")
+    out = tmp_path / "out"
+    _refuses(
+        ["apply", str(plan), "-o", str(out)], capsys, out, "not supported by `plancc apply` yet"
+    )
+
+
+def test_json_lists_stay_on_one_line_and_values_unchanged() -> None:
+    from executor.apply import dumps
+
+    data = {"a": [1, 2, 3], "s": "[\n1,  2]", "n": [[1], ["x, y", None, True, 1.5e-06]]}
+    text = dumps(data)
+    assert '"a": [1, 2, 3]' in text
+    assert json.loads(text) == data
