@@ -164,13 +164,13 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         best = min(times)
         rows.append((f"plancc apply, {name}", best, cp_best / best, rss))
-    # The constant part of apply's memory: the interpreter with torch imported.
-    base = peak_rss([sys.executable, "-c", "import torch, safetensors"])
+    # The constant part of apply's memory: the bare interpreter.
+    base = peak_rss([sys.executable, "-c", "pass"])
     print(
         f"checkpoint: {total / 1e9:.2f} GB of tensors in {len(index)} tensors, "
         f"largest tensor {largest / 1e6:.0f} MB; best of {args.runs} runs, files in page cache"
     )
-    print(f"python + torch alone: peak RSS {base / 1e6:.0f} MB (in parentheses: RSS above it)")
+    print(f"bare python: peak RSS {base / 1e6:.0f} MB (in parentheses: apply's RSS above it)")
     print(f"{'what':<48}{'seconds':>9}{'GB/s':>7}{'vs cp':>7}{'peak RSS':>10}{'/largest':>14}")
     for what, secs, ratio, rss in rows:
         rss_text = f"{rss / 1e6:.0f} MB" if rss else ""

