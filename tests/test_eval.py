@@ -100,3 +100,23 @@ def test_eval_cli_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     assert main(["eval", str(tmp_path)]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_compares_original_and_pruned_smollm2(
+    smollm2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """apply → eval end to end: the pruned model's row has the plan's parameter count."""
+    from executor.cli import main
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    out = tmp_path / "depth"
+    plan = examples / "smollm2-depth.prn"
+    assert main(["apply", str(plan), "--model", str(smollm2_dir), "-o", str(out)]) == 0
+    capsys.readouterr()
+    argv = ["eval", str(smollm2_dir), str(out), "--limit", "1", "--new-tokens", "2", "--json"]
+    assert main(argv) == 0
+    original, pruned = json.loads(capsys.readouterr().out)["results"]
+    assert (original["params"], pruned["params"]) == (134_515_008, 113_274_432)
+    assert pruned["model"] == str(out) and pruned["windows"] == original["windows"] == 1
+    assert math.isfinite(pruned["perplexity"]) and pruned["perplexity"] > original["perplexity"]
