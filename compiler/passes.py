@@ -45,7 +45,7 @@ def fmt_indices(indices: Iterable[int]) -> str:
     return str(ir.Selection.from_ints(sorted(set(indices))))
 
 
-def _plural(word: str, n: int) -> str:
+def _plural(word: str, n: object) -> str:
     return word if n == 1 else word + "s"
 
 
@@ -423,31 +423,79 @@ def check_bundles(ctx: Context) -> list[Diagnostic]:
 
 
 def check_heterogeneous(ctx: Context) -> list[Diagnostic]:
-    """W002: kept layers end up with different shapes (needs the plancc loader)."""
+    """W002: kept layers end up with different shapes (needs the plancc loader).
+
+    Per kind of decision, every kept layer of the matching kind (dense or MoE)
+    gets its resulting size (KV groups dropped, experts dropped, or width kept,
+    the original when untouched); more than one distinct size is heterogeneous.
+    Which groups or experts are dropped does not matter, only how many.
+    """
     f = ctx.facts
-    n = f.layers or 0
     dropped = ctx.dropped()
-    kept = [i for i in range(n) if i not in dropped]
-    shaping = [
-        st for st in ctx.plan.statements if type(st) in SLOTS and not isinstance(st, ir.DropLayers)
-    ]
-    for st in shaping:
-        covered = set(ctx.layers(st))
-        if not covered:
+    kept = [i for i in range(f.layers or 0) if i not in dropped]
+    out = []
+    for slot_type, slot in SLOTS.items():
+        if slot_type is ir.DropLayers:
             continue
-        moe = f.is_moe_layer(min(covered))
-        rest = [i for i in kept if f.is_moe_layer(i) == moe and i not in covered]
-        if rest:
-            return [
+        statements = [st for st in ctx.plan.statements if isinstance(st, slot_type)]
+        if not statements:
+            continue
+        moe = slot_type in (ir.MoeDropExperts, ir.MoeExpertsWidth, ir.MoeSharedWidth)
+        default = _untouched_size(slot_type, f)
+        size = {i: default for i in kept if f.is_moe_layer(i) == moe}
+        claimed: set[int] = set()
+        for st in statements:
+            value = _resulting_size(st, f)
+            for i in ctx.layers(st):
+                if i in claimed:  # two decisions for one layer: P105 says so; no verdict
+                    size = {}
+                claimed.add(i)
+                if i in size:
+                    size[i] = value
+        by_size: dict[object, list[int]] = {}
+        for i, v in size.items():
+            by_size.setdefault(v, []).append(i)
+        if len(by_size) > 1:
+            parts = "; ".join(
+                f"{_size_text(slot_type, v)} in {_plural('layer', len(ix))} {fmt_indices(ix)}"
+                for v, ix in sorted(by_size.items(), key=lambda kv: kv[1][0])
+            )
+            out.append(
                 warning(
                     "W002",
-                    f"`{st.kind}` shapes layers {fmt_indices(sorted(covered))} but not "
-                    f"{fmt_indices(rest)}: the result is heterogeneous; stock "
-                    "`from_pretrained` cannot load it, `executor.load` can",
-                    st.layers.span,
+                    f"`{slot}` differs across layers ({parts}): the result is heterogeneous; "
+                    "stock `from_pretrained` cannot load it, `executor.load` can",
+                    statements[0].layers.span,
                 )
-            ]
-    return []
+            )
+    return out
+
+
+def _untouched_size(slot_type: type, f: ModelFacts) -> object:
+    return {
+        ir.MlpWidth: f.ffn,
+        ir.MoeExpertsWidth: f.expert_ffn,
+        ir.MoeSharedWidth: f.shared_ffn,
+    }.get(slot_type, 0)
+
+
+def _resulting_size(st: ir.Statement, f: ModelFacts) -> object:
+    match st:
+        case ir.AttnDropGroups(groups=groups):
+            return len(set(groups.within(f.kv_heads or 0)))
+        case ir.MoeDropExperts(experts=experts):
+            return len(set(experts.within(f.experts or 0)))
+        case ir.MlpWidth(width=w) | ir.MoeExpertsWidth(width=w) | ir.MoeSharedWidth(width=w):
+            return w.n
+    return None  # pragma: no cover - SLOTS lists only the kinds above
+
+
+def _size_text(slot_type: type, value: object) -> str:
+    if slot_type is ir.AttnDropGroups:
+        return f"{value} {_plural('group', value)} dropped"  # type: ignore[arg-type]
+    if slot_type is ir.MoeDropExperts:
+        return f"{value} {_plural('expert', value)} dropped"  # type: ignore[arg-type]
+    return f"width {value}"
 
 
 def check_sidecar(ctx: Context) -> list[Diagnostic]:

@@ -202,3 +202,18 @@ def test_rendered_text_has_caret_and_help() -> None:
     result = check_text(SMOL_HEADER + "mlp layers 3 wdth 5\n")
     out = render_text(result.diagnostics, "p.prn", SMOL_HEADER + "mlp layers 3 wdth 5\n")
     assert out.splitlines()[-1] == "  = help: did you mean `width`?"
+
+
+def test_w002_judges_resulting_shapes_not_statements() -> None:
+    split_but_uniform = SMOL_HEADER + "mlp layers 0..14 width 1024\nmlp layers 15..29 width 1024\n"
+    assert not check_text(split_but_uniform).diagnostics
+    other_groups = (
+        SMOL_HEADER + "attn layers 0..14 drop groups 0\nattn layers 15..29 drop groups 2\n"
+    )
+    assert not check_text(other_groups).diagnostics  # same count dropped: same shapes
+    depth_only = SMOL_HEADER + "drop layers 4..5\nmlp layers 0..3, 6..29 width 1024\n"
+    assert not check_text(depth_only).diagnostics  # dropped layers have no shape
+    mixed = SMOL_HEADER + "mlp layers 0..14 width 1024\nmlp layers 15..29 width 512\n"
+    [d] = check_text(mixed).diagnostics
+    assert d.code == "W002" and (d.span.line, d.span.col) == (B, 12)
+    assert "(width 1024 in layers 0..14; width 512 in layers 15..29)" in d.message
