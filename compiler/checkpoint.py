@@ -33,8 +33,34 @@ CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Pickle-based checkpoints: loading them can execute arbitrary code, so they are
-# recognised only to refuse them with a useful message.
+# refused with a useful message unless the caller passes `allow_pickle` (then
+# only `pytorch_model.bin` or its sharded index are read, with torch's
+# `weights_only` loader).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
+PICKLE_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+
+# torch dtype name → the safetensors dtype name (what a converted checkpoint's
+# headers, and so its fingerprint, say).
+TORCH_TO_SAFETENSORS_DTYPE: dict[str, str] = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e8m0fnu": "F8_E8M0",
+    "int16": "I16",
+    "uint16": "U16",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int32": "I32",
+    "uint32": "U32",
+    "float32": "F32",
+    "int64": "I64",
+    "uint64": "U64",
+    "float64": "F64",
+    "complex64": "C64",
+}
 
 # The safetensors library itself refuses headers above 100 MB; a larger length
 # field means the file is not safetensors (or its first bytes are damaged).
@@ -275,7 +301,7 @@ def _shard_files(model_dir: Path) -> tuple[list[str], dict[str, str] | None]:
             f"{model_dir}: only pickle checkpoints found ({', '.join(pickles)}); they are refused "
             "because loading a pickle can run arbitrary code. Convert the model to safetensors "
             "(load it and `save_pretrained`), or, for a checkpoint you trust, pass "
-            "`--allow-pickle` to the executor"
+            "`--allow-pickle` (plangen header, plancc check --model, plancc apply)"
         )
     raise CheckpointError(
         f"{model_dir}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}; "
@@ -283,8 +309,118 @@ def _shard_files(model_dir: Path) -> tuple[list[str], dict[str, str] | None]:
     )
 
 
-def tensor_index(model_dir: str | Path) -> dict[str, TensorInfo]:
+def pickle_shards(model_dir: Path) -> list[str] | None:
+    """The pickle weight files of a checkpoint without safetensors, or None.
+
+    `pytorch_model.bin`, or the shards `pytorch_model.bin.index.json` names.
+    """
+    if (model_dir / SAFE_WEIGHTS_NAME).is_file() or (model_dir / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        return None
+    if (model_dir / PICKLE_WEIGHTS_NAME).is_file():
+        return [PICKLE_WEIGHTS_NAME]
+    index_path = model_dir / PICKLE_WEIGHTS_INDEX_NAME
+    if not index_path.is_file():
+        return None
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (
+        OSError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as exc:
+        raise CheckpointError(
+            f"{index_path}: corrupt shard index ({exc.__class__.__name__}: {exc}); "
+            "re-download it or re-save the checkpoint"
+        ) from None
+    for shard in files:
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise CheckpointError(
+                f"{index_path}: shard {shard!r} is not a file name in the checkpoint directory"
+            )
+    return files
+
+
+def load_pickle_shard(path: Path) -> dict[str, Any]:
+    """One pickle shard's state dict, via torch's `weights_only` loader (mmap when possible).
+
+    Imports torch (only this pickle path does). Raises `CheckpointError` when
+    the file is missing, is not a state dict of tensors, or holds anything the
+    restricted unpickler refuses.
+    """
+    import torch
+
+    def load(mmap: bool) -> Any:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            state = load(True)
+        except RuntimeError:  # legacy (non-zip) format: mmap is not possible
+            state = load(False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found; the checkpoint is incomplete") from None
+    except Exception as exc:  # torch raises many types for a bad or unsafe file
+        raise CheckpointError(
+            f"{path}: cannot load it with torch.load(weights_only=True) "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "re-download the checkpoint or convert it to safetensors yourself"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def safetensors_dtype(tensor: Any) -> str:
+    """The safetensors name (F32, BF16, ...) of a torch tensor's dtype."""
+    name = str(tensor.dtype).removeprefix("torch.")
+    try:
+        return TORCH_TO_SAFETENSORS_DTYPE[name]
+    except KeyError:
+        raise CheckpointError(f"dtype {name} has no safetensors equivalent") from None
+
+
+def pickle_tensor_index(model_dir: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of a pickle checkpoint: names, shapes and safetensors dtype names.
+
+    Loads one shard at a time (mmap, so tensor data is not read). `file` is the
+    pickle shard; `data_offsets` are (0, nbytes) as there are no byte ranges.
+    """
+    model_dir = Path(model_dir)
+    files = pickle_shards(model_dir)
+    if files is None:
+        raise CheckpointError(
+            f"{model_dir}: no {PICKLE_WEIGHTS_NAME} or {PICKLE_WEIGHTS_INDEX_NAME} "
+            "(and no safetensors files)"
+        )
+    index: dict[str, TensorInfo] = {}
+    for file in files:
+        state = load_pickle_shard(model_dir / file)
+        for name, t in state.items():
+            if name in index:
+                raise CheckpointError(
+                    f"{model_dir / file}: tensor {name!r} is also in {index[name].file}; "
+                    "the shards overlap, re-download the checkpoint"
+                )
+            dtype = safetensors_dtype(t)
+            nbytes = t.numel() * t.element_size()
+            index[name] = TensorInfo(name, tuple(t.shape), dtype, file, (0, nbytes))
+        del state
+    return dict(sorted(index.items()))
+
+
+def tensor_index(model_dir: str | Path, allow_pickle: bool = False) -> dict[str, TensorInfo]:
     """Every tensor of a checkpoint, from its safetensors headers only.
+
+    With `allow_pickle`, a checkpoint with only `pytorch_model.bin` (or its
+    sharded index) is read with torch instead (`pickle_tensor_index`).
 
     Reads `model.safetensors`, or the shards named by
     `model.safetensors.index.json`, and cross-checks the index against the shard
@@ -293,6 +429,8 @@ def tensor_index(model_dir: str | Path) -> dict[str, TensorInfo]:
     Returns names in sorted order, so iteration is deterministic.
     """
     model_dir = Path(model_dir)
+    if allow_pickle and model_dir.is_dir() and pickle_shards(model_dir) is not None:
+        return pickle_tensor_index(model_dir)
     files, weight_map = _shard_files(model_dir)
     index: dict[str, TensorInfo] = {}
     for file in files:
@@ -413,10 +551,13 @@ def architecture_of(config: Mapping[str, Any], where: str = CONFIG_NAME) -> Arch
     return arch
 
 
-def load_checkpoint_facts(model_dir: str | Path) -> CheckpointFacts:
+def load_checkpoint_facts(model_dir: str | Path, allow_pickle: bool = False) -> CheckpointFacts:
     """Read config.json and the safetensors headers of a checkpoint; nothing else.
 
-    The facts are `read_facts(arch, config)` plus `fingerprint`.
+    The facts are `read_facts(arch, config)` plus `fingerprint`. With
+    `allow_pickle`, a pickle-only checkpoint's tensors are read with torch
+    (`pickle_tensor_index`); its fingerprint is that of the same weights saved
+    as safetensors.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -425,7 +566,7 @@ def load_checkpoint_facts(model_dir: str | Path) -> CheckpointFacts:
         )
     config = read_config(model_dir)
     arch = architecture_of(config, str(model_dir / CONFIG_NAME))
-    index = tensor_index(model_dir)
+    index = tensor_index(model_dir, allow_pickle=allow_pickle)
     facts = read_facts(arch, config)
     facts["fingerprint"] = fingerprint(config, index)
     return CheckpointFacts(model_dir=model_dir, config=config, arch=arch, facts=facts, index=index)

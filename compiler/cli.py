@@ -42,20 +42,21 @@ def read_plan_text(path: Path) -> str:
         raise UsageError(f"{path}: {exc.strerror}") from None
 
 
-def checkpoint_facts(model_dir: Path) -> dict[str, object]:
-    """Facts of a real checkpoint (config.json + safetensors headers only)."""
+def checkpoint_facts(model_dir: Path, allow_pickle: bool = False) -> dict[str, object]:
+    """Facts of a real checkpoint (config.json + safetensors headers only; with
+    `allow_pickle`, a pickle checkpoint's tensors read with torch)."""
     from compiler.checkpoint import CheckpointError, load_checkpoint_facts
 
     try:
-        ck = load_checkpoint_facts(model_dir)
+        ck = load_checkpoint_facts(model_dir, allow_pickle=allow_pickle)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
     return {"arch": ck.arch.name, **ck.facts}
 
 
-def run_check(path: Path, model: Path | None) -> CheckResult:
+def run_check(path: Path, model: Path | None, allow_pickle: bool = False) -> CheckResult:
     read_plan_text(path)  # I/O errors become usage errors, before any diagnostics
-    real = checkpoint_facts(model) if model is not None else None
+    real = checkpoint_facts(model, allow_pickle) if model is not None else None
     return check_file(path, checkpoint=real)
 
 
@@ -67,7 +68,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     status = EXIT_OK
     for path in args.plans:
-        result = run_check(path, args.model)
+        result = run_check(path, args.model, args.allow_pickle)
         diags = list(result.diagnostics)
         if args.format == "json":
             if diags:
@@ -164,6 +165,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="also verify the model block and fingerprint against this checkpoint "
         "(reads config.json and safetensors headers only)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="with --model: read a trusted pickle checkpoint (pytorch_model.bin, or sharded) "
+        "with torch.load(weights_only=True) instead of refusing it",
     )
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     p.add_argument("--no-cost", action="store_true", help="diagnostics only, no cost report")

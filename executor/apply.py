@@ -87,12 +87,14 @@ from compiler.checkpoint import (
     TensorInfo,
     expected_tensors,
     load_checkpoint_facts,
+    pickle_shards,
     tensor_mismatches,
 )
 from compiler.resolve import LayerPlan, ResolvedPlan
 from compiler.sidecar import table_name
 from executor import slicing
 from executor.configs import LayerShape, build_config
+from executor.pickle_convert import convert_pickle_checkpoint
 from executor.safetensors_io import (
     OutEntry,
     SourceFiles,
@@ -769,15 +771,9 @@ def apply_plan(
         plan_path, first.plan.source.path if first.plan.source else None, model
     )
     try:
-        ck = load_checkpoint_facts(model_dir)
+        ck = load_checkpoint_facts(model_dir, allow_pickle=allow_pickle)
     except CheckpointError as exc:
-        msg = str(exc)
-        if allow_pickle and "pickle" in msg:
-            msg = (
-                f"{model_dir}: pickle checkpoints are not supported by `plancc apply` yet, even "
-                "with --allow-pickle; convert it to safetensors (load it and `save_pretrained`)"
-            )
-        raise ApplyError(msg) from None
+        raise ApplyError(str(exc)) from None
     result = check_file(plan_path, checkpoint={"arch": ck.arch.name, **ck.facts})
     if result.errors or result.resolved is None:
         raise ApplyError(
@@ -787,13 +783,57 @@ def apply_plan(
         )
     if warn is not None and result.diagnostics:
         warn(render_text(list(result.diagnostics), str(plan_path), result.source))
-    resolved = result.resolved
     _check_out(out, model_dir, plan_path, force)
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise ApplyError("--device cuda: no CUDA device is available")
+    if not (allow_pickle and pickle_shards(model_dir)):
+        return _apply_checked(plan_path, out, ck, result, device, max_shard_bytes, start)
+    # --allow-pickle on a pickle checkpoint: convert it to safetensors next to the
+    # output, apply from there (same tensors, so the same fingerprint), remove it.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    converted = Path(tempfile.mkdtemp(prefix=f".{out.name}.pickle-", dir=out.parent))
+    try:
+        try:
+            convert_pickle_checkpoint(model_dir, converted)
+            new_ck = load_checkpoint_facts(converted)
+        except CheckpointError as exc:
+            raise ApplyError(str(exc)) from None
+        if new_ck.facts["fingerprint"] != ck.facts["fingerprint"]:
+            raise ApplyError(
+                f"{model_dir}: the safetensors conversion of the pickle checkpoint has another "
+                "fingerprint than the pickle files; nothing was written"
+            )
+        source = {
+            "dir": str(model_dir),
+            "name": ck.name,
+            "pickle_files": sorted({i.file for i in ck.index.values()}),
+        }
+        return _apply_checked(
+            plan_path, out, new_ck, result, device, max_shard_bytes, start, source
+        )
+    finally:
+        shutil.rmtree(converted, ignore_errors=True)
+
+
+def _apply_checked(
+    plan_path: Path,
+    out: Path,
+    ck: CheckpointFacts,
+    result: Any,
+    device: str,
+    max_shard_bytes: int,
+    start: float,
+    source: dict[str, Any] | None = None,
+) -> ApplyResult:
+    """Write OUT for a plan already checked against `ck`.
+
+    `source` overrides the manifest's `source` dir and name (a pickle checkpoint
+    converted into a temporary `ck.model_dir`) and records its pickle files.
+    """
+    resolved = result.resolved
 
     scores_path = None
     if result.plan is not None and result.plan.scores is not None:
@@ -819,7 +859,7 @@ def apply_plan(
                 raise ApplyError(str(exc)) from None
             write_seconds = time.perf_counter() - t0
             new = future.result()
-        manifest = _write_metadata(tmp, job, ck, resolved, new, plan_path)
+        manifest = _write_metadata(tmp, job, ck, resolved, new, plan_path, source)
         install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -843,6 +883,7 @@ def _write_metadata(
     resolved: ResolvedPlan,
     new: Any,
     plan_path: Path,
+    source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything in A besides the weights, and the bundles' metadata."""
     from compiler.cost import loadability
@@ -927,6 +968,7 @@ def _write_metadata(
             "arch": ck.arch.name,
             "fingerprint": fingerprint,
             "files": source_files,
+            **(source or {}),
         },
         "params": {"before": params_before, "after": params_after},
         # Parameters taken out of A (dropped layers, sliced-away channels); a bias that

@@ -118,8 +118,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="accept pickle (.bin) checkpoints (not supported by apply yet: refused with a "
-        "message)",
+        help="accept a trusted pickle checkpoint (pytorch_model.bin, or sharded with "
+        "pytorch_model.bin.index.json): it is converted to safetensors in a temporary "
+        "directory (torch.load weights_only=True, one shard at a time), applied, and removed",
     )
     p.set_defaults(func=cmd_apply)
 

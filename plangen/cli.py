@@ -43,11 +43,18 @@ def _configure_header(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model_dir", metavar="MODEL_DIR", help="a Hugging Face checkpoint directory"
     )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a trusted pickle checkpoint (pytorch_model.bin, or sharded with its index) "
+        "with torch.load(weights_only=True); the fingerprint is that of the same weights "
+        "saved as safetensors",
+    )
 
 
 def _run_header(args: argparse.Namespace) -> int:
     try:
-        ckpt = load_checkpoint_facts(args.model_dir)
+        ckpt = load_checkpoint_facts(args.model_dir, allow_pickle=args.allow_pickle)
     except CheckpointError as exc:
         return _error(str(exc))
     # The table's prediction is what plancc will slice by; say so now if it
