@@ -81,7 +81,6 @@ from compiler.checkpoint import (
     CONFIG_NAME,
     PICKLE_SUFFIXES,
     SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
     CheckpointError,
     CheckpointFacts,
     TensorInfo,
@@ -103,8 +102,10 @@ from executor.safetensors_io import (
     encode,
     nbytes,
     order_for_alignment,
+    pack_by_size,
     read_header_text,
     read_raw,
+    shard_names,
     write_file,
 )
 
@@ -214,23 +215,10 @@ def _bundle_file(bundle: str, layer: int) -> str:
     return f"bundles/{bundle}/layer_{layer:03d}.safetensors"
 
 
-def _shard_names(count: int) -> list[str]:
-    if count == 1:
-        return [SAFE_WEIGHTS_NAME]
-    return [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
-
-
 def _shards(tasks: list[TensorTask], max_bytes: int) -> list[FileTask]:
     """Consecutive tasks packed into shards of at most `max_bytes` (one tensor may exceed it)."""
-    groups: list[list[TensorTask]] = [[]]
-    size = 0
-    for t in tasks:
-        if groups[-1] and size + t.nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
-    names = _shard_names(len(groups))
+    groups = pack_by_size(tasks, lambda t: t.nbytes, max_bytes)
+    names = shard_names(len(groups))
     return [FileTask(f"A/{n}", tuple(g)) for n, g in zip(names, groups, strict=True)]
 
 

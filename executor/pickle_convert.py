@@ -22,16 +22,16 @@ from compiler.checkpoint import (
     PICKLE_SUFFIXES,
     PICKLE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
     CheckpointError,
     load_pickle_shard,
     pickle_shards,
     safetensors_dtype,
 )
+from executor.safetensors_io import shard_names
 
 
 def _out_name(k: int, n: int) -> str:
-    return SAFE_WEIGHTS_NAME if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+    return shard_names(n)[k]
 
 
 def convert_pickle_checkpoint(model_dir: Path, dest: Path) -> list[str]:

@@ -369,16 +369,8 @@ def _still_out(applied: Applied, restored: tuple[str, ...]) -> int:
 
 
 def _pack(entries: list[OutEntry], max_bytes: int) -> list[tuple[str, list[OutEntry]]]:
-    from executor.apply import _shard_names
-    from executor.safetensors_io import order_for_alignment
+    from executor.safetensors_io import order_for_alignment, pack_by_size, shard_names
 
-    groups: list[list[OutEntry]] = [[]]
-    size = 0
-    for e in entries:
-        if groups[-1] and size + e.nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(e)
-        size += e.nbytes
-    names = _shard_names(len(groups))
+    groups = pack_by_size(entries, lambda e: e.nbytes, max_bytes)
+    names = shard_names(len(groups))
     return [(n, order_for_alignment(g)) for n, g in zip(names, groups, strict=True)]

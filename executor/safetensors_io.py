@@ -23,7 +23,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -310,6 +310,30 @@ def write_file(
                 progress(e.nbytes)
     finally:
         os.close(fd)
+
+
+T = TypeVar("T")
+
+
+def shard_names(count: int) -> list[str]:
+    """Hub-style file names: `model.safetensors`, or `model-0000k-of-0000n.safetensors`."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+
+
+def pack_by_size(items: list[T], size: Callable[[T], int], max_bytes: int) -> list[list[T]]:
+    """Consecutive items in groups of at most `max_bytes` (one item may exceed it alone)."""
+    groups: list[list[T]] = [[]]
+    total = 0
+    for item in items:
+        n = size(item)
+        if groups[-1] and total + n > max_bytes:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += n
+    return groups
 
 
 def order_for_alignment(entries: list[OutEntry]) -> list[OutEntry]:
