@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from compiler.cost import cost
 from compiler.ir import Selection
-from compiler.report import cost_rows, pct
+from compiler.report import render_cost_table
 from compiler.resolve import Channels, LayerPlan, ResolvedPlan
 
 
@@ -73,9 +73,7 @@ def diff_plans(old: ResolvedPlan, new: ResolvedPlan) -> tuple[bool, str]:
         return False, "no difference"
     before, after = cost(old), cost(new)
     lines.append("")
-    lines.append(f"{'':<22}{'old':>16}{'new':>16}{'change':>10}")
-    for name, b, a in cost_rows(before, after):
-        lines.append(f"{name:<22}{b:>16,}{a:>16,}{pct(b, a):>10}")
+    lines += render_cost_table(before, after, labels=("old", "new"))
     lines.append("")
     lines.append(f"{changed_layers} layer{'s' * (changed_layers != 1)} changed")
     return True, "\n".join(lines)

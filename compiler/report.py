@@ -26,8 +26,10 @@ def cost_rows(before: Cost, after: Cost) -> list[tuple[str, int, int]]:
     ]
 
 
-def render_cost_table(before: Cost, after: Cost) -> list[str]:
-    lines = [f"{'':<22}{'before':>16}{'after':>16}{'change':>10}"]
+def render_cost_table(
+    before: Cost, after: Cost, labels: tuple[str, str] = ("before", "after")
+) -> list[str]:
+    lines = [f"{'':<22}{labels[0]:>16}{labels[1]:>16}{'change':>10}"]
     for name, b, a in cost_rows(before, after):
         lines.append(f"{name:<22}{b:>16,}{a:>16,}{pct(b, a):>10}")
     return lines

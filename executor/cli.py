@@ -1,5 +1,5 @@
 """The `plancc` program: the compiler's commands (check, fmt, diff) plus the
-executor's (apply, restore, eval, added as they land)."""
+executor's (apply, restore, eval, from `executor.commands`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import argparse
 
 from compiler import cli as compiler_cli
 from executor import commands as executor_commands
-from executor.eval_command import add_eval_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +19,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     compiler_cli.add_commands(sub)
     executor_commands.add_commands(sub)
-    add_eval_command(sub)
     return parser
 
 
