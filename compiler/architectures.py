@@ -23,6 +23,7 @@ Spaces (symbolic dimensions of a tensor):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,11 @@ class Architecture:
     def layer_tensors(self, moe_layer: bool) -> tuple[TensorSpec, ...]:
         mlp = self.moe_mlp if moe_layer else self.dense_mlp
         return self.norms + self.attention + mlp
+
+    def layer_pattern(self) -> re.Pattern[str]:
+        """Regex of a layer tensor name: group 1 the layer index, group 2 the relative name."""
+        prefix = re.escape(self.layer_prefix).replace(re.escape("{i}"), r"(\d+)")
+        return re.compile(f"^{prefix}(.+)$")
 
 
 def _t(name: str, *dims: str, when: str | None = None) -> TensorSpec:

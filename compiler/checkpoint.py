@@ -155,9 +155,15 @@ class CheckpointFacts:
 # ---- safetensors headers ------------------------------------------------------
 
 
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The parsed header of one safetensors file and where its data section starts."""
-    fix = "re-download or re-save the checkpoint (`save_pretrained` writes valid files)"
+CHECKPOINT_FIX = "re-download or re-save the checkpoint (`save_pretrained` writes valid files)"
+
+
+def _read_header(path: Path, fix: str = CHECKPOINT_FIX) -> tuple[dict[str, Any], int]:
+    """The parsed header of one safetensors file and where its data section starts.
+
+    `fix` ends every error message: what to do about a damaged file depends on
+    whose file it is (a downloaded checkpoint, or an apply output).
+    """
     try:
         size = path.stat().st_size
         with path.open("rb") as fh:
@@ -179,9 +185,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
                 )
             raw = fh.read(length)
     except FileNotFoundError:
-        raise CheckpointError(
-            f"{path}: file not found; the checkpoint is incomplete, {fix}"
-        ) from None
+        raise CheckpointError(f"{path}: file not found; {fix}") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path}: is a directory, expected a safetensors file") from None
     except PermissionError:
@@ -243,7 +247,7 @@ def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def read_safetensors_header(path: str | Path) -> dict[str, Any]:
+def read_safetensors_header(path: str | Path, fix: str = CHECKPOINT_FIX) -> dict[str, Any]:
     """The JSON header of a safetensors file, validated, without reading tensor data.
 
     Layout: an 8-byte little-endian header length N, then N bytes of JSON mapping
@@ -252,7 +256,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
     corrupt file: a header longer than the file, invalid JSON, or a tensor whose
     data offsets run past the end of the file.
     """
-    header, _ = _read_header(Path(path))
+    header, _ = _read_header(Path(path), fix)
     return header
 
 
@@ -271,10 +275,13 @@ def _shard_files(model_dir: Path) -> tuple[list[str], dict[str, str] | None]:
         raise CheckpointError(f"{model_dir}: no such directory")
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a directory; pass the checkpoint directory")
-    if (model_dir / SAFE_WEIGHTS_NAME).is_file():
-        return [SAFE_WEIGHTS_NAME], None
     index_path = model_dir / SAFE_WEIGHTS_INDEX_NAME
-    if index_path.is_file():
+    single = (model_dir / SAFE_WEIGHTS_NAME).is_file()
+    if single and not index_path.exists():
+        return [SAFE_WEIGHTS_NAME], None
+    if index_path.exists():
+        # An index beside a single model.safetensors is read too: if it does not
+        # describe that file exactly, one of the two is stale and that is an error.
         try:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -289,11 +296,22 @@ def _shard_files(model_dir: Path) -> tuple[list[str], dict[str, str] | None]:
                 f"{index_path}: corrupt shard index (`weight_map` must map tensor names to "
                 "file names); re-download it or re-save the checkpoint"
             )
+        if not weight_map:
+            raise CheckpointError(
+                f"{index_path}: the shard index lists no tensors; re-download it or re-save "
+                "the checkpoint"
+            )
         for shard in set(weight_map.values()):
             if Path(shard).name != shard:
                 raise CheckpointError(
                     f"{index_path}: shard {shard!r} is not a file name in the checkpoint directory"
                 )
+        if single and set(weight_map.values()) != {SAFE_WEIGHTS_NAME}:
+            raise CheckpointError(
+                f"{index_path}: the checkpoint has a single {SAFE_WEIGHTS_NAME}, but its shard "
+                "index names other files; one of them is stale: remove the index if "
+                f"{SAFE_WEIGHTS_NAME} is the checkpoint, or re-download it"
+            )
         return sorted(set(weight_map.values())), weight_map
     pickles = _pickle_files(model_dir)
     if pickles:
@@ -416,7 +434,9 @@ def pickle_tensor_index(model_dir: str | Path) -> dict[str, TensorInfo]:
     return dict(sorted(index.items()))
 
 
-def tensor_index(model_dir: str | Path, allow_pickle: bool = False) -> dict[str, TensorInfo]:
+def tensor_index(
+    model_dir: str | Path, allow_pickle: bool = False, fix: str = CHECKPOINT_FIX
+) -> dict[str, TensorInfo]:
     """Every tensor of a checkpoint, from its safetensors headers only.
 
     With `allow_pickle`, a checkpoint with only `pytorch_model.bin` (or its
@@ -435,7 +455,7 @@ def tensor_index(model_dir: str | Path, allow_pickle: bool = False) -> dict[str,
     index: dict[str, TensorInfo] = {}
     for file in files:
         path = model_dir / file
-        header, data_start = _read_header(path)
+        header, data_start = _read_header(path, fix)
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
@@ -568,11 +588,51 @@ def load_checkpoint_facts(model_dir: str | Path, allow_pickle: bool = False) -> 
     arch = architecture_of(config, str(model_dir / CONFIG_NAME))
     index = tensor_index(model_dir, allow_pickle=allow_pickle)
     facts = read_facts(arch, config)
+    if isinstance(facts.get("layers"), int):
+        problem = layer_extent_problem(arch, facts["layers"], index)
+        if problem:
+            raise CheckpointError(
+                f"{model_dir}: {problem}: the tensors and config.json disagree, so no plan "
+                "can be applied safely; re-download the checkpoint, or fix "
+                "`num_hidden_layers` in config.json if you assembled it yourself"
+            )
     facts["fingerprint"] = fingerprint(config, index)
     return CheckpointFacts(model_dir=model_dir, config=config, arch=arch, facts=facts, index=index)
 
 
 # ---- expected tensors -----------------------------------------------------------
+
+
+def layer_extent_problem(
+    arch: Architecture, layers: int, index: Mapping[str, TensorInfo]
+) -> str | None:
+    """Whether the tensors hold exactly layers 0..layers-1 (each with some tensor).
+
+    Extra layers would otherwise be copied as if they were model-level tensors
+    and missing ones would leave holes: either way the output would be wrong.
+    """
+    pattern = arch.layer_pattern()
+    present: set[int] = set()
+    for name in index:
+        m = pattern.match(name)
+        if m:
+            present.add(int(m.group(1)))
+    extra = sorted(i for i in present if i >= layers)
+    if extra:
+        return (
+            f"config.json says {layers} layers but the tensors also hold layer(s) "
+            f"{_ranges(extra)}"
+        )
+    missing = sorted(set(range(layers)) - present)
+    if missing:
+        return f"config.json says {layers} layers but layer(s) {_ranges(missing)} have no tensors"
+    return None
+
+
+def _ranges(values: list[int]) -> str:
+    from compiler import ir
+
+    return str(ir.Selection.from_ints(values))
 
 
 def _space_sizes(facts: Mapping[str, Any]) -> dict[str, int | None]:

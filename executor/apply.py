@@ -60,13 +60,11 @@ into place at the end: an interrupted run leaves no OUT that looks whole.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +91,27 @@ from compiler.resolve import LayerPlan, ResolvedPlan
 from compiler.sidecar import table_name
 from executor import slicing
 from executor.configs import LayerShape, build_config
+from executor.integrity import Hasher, output_files, sha256_file
+from executor.layout import (
+    BUNDLE_META,
+    FORMAT,
+    LAYERS_MAP,
+    MANIFEST,
+    ORIGINAL_CONFIG_DIR,
+    ORIGINAL_HEADERS,
+    PRUNE_LOG,
+    WIDTH_BUNDLE,
+    WIDTH_META,
+    WITHHELD_DIR,
+)
+from executor.outdir import (
+    OutputError,
+    absolute,
+    check_destination,
+    describe_os_error,
+    staged_output,
+    staging_dir,
+)
 from executor.pickle_convert import convert_pickle_checkpoint
 from executor.safetensors_io import (
     OutEntry,
@@ -109,16 +128,10 @@ from executor.safetensors_io import (
     write_file,
 )
 
-FORMAT = 1
-WIDTH_BUNDLE = "_width"  # bundle holding the sliced-away channels of kept layers
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
-MANIFEST = "manifest.json"
-PRUNE_LOG = "prune_log.json"
-LAYERS_MAP = "layers_map.json"
-BUNDLE_META = "bundle_meta.json"
-WIDTH_META = "width_meta.json"
-ORIGINAL_CONFIG_DIR = "original_config"
-ORIGINAL_HEADERS = "safetensors_headers.json"
+# Source files that are code, not weights or data: kept out of A (into
+# bundles/_files) unless `--copy-remote-code`, as is config.json's `auto_map`.
+REMOTE_CODE_SUFFIXES = (".py",)
 
 
 class ApplyError(Exception):
@@ -191,8 +204,7 @@ class ApplyJob:
 
 def layer_pattern(arch: Architecture) -> re.Pattern[str]:
     """Regex of a layer tensor name: group 1 the layer index, group 2 the relative name."""
-    prefix = re.escape(arch.layer_prefix).replace(re.escape("{i}"), r"(\d+)")
-    return re.compile(f"^{prefix}(.+)$")
+    return arch.layer_pattern()
 
 
 def layer_name(arch: Architecture, index: int, rel: str) -> str:
@@ -623,12 +635,14 @@ def progress_bar(total: int, desc: str) -> Any:
     )
 
 
-def execute(job: ApplyJob, root: Path, desc: str = "apply") -> None:
-    """Write every file of the job under `root`."""
+def execute(job: ApplyJob, root: Path, hasher: Hasher | None = None, desc: str = "apply") -> None:
+    """Write every file of the job under `root` (each handed to `hasher` once written)."""
     with SourceFiles() as files, progress_bar(job.total_bytes, desc) as bar:
         for f in job.files:
             entries = entries_for(f.tensors, job.model_dir, files, job.selections)
             write_file(root / f.path, entries, files, progress=bar.update)
+            if hasher is not None:
+                hasher.add(root / f.path)
 
 
 # ---- the whole command ------------------------------------------------------------------
@@ -644,14 +658,6 @@ class ApplyResult:
     params_after: int
     loader: str
     manifest: dict[str, Any]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # An indented JSON array of scalars. It starts with `[` and a newline, which
@@ -674,19 +680,31 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(dumps(data) + "\n", encoding="utf-8")
 
 
-def copy_side_files(model_dir: Path, dest: Path) -> list[str]:
+def copy_side_files(
+    model_dir: Path, dest: Path, withheld_dir: Path, remote_code: bool = False
+) -> tuple[list[str], list[str]]:
     """Tokenizer files, generation_config.json, chat template...: every top-level
-    file that is not weights or config.json, copied unchanged."""
+    file that is not weights or config.json, copied unchanged into `dest`.
+
+    Remote code (`*.py`) goes to `withheld_dir` instead unless `remote_code`:
+    a pruned model should not carry code that `trust_remote_code` would run.
+    Returns (copied, withheld) file names.
+    """
     skip = {CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME}
-    copied = []
+    copied, withheld = [], []
     for p in sorted(model_dir.iterdir()):
         if not p.is_file() or p.name.startswith(".") or p.name in skip:
             continue
         if p.name.endswith(".safetensors") or p.name.endswith(PICKLE_SUFFIXES):
             continue
+        if p.name.endswith(REMOTE_CODE_SUFFIXES) and not remote_code:
+            withheld_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, withheld_dir / p.name)
+            withheld.append(p.name)
+            continue
         shutil.copyfile(p, dest / p.name)
         copied.append(p.name)
-    return copied
+    return copied, withheld
 
 
 def resolve_model_dir(plan_path: Path, source: str | None, model: Path | None) -> Path:
@@ -701,30 +719,16 @@ def resolve_model_dir(plan_path: Path, source: str | None, model: Path | None) -
     return p if p.is_absolute() else plan_path.parent / p
 
 
-def _check_out(out: Path, model_dir: Path, plan_path: Path, force: bool) -> None:
-    o, m = out.resolve(), model_dir.resolve()
-    if o == m or m.is_relative_to(o) or o.is_relative_to(m):
-        raise ApplyError(
-            f"{out}: the output would overlap the checkpoint {model_dir}; choose another -o"
-        )
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise ApplyError(f"{out} already exists; pass --force to replace it")
-        if not out.is_dir():
-            raise ApplyError(f"{out} exists and is not a directory; remove it first")
-        if plan_path.resolve().is_relative_to(o):
-            raise ApplyError(f"{out} contains the plan file; --force would delete it")
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How to write the output (the command line's flags)."""
 
-
-def install(tmp: Path, out: Path) -> None:
-    """Move a complete temporary output into place (replacing an old one)."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    device: str = "cpu"
+    force: bool = False
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    allow_pickle: bool = False
+    copy_remote_code: bool = False
+    hash_source: bool = False
 
 
 def apply_plan(
@@ -736,15 +740,19 @@ def apply_plan(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     allow_pickle: bool = False,
     warn: Callable[[str], None] | None = None,
+    copy_remote_code: bool = False,
+    hash_source: bool = False,
 ) -> ApplyResult:
     """Check `plan_path` against the checkpoint, then write OUT/A and OUT/bundles.
 
-    Raises ApplyError before writing anything when the plan, the checkpoint or
-    the output location is wrong.
+    Raises ApplyError (or OutputError for the output location) before writing
+    anything when the plan, the checkpoint or the output location is wrong,
+    and after removing everything it wrote when writing fails.
     """
     from compiler.check import check_file
     from compiler.diagnostics import render_text
 
+    opts = ApplyOptions(device, force, max_shard_bytes, allow_pickle, copy_remote_code, hash_source)
     start = time.perf_counter()
     try:
         first = check_file(plan_path)
@@ -771,39 +779,49 @@ def apply_plan(
         )
     if warn is not None and result.diagnostics:
         warn(render_text(list(result.diagnostics), str(plan_path), result.source))
-    _check_out(out, model_dir, plan_path, force)
+    scores_path = None
+    if result.plan is not None and result.plan.scores is not None:
+        scores_path = Path(result.plan.scores.path)
+        if not scores_path.is_absolute():
+            scores_path = plan_path.parent / scores_path
+    inputs = [plan_path, model_dir] + ([scores_path] if scores_path else [])
+    check_destination(out, force, inputs)
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise ApplyError("--device cuda: no CUDA device is available")
     if not (allow_pickle and pickle_shards(model_dir)):
-        return _apply_checked(plan_path, out, ck, result, device, max_shard_bytes, start)
+        return _apply_checked(plan_path, out, ck, result, scores_path, inputs, opts, start)
     # --allow-pickle on a pickle checkpoint: convert it to safetensors next to the
     # output, apply from there (same tensors, so the same fingerprint), remove it.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    converted = Path(tempfile.mkdtemp(prefix=f".{out.name}.pickle-", dir=out.parent))
     try:
-        try:
-            convert_pickle_checkpoint(model_dir, converted)
-            new_ck = load_checkpoint_facts(converted)
-        except CheckpointError as exc:
-            raise ApplyError(str(exc)) from None
-        if new_ck.facts["fingerprint"] != ck.facts["fingerprint"]:
-            raise ApplyError(
-                f"{model_dir}: the safetensors conversion of the pickle checkpoint has another "
-                "fingerprint than the pickle files; nothing was written"
-            )
-        source = {
-            "dir": str(model_dir),
-            "name": ck.name,
-            "pickle_files": sorted({i.file for i in ck.index.values()}),
-        }
-        return _apply_checked(
-            plan_path, out, new_ck, result, device, max_shard_bytes, start, source
-        )
-    finally:
-        shutil.rmtree(converted, ignore_errors=True)
+        out = absolute(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with staging_dir(out, "pickle", "apply") as converted:
+            try:
+                convert_pickle_checkpoint(model_dir, converted)
+                new_ck = load_checkpoint_facts(converted)
+            except CheckpointError as exc:
+                raise ApplyError(str(exc)) from None
+            if new_ck.facts["fingerprint"] != ck.facts["fingerprint"]:
+                raise ApplyError(
+                    f"{model_dir}: the safetensors conversion of the pickle checkpoint has "
+                    "another fingerprint than the pickle files; nothing was written"
+                )
+            source = {
+                "dir": str(model_dir),
+                "name": ck.name,
+                "pickle_files": sorted({i.file for i in ck.index.values()}),
+            }
+            try:
+                return _apply_checked(
+                    plan_path, out, new_ck, result, scores_path, inputs, opts, start, source
+                )
+            finally:
+                shutil.rmtree(converted, ignore_errors=True)
+    except OSError as exc:
+        raise OutputError(describe_os_error("cannot convert the pickle checkpoint", exc)) from None
 
 
 def _apply_checked(
@@ -811,8 +829,9 @@ def _apply_checked(
     out: Path,
     ck: CheckpointFacts,
     result: Any,
-    device: str,
-    max_shard_bytes: int,
+    scores_path: Path | None,
+    inputs: list[Path],
+    opts: ApplyOptions,
     start: float,
     source: dict[str, Any] | None = None,
 ) -> ApplyResult:
@@ -822,36 +841,44 @@ def _apply_checked(
     converted into a temporary `ck.model_dir`) and records its pickle files.
     """
     resolved = result.resolved
-
-    scores_path = None
-    if result.plan is not None and result.plan.scores is not None:
-        scores_path = Path(result.plan.scores.path)
-        if not scores_path.is_absolute():
-            scores_path = plan_path.parent / scores_path
     try:
-        job = plan_job(resolved, ck, scores_path, device, max_shard_bytes)
+        job = plan_job(resolved, ck, scores_path, opts.device, opts.max_shard_bytes)
     except TensorIOError as exc:
         raise ApplyError(str(exc)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        # The new config is validated by building transformers' config class,
-        # whose import (torch included) takes seconds: it runs while the data
-        # is copied (the copies release the GIL), not before.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(build_config, ck.config, ck.arch, ck.facts, list(job.shapes))
-            t0 = time.perf_counter()
-            try:
-                execute(job, tmp)
-            except TensorIOError as exc:
-                raise ApplyError(str(exc)) from None
-            write_seconds = time.perf_counter() - t0
-            new = future.result()
-        manifest = _write_metadata(tmp, job, ck, resolved, new, plan_path, source)
-        install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_output(out, "apply", opts.force, inputs) as tmp:
+        hasher = Hasher(tmp)
+        source_hasher = Hasher(ck.model_dir) if opts.hash_source else None
+        try:
+            if source_hasher is not None:
+                for f in sorted({i.file for i in ck.index.values()}):
+                    source_hasher.add(ck.model_dir / f)
+            # The new config is validated by building transformers' config class,
+            # whose import (torch included) takes seconds: it runs while the data
+            # is copied (the copies release the GIL), not before.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                future = pool.submit(
+                    build_config,
+                    ck.config,
+                    ck.arch,
+                    ck.facts,
+                    list(job.shapes),
+                    opts.copy_remote_code,
+                )
+                t0 = time.perf_counter()
+                try:
+                    execute(job, tmp, hasher)
+                except TensorIOError as exc:
+                    raise ApplyError(str(exc)) from None
+                write_seconds = time.perf_counter() - t0
+                new = future.result()
+            extra = {"sha256": source_hasher.result()} if source_hasher is not None else {}
+            manifest = _write_metadata(
+                tmp, job, ck, resolved, new, plan_path, hasher, opts, {**(source or {}), **extra}
+            )
+        finally:
+            hasher.close()
+            if source_hasher is not None:
+                source_hasher.close()
     return ApplyResult(
         out=out,
         seconds=time.perf_counter() - start,
@@ -871,9 +898,12 @@ def _write_metadata(
     resolved: ResolvedPlan,
     new: Any,
     plan_path: Path,
+    hasher: Hasher,
+    opts: ApplyOptions,
     source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything in A besides the weights, and the bundles' metadata."""
+    """Everything in A besides the weights, and the bundles' metadata; the
+    manifest, written last, records the sha256 of every other file."""
     from compiler.cost import loadability
 
     a = root / "A"
@@ -881,7 +911,9 @@ def _write_metadata(
     fingerprint = ck.facts["fingerprint"]
     plan_sha = sha256_file(plan_path)
     write_json(a / CONFIG_NAME, new.config)
-    side_files = copy_side_files(ck.model_dir, a)
+    side_files, withheld = copy_side_files(
+        ck.model_dir, a, root / WITHHELD_DIR, opts.copy_remote_code
+    )
 
     shards = [f for f in job.files if f.path.startswith("A/")]
     if len(shards) > 1:
@@ -978,8 +1010,9 @@ def _write_metadata(
         "loader": "transformers.AutoModelForCausalLM.from_pretrained" if stock else "executor.load",
         "loadability": new.reason if not stock else load.reason,
         "copied_files": side_files,
+        "withheld_files": withheld,
+        "remote_code": opts.copy_remote_code,
     }
-    write_json(a / MANIFEST, manifest)
     write_json(a / PRUNE_LOG, {"format": FORMAT, "tensors": list(job.log)})
     write_json(
         a / LAYERS_MAP,
@@ -988,4 +1021,10 @@ def _write_metadata(
             "original_layers": len(resolved.layers),
         },
     )
+    written = {f.path for f in job.files}
+    for p in output_files(root):
+        if p.relative_to(root).as_posix() not in written:
+            hasher.add(p)
+    manifest["files"] = hasher.result()
+    write_json(a / MANIFEST, manifest)
     return manifest

@@ -1,7 +1,8 @@
 """`plancc apply`, `restore` and `eval`: argparse wiring for the executor.
 
 Refusals (a plan that does not fit the checkpoint, an unreadable or pickle
-checkpoint, an existing output without --force) print why and exit 2 with
+checkpoint, an existing output without --force, an output that is not
+plancc's, a damaged apply output, a full disk) print why and exit 2 with
 nothing written, like every usage error of `plancc`.
 """
 
@@ -32,6 +33,7 @@ def _mb(n: int) -> str:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from executor.apply import ApplyError, apply_plan
+    from executor.outdir import OutputError
 
     def warn(text: str) -> None:
         print(text, file=sys.stderr)
@@ -46,10 +48,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
             max_shard_bytes=args.max_shard_size,
             allow_pickle=args.allow_pickle,
             warn=warn,
+            copy_remote_code=args.copy_remote_code,
+            hash_source=args.hash_source,
         )
     except ApplyError as exc:
         if exc.details:
             print(exc.details, file=sys.stderr)
+        raise UsageError(str(exc)) from None
+    except OutputError as exc:
         raise UsageError(str(exc)) from None
     m = res.manifest
     removed = m["removed"]
@@ -70,14 +76,30 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from executor.outdir import OutputError
     from executor.restore import RestoreError, restore
 
     try:
         res = restore(args.out_dir, args.upto, args.dest, force=args.force)
+    except (RestoreError, OutputError) as exc:
+        raise UsageError(str(exc)) from None
+    what = (
+        "the original checkpoint (every file verified, fingerprint matches the source)"
+        if res.complete
+        else f"{len(res.layers)} layers"
+    )
+    print(f"wrote {res.dest}: {what} ({res.seconds:.2f} s)")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from executor.restore import RestoreError, verify
+
+    try:
+        res = verify(args.out_dir)
     except RestoreError as exc:
         raise UsageError(str(exc)) from None
-    what = "the original checkpoint" if res.complete else f"{len(res.layers)} layers"
-    print(f"wrote {res.dest}: {what} ({res.seconds:.2f} s)")
+    print(f"{res.root}: ok, {res.files} files match the sha256 `plancc apply` recorded")
     return EXIT_OK
 
 
@@ -108,7 +130,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         choices=("cpu", "cuda"),
         help="where channel metrics are computed (default cpu)",
     )
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT if it is a previous plancc output (anything else is refused)",
+    )
     p.add_argument(
         "--max-shard-size",
         type=parse_size,
@@ -123,6 +149,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "pytorch_model.bin.index.json): it is converted to safetensors in a temporary "
         "directory (torch.load weights_only=True, one shard at a time), applied, and removed",
     )
+    p.add_argument(
+        "--copy-remote-code",
+        action="store_true",
+        help="copy the checkpoint's *.py files into A and keep `auto_map` in its config "
+        "(default: they go to OUT/bundles/_files, so A never runs code with trust_remote_code)",
+    )
+    p.add_argument(
+        "--hash-source",
+        action="store_true",
+        help="also record the sha256 of the source's weight files (reads them once more), so "
+        "`restore --upto all` proves the rebuilt files equal them",
+    )
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser(
@@ -132,13 +170,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "restores bundle B (and every bundle before it in name order), `--upto all` every "
         "bundle plus the sliced-away channels, giving back the original checkpoint byte for "
         "byte.",
-        epilog="exit status: 0 written, 2 refused (OUT incomplete, DIR exists)",
+        epilog="Every file restore reads is checked against the sha256 apply recorded first; "
+        "`--upto all` also checks the result's fingerprint.\n"
+        "exit status: 0 written, 2 refused (OUT damaged or incomplete, DIR exists)",
     )
     p.add_argument("out_dir", type=Path, metavar="OUT", help="the -o directory of `plancc apply`")
     p.add_argument("--upto", default="all", metavar="BUNDLE", help="a bundle name, or `all`")
     p.add_argument("-o", "--out", dest="dest", type=Path, required=True, metavar="DIR")
-    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace DIR if it is a previous plancc output (anything else is refused)",
+    )
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser(
+        "verify",
+        help="check an apply output: metadata valid, every file's sha256 as apply recorded",
+        description="Run every check `plancc restore` makes before writing, and write nothing: "
+        "each metadata file is validated, every file's sha256 is compared with the one apply "
+        "recorded in A/manifest.json, and files apply did not write are reported.",
+        epilog="exit status: 0 intact, 2 damaged (each differing file is named)",
+    )
+    p.add_argument("out_dir", type=Path, metavar="OUT", help="the -o directory of `plancc apply`")
+    p.set_defaults(func=cmd_verify)
     _add_eval(sub)
 
 

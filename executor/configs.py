@@ -187,10 +187,17 @@ def build_config(
     arch: Architecture,
     facts: Mapping[str, Any],
     layers: list[LayerShape],
+    keep_remote_code: bool = False,
 ) -> NewConfig:
-    """config.json for a model whose layers are `layers` (new order)."""
+    """config.json for a model whose layers are `layers` (new order).
+
+    `auto_map` (which makes transformers import the model's own `*.py` code)
+    is dropped unless `keep_remote_code`: the table's families load without it.
+    """
     cfg = copy.deepcopy(dict(original))
     cfg.pop(PLANCC_KEY, None)
+    if not keep_remote_code:
+        cfg.pop("auto_map", None)
     cfg.update(renumber_layer_config(arch, original, [s.original for s in layers]))
     widths = [s.widths() for s in layers]
     # MoE layers (no dense `ffn`) and dense layers are compared separately, as

@@ -11,10 +11,18 @@ is the original checkpoint, every file byte for byte (same shard names, same
 safetensors headers, taken from A/original_config/, same config.json).
 
 Everything restore needs is in OUT: A/manifest.json (bundles, layer widths,
-source fingerprint), A/prune_log.json (where every original tensor went),
-bundles/*/bundle_meta.json and bundles/_width/width_meta.json (kept positions
-of every cut axis). Like apply, it streams tensor by tensor and writes to a
-temporary directory renamed into place at the end.
+source fingerprint, the sha256 of every file), A/prune_log.json (where every
+original tensor went), bundles/*/bundle_meta.json and
+bundles/_width/width_meta.json (kept positions of every cut axis).
+
+Nothing is trusted unchecked: every metadata file is validated against its
+schema (`executor.layout`), and every file the restore reads is hashed and
+compared with the sha256 apply recorded before anything is written. With
+`--upto all` the result's fingerprint (config + tensor headers) must equal the
+source's, and where apply recorded the source files' sha256 (`--hash-source`),
+the restored files must match them. `verify` runs the same checks alone
+(`plancc verify OUT`). Like apply, restore streams tensor by tensor and writes
+to a staging directory renamed into place at the end (`executor.outdir`).
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,26 +45,40 @@ from compiler.checkpoint import (
     CheckpointError,
     TensorInfo,
     architecture_of,
+    fingerprint,
     tensor_index,
 )
 from executor import slicing
 from executor.apply import (
-    BUNDLE_META,
     DEFAULT_MAX_SHARD_BYTES,
-    LAYERS_MAP,
-    MANIFEST,
-    ORIGINAL_CONFIG_DIR,
-    ORIGINAL_HEADERS,
-    PRUNE_LOG,
-    WIDTH_BUNDLE,
-    WIDTH_META,
-    install,
     layer_name,
     layer_pattern,
     progress_bar,
     write_json,
 )
 from executor.configs import LayerShape, build_config
+from executor.integrity import Hasher, output_files, verify_files
+from executor.layout import (
+    BUNDLE_META,
+    BUNDLE_META_SCHEMA,
+    DAMAGED,
+    HEADERS_SCHEMA,
+    LAYERS_MAP,
+    LAYERS_MAP_SCHEMA,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    ORIGINAL_CONFIG_DIR,
+    ORIGINAL_HEADERS,
+    PRUNE_LOG,
+    PRUNE_LOG_SCHEMA,
+    WIDTH_BUNDLE,
+    WIDTH_META,
+    WIDTH_META_SCHEMA,
+    WITHHELD_DIR,
+    MetadataError,
+    read_metadata,
+)
+from executor.outdir import staged_output
 from executor.safetensors_io import (
     OutEntry,
     SourceFiles,
@@ -72,13 +93,11 @@ class RestoreError(Exception):
     """OUT is incomplete or inconsistent, or DEST cannot be written; nothing was written."""
 
 
-def _read_json(path: Path) -> Any:
+def _read(path: Path, schema: Any) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RestoreError(f"{path}: missing; is this the output of `plancc apply`?") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RestoreError(f"{path}: cannot read ({exc})") from None
+        return read_metadata(path, schema)
+    except MetadataError as exc:
+        raise RestoreError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -90,33 +109,99 @@ class Applied:
     log: list[dict[str, Any]]
     original_config: dict[str, Any]
     bundle_names: tuple[str, ...]
+    selections: dict[str, list[int]]  # width_meta.json's kept positions ({} without _width)
 
     @property
     def a(self) -> Path:
         return self.root / "A"
 
+    @property
+    def recorded(self) -> dict[str, str]:
+        """sha256 of every file apply wrote, by path relative to OUT."""
+        return self.manifest["files"]
+
     @staticmethod
     def read(root: Path) -> Applied:
+        """Read and validate every metadata file of an apply output."""
         a = root / "A"
         if not a.is_dir():
             raise RestoreError(f"{root}: no A/ directory; pass the -o directory of `plancc apply`")
-        manifest = _read_json(a / MANIFEST)
-        log = _read_json(a / PRUNE_LOG)["tensors"]
-        config = _read_json(a / ORIGINAL_CONFIG_DIR / CONFIG_NAME)
+        manifest = _read(a / MANIFEST, MANIFEST_SCHEMA)
+        log = _read(a / PRUNE_LOG, PRUNE_LOG_SCHEMA)["tensors"]
+        config = _read(a / ORIGINAL_CONFIG_DIR / CONFIG_NAME, dict)
+        _read(a / LAYERS_MAP, LAYERS_MAP_SCHEMA)
+        _read(a / ORIGINAL_CONFIG_DIR / ORIGINAL_HEADERS, HEADERS_SCHEMA)
         names = tuple(sorted(manifest["removed"]["bundles"]))
         fp = manifest["source"]["fingerprint"]
-        metas = [(n, root / "bundles" / n / BUNDLE_META) for n in names]
-        if manifest["removed"]["width"]["dir"]:
-            metas.append((WIDTH_BUNDLE, root / "bundles" / WIDTH_BUNDLE / WIDTH_META))
-        for name, path in metas:
-            meta = _read_json(path)
-            if meta.get("source_fingerprint") != fp:
+        metas = [(n, root / "bundles" / n / BUNDLE_META, BUNDLE_META_SCHEMA) for n in names]
+        width = manifest["removed"]["width"]["dir"]
+        if width:
+            path = root / "bundles" / WIDTH_BUNDLE / WIDTH_META
+            metas.append((WIDTH_BUNDLE, path, WIDTH_META_SCHEMA))
+        selections: dict[str, list[int]] = {}
+        for name, path, schema in metas:
+            meta = _read(path, schema)
+            if meta["source_fingerprint"] != fp:
                 raise RestoreError(
                     f"{path}: bundle {name} was cut from another checkpoint "
-                    f"({meta.get('source_fingerprint')}, A says {fp}); "
+                    f"({meta['source_fingerprint']}, A says {fp}); "
                     "bundles and A must come from the same `plancc apply` run"
                 )
-        return Applied(root, manifest, log, config, names)
+            if name == WIDTH_BUNDLE:
+                selections = meta["selections"]
+        return Applied(root, manifest, log, config, names, selections)
+
+    def files_for(self, bundles: tuple[str, ...] | None) -> list[str]:
+        """The recorded files a restore of `bundles` (None: all) reads."""
+        if bundles is None:
+            return sorted(self.recorded)
+        prefixes = ("A/", *(f"bundles/{b}/" for b in bundles))
+        return sorted(r for r in self.recorded if r.startswith(prefixes))
+
+    def verify(self, bundles: tuple[str, ...] | None = None) -> int:
+        """Hash the files a restore of `bundles` reads; RestoreError on any difference.
+
+        Returns how many files were checked.
+        """
+        which = self.files_for(bundles)
+        problems = verify_files(self.root, self.recorded, which)
+        if problems:
+            raise RestoreError(_problems_text(self.root, problems))
+        return len(which)
+
+
+def _problems_text(root: Path, problems: list[str]) -> str:
+    shown = "\n  ".join(problems[:20])
+    more = f"\n  and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return (
+        f"{root}: {len(problems)} file(s) differ from what `plancc apply` wrote; nothing was "
+        f"written; {DAMAGED}:\n  {shown}{more}"
+    )
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    root: Path
+    files: int  # files whose sha256 matched
+
+
+def verify(root: Path) -> VerifyResult:
+    """`plancc verify OUT`: every check restore makes, without writing anything.
+
+    Also refuses files under OUT that apply did not write (besides the marker).
+    """
+    applied = Applied.read(root)
+    problems = verify_files(root, applied.recorded, applied.recorded)
+    recorded = set(applied.recorded) | {f"A/{MANIFEST}"}
+    problems += [
+        f"{p}: not written by `plancc apply`"
+        for p in output_files(root)
+        if p.relative_to(root).as_posix() not in recorded
+    ]
+    if problems:
+        raise RestoreError(_problems_text(root, sorted(problems)))
+    _Sources(applied)  # A's shards have valid headers
+    return VerifyResult(root, len(applied.recorded))
 
 
 class _Sources:
@@ -125,7 +210,7 @@ class _Sources:
     def __init__(self, applied: Applied) -> None:
         self.applied = applied
         try:
-            self.a = tensor_index(applied.a)
+            self.a = tensor_index(applied.a, fix=DAMAGED)
         except CheckpointError as exc:
             raise RestoreError(str(exc)) from None
         self._files: dict[str, dict[str, TensorInfo]] = {}
@@ -135,18 +220,18 @@ class _Sources:
         path = self.applied.root / rel
         if rel not in self._files:
             try:
-                self._files[rel] = file_index(path)
+                self._files[rel] = file_index(path, fix=DAMAGED)
             except CheckpointError as exc:
                 raise RestoreError(str(exc)) from None
         info = self._files[rel].get(name)
         if info is None:
-            raise RestoreError(f"{path}: tensor {name!r} is missing; the bundle is incomplete")
+            raise RestoreError(f"{path}: tensor {name!r} is missing; {DAMAGED}")
         return path, info
 
     def in_a(self, name: str) -> tuple[Path, TensorInfo]:
         info = self.a.get(name)
         if info is None:
-            raise RestoreError(f"{self.applied.a}: tensor {name!r} is missing; A is incomplete")
+            raise RestoreError(f"{self.applied.a}: tensor {name!r} is missing; {DAMAGED}")
         return self.applied.a / info.file, info
 
 
@@ -199,49 +284,47 @@ class RestoreResult:
 
 
 def restore(root: Path, upto: str, dest: Path, force: bool = False) -> RestoreResult:
-    """Rebuild a model from OUT (`root`) with bundles up to `upto` (or `all`) back."""
+    """Rebuild a model from OUT (`root`) with bundles up to `upto` (or `all`) back.
+
+    Every file it reads is verified first; RestoreError (OutputError for DEST)
+    with nothing written on any problem.
+    """
     start = time.perf_counter()
     applied = Applied.read(root)
     if upto != "all" and upto not in applied.bundle_names:
         have = ", ".join(applied.bundle_names) or "none"
         raise RestoreError(f"--upto {upto}: no such bundle in {root} (bundles: {have}; or `all`)")
-    if dest.exists() and not force:
-        raise RestoreError(f"{dest} already exists; pass --force to replace it")
-    if dest.resolve() == root.resolve() or root.resolve().is_relative_to(dest.resolve()):
-        raise RestoreError(f"{dest}: the output would overlap {root}; choose another -o")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        if upto == "all":
-            layers = _restore_all(applied, tmp)
-        else:
-            layers = _restore_partial(applied, upto, tmp)
-        install(tmp, dest)
-    except TensorIOError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RestoreError(str(exc)) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    restored = None if upto == "all" else _bundles_upto(applied, upto)
+    applied.verify(restored)
+    with staged_output(dest, "restore", force, inputs=[root], marked=restored is not None) as tmp:
+        try:
+            if restored is None:
+                layers = _restore_all(applied, tmp)
+            else:
+                layers = _restore_partial(applied, restored, tmp)
+        except TensorIOError as exc:
+            raise RestoreError(str(exc)) from None
     return RestoreResult(dest, time.perf_counter() - start, layers, upto == "all")
 
 
-def _width_selections(applied: Applied) -> dict[str, list[int]]:
-    if not applied.manifest["removed"]["width"]["dir"]:
-        return {}
-    return _read_json(applied.root / "bundles" / WIDTH_BUNDLE / WIDTH_META)["selections"]
+def _bundles_upto(applied: Applied, upto: str) -> tuple[str, ...]:
+    return applied.bundle_names[: applied.bundle_names.index(upto) + 1]
 
 
-def _copy_side_files(applied: Applied, dest: Path) -> None:
-    for name in applied.manifest.get("copied_files", []):
+def _copy_side_files(applied: Applied, dest: Path, withheld: bool = False) -> None:
+    """A's side files (and, for the original, the withheld remote-code files)."""
+    for name in applied.manifest["copied_files"]:
         shutil.copyfile(applied.a / name, dest / name)
+    if withheld:
+        for name in applied.manifest.get("withheld_files", []):
+            shutil.copyfile(applied.root / WITHHELD_DIR / name, dest / name)
 
 
 def _restore_all(applied: Applied, dest: Path) -> tuple[int, ...]:
     """The original checkpoint: original headers, tensors at their original offsets."""
     src = _Sources(applied)
-    selections = _width_selections(applied)
-    headers: dict[str, str] = _read_json(applied.a / ORIGINAL_CONFIG_DIR / ORIGINAL_HEADERS)
+    selections = applied.selections
+    headers: dict[str, str] = _read(applied.a / ORIGINAL_CONFIG_DIR / ORIGINAL_HEADERS, dict)
     log = {e["source"]: e for e in applied.log}
     plans: list[tuple[str, bytes, list[OutEntry]]] = []
     with SourceFiles() as files:
@@ -271,18 +354,48 @@ def _restore_all(applied: Applied, dest: Path) -> tuple[int, ...]:
     shutil.copyfile(orig / CONFIG_NAME, dest / CONFIG_NAME)
     if (orig / SAFE_WEIGHTS_INDEX_NAME).is_file():
         shutil.copyfile(orig / SAFE_WEIGHTS_INDEX_NAME, dest / SAFE_WEIGHTS_INDEX_NAME)
-    _copy_side_files(applied, dest)
-    n = int(_read_json(applied.a / LAYERS_MAP)["original_layers"])
+    _copy_side_files(applied, dest, withheld=True)
+    _check_original(applied, dest, [file for file, _, _ in plans])
+    n = int(_read(applied.a / LAYERS_MAP, LAYERS_MAP_SCHEMA)["original_layers"])
     return tuple(range(n))
 
 
-def _restore_partial(applied: Applied, upto: str, dest: Path) -> tuple[int, ...]:
-    """A with the layers of bundles up to `upto` back in their original places."""
+def _check_original(applied: Applied, dest: Path, weight_files: list[str]) -> None:
+    """The rebuilt checkpoint has the source's fingerprint (and sha256, where recorded)."""
+    source = applied.manifest["source"]
+    try:
+        got = fingerprint(applied.original_config, tensor_index(dest, fix=DAMAGED))
+    except CheckpointError as exc:
+        raise RestoreError(f"the rebuilt checkpoint does not read back: {exc}") from None
+    if got != source["fingerprint"]:
+        raise RestoreError(
+            f"the rebuilt checkpoint's fingerprint {got} is not the source's "
+            f"{source['fingerprint']}; nothing was written; {DAMAGED}"
+        )
+    want = source.get("sha256")
+    if not isinstance(want, dict):
+        return
+    hasher = Hasher(dest, workers=2)
+    for file in weight_files:
+        hasher.add(dest / file)
+    for file, digest in hasher.result().items():
+        if want.get(file) != digest:
+            raise RestoreError(
+                f"the rebuilt {file} has sha256 {digest[:16]}…, the source's was "
+                f"{str(want.get(file))[:16]}…; nothing was written; {DAMAGED}"
+            )
+
+
+def _restore_partial(applied: Applied, restored: tuple[str, ...], dest: Path) -> tuple[int, ...]:
+    """A with the layers of `restored` bundles back in their original places."""
     config = applied.original_config
-    arch = architecture_of(config)
+    try:
+        arch = architecture_of(config)
+    except CheckpointError as exc:
+        raise RestoreError(f"{applied.a / ORIGINAL_CONFIG_DIR}: {exc}") from None
     facts = read_facts(arch, config)
     pattern = layer_pattern(arch)
-    restored = applied.bundle_names[: applied.bundle_names.index(upto) + 1]
+    upto = restored[-1]
     bundles = applied.manifest["removed"]["bundles"]
     back = {i for name in restored for i in bundles[name]["layers"]}
     shapes = {s["original"]: LayerShape.from_json(s) for s in applied.manifest["layers"]}
@@ -324,7 +437,8 @@ def _restore_partial(applied: Applied, upto: str, dest: Path) -> tuple[int, ...]
 
     entries = model_level + [e for i in order for e in per_layer.get(i, [])]
     shards = _pack(entries, DEFAULT_MAX_SHARD_BYTES)
-    new = build_config(config, arch, facts, [shapes[i] for i in order])
+    remote = bool(applied.manifest.get("remote_code"))
+    new = build_config(config, arch, facts, [shapes[i] for i in order], remote)
     with SourceFiles() as files, progress_bar(sum(e.nbytes for e in entries), "restore") as bar:
         for file, es in shards:
             write_st(dest / file, es, files, progress=bar.update)

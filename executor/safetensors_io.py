@@ -288,28 +288,43 @@ def write_file(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _write_all(fd, head)
-        for e in entries:
-            if e.copy is not None:
-                src, begin, end = e.copy
-                assert end - begin == e.nbytes, (e.name, end - begin, e.nbytes)
-                copy_range(files.fd(src), fd, begin, end - begin, f"{src}: tensor {e.name!r}")
-            else:
-                assert e.produce is not None, e.name
-                data = e.produce()
-                if isinstance(data, np.ndarray):
-                    data = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
-                size = memoryview(data).nbytes
-                if size != e.nbytes:
-                    raise TensorIOError(
-                        f"internal error: {e.name} produced {size} bytes, expected {e.nbytes}"
-                    )
-                _write_all(fd, data)
-                del data
-            if progress is not None:
-                progress(e.nbytes)
+        _write_entries(fd, head, entries, files, progress)
+    except OSError as exc:
+        if exc.filename is None:  # a write on the fd: say which file
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
     finally:
         os.close(fd)
+
+
+def _write_entries(
+    fd: int,
+    head: bytes,
+    entries: list[OutEntry],
+    files: SourceFiles,
+    progress: Callable[[int], object] | None,
+) -> None:
+    """The header, then each tensor's data in order, on an open output file."""
+    _write_all(fd, head)
+    for e in entries:
+        if e.copy is not None:
+            src, begin, end = e.copy
+            assert end - begin == e.nbytes, (e.name, end - begin, e.nbytes)
+            copy_range(files.fd(src), fd, begin, end - begin, f"{src}: tensor {e.name!r}")
+        else:
+            assert e.produce is not None, e.name
+            data = e.produce()
+            if isinstance(data, np.ndarray):
+                data = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
+            size = memoryview(data).nbytes
+            if size != e.nbytes:
+                raise TensorIOError(
+                    f"internal error: {e.name} produced {size} bytes, expected {e.nbytes}"
+                )
+            _write_all(fd, data)
+            del data
+        if progress is not None:
+            progress(e.nbytes)
 
 
 T = TypeVar("T")
@@ -349,14 +364,17 @@ def read_header_text(path: Path) -> str:
         return fh.read(length).decode("utf-8")
 
 
-def file_index(path: Path, label: str | None = None) -> dict[str, TensorInfo]:
+def file_index(
+    path: Path, label: str | None = None, fix: str | None = None
+) -> dict[str, TensorInfo]:
     """Every tensor of one safetensors file (validated header, no data read).
 
-    `label` is stored as each TensorInfo's `file` (default: the file's name).
+    `label` is stored as each TensorInfo's `file` (default: the file's name);
+    `fix` ends error messages (default: the checkpoint's, re-download it).
     """
-    from compiler.checkpoint import read_safetensors_header
+    from compiler.checkpoint import CHECKPOINT_FIX, read_safetensors_header
 
-    header = read_safetensors_header(path)
+    header = read_safetensors_header(path, fix or CHECKPOINT_FIX)
     with path.open("rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
     out = {}

@@ -247,8 +247,17 @@ def test_refuses_existing_out_without_force(
     assert main(["apply", str(plan), "-o", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"]
-    assert main(["apply", str(plan), "-o", str(out), "--force"]) == 0
-    assert sorted(os.listdir(out)) == ["A", "bundles"]
+    # --force replaces only a previous plancc output: this directory is the user's.
+    assert main(["apply", str(plan), "-o", str(out), "--force"]) == 2
+    assert "is not a plancc output" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"]
+    mine = tmp_path / "mine"
+    assert main(["apply", str(plan), "-o", str(mine)]) == 0
+    (mine / "A" / "stale.txt").write_text("from the previous run")
+    assert main(["apply", str(plan), "-o", str(mine), "--force"]) == 0
+    assert sorted(os.listdir(mine)) == [".plancc-output.json", "A", "bundles"]
+    assert not (mine / "A" / "stale.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["mine", "out", "plan.prn"]  # nothing left beside
 
 
 def test_refuses_truncated_checkpoint(
@@ -365,7 +374,9 @@ def test_interrupted_run_leaves_nothing(
     real = apply_mod.write_file
     monkeypatch.setattr(apply_mod, "write_file", failing)
     plan = write_plan(tmp_path, llama6, DEPTH)
-    with pytest.raises(OSError):
+    from executor.outdir import OutputError
+
+    with pytest.raises(OutputError, match="No space left on device"):
         apply_plan(plan, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.prn"]
 

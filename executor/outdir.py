@@ -1,0 +1,249 @@
+"""Output directories: staged beside the destination, renamed into place, no user file lost.
+
+Every command that writes a directory (`apply -o OUT`, `restore -o DEST`)
+goes through `staged_output`:
+
+- the destination is checked first: an existing one is replaced only with
+  `--force` and only when it is a previous plancc output (it holds the
+  `.plancc-output.json` marker, or an older apply output's `A/manifest.json`);
+  the current directory, a directory holding the command's inputs, a file or
+  a symbolic link are refused, so a typo never erases unrelated work;
+- the output is written into `.NAME.tmp-XXXXXXXX` beside it, created with the
+  mode a plain `mkdir` gives (the umask decides, not 0700), marked with the
+  marker and locked with `flock` for as long as the run lives;
+- on success it is renamed into place (an old output is first moved into
+  `.NAME.old-XXXXXXXX`, then removed); on any failure the staging directory is
+  removed;
+- a run killed with `kill -9` cannot clean up, so each new run to the same
+  destination removes the staging directories beside it that carry the marker
+  and whose lock nobody holds (their owner is dead; the kernel drops a dead
+  process's locks).
+
+OSErrors become `OutputError`s that name what failed, the path, the reason and
+what to do (`describe_os_error`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from executor.layout import FORMAT, MANIFEST, MARKER
+
+STAGING_TAGS = ("tmp", "old", "pickle")
+
+
+class OutputError(Exception):
+    """The output location cannot be used or written; nothing was left behind."""
+
+
+_FIXES = {
+    errno.ENOSPC: "free space on that filesystem, or write elsewhere with -o",
+    errno.EDQUOT: "free space (the disk quota is full), or write elsewhere with -o",
+    errno.EACCES: "choose a location you can write with -o",
+    errno.EPERM: "choose a location you can write with -o",
+    errno.EROFS: "the filesystem is read-only; choose another location with -o",
+    errno.ENOTDIR: "a component of the path is a file, not a directory; choose another -o",
+    errno.ENOENT: "check the path",
+    errno.EXDEV: "choose -o on the same filesystem as its parent directory",
+}
+
+
+def describe_os_error(what: str, exc: OSError, where: Path | None = None) -> str:
+    """`what (path): reason; fix` for an OSError (the CLI prefixes `plancc: error:`).
+
+    `where` names the path when the error itself does not (a failed write on an fd).
+    """
+    path = exc.filename if exc.filename is not None else (where or "?")
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    fix = _FIXES.get(exc.errno or -1)
+    return f"{what} ({path}): {reason}" + (f"; {fix}" if fix else "")
+
+
+def absolute(path: Path) -> Path:
+    """`path` made absolute without resolving symlinks (`.` gets its real name)."""
+    return Path(os.path.abspath(path))
+
+
+def is_plancc_output(path: Path) -> bool:
+    """A directory plancc wrote: the marker, or an older apply output's manifest."""
+    marker = path / MARKER
+    if marker.is_file():
+        try:
+            data = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        return isinstance(data, dict) and data.get("tool") == "plancc"
+    return (path / "A" / MANIFEST).is_file()
+
+
+def check_destination(dest: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
+    """Refuse a destination that would overwrite or delete anything but a plancc output."""
+    dest = absolute(dest)
+    for parent in dest.parents:
+        if parent.exists() and not parent.is_dir():
+            raise OutputError(f"{dest}: {parent} is a file, not a directory; choose another -o")
+    cwd = absolute(Path.cwd())
+    if cwd == dest or cwd.is_relative_to(dest):
+        raise OutputError(
+            f"{dest}: that is the current directory or contains it; choose a new directory for -o"
+        )
+    for inp in inputs:
+        inp = absolute(inp)
+        real = inp.resolve()
+        for d in {dest, dest.resolve()}:
+            if d in (inp, real) or inp.is_relative_to(d) or real.is_relative_to(d):
+                raise OutputError(f"{dest}: it holds an input ({inp}); choose another -o")
+            if d.is_relative_to(real):
+                raise OutputError(f"{dest}: it is inside an input ({inp}); choose another -o")
+    if not (dest.exists() or dest.is_symlink()):
+        return
+    if not force:
+        raise OutputError(
+            f"{dest} already exists; pass --force to replace it (only a previous plancc "
+            "output is ever replaced)"
+        )
+    if dest.is_symlink():
+        raise OutputError(f"{dest} is a symbolic link; remove it or choose another -o")
+    if not dest.is_dir():
+        raise OutputError(f"{dest} exists and is not a directory; remove it or choose another -o")
+    if not is_plancc_output(dest):
+        raise OutputError(
+            f"{dest} exists and is not a plancc output (no {MARKER}; a `restore --upto all` "
+            "result has none, being the original checkpoint), so --force will not delete it; "
+            "remove it yourself or choose another -o"
+        )
+
+
+def _lock(path: Path) -> int | None:
+    """An exclusive flock on a directory, or None when another process holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def write_marker(root: Path, kind: str) -> None:
+    data = {"tool": "plancc", "kind": kind, "format": FORMAT, "pid": os.getpid()}
+    data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    (root / MARKER).write_text(json.dumps(data) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def staging_dir(dest: Path, tag: str, kind: str) -> Iterator[Path]:
+    """A locked, marked `.NAME.TAG-XXXXXXXX` beside `dest`, removed on failure.
+
+    On success it is left for the caller (renamed into place, or removed).
+    """
+    assert tag in STAGING_TAGS, tag
+    while True:
+        path = dest.parent / f".{dest.name}.{tag}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)  # mode 0o777 & ~umask, like a plain mkdir
+            break
+        except FileExistsError:
+            continue
+    fd = _lock(path)
+    assert fd is not None, path  # just created, nobody else knows it
+    try:
+        write_marker(path, kind)
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+def stale_staging_dirs(dest: Path) -> list[Path]:
+    """Staging directories of earlier runs to `dest` whose process is gone."""
+    dest = absolute(dest)
+    if not dest.parent.is_dir():
+        return []
+    out = []
+    for p in sorted(dest.parent.iterdir()):
+        name = p.name
+        prefix = f".{dest.name}."
+        if not name.startswith(prefix) or not p.is_dir() or p.is_symlink():
+            continue
+        tag, _, token = name[len(prefix) :].partition("-")
+        if tag not in STAGING_TAGS or len(token) != 8 or not (p / MARKER).is_file():
+            continue
+        fd = _lock(p)
+        if fd is None:  # a live run is writing it
+            continue
+        os.close(fd)
+        out.append(p)
+    return out
+
+
+def remove_stale(dest: Path) -> list[Path]:
+    """Remove what `stale_staging_dirs` finds; return what was removed."""
+    removed = []
+    for p in stale_staging_dirs(dest):
+        fd = _lock(p)
+        if fd is None:
+            continue
+        try:
+            shutil.rmtree(p)
+            removed.append(p)
+        except OSError:
+            pass  # left for the next run; it is not in anyone's way
+        finally:
+            os.close(fd)
+    return removed
+
+
+def install(staged: Path, dest: Path, kind: str) -> None:
+    """Rename a complete staging directory into place, replacing an old plancc output."""
+    if not (dest.exists() or dest.is_symlink()):
+        os.replace(staged, dest)
+        return
+    with staging_dir(dest, "old", kind) as old:
+        os.replace(dest, old / dest.name)
+        try:
+            os.replace(staged, dest)
+        except OSError:
+            os.replace(old / dest.name, dest)  # put the old output back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(
+    dest: Path,
+    kind: str,
+    force: bool,
+    inputs: Iterable[Path] = (),
+    what: str = "cannot write the output",
+    marked: bool = True,
+) -> Iterator[Path]:
+    """Check `dest`, clean up after dead runs, yield a staging directory, install it.
+
+    `marked=False` removes the marker before installing: a restored original
+    checkpoint stays exactly the original (so a later --force refuses it).
+    Nothing is left behind on failure; OSErrors become OutputError.
+    """
+    dest = absolute(dest)
+    check_destination(dest, force, inputs)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(dest)
+        with staging_dir(dest, "tmp", kind) as tmp:
+            yield tmp
+            if not marked:
+                (tmp / MARKER).unlink()
+            install(tmp, dest, kind)
+    except OSError as exc:
+        raise OutputError(describe_os_error(what, exc, dest)) from None
