@@ -55,9 +55,7 @@ class Hasher:
 def output_files(root: Path) -> list[Path]:
     """Every file under an output root that `files` records (not the manifest or marker)."""
     skip = {Path("A") / MANIFEST, Path(MARKER)}
-    return [
-        p for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root) not in skip
-    ]
+    return [p for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root) not in skip]
 
 
 def hash_all(root: Path, paths: Iterable[Path], workers: int = 2) -> dict[str, str]:

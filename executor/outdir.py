@@ -26,7 +26,6 @@ what to do (`describe_os_error`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -36,6 +35,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from compiler.cli import describe_os_error
 from executor.layout import FORMAT, MANIFEST, MARKER
 
 STAGING_TAGS = ("tmp", "old", "pickle")
@@ -43,29 +43,6 @@ STAGING_TAGS = ("tmp", "old", "pickle")
 
 class OutputError(Exception):
     """The output location cannot be used or written; nothing was left behind."""
-
-
-_FIXES = {
-    errno.ENOSPC: "free space on that filesystem, or write elsewhere with -o",
-    errno.EDQUOT: "free space (the disk quota is full), or write elsewhere with -o",
-    errno.EACCES: "choose a location you can write with -o",
-    errno.EPERM: "choose a location you can write with -o",
-    errno.EROFS: "the filesystem is read-only; choose another location with -o",
-    errno.ENOTDIR: "a component of the path is a file, not a directory; choose another -o",
-    errno.ENOENT: "check the path",
-    errno.EXDEV: "choose -o on the same filesystem as its parent directory",
-}
-
-
-def describe_os_error(what: str, exc: OSError, where: Path | None = None) -> str:
-    """`what (path): reason; fix` for an OSError (the CLI prefixes `plancc: error:`).
-
-    `where` names the path when the error itself does not (a failed write on an fd).
-    """
-    path = exc.filename if exc.filename is not None else (where or "?")
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    fix = _FIXES.get(exc.errno or -1)
-    return f"{what} ({path}): {reason}" + (f"; {fix}" if fix else "")
 
 
 def absolute(path: Path) -> Path:

@@ -21,6 +21,7 @@ from compiler.checkpoint import (
     load_checkpoint_facts,
     tensor_mismatches,
 )
+from compiler.cli import describe_os_error
 
 PROG = "plangen"
 EXIT_OK = 0
@@ -184,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `plangen` with these arguments (default: sys.argv[1:]); return the exit status."""
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except BrokenPipeError:
+        return EXIT_OK
+    except OSError as exc:  # the boundary: an I/O failure is exit 2 with a message
+        return _error(describe_os_error("I/O error", exc))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,403 @@
+"""The executor's promises under hostile input: verified restores, self-consistent
+checkpoints, I/O failures as exit 2, and no user file ever lost."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_model
+from executor_helpers import file_hashes, read_json, write_plan
+
+from executor.cli import main
+from executor.layout import MARKER
+
+BODY = "drop layers 1, 3\nbundle B layers 1\nbundle C layers 3\nmlp layers 0, 2 width 40\n"
+
+
+@pytest.fixture(scope="module")
+def llama5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("m"), "llama", num_hidden_layers=5)
+
+
+@pytest.fixture
+def applied(llama5: Path, tmp_path: Path) -> Path:
+    """A fresh apply output with bundles B, C and _width (tests may damage it)."""
+    out = tmp_path / "out"
+    assert main(["apply", str(write_plan(tmp_path, llama5, BODY)), "-o", str(out)]) == 0
+    return out
+
+
+def _flip_data_byte(path: Path) -> None:
+    """Flip one byte of tensor data (the last byte of the file is always data)."""
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def _refused(args: list[str], capsys: pytest.CaptureFixture[str], *texts: str) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    for t in texts:
+        assert t in err, err
+    assert "Traceback" not in err
+    return err
+
+
+def _nothing_beside(path: Path) -> None:
+    assert not path.exists()
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
+
+
+# ---- restore verifies what it rebuilds -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "victim",
+    [
+        "bundles/B/layer_001.safetensors",
+        "bundles/_width/layer_002.safetensors",
+        "A/model.safetensors",
+    ],
+)
+def test_restore_refuses_a_flipped_byte(
+    applied: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], victim: str
+) -> None:
+    _flip_data_byte(applied / victim)
+    dest = tmp_path / "restored"
+    _refused(["restore", str(applied), "--upto", "all", "-o", str(dest)], capsys, victim, "sha256")
+    _nothing_beside(dest)
+    _refused(["verify", str(applied)], capsys, victim)
+
+
+def test_partial_restore_checks_only_what_it_reads(
+    applied: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _flip_data_byte(applied / "bundles/C/layer_003.safetensors")
+    assert main(["restore", str(applied), "--upto", "B", "-o", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    _refused(["restore", str(applied), "--upto", "C", "-o", str(tmp_path / "c")], capsys, "C/")
+
+
+def test_verify_passes_an_intact_output(applied: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", str(applied)]) == 0
+    manifest = read_json(applied / "A" / "manifest.json")
+    out = capsys.readouterr().out
+    assert f"{len(manifest['files'])} files" in out
+    # Every file but the manifest and the marker is recorded, with its real sha256.
+    hashes = file_hashes(applied)
+    del hashes["A/manifest.json"], hashes[MARKER]
+    assert manifest["files"] == hashes
+
+
+def test_verify_reports_files_apply_did_not_write(
+    applied: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (applied / "bundles" / "B" / "extra.safetensors").write_bytes(b"x")
+    _refused(["verify", str(applied)], capsys, "extra.safetensors: not written by")
+
+
+@pytest.mark.parametrize(
+    ("rel", "text", "why"),
+    [
+        ("bundles/_width/width_meta.json", "[]", "malformed: `(top)` should be an object"),
+        ("A/manifest.json", "[]", "malformed"),
+        ("A/manifest.json", "{", "cannot read"),
+    ],
+)
+def test_garbled_metadata_is_a_clear_error(
+    applied: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    rel: str,
+    text: str,
+    why: str,
+) -> None:
+    (applied / rel).write_text(text)
+    dest = tmp_path / "restored"
+    _refused(["restore", str(applied), "-o", str(dest)], capsys, why, "plancc apply")
+    _nothing_beside(dest)
+
+
+def test_manifest_fields_are_validated(
+    applied: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = applied / "A" / "manifest.json"
+    manifest = read_json(path)
+    manifest["removed"]["width"] = []
+    path.write_text(json.dumps(manifest))
+    _refused(["verify", str(applied)], capsys, "`removed.width` should be an object")
+    manifest["removed"]["width"] = {"params": 1, "tensors": 1, "dir": None}
+    manifest["copied_files"] = ["../../etc/passwd"]
+    path.write_text(json.dumps(manifest))
+    _refused(["verify", str(applied)], capsys, "not a path inside the output directory")
+
+
+def test_missing_bundle_file_names_the_right_fix(
+    applied: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (applied / "bundles/B/layer_001.safetensors").unlink()
+    err = _refused(
+        ["restore", str(applied), "--upto", "B", "-o", str(tmp_path / "r")],
+        capsys,
+        "layer_001.safetensors: missing",
+        "run `plancc apply` again",
+    )
+    assert "re-download" not in err
+
+
+def test_hash_source_is_checked_by_full_restore(
+    llama5: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    plan = write_plan(tmp_path, llama5, BODY)
+    assert main(["apply", str(plan), "-o", str(out), "--hash-source"]) == 0
+    manifest = read_json(out / "A" / "manifest.json")
+    assert manifest["source"]["sha256"] == {
+        "model.safetensors": file_hashes(llama5)["model.safetensors"]
+    }
+    dest = tmp_path / "restored"
+    assert main(["restore", str(out), "-o", str(dest)]) == 0
+    assert file_hashes(dest) == file_hashes(llama5)
+    # A recorded source hash that the rebuilt file does not match is refused.
+    manifest["source"]["sha256"]["model.safetensors"] = "0" * 64
+    (out / "A" / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    _refused(["restore", str(out), "-o", str(tmp_path / "again")], capsys, "the source's was")
+    _nothing_beside(tmp_path / "again")
+
+
+# ---- checkpoints that disagree with themselves ----------------------------------------
+
+
+def _with_config(src: Path, dest: Path, **changes: object) -> Path:
+    shutil.copytree(src, dest)
+    config = read_json(dest / "config.json")
+    config.update(changes)
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.mark.parametrize(("layers", "text"), [(4, "also hold layer(s) 4"), (6, "5 have no")])
+def test_layer_count_must_match_the_tensors(
+    llama5: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], layers: int, text: str
+) -> None:
+    model = _with_config(llama5, tmp_path / "odd", num_hidden_layers=layers)
+    _refused(["check", "examples/smollm2-depth.prn", "--model", str(model)], capsys, text)
+    out = tmp_path / "out"
+    plan = tmp_path / "p.prn"
+    plan.write_text('plan 1\nmodel "odd" {\n  arch llama\n}\ndrop layers 1\n')
+    _refused(["apply", str(plan), "--model", str(model), "-o", str(out)], capsys, text)
+    _nothing_beside(out)
+
+
+@pytest.mark.parametrize(
+    ("index", "text"),
+    [
+        ("not json", "corrupt shard index"),
+        ('{"weight_map": {}}', "lists no tensors"),
+        ('{"weight_map": {"lm_head.weight": "other.safetensors"}}', "one of them is stale"),
+        ('{"weight_map": {"model.norm.weight": "model.safetensors"}}', "not listed"),
+    ],
+)
+def test_shard_index_beside_a_single_file_is_checked(
+    llama5: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], index: str, text: str
+) -> None:
+    model = tmp_path / "m"
+    shutil.copytree(llama5, model)
+    (model / "model.safetensors.index.json").write_text(index)
+    _refused(["check", "examples/smollm2-depth.prn", "--model", str(model)], capsys, text)
+
+
+# ---- I/O failures are exit 2 with a message --------------------------------------------
+
+
+def test_output_under_a_regular_file(
+    llama5: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = write_plan(tmp_path, llama5, BODY)
+    (tmp_path / "afile").write_text("x")
+    _refused(["apply", str(plan), "-o", str(tmp_path / "afile" / "out")], capsys, "is a file")
+
+
+def test_output_in_proc(llama5: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = write_plan(tmp_path, llama5, BODY)
+    _refused(["apply", str(plan), "-o", "/proc/plancc-x"], capsys, "cannot write the output")
+
+
+def test_output_is_the_current_directory(
+    llama5: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plan = write_plan(tmp_path, llama5, BODY)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    _refused(["apply", str(plan), "-o", ".", "--force"], capsys, "current directory")
+    assert sorted(os.listdir(tmp_path)) == ["plan.prn", "work"]
+    assert os.listdir(work) == []
+
+
+def test_full_disk_midway(
+    llama5: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import executor.safetensors_io as io
+
+    real = io._write_all
+    calls = []
+
+    def full(fd: int, data: object) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(io, "_write_all", full)
+    plan = write_plan(tmp_path, llama5, BODY)
+    out = tmp_path / "out"
+    _refused(["apply", str(plan), "-o", str(out)], capsys, "No space left on device", "free space")
+    _nothing_beside(out)
+
+
+def test_read_only_location(
+    llama5: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """EROFS/EACCES when the staging directory is made (root ignores chmod, so simulated)."""
+    import executor.outdir as outdir
+
+    def refuse(path: object, *args: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(outdir.os, "mkdir", refuse)
+    plan = write_plan(tmp_path, llama5, BODY)
+    out = tmp_path / "out"
+    _refused(["apply", str(plan), "-o", str(out)], capsys, "Read-only file system", "read-only")
+    _nothing_beside(out)
+
+
+def test_oserror_at_the_boundary_is_exit_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import compiler.cli as cli
+
+    def broken(*args: object) -> None:
+        raise OSError(errno.EIO, "Input/output error", "/some/file")
+
+    monkeypatch.setattr(cli, "run_check", broken)
+    assert main(["check", "x.prn"]) == 2
+    assert "plancc: error: I/O error (/some/file): Input/output error" in capsys.readouterr().err
+
+
+# ---- never lose a user's files ---------------------------------------------------------
+
+
+def test_output_directories_have_the_normal_mode(applied: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for d in (applied, applied / "A", applied / "bundles" / "B"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~umask, d
+
+
+def test_force_replaces_only_plancc_outputs(
+    applied: Path, llama5: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = tmp_path / "plan.prn"
+    assert main(["apply", str(plan), "-o", str(applied), "--force"]) == 0
+    capsys.readouterr()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    _refused(["apply", str(plan), "-o", str(precious), "--force"], capsys, "not a plancc output")
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    # Nor the checkpoint itself, nor a directory holding the plan.
+    _refused(["apply", str(plan), "-o", str(llama5), "--force"], capsys, "input")
+    _refused(["apply", str(plan), "-o", str(tmp_path), "--force"], capsys, "input")
+    # A restored original has no marker: it is exactly the original, and --force refuses it.
+    dest = tmp_path / "restored"
+    assert main(["restore", str(applied), "-o", str(dest)]) == 0
+    assert not (dest / MARKER).exists()
+    capsys.readouterr()
+    _refused(["restore", str(applied), "-o", str(dest), "--force"], capsys, "restore --upto all")
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from executor.outdir import staging_dir
+with staging_dir(Path(sys.argv[1]), "tmp", "apply") as tmp:
+    (tmp / "big.bin").write_bytes(b"x" * 1000)
+    print(tmp, flush=True)
+    time.sleep(60)
+"""
+
+
+def _hold_staging_dir(dest: Path) -> tuple[subprocess.Popen[str], Path]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(dest)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_kill_9_leftovers_are_removed_by_the_next_run(
+    llama5: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = write_plan(tmp_path, llama5, BODY)
+    out = tmp_path / "out"
+    dead, dead_tmp = _hold_staging_dir(out)
+    live, live_tmp = _hold_staging_dir(out)
+    try:
+        os.kill(dead.pid, signal.SIGKILL)
+        dead.wait()
+        assert dead_tmp.is_dir() and live_tmp.is_dir()
+        user = tmp_path / ".out.tmp-notmine0"  # the right name, but no marker: not ours
+        user.mkdir()
+        assert main(["apply", str(plan), "-o", str(out)]) == 0
+        assert not dead_tmp.exists()  # its owner is dead: removed
+        assert live_tmp.is_dir()  # a live run holds its lock: left alone
+        assert user.is_dir()
+    finally:
+        live.kill()
+        live.wait()
+    time.sleep(0.1)
+    assert main(["apply", str(plan), "-o", str(out), "--force"]) == 0
+    assert not live_tmp.exists()
+
+
+def test_remote_code_is_withheld_unless_asked(
+    llama5: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _with_config(llama5, tmp_path / "remote", auto_map={"AutoModel": "modeling_x.X"})
+    (model / "modeling_x.py").write_text("import os\nos.system('echo pwned')\n")
+    plan = write_plan(tmp_path, model, BODY)
+    out = tmp_path / "out"
+    assert main(["apply", str(plan), "-o", str(out)]) == 0
+    assert not (out / "A" / "modeling_x.py").exists()
+    assert "auto_map" not in read_json(out / "A" / "config.json")
+    assert read_json(out / "A" / "manifest.json")["withheld_files"] == ["modeling_x.py"]
+    assert main(["restore", str(out), "--upto", "B", "-o", str(tmp_path / "b")]) == 0
+    assert "auto_map" not in read_json(tmp_path / "b" / "config.json")
+    dest = tmp_path / "restored"
+    assert main(["restore", str(out), "-o", str(dest)]) == 0
+    assert file_hashes(dest) == file_hashes(model)  # the original, code included
+    kept = tmp_path / "kept"
+    assert main(["apply", str(plan), "-o", str(kept), "--copy-remote-code"]) == 0
+    assert (kept / "A" / "modeling_x.py").is_file()
+    assert "auto_map" in read_json(kept / "A" / "config.json")
