@@ -94,9 +94,8 @@ def check_destination(dest: Path, force: bool, inputs: Iterable[Path] = ()) -> N
         raise OutputError(f"{dest} exists and is not a directory; remove it or choose another -o")
     if not is_plancc_output(dest):
         raise OutputError(
-            f"{dest} exists and is not a plancc output (no {MARKER}; a `restore --upto all` "
-            "result has none, being the original checkpoint), so --force will not delete it; "
-            "remove it yourself or choose another -o"
+            f"{dest} exists and is not a plancc output (no {MARKER}), so --force will not "
+            "delete it; remove it yourself or choose another -o"
         )
 
 
@@ -204,12 +203,9 @@ def staged_output(
     force: bool,
     inputs: Iterable[Path] = (),
     what: str = "cannot write the output",
-    marked: bool = True,
 ) -> Iterator[Path]:
     """Check `dest`, clean up after dead runs, yield a staging directory, install it.
 
-    `marked=False` removes the marker before installing: a restored original
-    checkpoint stays exactly the original (so a later --force refuses it).
     Nothing is left behind on failure; OSErrors become OutputError.
     """
     dest = absolute(dest)
@@ -219,8 +215,6 @@ def staged_output(
         remove_stale(dest)
         with staging_dir(dest, "tmp", kind) as tmp:
             yield tmp
-            if not marked:
-                (tmp / MARKER).unlink()
             install(tmp, dest, kind)
     except OSError as exc:
         raise OutputError(describe_os_error(what, exc, dest)) from None

@@ -296,7 +296,7 @@ def restore(root: Path, upto: str, dest: Path, force: bool = False) -> RestoreRe
         raise RestoreError(f"--upto {upto}: no such bundle in {root} (bundles: {have}; or `all`)")
     restored = None if upto == "all" else _bundles_upto(applied, upto)
     applied.verify(restored)
-    with staged_output(dest, "restore", force, inputs=[root], marked=restored is not None) as tmp:
+    with staged_output(dest, "restore", force, inputs=[root]) as tmp:
         try:
             if restored is None:
                 layers = _restore_all(applied, tmp)
@@ -324,7 +324,9 @@ def _restore_all(applied: Applied, dest: Path) -> tuple[int, ...]:
     """The original checkpoint: original headers, tensors at their original offsets."""
     src = _Sources(applied)
     selections = applied.selections
-    headers: dict[str, str] = _read(applied.a / ORIGINAL_CONFIG_DIR / ORIGINAL_HEADERS, dict)
+    headers: dict[str, str] = _read(
+        applied.a / ORIGINAL_CONFIG_DIR / ORIGINAL_HEADERS, HEADERS_SCHEMA
+    )
     log = {e["source"]: e for e in applied.log}
     plans: list[tuple[str, bytes, list[OutEntry]]] = []
     with SourceFiles() as files:

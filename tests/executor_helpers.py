@@ -38,11 +38,14 @@ def tensor_hashes(path: Path) -> dict[str, str]:
 
 
 def file_hashes(model_dir: Path) -> dict[str, str]:
-    """sha256 of every file of a directory (recursively), by relative path."""
+    """sha256 of every file of a directory (recursively), by relative path, except
+    plancc's `.plancc-output.json` marker (what `--force` may replace)."""
+    from executor.layout import MARKER
+
     return {
         str(p.relative_to(model_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(model_dir.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.relative_to(model_dir) != Path(MARKER)
     }
 
 
