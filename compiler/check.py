@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler import ir
-from compiler.diagnostics import Diagnostic, error, sort_diagnostics
+from compiler.diagnostics import Diagnostic, cap_repeats, error, sort_diagnostics
 from compiler.facts import ModelFacts, validate_facts
 from compiler.parse import parse
 from compiler.passes import PASSES, Context
@@ -47,7 +47,7 @@ def check_text(
     diags = list(parsed.diagnostics)
     plan = parsed.plan
     if plan is None or plan.model is None:
-        return CheckResult(text, plan, None, tuple(sort_diagnostics(diags)), None)
+        return CheckResult(text, plan, None, tuple(_final(diags)), None)
     facts, fact_diags = validate_facts(plan.model)
     diags += fact_diags
     if checkpoint is not None:
@@ -56,11 +56,16 @@ def check_text(
         ctx = Context(plan, facts, base_dir)
         for _name, run in PASSES:
             diags += run(ctx)
-    diags = sort_diagnostics(diags)
+    diags = _final(diags)
     resolved = None
     if facts.layers is not None and not any(d.is_error for d in diags):
         resolved = resolve(plan, facts)
     return CheckResult(text, plan, facts, tuple(diags), resolved)
+
+
+def _final(diags: list[Diagnostic]) -> list[Diagnostic]:
+    """Source order, duplicates dropped, long runs of one code in one statement folded."""
+    return cap_repeats(sort_diagnostics(diags))
 
 
 def check_file(path: Path, checkpoint: Mapping[str, Any] | None = None) -> CheckResult:

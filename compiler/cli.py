@@ -19,8 +19,7 @@ from pathlib import Path
 from compiler.check import CheckResult, check_file
 from compiler.diagnostics import render_json, render_text, summary_line
 from compiler.diff import diff_plans
-from compiler.fmt import format_plan
-from compiler.parse import parse
+from compiler.fmt import format_source
 
 EXIT_OK, EXIT_PLAN, EXIT_USAGE = 0, 1, 2
 
@@ -107,13 +106,13 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in args.files:
         text = read_plan_text(path)
-        parsed = parse(text)
-        if parsed.plan is None:
-            print(render_text(list(parsed.diagnostics), str(path), text), file=sys.stderr)
-            print(f"{path}: not formatted: fix the syntax errors first", file=sys.stderr)
+        result = format_source(text)
+        if result.text is None:  # refused: the file stays as it is
+            print(render_text(list(result.diagnostics), str(path), text), file=sys.stderr)
+            print(f"{path}: not formatted: {result.reason}", file=sys.stderr)
             status = max(status, EXIT_PLAN)
             continue
-        formatted = format_plan(parsed.plan)
+        formatted = result.text
         if formatted == text:
             continue
         if args.check:
@@ -180,9 +179,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "fmt",
         help="rewrite plans in canonical layout",
         description="Rewrite plans in canonical layout: header, then statements by kind and "
-        "first layer; comments stay with their statements. Idempotent.",
+        "first layer; comments stay with their statements. Idempotent. A plan with syntax "
+        "or header errors (P001-P011) is refused and left untouched.",
         epilog="exit status: 0 nothing to do / formatted, 1 --check found files to reformat "
-        "or a file has syntax errors, 2 I/O errors",
+        "or a file has syntax or header errors, 2 I/O errors",
     )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if any would")

@@ -79,6 +79,9 @@ class Diagnostic:
     span: Span = NOWHERE
     help: str | None = None
     notes: tuple[str, ...] = field(default=())
+    # How many problems this diagnostic stands for: 1, or N for the
+    # `... and N more` diagnostic that `cap_repeats` folds a long run into.
+    count: int = 1
 
     @property
     def severity(self) -> Severity:
@@ -111,19 +114,62 @@ def sort_diagnostics(diags: Iterable[Diagnostic]) -> list[Diagnostic]:
     return out
 
 
+# At most this many diagnostics of one code per statement (source line) are
+# listed; the rest become one `... and N more` diagnostic with that code.
+REPEAT_LIMIT = 5
+# How the folded rest is named, per code that repeats within one statement.
+_REPEATED = {
+    "P102": "reversed ranges",
+    "P103": "indices listed twice",
+    "P104": "indices out of range",
+}
+
+
+def cap_repeats(diags: Iterable[Diagnostic], limit: int = REPEAT_LIMIT) -> list[Diagnostic]:
+    """Fold long runs: per (code, line), the first `limit` in source order, then one
+    `... and N more` diagnostic (same code, at the first one left out, `count` N).
+
+    A run of `limit + 1` is listed whole (folding one would hide nothing). Input
+    order is kept otherwise; linear apart from sorting each long run.
+    """
+    diags = list(diags)
+    runs: dict[tuple[str, int], list[int]] = {}
+    for i, d in enumerate(diags):
+        if d.span.line:
+            runs.setdefault((d.code, d.span.line), []).append(i)
+    drop: set[int] = set()
+    folded: dict[int, Diagnostic] = {}
+    for (code, _line), members in runs.items():
+        if len(members) <= limit + 1:
+            continue
+        members.sort(key=lambda i: (diags[i].span, diags[i].message))
+        first_hidden = diags[members[limit]]
+        rest = sum(diags[i].count for i in members[limit:])
+        what = _REPEATED.get(code, f"`{code}` problems ({CODES[code]})")
+        folded[members[limit]] = Diagnostic(
+            code,
+            f"... and {rest:,} more {what} in this statement",
+            first_hidden.span,
+            first_hidden.help,
+            count=rest,
+        )
+        drop.update(members[limit + 1 :])
+    return [folded.get(i, d) for i, d in enumerate(diags) if i not in drop]
+
+
 def render_text(diags: Iterable[Diagnostic], path: str, source: str) -> str:
     """rustc/ruff style: location, code and message, the line, a caret, help."""
-    lines = source.splitlines()
+    lines = source.split("\n")  # lines as the parser counts them (only \n ends one)
     chunks = []
     for d in diags:
         loc = f"{path}:{d.span.line}:{d.span.col}" if d.span.line else path
         out = [f"{loc}: {d.severity.value}[{d.code}]: {d.message}"]
         if 0 < d.span.line <= len(lines):
-            text = lines[d.span.line - 1].replace("\t", " ")
+            text, col = _excerpt(lines[d.span.line - 1].replace("\t", " "), d.span.col)
             gutter = f"{d.span.line:>4} | "
             out.append(gutter + text)
-            pad = " " * (len(gutter) - 2) + "| " + " " * (d.span.col - 1)
-            out.append(pad + "^" * max(1, min(d.span.width, len(text) - d.span.col + 1)))
+            pad = " " * (len(gutter) - 2) + "| " + " " * (col - 1)
+            out.append(pad + "^" * max(1, min(d.span.width, len(text) - col + 1)))
         out.extend(f"  = note: {n}" for n in d.notes)
         if d.help:
             out.append(f"  = help: {d.help}")
@@ -131,37 +177,56 @@ def render_text(diags: Iterable[Diagnostic], path: str, source: str) -> str:
     return "\n\n".join(chunks)
 
 
+# A source line longer than this is shown as a window around the caret, so a
+# diagnostic on a 10,000-index selection prints a screen line, not 50 kB.
+EXCERPT_WIDTH = 100
+
+
+def _excerpt(text: str, col: int) -> tuple[str, int]:
+    """(the part of `text` shown, the caret's column in it); `...` marks cuts."""
+    if len(text) <= EXCERPT_WIDTH:
+        return text, col
+    lo = max(0, min(col - 1 - EXCERPT_WIDTH // 3, len(text) - EXCERPT_WIDTH))
+    pre = "..." if lo else ""
+    post = "..." if lo + EXCERPT_WIDTH < len(text) else ""
+    return pre + text[lo : lo + EXCERPT_WIDTH] + post, col - lo + len(pre)
+
+
 def summary_line(diags: list[Diagnostic]) -> str:
-    errors = sum(d.is_error for d in diags)
-    warnings = len(diags) - errors
+    """`found 2 errors and 1 warning`; problems folded by `cap_repeats` are counted
+    too, and then the number of diagnostics listed is added: `(7 listed)`."""
+    errors = sum(d.count for d in diags if d.is_error)
+    warnings = sum(d.count for d in diags if not d.is_error)
     if not diags:
         return "no problems found"
     parts = []
     if errors:
-        parts.append(f"{errors} error{'s' * (errors != 1)}")
+        parts.append(f"{errors:,} error{'s' * (errors != 1)}")
     if warnings:
-        parts.append(f"{warnings} warning{'s' * (warnings != 1)}")
-    return "found " + " and ".join(parts)
+        parts.append(f"{warnings:,} warning{'s' * (warnings != 1)}")
+    listed = f" ({len(diags):,} listed)" if errors + warnings != len(diags) else ""
+    return "found " + " and ".join(parts) + listed
 
 
 def render_json(diags: Iterable[Diagnostic], path: str) -> str:
-    """One JSON object per line, for editors and CI."""
+    """One JSON object per line, for editors and CI.
+
+    A `... and N more` diagnostic (see `cap_repeats`) also has `"count": N`.
+    """
     rows = []
     for d in diags:
-        rows.append(
-            json.dumps(
-                {
-                    "path": path,
-                    "line": d.span.line,
-                    "column": d.span.col,
-                    "end_line": d.span.end_line,
-                    "end_column": d.span.end_col,
-                    "severity": d.severity.value,
-                    "code": d.code,
-                    "message": d.message,
-                    "help": d.help,
-                },
-                sort_keys=True,
-            )
-        )
+        row: dict[str, object] = {
+            "path": path,
+            "line": d.span.line,
+            "column": d.span.col,
+            "end_line": d.span.end_line,
+            "end_column": d.span.end_col,
+            "severity": d.severity.value,
+            "code": d.code,
+            "message": d.message,
+            "help": d.help,
+        }
+        if d.count != 1:
+            row["count"] = d.count
+        rows.append(json.dumps(row, sort_keys=True))
     return "\n".join(rows)

@@ -7,16 +7,21 @@ paragraphs. Selections are sorted and merged (`3, 4, 5` → `3..5`); `by
 magnitude` (the default) is omitted. Every comment stays with the statement
 (or model fact) it was written beside or above; comments after the last
 statement stay at the end. The printer is idempotent: fmt(fmt(x)) == fmt(x).
+`format_source` is what `plancc fmt` runs: it refuses plans with syntax or
+header errors, which the printer could not reproduce faithfully.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from compiler import ir
-from compiler.facts import FACT_LINES
+from compiler.diagnostics import Diagnostic, sort_diagnostics
+from compiler.facts import FACT_LINES, validate_facts
+from compiler.parse import parse
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*\Z")
 # Keys for comment targets that are not IR nodes.
@@ -97,6 +102,7 @@ def _attach(plan: ir.Plan) -> tuple[dict[int, _Notes], list[str]]:
     for st in plan.statements:
         units.append((st.span.line, st.span.end_line or st.span.line, st))
     units.sort(key=lambda u: u[0])
+    starts = [u[0] for u in units]  # units never overlap: one statement per line
 
     notes: dict[int, _Notes] = defaultdict(_Notes)
     trailer: list[str] = []
@@ -105,25 +111,28 @@ def _attach(plan: ir.Plan) -> tuple[dict[int, _Notes], list[str]]:
     if model is not None:
         for f in model.facts:
             facts_by_line[f.span.line].append(f)
+    fact_lines = sorted(facts_by_line)
+    # Each comment finds its unit by binary search: fmt stays O(n log n) in the
+    # number of statements and comments.
     for c in plan.comments:
         if model is not None and model.span.line < c.line < model.span.end_line:
             if c.trailing and facts_by_line.get(c.line):
                 notes[id(facts_by_line[c.line][-1])].trailing.append(c.text)
                 continue
-            later = [f for f in model.facts if f.span.line > c.line]
-            target = min(later, key=lambda f: f.span.line) if later else _MODEL_CLOSE
+            k = bisect.bisect_right(fact_lines, c.line)
+            target = facts_by_line[fact_lines[k]][0] if k < len(fact_lines) else _MODEL_CLOSE
             notes[id(target)].leading.append(c.text)
             continue
         if c.trailing:
-            unit = next((u for u in units if u[0] <= c.line <= u[1]), None)
-            if unit is not None:
-                notes[id(unit[2])].trailing.append(c.text)
+            k = bisect.bisect_right(starts, c.line) - 1
+            if k >= 0 and units[k][0] <= c.line <= units[k][1]:
+                notes[id(units[k][2])].trailing.append(c.text)
                 continue
-        following = next((u for u in units if u[0] > c.line or u[0] == c.line), None)
-        if following is None:
+        k = bisect.bisect_left(starts, c.line)
+        if k == len(units):
             trailer.append(c.text)
         else:
-            notes[id(following[2])].leading.append(c.text)
+            notes[id(units[k][2])].leading.append(c.text)
     return notes, trailer
 
 
@@ -198,3 +207,61 @@ def format_model_block(block: ir.ModelBlock) -> str:
     out: list[str] = []
     _emit_model(out, block, {})
     return "\n".join(out) + "\n"
+
+
+# ---- the `plancc fmt` contract ---------------------------------------------------------
+
+# Syntax and header errors (P001-P011): the parse could not see the whole plan
+# (a statement blanked out after a syntax error), kept only one of two header
+# lines, invented one (`plan 0` for a missing version line), or cannot say
+# which of two facts the plan means. Printing such a plan could change what
+# it means or write a file that no longer parses, so fmt refuses it.
+HEADER_CODES = frozenset(f"P{n:03d}" for n in range(1, 12))
+
+
+@dataclass(frozen=True)
+class FormatResult:
+    """`text` is the canonical text; None when fmt refuses, saying why."""
+
+    text: str | None
+    diagnostics: tuple[Diagnostic, ...] = ()
+    reason: str | None = None
+
+
+def format_source(text: str) -> FormatResult:
+    """Format plan text, or refuse to: what `plancc fmt` and `fmt --check` run.
+
+    Refused: any syntax error, any error in the header (`plan`, `model { }`,
+    `source`, `scores`, `calibration`: codes P001-P011, from the parser and
+    from the model facts' validation). Other errors (an index out of range, a
+    conflict) do not stop fmt: they are the plan's meaning, kept as written.
+    Before answering, the output is parsed back: it must be the same plan with
+    the same comments, or fmt refuses rather than write it.
+    """
+    parsed = parse(text)
+    if parsed.plan is None:
+        return FormatResult(None, parsed.diagnostics, "fix the syntax errors first")
+    blocking = [d for d in parsed.diagnostics if d.is_error and d.code in HEADER_CODES]
+    if parsed.plan.model is not None:
+        _facts, fact_diags = validate_facts(parsed.plan.model)
+        blocking += [d for d in fact_diags if d.is_error and d.code in HEADER_CODES]
+    if blocking:
+        return FormatResult(
+            None,
+            tuple(sort_diagnostics(blocking)),
+            "fix the header errors first (fmt would have to guess what the plan means)",
+        )
+    formatted = format_plan(parsed.plan)
+    again = parse(formatted)
+    comments = sorted(c.text for c in parsed.plan.comments)
+    if (
+        again.plan != parsed.plan
+        or any(d.is_error for d in again.diagnostics)
+        or sorted(c.text for c in again.plan.comments) != comments  # type: ignore[union-attr]
+    ):  # pragma: no cover - a printer bug; the property tests look for one
+        return FormatResult(
+            None,
+            again.diagnostics,
+            "the canonical text would not parse back to the same plan (a plancc bug)",
+        )
+    return FormatResult(formatted)

@@ -82,7 +82,20 @@ class Selection:
 
     @staticmethod
     def from_ints(values: list[int] | tuple[int, ...] | set[int]) -> Selection:
-        return Selection.of([Range(v, v) for v in sorted(values)])
+        """The canonical selection of these integers (runs of consecutive ones
+        become ranges), built in one pass over them sorted, one Range per run."""
+        ranges: list[Range] = []
+        lo = hi = None
+        for v in sorted(values):
+            if hi is not None and v == hi + 1:
+                hi = v
+                continue
+            if lo is not None:
+                ranges.append(Range(lo, hi))  # type: ignore[arg-type]
+            lo = hi = v
+        if lo is not None:
+            ranges.append(Range(lo, hi))  # type: ignore[arg-type]
+        return Selection(tuple(ranges))
 
     def __iter__(self) -> Iterator[int]:
         for r in self.ranges:
@@ -122,7 +135,8 @@ class ModelBlock:
     span: Span = field(default=NOWHERE, compare=False)
 
     def _key(self) -> tuple[Any, ...]:
-        return (self.name, tuple(sorted(canonical(f) for f in self.facts)))
+        # repr: values of one key may differ in type (`layers 3` and `layers 3..5`)
+        return (self.name, tuple(sorted(repr(canonical(f)) for f in self.facts)))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ModelBlock) and self._key() == other._key()

@@ -9,6 +9,7 @@ or missing header statements, a wrong version) are diagnostics too.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 from dataclasses import dataclass
@@ -63,21 +64,24 @@ class ParseResult:
 def parse(text: str) -> ParseResult:
     """Parse plan text; on syntax errors `plan` is None and every error is listed."""
     syntax_errors: list[Diagnostic] = []
-    work = text
-    for _ in range(text.count("\n") + 2):
+    lines = text.split("\n")
+    work, rows = text, _Rows()  # the text parsed in this round, and its file lines
+    resume = _Resume(lines)
+    for _ in range(len(lines) + 1):
         try:
             tree = _parser().parse(work)
             break
         except UnexpectedInput as exc:
-            syntax_errors.append(_syntax_diagnostic(exc, work))
+            syntax_errors.append(_moved(_syntax_diagnostic(exc, work), rows))
             if isinstance(exc, UnexpectedEOF) or (
                 isinstance(exc, UnexpectedToken) and exc.token.type == "$END"
             ):
                 break
-            blanked = _blank_statement(work, exc.line)
-            if blanked == work:
+            start = _blank_statement(lines, rows.file_line(exc.line))
+            if start is None:
                 break
-            work = blanked
+            resume.skip_parsed(start)
+            work, rows = resume.work()
     else:  # pragma: no cover - the loop always breaks: each round blanks a line
         tree = None
     if syntax_errors:
@@ -93,8 +97,9 @@ def parse(text: str) -> ParseResult:
 def _syntax_diagnostic(exc: UnexpectedInput, text: str) -> Diagnostic:
     shown = _terminal_text()
     if isinstance(exc, UnexpectedCharacters):
-        line = text.splitlines()[exc.line - 1] if exc.line >= 1 else ""
-        char = line[exc.column - 1] if 0 < exc.column <= len(line) else text[exc.pos_in_stream]
+        # The character at the offset lark reports (not looked up by line: lark
+        # counts lines on \n only, `str.splitlines` also on \f, \x85, \u2028...).
+        char = text[exc.pos_in_stream : exc.pos_in_stream + 1]
         span = ir.Span(exc.line, exc.column, exc.line, exc.column + 1)
         help_ = None
         if char == "-":
@@ -106,7 +111,7 @@ def _syntax_diagnostic(exc: UnexpectedInput, text: str) -> Diagnostic:
     if isinstance(exc, UnexpectedEOF) or (
         isinstance(exc, UnexpectedToken) and exc.token.type == "$END"
     ):
-        lines = text.rstrip("\n").splitlines() or [""]
+        lines = text.rstrip("\n").split("\n")
         span = ir.Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
         return error("P001", f"unexpected end of file, expected {_one_of(expected)}", span)
     assert isinstance(exc, UnexpectedToken)
@@ -133,38 +138,136 @@ def _syntax_diagnostic(exc: UnexpectedInput, text: str) -> Diagnostic:
     return error("P001", f"expected {_one_of(expected)}, found {found}", span)
 
 
+def _moved(d: Diagnostic, rows: _Rows) -> Diagnostic:
+    """`d` found in a round's text made of the file's `rows`: at its place in the file."""
+    if rows == _Rows() or not d.span.line:
+        return d
+    sp = d.span
+    span = ir.Span(rows.file_line(sp.line), sp.col, rows.file_line(sp.end_line), sp.end_col)
+    return dataclasses.replace(d, span=span)
+
+
 def _one_of(items: list[str]) -> str:
     if len(items) == 1:
         return items[0]
     return "one of " + ", ".join(items)
 
 
-def _blank_statement(text: str, line_no: int) -> str:
-    """Replace the statement on `line_no` (1-based) with spaces, to resume parsing.
+def _blank_statement(lines: list[str], line_no: int) -> int | None:
+    """Replace the statement on `line_no` (1-based) with spaces, to resume parsing;
+    return its first line (0-based), or None when there is nothing left to blank.
 
     A line that opens a `{` is blanked through the line that closes it, so a
-    broken `model` header does not cascade into one error per fact.
+    broken `model` header does not cascade into one error per fact. Blanking
+    keeps every line's length, so positions in later rounds are the file's.
     """
-    lines = text.split("\n")
     if not 1 <= line_no <= len(lines):
-        return text
+        return None
     start = line_no - 1
     end = start
     if "{" in lines[start] and "}" not in lines[start]:
         while end + 1 < len(lines) and "}" not in lines[end]:
             end += 1
+    if not any(lines[i].strip(" ") for i in range(start, end + 1)):
+        return None
     for i in range(start, end + 1):
         lines[i] = " " * len(lines[i])
-    return "\n".join(lines)
+    return start
+
+
+class _Resume:
+    """What the next parse round reads after a syntax error: the last whole
+    statement that parsed, then the file from the first line not yet known to
+    lie between statements (`rows`: the file lines it is made of, 0-based).
+
+    The lines left out parsed before the error, as whole statements (a
+    statement ends at a newline outside braces), or are blank or comments
+    between statements: parsing them again could only find the same, and a
+    blank line changes nothing after it. The last statement is kept so the
+    parser resumes in the state it had (the expected tokens the next error
+    names stay the same). Each line is scanned and parsed about once, so a file
+    with an error on every line is checked in linear time, not quadratic.
+    """
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        self.scanned = 0  # lines[:scanned] end outside every `{ }`
+        self.last: tuple[int, int] | None = None  # first, last line of the last statement
+
+    def skip_parsed(self, stop: int) -> None:
+        """`lines[:stop]` parsed without error (line `stop` starts the failed statement)."""
+        depth, item = 0, None
+        for i in range(self.scanned, stop):
+            depth, item = _scan_braces(self.lines[i], i, depth, item)
+            if depth == 0:
+                if item is not None:
+                    self.last, item = (item, i), None  # a statement ends at this newline
+                self.scanned = i + 1
+
+    def work(self) -> tuple[str, _Rows]:
+        """The next round's text, and which file lines it is made of."""
+        first, last = self.last if self.last is not None else (0, -1)
+        head = self.lines[first : last + 1]
+        rows = _Rows(first, len(head), self.scanned)
+        return "\n".join(head + self.lines[self.scanned :]), rows
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Which file line each line of a parse round's text is: `head` lines from
+    `head_start`, then every line from `tail_start`."""
+
+    head_start: int = 0
+    head: int = 0
+    tail_start: int = 0
+
+    def file_line(self, line: int) -> int:
+        """The file's 1-based line number of the text's `line` (1-based)."""
+        if line < 1:
+            return line
+        i = line - 1
+        return (self.head_start + i if i < self.head else self.tail_start + i - self.head) + 1
+
+
+def _scan_braces(line: str, number: int, depth: int, item: int | None) -> tuple[int, int | None]:
+    """(depth after `line`, first line of the statement open after it) as the lexer
+    sees braces: not inside strings (`\\` and `\"` escapes) or comments."""
+    if not line.strip(" \t\f\r"):
+        return depth, item
+    in_string = escaped = False
+    for char in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+            continue
+        if char == "#":
+            break
+        if char not in " \t\f\r" and depth == 0 and item is None:
+            item = number  # a statement starts on this line
+        if char == '"':
+            in_string = True
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+    return depth, item
 
 
 # ---- comments ------------------------------------------------------------------
 
 
 def scan_comments(text: str) -> tuple[ir.Comment, ...]:
-    """Every `#` comment with its line, and whether code precedes it on that line."""
+    """Every `#` comment with its line, and whether code precedes it on that line.
+
+    Lines are counted as the parser counts them, on \n only (a \f or \u2028 in a
+    string or comment does not start a line; `str.splitlines` would say it does).
+    """
     out = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         in_string = escaped = False
         for col, char in enumerate(line):
             if in_string:

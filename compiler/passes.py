@@ -26,8 +26,12 @@ class Context:
     base_dir: Path | None  # where relative sidecar paths are resolved
 
     def layers(self, st: ir.Statement) -> list[int]:
-        """The statement's layers that exist in the model, in order."""
-        return st.layers.within(self.facts.layers or 0)
+        """The statement's layers that exist in the model, in order, each once.
+
+        A layer listed twice (P103) is still one decision of this statement: the
+        other passes neither count it twice nor see it as a second decision.
+        """
+        return list(dict.fromkeys(st.layers.within(self.facts.layers or 0)))
 
     def of(self, kind: type[ir.Statement]) -> list[ir.Statement]:
         return [st for st in self.plan.statements if isinstance(st, kind)]
@@ -85,7 +89,9 @@ def check_selections(ctx: Context) -> list[Diagnostic]:
     out: list[Diagnostic] = []
 
     def visit(sel: ir.Selection, what: str, limit: int | None, limit_text: str) -> None:
-        seen: list[ir.Range] = []
+        # Ranges are sorted by (lo, hi), so a range repeats an index iff it starts
+        # at or before the highest end seen so far (one pass, no pairwise scan).
+        reach: int | None = None
         for r in sel.ranges:
             if r.lo > r.hi:
                 out.append(
@@ -107,19 +113,11 @@ def check_selections(ctx: Context) -> list[Diagnostic]:
                         r.span,
                     )
                 )
-            for prev in seen:
-                if r.lo <= prev.hi and prev.lo <= r.hi:
-                    both = max(r.lo, prev.lo)
-                    out.append(
-                        error(
-                            "P103",
-                            f"{what} {both} is listed twice",
-                            r.span,
-                            "list every index once",
-                        )
-                    )
-                    break
-            seen.append(r)
+            if reach is not None and r.lo <= reach:
+                out.append(
+                    error("P103", f"{what} {r.lo} is listed twice", r.span, "list every index once")
+                )
+            reach = r.hi if reach is None else max(reach, r.hi)
 
     def range_text(n: int | None) -> str:
         return f"0..{n - 1}" if n else "none"
@@ -504,16 +502,17 @@ def check_sidecar(ctx: Context) -> list[Diagnostic]:
     if not needed:
         return []
     scores = ctx.plan.scores
-    first_span = needed[0].span
-    if scores is None:
+    if scores is None:  # one diagnostic per `by METRIC` / `compensate` that needs it
+        spans = {(need.span, need.reason): None for need in needed}
         return [
             error(
                 "P120",
-                f"`{needed[0].reason}` needs a scores sidecar, and the plan names none",
-                first_span,
+                f"`{reason}` needs a scores sidecar, and the plan names none",
+                span,
                 'add `scores "FILE.safetensors" sha256 "..."` (plangen analyze writes it), '
                 "or use `by magnitude`",
             )
+            for span, reason in spans
         ]
     path = Path(scores.path)
     if not path.is_absolute() and ctx.base_dir is not None:

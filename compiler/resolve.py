@@ -115,27 +115,29 @@ def resolve(plan: ir.Plan, facts: ModelFacts) -> ResolvedPlan:
     named_bundles: dict[str, tuple[int, ...]] = {}
     for st in plan.statements:
         idx = st.layers.within(n)
-        for i in idx:
-            rec = layer[i]
-            match st:
-                case ir.DropLayers():
-                    rec["dropped"] = True
-                case ir.AttnDropGroups(groups=groups, compensate=comp):
-                    gone = set(groups.within(kv))
-                    rec["groups_kept"] = tuple(g for g in range(kv) if g not in gone)
-                    rec["attn_compensate"] = comp
-                case ir.MlpWidth(width=w, compensate=comp):
-                    rec["ffn"] = _channels(w, facts.ffn)
-                    rec["ffn_compensate"] = comp
-                case ir.MoeDropExperts(experts=experts):
-                    gone = set(experts.within(facts.experts or 0))
-                    rec["experts_kept"] = tuple(
-                        e for e in range(facts.experts or 0) if e not in gone
-                    )
-                case ir.MoeExpertsWidth(width=w):
-                    rec["expert_ffn"] = _channels(w, facts.expert_ffn)
-                case ir.MoeSharedWidth(width=w):
-                    rec["shared_ffn"] = _channels(w, facts.shared_ffn)
+        # What the statement decides is computed once and shared by its layers,
+        # so resolving costs O(statement size + layers), not their product.
+        decided: dict[str, object] = {}
+        match st:
+            case ir.DropLayers():
+                decided = {"dropped": True}
+            case ir.AttnDropGroups(groups=groups, compensate=comp):
+                gone = set(groups.within(kv))
+                kept = tuple(g for g in range(kv) if g not in gone)
+                decided = {"groups_kept": kept, "attn_compensate": comp}
+            case ir.MlpWidth(width=w, compensate=comp):
+                decided = {"ffn": _channels(w, facts.ffn), "ffn_compensate": comp}
+            case ir.MoeDropExperts(experts=experts):
+                gone = set(experts.within(facts.experts or 0))
+                kept = tuple(e for e in range(facts.experts or 0) if e not in gone)
+                decided = {"experts_kept": kept}
+            case ir.MoeExpertsWidth(width=w):
+                decided = {"expert_ffn": _channels(w, facts.expert_ffn)}
+            case ir.MoeSharedWidth(width=w):
+                decided = {"shared_ffn": _channels(w, facts.shared_ffn)}
+        if decided:
+            for i in idx:
+                layer[i].update(decided)
         if isinstance(st, ir.Bundle):
             named_bundles[st.name] = tuple(sorted(set(idx)))
 
@@ -143,6 +145,8 @@ def resolve(plan: ir.Plan, facts: ModelFacts) -> ResolvedPlan:
     bundles = sorted(named_bundles.items()) if named_bundles else default_bundles(dropped)
     bundle_of = {i: name for name, members in bundles for i in members}
 
+    all_groups = tuple(range(kv))
+    all_experts = tuple(range(facts.experts or 0))
     plans = []
     for i in range(n):
         rec = layer[i]
@@ -153,11 +157,11 @@ def resolve(plan: ir.Plan, facts: ModelFacts) -> ResolvedPlan:
                 moe=moe,
                 dropped=bool(rec.get("dropped")),
                 bundle=bundle_of.get(i),
-                groups_kept=rec.get("groups_kept", tuple(range(kv))),  # type: ignore[arg-type]
+                groups_kept=rec.get("groups_kept", all_groups),  # type: ignore[arg-type]
                 attn_compensate=bool(rec.get("attn_compensate")),
                 ffn=None if moe else rec.get("ffn", Channels(facts.ffn or 0)),  # type: ignore[arg-type]
                 ffn_compensate=bool(rec.get("ffn_compensate")),
-                experts_kept=rec.get("experts_kept", tuple(range(facts.experts or 0)))  # type: ignore[arg-type]
+                experts_kept=rec.get("experts_kept", all_experts)  # type: ignore[arg-type]
                 if moe
                 else (),
                 expert_ffn=rec.get("expert_ffn", Channels(facts.expert_ffn or 0))  # type: ignore[arg-type]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
 
 from compiler.check import check_text
-from compiler.diagnostics import CODES, render_text
+from compiler.diagnostics import CODES, cap_repeats, error, render_json, render_text, summary_line
+from compiler.ir import Span
 from tests.plans import FIRST_BODY_LINE as B
 from tests.plans import FIRST_MOE_LINE as M
 from tests.plans import MOE_HEADER, SMOL_HEADER
@@ -217,3 +220,80 @@ def test_w002_judges_resulting_shapes_not_statements() -> None:
     [d] = check_text(mixed).diagnostics
     assert d.code == "W002" and (d.span.line, d.span.col) == (B, 12)
     assert "(width 1024 in layers 0..14; width 512 in layers 15..29)" in d.message
+
+
+# ---- many problems of one kind in one statement ----------------------------------------
+
+
+def test_repeated_diagnostics_are_capped_per_statement() -> None:
+    indices = ", ".join(str(30 + 2 * i) for i in range(10_000))  # 10,000 out of range
+    text = SMOL_HEADER + f"drop layers {indices}\ndrop layers 40, 41, 42\n"
+    result = check_text(text)
+    first = [d for d in result.diagnostics if d.span.line == B]
+    assert [d.code for d in first] == ["P104"] * 6
+    assert [d.count for d in first] == [1, 1, 1, 1, 1, 9_995]
+    assert [d.span.col for d in first[:2]] == [13, 17]
+    assert first[0].message == "layer 30 is out of range: the model has 30 layers (0..29)"
+    assert first[-1].message == "... and 9,995 more indices out of range in this statement"
+    assert first[-1].span.col == 33  # at the first index left out: `40`
+    # the second statement has its own problems, listed in full
+    assert [(d.code, d.span.line) for d in result.diagnostics[6:]] == [("P104", B + 1)]
+    assert summary_line(list(result.diagnostics)) == "found 10,001 errors (7 listed)"
+    rows = [json.loads(r) for r in render_json(result.diagnostics, "p.prn").splitlines()]
+    assert len(rows) == 7 and rows[5]["count"] == 9_995 and "count" not in rows[0]
+    rendered = render_text(result.diagnostics, "p.prn", text)
+    assert max(len(line) for line in rendered.splitlines()) < 200  # a window, not 60 kB
+
+
+def test_cap_folds_only_long_runs_of_one_code() -> None:
+    six = SMOL_HEADER + "drop layers " + ", ".join(str(30 + 2 * i) for i in range(6)) + "\n"
+    assert [d.count for d in check_text(six).diagnostics] == [1] * 6  # 6: nothing to hide
+    seven = six[:-1] + ", 99\n"
+    diags = check_text(seven).diagnostics
+    assert [d.count for d in diags] == [1] * 5 + [2]
+    assert diags[-1].message == "... and 2 more indices out of range in this statement"
+    mixed = SMOL_HEADER + "keep layers " + ", ".join(["3", "3"] * 4 + ["40", "42"]) + "\n"
+    diags = check_text(mixed).diagnostics  # 7 repeats of layer 3, 2 indices out of range
+    assert [(d.code, d.count) for d in diags] == [("P103", 1)] * 5 + [("P103", 2)] + [
+        ("P104", 1),
+        ("P104", 1),
+    ]
+
+
+def test_cap_repeats_is_one_mechanism() -> None:
+    diags = [error("P110", f"width {i}", Span(3, i + 1, 3, i + 2)) for i in range(20)]
+    diags += [error("P110", "width x", Span(4, 1, 4, 2))]
+    capped = cap_repeats(diags, limit=3)
+    assert [d.message for d in capped[:3]] == ["width 0", "width 1", "width 2"]
+    assert capped[3].count == 17 and capped[3].span == Span(3, 4, 3, 5)
+    assert "17 more `P110` problems (width out of range)" in capped[3].message
+    assert capped[4].message == "width x"
+    assert summary_line(capped) == "found 21 errors (5 listed)"
+
+
+def test_form_feed_in_a_string_keeps_lines_in_diagnostics() -> None:
+    """Lines are counted on \\n only (as the parser counts them) when rendering."""
+    text = SMOL_HEADER.replace('"sha256:0000"', '"sha256:\f\u2028"') + "drop layers 31\n"
+    result = check_text(text)
+    [d] = result.diagnostics
+    assert (d.code, d.span.line) == ("P104", B)
+    assert render_text([d], "p.prn", text).splitlines()[1] == "   8 | drop layers 31"
+    syntax = check_text(text.replace("drop layers 31", "drop layers -1"))
+    [d] = syntax.diagnostics
+    assert (d.code, d.span.line, d.span.col) == ("P001", B, 13)
+    assert d.message == "unexpected character `-`"
+
+
+def test_many_syntax_errors_are_found_in_linear_time() -> None:
+    """After a syntax error the parse resumes after the statements that parsed (it
+    started over from the top, so a plan with an error every other line took minutes)."""
+    body = "".join(f"drop layers {i}  # ok\nmlp layers {i} width -1\n" for i in range(800))
+    t0 = time.perf_counter()
+    result = check_text(SMOL_HEADER + body)
+    assert time.perf_counter() - t0 < 10  # about 0.3 s; it was about 35 s
+    assert len(result.diagnostics) == 800
+    assert {(d.code, d.message) for d in result.diagnostics} == {
+        ("P001", "unexpected character `-`")
+    }
+    assert [(d.span.line, d.span.col) for d in result.diagnostics[:2]] == [(B + 1, 20), (B + 3, 20)]
+    assert result.diagnostics[-1].span.line == B + 1599

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+
+from compiler import ir
 from compiler.checkpoint import format_model_block
-from compiler.fmt import format_plan
+from compiler.fmt import format_plan, format_source
 from compiler.parse import parse
+from executor.cli import main as plancc
+from tests.plans import SMOL_HEADER
 
 MESSY = """\
 # made by plangen 0.1 from SmolLM2 (provenance header)
@@ -84,3 +93,98 @@ def test_header_output_is_already_canonical() -> None:
     plan = "plan 1\n" + block
     assert fmt(plan) == plan
     assert "  dense_layers 0..1, 5\n" in block
+
+
+# ---- what fmt refuses ---------------------------------------------------------------
+
+FACTS_LINE = "  layers 30  hidden 576  ffn 1536  vocab 49152  tied true\n"
+REFUSED = [
+    # each of these printed a plan that meant something else, or did not parse
+    ("P008", SMOL_HEADER + 'source "a"\nsource "b"\n'),  # one source silently dropped
+    ("P005", SMOL_HEADER.replace("plan 1\n", "")),  # became `plan 0`
+    ("P009", SMOL_HEADER.replace(FACTS_LINE, FACTS_LINE * 2)),  # merged into one broken line
+    ("P008", SMOL_HEADER + "calibration builtin\ncalibration wikitext2\n"),
+    ("P003", SMOL_HEADER.replace("  arch llama", "  arch llama\n  colour 3")),
+    ("P011", SMOL_HEADER.replace("heads 9", "heads true")),
+    ("P001", SMOL_HEADER + "drop layers\n"),
+]
+
+
+@pytest.mark.parametrize(
+    ("code", "text"), REFUSED, ids=[f"{c}-{i}" for i, (c, _) in enumerate(REFUSED)]
+)
+def test_fmt_refuses_syntax_and_header_errors(code: str, text: str) -> None:
+    result = format_source(text)
+    assert result.text is None and result.reason
+    assert code in {d.code for d in result.diagnostics}
+    assert all(d.is_error for d in result.diagnostics)
+
+
+@pytest.mark.parametrize(
+    ("code", "text"), REFUSED, ids=[f"{c}-{i}" for i, (c, _) in enumerate(REFUSED)]
+)
+def test_fmt_cli_refuses_and_leaves_the_file(
+    code: str, text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "p.prn"
+    path.write_text(text, encoding="utf-8")
+    for argv in (["fmt", str(path)], ["fmt", "--check", str(path)]):
+        assert plancc(argv) == 1
+        out, err = capsys.readouterr()
+        assert f"error[{code}]" in err and f"{path}: not formatted: fix the " in err
+        assert out == ""
+        assert path.read_text(encoding="utf-8") == text
+
+
+def test_fmt_formats_plans_with_other_errors() -> None:
+    """Errors in the statements (out of range, conflicts) are the plan's meaning: kept."""
+    text = SMOL_HEADER + "drop layers 31\nmlp layers 3 width 0\nmlp layers 3 width 8\n"
+    formatted = format_source(text).text
+    assert formatted is not None and formatted.endswith(
+        "drop layers 31\n\nmlp layers 3 width 0\nmlp layers 3 width 8\n"
+    )
+
+
+def test_form_feed_and_line_separators_do_not_move_comments() -> None:
+    # \f, \v, \x1c, \x85 and \u2028 end a line for str.splitlines, not for the parser
+    odd = "\f\v\x1c\x85\u2028"
+    text = (
+        SMOL_HEADER.replace('"sha256:0000"', f'"sha256:{odd}0000"  # odd {odd} bytes')
+        + f"# why 3 {odd} end\ndrop layers 3  # t3\n\f# why 5\nmlp layers 5 width 1024  # t5\n"
+    )
+    plan = parse(text).plan
+    assert plan is not None
+    assert [(c.line, c.trailing) for c in plan.comments] == [
+        (6, True),
+        (8, False),
+        (9, True),
+        (10, False),
+        (11, True),
+    ]
+    once = format_source(text).text
+    assert once is not None
+    assert f'  fingerprint "sha256:{odd}0000"  # odd {odd} bytes\n' in once
+    assert f"# why 3 {odd} end\ndrop layers 3  # t3\n" in once
+    assert "# why 5\nmlp layers 5 width 1024  # t5\n" in once
+    assert format_source(once).text == once
+
+
+def test_fmt_is_linear_in_statements_and_comments() -> None:
+    """Each comment finds its statement by binary search (was a scan per comment)."""
+    head = parse(SMOL_HEADER).plan
+    assert head is not None
+    n = 20_000
+    statements = tuple(
+        ir.DropLayers(ir.Selection((ir.Range(i, i),)), ir.Span(8 + 2 * i, 1, 8 + 2 * i, 14))
+        for i in range(n)
+    )
+    comments = tuple(
+        c
+        for i in range(n)
+        for c in (ir.Comment(f"# about {i}", 7 + 2 * i, False), ir.Comment("# t", 8 + 2 * i, True))
+    )
+    plan = dataclasses.replace(head, statements=statements, comments=comments)
+    t0 = time.perf_counter()
+    text = format_plan(plan)
+    assert time.perf_counter() - t0 < 10  # about 0.3 s; the scan took minutes
+    assert "# about 12345\ndrop layers 12345  # t\n" in text
