@@ -620,8 +620,7 @@ def layer_extent_problem(
     extra = sorted(i for i in present if i >= layers)
     if extra:
         return (
-            f"config.json says {layers} layers but the tensors also hold layer(s) "
-            f"{_ranges(extra)}"
+            f"config.json says {layers} layers but the tensors also hold layer(s) {_ranges(extra)}"
         )
     missing = sorted(set(range(layers)) - present)
     if missing:

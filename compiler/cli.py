@@ -10,6 +10,7 @@ Exit status (all commands): 0 clean (warnings allowed) / no difference,
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -214,3 +215,29 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:  # `plancc check x | head`
         return EXIT_OK
+    except OSError as exc:  # the boundary: an I/O failure is exit 2 with a message
+        print(f"{parser.prog}: error: {describe_os_error('I/O error', exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+_FIXES = {
+    errno.ENOSPC: "free space on that filesystem, or write elsewhere with -o",
+    errno.EDQUOT: "free space (the disk quota is full), or write elsewhere with -o",
+    errno.EACCES: "choose a location you can write with -o",
+    errno.EPERM: "choose a location you can write with -o",
+    errno.EROFS: "the filesystem is read-only; choose another location with -o",
+    errno.ENOTDIR: "a component of the path is a file, not a directory; choose another -o",
+    errno.ENOENT: "check the path",
+    errno.EXDEV: "choose -o on the same filesystem as its parent directory",
+}
+
+
+def describe_os_error(what: str, exc: OSError, where: Path | None = None) -> str:
+    """`what (path): reason; fix` for an OSError (the CLI prefixes `plancc: error:`).
+
+    `where` names the path when the error itself does not (a failed write on an fd).
+    """
+    path = exc.filename if exc.filename is not None else (where or "?")
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    fix = _FIXES.get(exc.errno or -1)
+    return f"{what} ({path}): {reason}" + (f"; {fix}" if fix else "")

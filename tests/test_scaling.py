@@ -1,17 +1,17 @@
-"""`plancc check` stays linear in the size of a selection.
+"""`plancc check` on very large selections: exact diagnostics and resolved plans.
 
 Two kinds of test: the passes and `resolve` on plans built directly as IR (no
 parsing, so a 50,000-item selection costs nothing to make; the pairwise P103
 scan and the per-layer set rebuilding in `resolve` took minutes on these),
 and `check_text` end to end on 10,000-index selections of every statement
-kind. Limits are generous (several times what this 2-core machine needs);
-what they catch is quadratic growth, which misses them by minutes.
+kind. They assert behaviour only; how the time grows with the size is measured
+by `benchmarks/check_scaling.py` (a quadratic regression shows here as a suite
+that takes minutes).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 
@@ -46,19 +46,18 @@ def sel(values: list[int]) -> ir.Selection:
     )
 
 
-def run_passes(head: str, *statements: ir.Statement) -> tuple[list, object, float]:
-    """check_text's pipeline on an IR plan: (diagnostics, resolved or None, seconds)."""
+def run_passes(head: str, *statements: ir.Statement) -> tuple[list, object]:
+    """check_text's pipeline on an IR plan: (diagnostics, resolved or None)."""
     plan = parse(head).plan
     assert plan is not None and plan.model is not None
     plan = dataclasses.replace(plan, statements=statements)
-    t0 = time.perf_counter()
     facts, diags = validate_facts(plan.model)
     ctx = Context(plan, facts, None)
     for _name, check in PASSES:
         diags += check(ctx)
     diags = cap_repeats(sort_diagnostics(diags))
     resolved = resolve(plan, facts) if not any(d.is_error for d in diags) else None
-    return diags, resolved, time.perf_counter() - t0
+    return diags, resolved
 
 
 N = 50_000
@@ -66,12 +65,11 @@ SPAN = ir.Span(9, 1, 9, 2)
 
 
 def test_out_of_range_and_repeated_indices_are_linear() -> None:
-    diags, _, seconds = run_passes(
+    diags, _ = run_passes(
         header(),
         ir.DropLayers(sel([2 * i for i in range(N)]), SPAN),  # 47,952 out of range
         ir.KeepLayers(sel([i % 100 for i in range(N)]), SPAN),  # 49,900 repeated
     )
-    assert seconds < 10  # about 0.3 s; the pairwise repeat scan took minutes
     by_code = {code: [d for d in diags if d.code == code] for code in ("P103", "P104")}
     assert [d.count for d in by_code["P104"]] == [1] * 5 + [N - 2048 - 5]
     assert [d.count for d in by_code["P103"]] == [1] * 5 + [N - 100 - 5]
@@ -87,8 +85,7 @@ def test_group_and_expert_selections_are_linear(what: str) -> None:
     else:
         head = header(layers=64, experts=65536)
         st = ir.MoeDropExperts(sel(list(range(64))), SPAN, sel(list(range(0, 2 * N, 2))))
-    diags, _, seconds = run_passes(head, st)
-    assert seconds < 10  # the same scan, over groups or experts
+    diags, _ = run_passes(head, st)
     [folded] = [d for d in diags if d.count > 1]
     assert folded.code == "P104" and folded.count == N - 32768 - 5
 
@@ -96,14 +93,13 @@ def test_group_and_expert_selections_are_linear(what: str) -> None:
 def test_resolve_is_linear_in_selection_and_layers() -> None:
     """Each statement's kept groups/experts are computed once, not once per layer."""
     groups = sel(list(range(0, 2 * 30_000, 2)))  # 30,000 of 65,536 groups
-    diags, resolved, seconds = run_passes(
+    diags, resolved = run_passes(
         header(layers=4096, heads=65536, kv=65536),
         ir.AttnDropGroups(sel(list(range(1, 4096, 2))), SPAN, groups),
         ir.DropLayers(sel(list(range(0, 4096, 2))), SPAN),
         ir.Bundle(sel(list(range(0, 4096, 2))), SPAN, "B"),
     )
     assert not [d for d in diags if d.is_error], diags
-    assert seconds < 10  # about 0.5 s; rebuilding 30,000 groups per layer took minutes
     assert resolved is not None
     kept = resolved.layers[1].groups_kept  # type: ignore[attr-defined]
     assert len(kept) == 65536 - 30_000 and kept[:3] == (1, 3, 5)
@@ -134,8 +130,5 @@ STATEMENTS = {
 @pytest.mark.parametrize("kind", list(STATEMENTS))
 def test_check_text_on_10000_index_selections(kind: str) -> None:
     head, body = STATEMENTS[kind]
-    t0 = time.perf_counter()
     result = check_text(head + body + "\n")
-    seconds = time.perf_counter() - t0
-    assert seconds < 10, seconds  # about 0.7 s, mostly the parse (2 to 3 s before)
     assert len(result.diagnostics) <= 8  # long runs folded into `... and N more`
