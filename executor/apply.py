@@ -640,9 +640,10 @@ def execute(job: ApplyJob, root: Path, hasher: Hasher | None = None, desc: str =
     with SourceFiles() as files, progress_bar(job.total_bytes, desc) as bar:
         for f in job.files:
             entries = entries_for(f.tensors, job.model_dir, files, job.selections)
+            finished = hasher.follow(root / f.path) if hasher is not None else None
             write_file(root / f.path, entries, files, progress=bar.update)
-            if hasher is not None:
-                hasher.add(root / f.path)
+            if finished is not None:
+                finished()
 
 
 # ---- the whole command ------------------------------------------------------------------

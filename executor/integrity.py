@@ -13,7 +13,9 @@ original checkpoint".
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,17 +32,54 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class _Cancelled(Exception):
+    pass
+
+
 class Hasher:
-    """Hash files on a background thread; `result()` waits for all of them."""
+    """Hash files on a background thread; `result()` waits for all of them.
+
+    `add` hashes a finished file. `follow` hashes a file while it is being
+    written, reading behind the writer (data below the file's size is already
+    in the page cache, so it costs no disk read): the hash of a multi-GB shard
+    is ready moments after its last byte instead of one more pass later.
+    The writer calls the returned function once the file is complete.
+    """
 
     def __init__(self, root: Path, workers: int = 1) -> None:
         self.root = root
         self._pool = ThreadPoolExecutor(max_workers=workers)
         self._futures: dict[str, Future[str]] = {}
+        self._stop = threading.Event()
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
 
     def add(self, path: Path) -> None:
-        rel = path.relative_to(self.root).as_posix()
-        self._futures[rel] = self._pool.submit(sha256_file, path)
+        self._futures[self._rel(path)] = self._pool.submit(sha256_file, path)
+
+    def follow(self, path: Path) -> Callable[[], None]:
+        finished = threading.Event()
+        self._futures[self._rel(path)] = self._pool.submit(self._tail, path, finished)
+        return finished.set
+
+    def _tail(self, path: Path, finished: threading.Event) -> str:
+        while not path.exists():  # the writer has not created it yet
+            if self._stop.wait(0.001):
+                raise _Cancelled(path)
+        h = hashlib.sha256()
+        pos = 0
+        with path.open("rb", buffering=0) as fh:
+            while True:
+                done = finished.is_set()  # read before the data: nothing is missed
+                block = os.pread(fh.fileno(), BLOCK, pos)
+                if block:
+                    h.update(block)
+                    pos += len(block)
+                elif done:
+                    return h.hexdigest()
+                elif self._stop.wait(0.002):
+                    raise _Cancelled(path)
 
     def result(self) -> dict[str, str]:
         try:
@@ -49,6 +88,7 @@ class Hasher:
             self._pool.shutdown()
 
     def close(self) -> None:
+        self._stop.set()
         self._pool.shutdown(cancel_futures=True)
 
 
