@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lark import Lark, Token, Tree
@@ -234,8 +235,23 @@ def _scan_braces(line: str, number: int, depth: int, item: int | None) -> tuple[
     sees braces: not inside strings (`\\` and `\"` escapes) or comments."""
     if not line.strip(" \t\f\r"):
         return depth, item
+    for _col, char in _outside_strings(line):
+        if char == "#":
+            break
+        if char not in " \t\f\r" and depth == 0 and item is None:
+            item = number  # a statement starts on this line
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+    return depth, item
+
+
+def _outside_strings(line: str) -> Iterator[tuple[int, str]]:
+    """(column, character) of each character of `line` outside strings, as the lexer
+    reads them (`\\` and `\"` escapes); an opening quote counts as outside."""
     in_string = escaped = False
-    for char in line:
+    for col, char in enumerate(line):
         if in_string:
             if escaped:
                 escaped = False
@@ -244,17 +260,9 @@ def _scan_braces(line: str, number: int, depth: int, item: int | None) -> tuple[
             elif char == '"':
                 in_string = False
             continue
-        if char == "#":
-            break
-        if char not in " \t\f\r" and depth == 0 and item is None:
-            item = number  # a statement starts on this line
+        yield col, char
         if char == '"':
             in_string = True
-        elif char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-    return depth, item
 
 
 # ---- comments ------------------------------------------------------------------
@@ -268,18 +276,8 @@ def scan_comments(text: str) -> tuple[ir.Comment, ...]:
     """
     out = []
     for number, line in enumerate(text.split("\n"), start=1):
-        in_string = escaped = False
-        for col, char in enumerate(line):
-            if in_string:
-                if escaped:
-                    escaped = False
-                elif char == "\\":
-                    escaped = True
-                elif char == '"':
-                    in_string = False
-            elif char == '"':
-                in_string = True
-            elif char == "#":
+        for col, char in _outside_strings(line):
+            if char == "#":
                 out.append(ir.Comment(line[col:].rstrip(), number, bool(line[:col].strip())))
                 break
     return tuple(out)
