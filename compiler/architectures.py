@@ -161,6 +161,13 @@ _QK_NORMS = (
     _t("self_attn.q_norm.weight", "head_dim"),
     _t("self_attn.k_norm.weight", "head_dim"),
 )
+# Gemma-3: a norm before and after both attention and MLP (sandwich norms).
+_GEMMA3_NORMS = (
+    _t("input_layernorm.weight", "hidden"),
+    _t("post_attention_layernorm.weight", "hidden"),
+    _t("pre_feedforward_layernorm.weight", "hidden"),
+    _t("post_feedforward_layernorm.weight", "hidden"),
+)
 _EXPERTS = (
     _t("mlp.gate.weight", "experts", "hidden"),
     _t("mlp.experts.{e}.gate_proj.weight", "expert_ffn", "hidden"),
@@ -243,6 +250,20 @@ ARCHITECTURES: dict[str, Architecture] = {
             ("qwen3",),
             norms=_LLAMA_NORMS + _QK_NORMS,
             facts={"o_bias": _bool_key("attention_bias"), **_NO_MLP_BIAS},
+        ),
+        # Gemma-3 text (gemma-3-1b and the text tower's layout): q/k norms over
+        # head_dim (256 on the hub), four norms per block, embeddings tied by
+        # default, `layer_types` (sliding / full attention) renumbered on depth
+        # changes. Small sizes have a single KV head, so only depth and MLP
+        # plans apply to them (dropping the one group is P109).
+        _llama_like(
+            "gemma3_text",
+            ("gemma3_text",),
+            norms=_GEMMA3_NORMS + _QK_NORMS,
+            facts={
+                "tied": ConfigKey(("tie_word_embeddings",), default=True),
+                **_NO_MLP_BIAS,
+            },
         ),
         _llama_like(
             "phi3",

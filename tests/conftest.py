@@ -45,6 +45,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2": {"num_attention_heads": 14, "num_key_value_heads": 2, "head_dim": 8},
     "qwen3": {"head_dim": 16},
     "phi3": {},
+    # One KV head, head_dim independent of hidden/heads, sliding and full layers.
+    "gemma3_text": {"num_key_value_heads": 1, "head_dim": 32, "sliding_window_pattern": 2},
     "qwen2_moe": {**_MOE, "shared_expert_intermediate_size": 48},
     "qwen3_moe": {**_MOE, "head_dim": 16},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},

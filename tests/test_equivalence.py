@@ -28,6 +28,8 @@ from executor.loader import load
 
 ATOL = 1e-5
 DENSE = ("llama", "qwen2", "qwen3", "mistral", "phi3")
+# Gemma-3 small sizes have one KV head: depth and MLP plans only.
+DEPTH_AND_MLP = (*DENSE, "gemma3_text")
 
 
 @contextmanager
@@ -82,7 +84,7 @@ def removed_channels(out: Path, layer: int, ffn: int) -> np.ndarray:
     return np.setdiff1d(np.arange(ffn), kept)
 
 
-@pytest.mark.parametrize("arch", DENSE)
+@pytest.mark.parametrize("arch", DEPTH_AND_MLP)
 def test_depth(arch: str, tmp_path: Path) -> None:
     model_dir = make_tiny_model(tmp_path, arch, num_hidden_layers=5)
     apply_plan(write_plan(tmp_path, model_dir, "drop layers 1, 3"), tmp_path / "out")
@@ -110,7 +112,7 @@ def test_attention_groups(arch: str, tmp_path: Path) -> None:
     torch.testing.assert_close(logits(pruned, ids), want, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("arch", DENSE)
+@pytest.mark.parametrize("arch", DEPTH_AND_MLP)
 def test_mlp_width_by_magnitude(arch: str, tmp_path: Path) -> None:
     model_dir = make_tiny_model(tmp_path, arch, num_hidden_layers=2)
     apply_plan(write_plan(tmp_path, model_dir, "mlp layers 0..1 width 40"), tmp_path / "out")
@@ -257,3 +259,21 @@ def test_uniform_but_refused_by_the_config_class(tmp_path: Path) -> None:
     with hooked(load_original(model_dir), zero_heads={i: [6, 7] for i in range(2)}) as ref:
         want = logits(ref, ids)
     torch.testing.assert_close(logits(load(a), ids), want, atol=ATOL, rtol=0)
+
+
+def test_gemma3_depth_renumbers_layer_types_and_single_kv_group_is_kept(
+    tmp_path: Path,
+) -> None:
+    """Sliding/full attention follows each kept layer; the one KV group cannot go."""
+    from compiler.check import check_text
+
+    model_dir = make_tiny_model(tmp_path, "gemma3_text", num_hidden_layers=5)
+    original = read_json(model_dir / "config.json")["layer_types"]
+    assert original == ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
+    apply_plan(write_plan(tmp_path, model_dir, "drop layers 1, 2"), tmp_path / "out")
+    config = read_json(tmp_path / "out" / "A" / "config.json")
+    assert config["layer_types"] == [original[i] for i in (0, 3, 4)]
+    assert read_json(tmp_path / "out" / "A" / "manifest.json")["stock_loadable"]
+    plan = write_plan(tmp_path, model_dir, "attn layers 0 drop groups 0", name="attn.prn")
+    result = check_text(plan.read_text(encoding="utf-8"))
+    assert [d.code for d in result.errors] == ["P109"]

@@ -47,6 +47,7 @@ def _restore_all_is_original(tmp_path: Path, model_dir: Path, out: Path) -> None
         ("qwen2", "drop layers 2\nattn layers 0 drop groups 1\nmlp layers 1, 3 width 40\n"),
         ("qwen3", "attn layers 1 drop groups 0\nmlp layers 0..3 width 64\n"),
         ("phi3", "drop layers 0\nattn layers 1..2 drop groups 1\nmlp layers 3 width 33\n"),
+        ("gemma3_text", "drop layers 1\nmlp layers 0, 2 width 40\n"),
     ],
 )
 def test_restore_all_is_bit_identical(arch: str, body: str, tmp_path: Path) -> None:
