@@ -24,7 +24,9 @@ Output layout (a contract: `executor.restore` and `executor.load` read it)
                                   A) and per bundle (layers, params, tensors);
                                   the width bundle's size; tensors `compensate`
                                   added; every kept layer's widths; uniform,
-                                  stock_loadable, loader and why
+                                  stock_loadable, loader and why; copied and
+                                  withheld side files; `files`: the sha256 of
+                                  every other file under OUT (written last)
   OUT/A/prune_log.json            one record per source tensor: source name,
                                   shape, dtype, action (copied | sliced |
                                   bundled | modified), `output` {file, name,
@@ -50,12 +52,16 @@ Output layout (a contract: `executor.restore` and `executor.load` read it)
                                   `selections` {"L.space": kept positions of
                                   that axis} and `layers` {"L": {"groups":
                                   kept KV groups, "ffn": kept channels}}
+  OUT/bundles/_files/             the source's remote code (`*.py`), kept out
+                                  of A unless --copy-remote-code
+  OUT/.plancc-output.json         the marker (`executor.outdir`)
 
 A + every bundle + _width therefore rebuild the original exactly: each cut
 tensor is the interleaving of A's kept positions and _width's removed ones.
 
-Everything is written under a temporary directory next to OUT and renamed
-into place at the end: an interrupted run leaves no OUT that looks whole.
+Everything is written under a staging directory next to OUT and renamed
+into place at the end (`executor.outdir`): an interrupted run leaves no OUT
+that looks whole, and the names and schemas above live in `executor.layout`.
 """
 
 from __future__ import annotations
@@ -202,11 +208,6 @@ class ApplyJob:
         return sum(t.nbytes for f in self.files for t in f.tensors)
 
 
-def layer_pattern(arch: Architecture) -> re.Pattern[str]:
-    """Regex of a layer tensor name: group 1 the layer index, group 2 the relative name."""
-    return arch.layer_pattern()
-
-
 def layer_name(arch: Architecture, index: int, rel: str) -> str:
     return arch.layer_prefix.replace("{i}", str(index)) + rel
 
@@ -323,7 +324,7 @@ def plan_job(
             "\n".join(problems[:20]),
         )
 
-    pattern = layer_pattern(arch)
+    pattern = arch.layer_pattern()
     model_level: list[TensorInfo] = []
     per_layer: dict[int, dict[str, TensorInfo]] = {}
     for name, info in ck.index.items():

@@ -52,7 +52,6 @@ from executor import slicing
 from executor.apply import (
     DEFAULT_MAX_SHARD_BYTES,
     layer_name,
-    layer_pattern,
     progress_bar,
     write_json,
 )
@@ -396,7 +395,7 @@ def _restore_partial(applied: Applied, restored: tuple[str, ...], dest: Path) ->
     except CheckpointError as exc:
         raise RestoreError(f"{applied.a / ORIGINAL_CONFIG_DIR}: {exc}") from None
     facts = read_facts(arch, config)
-    pattern = layer_pattern(arch)
+    pattern = arch.layer_pattern()
     upto = restored[-1]
     bundles = applied.manifest["removed"]["bundles"]
     back = {i for name in restored for i in bundles[name]["layers"]}
