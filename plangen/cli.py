@@ -14,6 +14,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from compiler.checkpoint import (
     CheckpointError,
@@ -100,6 +101,37 @@ def _run_fetch_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- graph ------------------------------------------------------------------------
+
+
+def _configure_graph(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="checkpoint directory")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the graph as node-link JSON")
+    out.add_argument("--dot", action="store_true", help="print Graphviz text (no tensor nodes)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a trusted pickle checkpoint with torch.load(weights_only=True)",
+    )
+
+
+def _run_graph(args: argparse.Namespace) -> int:
+    from plangen.graph import GraphError, build_graph
+
+    try:
+        graph = build_graph(args.model_dir, allow_pickle=args.allow_pickle)
+    except (CheckpointError, GraphError) as exc:
+        return _error(str(exc))
+    if args.json:
+        print(graph.to_json())
+    elif args.dot:
+        sys.stdout.write(graph.to_dot())
+    else:
+        print(graph.summary())
+    return EXIT_OK
+
+
 # ---- the command table ------------------------------------------------------------
 
 
@@ -130,6 +162,23 @@ COMMANDS: tuple[Command, ...] = (
         ),
         configure=_configure_header,
         run=_run_header,
+    ),
+    Command(
+        name="graph",
+        help="print the structure of a checkpoint: blocks, attention, KV groups, MLP, ties",
+        description=(
+            "Discover the model's structure from its tensor names and shapes (no weights, no "
+            "remote code): decoder blocks, attention with heads / KV heads / GQA ratio, MLP, "
+            "norms, embeddings and tied weights, and which tensors are sliced together per KV "
+            "group and per MLP channel; cross-checked against the architecture table."
+        ),
+        examples=(
+            "  plangen graph ~/.cache/plancc/SmolLM2-135M-Instruct\n"
+            "  plangen graph MODEL --dot | dot -Tpng > model.png\n"
+            "  plangen graph MODEL --json > graph.json"
+        ),
+        configure=_configure_graph,
+        run=_run_graph,
     ),
     Command(
         name="fetch-demo",
