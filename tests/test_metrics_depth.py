@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,3 +82,30 @@ def test_wrong_number_of_states_is_refused() -> None:
         DepthStats(L).update([torch.zeros(1, 2, DIM)] * 4)
     with pytest.raises(ValueError, match="no calibration batch"):
         DepthStats(L).block_influence()
+
+
+def test_calibration_hooks_read_the_residual_stream(tmp_path: Path) -> None:
+    """h[0..L-1] are the decoder layers' inputs (HF's hidden_states) and h[L] the last
+    layer's output before the final norm."""
+    from conftest import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from compiler.checkpoint import load_checkpoint_facts
+    from plangen.calibrate import depth_stats, residual_states
+
+    model_dir = make_tiny_model(tmp_path, "qwen2", num_hidden_layers=3)
+    arch = load_checkpoint_facts(model_dir).arch
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    states = residual_states(model, arch, ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(states) == 4
+    for k in range(3):
+        torch.testing.assert_close(states[k], ref[k], atol=0, rtol=0)
+    torch.testing.assert_close(model.model.norm(states[3]), ref[3], atol=1e-6, rtol=0)
+    stats = depth_stats(model, arch, ids.tolist(), batch_size=1, progress=False)
+    direct = DepthStats(3)
+    for row in ids:
+        direct.update(residual_states(model, arch, row[None]))
+    assert stats.block_influence() == pytest.approx(direct.block_influence(), abs=1e-12)
