@@ -78,13 +78,12 @@ def _fits_type(value: Any, schema: type) -> bool:
 def conform(value: Any, schema: Any, where: str = "") -> None:
     """Raise ValueError naming the first place (`a.b[3]`) where `value` does not fit."""
     if isinstance(schema, tuple):
-        errors = []
         for alt in schema:
             try:
                 conform(value, alt, where)
                 return
-            except ValueError as exc:
-                errors.append(exc)
+            except ValueError:
+                continue
         raise ValueError(f"`{where or '(top)'}` should be {_kind(schema)}")
     if isinstance(schema, dict):
         if not isinstance(value, dict):

@@ -142,34 +142,22 @@ def staging_dir(dest: Path, tag: str, kind: str) -> Iterator[Path]:
         os.close(fd)
 
 
-def stale_staging_dirs(dest: Path) -> list[Path]:
-    """Staging directories of earlier runs to `dest` whose process is gone."""
+def remove_stale(dest: Path) -> list[Path]:
+    """Remove the staging directories of earlier runs to `dest` whose process is gone
+    (marked by plancc, and nobody holds their lock); return what was removed."""
     dest = absolute(dest)
     if not dest.parent.is_dir():
         return []
-    out = []
+    prefix = f".{dest.name}."
+    removed = []
     for p in sorted(dest.parent.iterdir()):
-        name = p.name
-        prefix = f".{dest.name}."
-        if not name.startswith(prefix) or not p.is_dir() or p.is_symlink():
+        if not p.name.startswith(prefix) or not p.is_dir() or p.is_symlink():
             continue
-        tag, _, token = name[len(prefix) :].partition("-")
+        tag, _, token = p.name[len(prefix) :].partition("-")
         if tag not in STAGING_TAGS or len(token) != 8 or not (p / MARKER).is_file():
             continue
         fd = _lock(p)
         if fd is None:  # a live run is writing it
-            continue
-        os.close(fd)
-        out.append(p)
-    return out
-
-
-def remove_stale(dest: Path) -> list[Path]:
-    """Remove what `stale_staging_dirs` finds; return what was removed."""
-    removed = []
-    for p in stale_staging_dirs(dest):
-        fd = _lock(p)
-        if fd is None:
             continue
         try:
             shutil.rmtree(p)

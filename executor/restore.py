@@ -109,6 +109,7 @@ class Applied:
     original_config: dict[str, Any]
     bundle_names: tuple[str, ...]
     selections: dict[str, list[int]]  # width_meta.json's kept positions ({} without _width)
+    headers: dict[str, str]  # every source file's safetensors header text
 
     @property
     def a(self) -> Path:
@@ -129,7 +130,7 @@ class Applied:
         log = _read(a / PRUNE_LOG, PRUNE_LOG_SCHEMA)["tensors"]
         config = _read(a / ORIGINAL_CONFIG_DIR / CONFIG_NAME, dict)
         _read(a / LAYERS_MAP, LAYERS_MAP_SCHEMA)
-        _read(a / ORIGINAL_CONFIG_DIR / ORIGINAL_HEADERS, HEADERS_SCHEMA)
+        headers = _read(a / ORIGINAL_CONFIG_DIR / ORIGINAL_HEADERS, HEADERS_SCHEMA)
         names = tuple(sorted(manifest["removed"]["bundles"]))
         fp = manifest["source"]["fingerprint"]
         metas = [(n, root / "bundles" / n / BUNDLE_META, BUNDLE_META_SCHEMA) for n in names]
@@ -148,7 +149,7 @@ class Applied:
                 )
             if name == WIDTH_BUNDLE:
                 selections = meta["selections"]
-        return Applied(root, manifest, log, config, names, selections)
+        return Applied(root, manifest, log, config, names, selections, headers)
 
     def files_for(self, bundles: tuple[str, ...] | None) -> list[str]:
         """The recorded files a restore of `bundles` (None: all) reads."""
@@ -323,9 +324,7 @@ def _restore_all(applied: Applied, dest: Path) -> tuple[int, ...]:
     """The original checkpoint: original headers, tensors at their original offsets."""
     src = _Sources(applied)
     selections = applied.selections
-    headers: dict[str, str] = _read(
-        applied.a / ORIGINAL_CONFIG_DIR / ORIGINAL_HEADERS, HEADERS_SCHEMA
-    )
+    headers = applied.headers
     log = {e["source"]: e for e in applied.log}
     plans: list[tuple[str, bytes, list[OutEntry]]] = []
     with SourceFiles() as files:
