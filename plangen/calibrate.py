@@ -1,30 +1,196 @@
-"""Calibration: one pass over the calibration windows, statistics collected by hooks.
+"""Calibration: one pass over the calibration windows, every statistic collected by hooks.
 
 The windows come from `compiler.corpus` (calibration pool only, consecutive
 `seqlen` windows from its start), so calibration and `plancc eval` share one
-protocol and never overlap. The decoder layers are found through the
-architecture table's `layers_module`; a pre-hook on each layer records the
-hidden state entering it and a hook on the last one the state leaving it
-(before the final norm), which is what the depth scores read. Statistics are
-fed to accumulators batch by batch, in layer order, so nothing of size
-layers × tokens × hidden is ever kept.
+protocol and never overlap. Which modules to watch comes from the
+architecture table: the decoder-layer list (`layers_module`) and, per layer,
+the output projections, i.e. the tensors whose input axis is the `q` space
+(o_proj) or the `ffn` space (down_proj). Nothing here names a module itself.
+
+The statistics are organised as a walk over decoder layers in order: each
+layer owns a `LayerStats` that only ever sees that layer's own inputs (the
+residual state entering it, the inputs of its two output projections, its
+weights' gradients). Today a full forward pass with hooks feeds them; an
+offloaded mode for models larger than memory would run one layer at a time on
+the cached inputs and feed the same objects, without touching the metrics.
+
+Per batch: one forward (residual states, input moments, the calibration loss)
+and, when a gradient metric is asked for, one backward on the same graph;
+gradients are summed (first order) and squared-summed (the diagonal Fisher)
+per weight, then cleared. Nothing of size layers x tokens x hidden is kept.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from compiler.architectures import Architecture
+from compiler.architectures import Architecture, TensorSpec
 from plangen.metrics.depth import DepthStats
 
 
-def residual_states(model: Any, arch: Architecture, ids: torch.Tensor) -> list[torch.Tensor]:
-    """h[0] .. h[L] of one batch: the input of every decoder layer, then the last output."""
-    layers = model.get_submodule(arch.layers_module)
+@dataclass
+class InputMoments:
+    """Running float64 sums of an input's columns: count, sum and sum of squares."""
+
+    count: int = 0
+    total: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).double()
+        s, q = rows.sum(0).cpu(), (rows * rows).sum(0).cpu()
+        self.total = s if self.total is None else self.total + s
+        self.squares = q if self.squares is None else self.squares + q
+        self.count += rows.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        assert self.total is not None, "no batch was seen"
+        return self.total / self.count
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """E[x^2] per column (Wanda's ||X_j||^2 / tokens)."""
+        assert self.squares is not None, "no batch was seen"
+        return self.squares / self.count
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance per column (FLAP's fluctuation of the input)."""
+        return (self.mean_square - self.mean**2).clamp_min(0.0)
+
+
+@dataclass
+class LayerStats:
+    """What one decoder layer's metrics read: its projections' inputs and its gradients."""
+
+    attn_in: InputMoments = field(default_factory=InputMoments)  # o_proj input (q space)
+    mlp_in: InputMoments = field(default_factory=InputMoments)  # down_proj input (ffn space)
+    grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # layer-relative name
+    grad_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add_gradient(self, name: str, grad: torch.Tensor) -> None:
+        g = grad.detach().float()
+        if name in self.grad_sum:
+            self.grad_sum[name] += g
+            self.grad_sq[name] += g * g
+        else:
+            self.grad_sum[name] = g.clone()
+            self.grad_sq[name] = g * g
+
+
+@dataclass
+class Calibration:
+    """Everything one calibration pass measured."""
+
+    depth: DepthStats
+    layers: list[LayerStats]
+    batches: int
+    tokens: int
+    loss: float  # mean next-token loss over the calibration windows
+    gradients: bool
+
+
+def output_projection(specs: Sequence[TensorSpec], space: str) -> TensorSpec | None:
+    """The weight whose input axis is `space` (o_proj for q, down_proj for ffn)."""
+    return next((s for s in specs if s.dims == ("hidden", space)), None)
+
+
+def module_path(arch: Architecture, layer: int, spec: TensorSpec) -> str:
+    return arch.layer_prefix.format(i=layer) + spec.name.removesuffix(".weight")
+
+
+def _layer_parameters(model: Any, arch: Architecture, layer: int) -> dict[str, torch.nn.Parameter]:
+    """The layer's attention and dense-MLP weights that the table names, by relative name."""
+    prefix = arch.layer_prefix.format(i=layer)
+    params = dict(model.named_parameters())
+    out = {}
+    for spec in arch.attention + arch.dense_mlp:
+        p = params.get(prefix + spec.name)
+        if p is not None:
+            out[spec.name] = p
+    return out
+
+
+def collect(
+    model: Any,
+    arch: Architecture,
+    windows: Sequence[Sequence[int]],
+    *,
+    gradients: bool = False,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Calibration:
+    """One pass over `windows`: depth scores, projection-input moments and, with
+    `gradients`, summed and squared-summed weight gradients of every layer."""
+    from tqdm import tqdm
+
+    layers_mod = model.get_submodule(arch.layers_module)
+    n = len(layers_mod)
+    stats = [LayerStats() for _ in range(n)]
+    depth = DepthStats(n)
     states: dict[int, torch.Tensor] = {}
+    handles = watch_residual(layers_mod, states)
+
+    def moments(target: InputMoments) -> Any:
+        def hook(_module: Any, args: tuple[Any, ...]) -> None:
+            target.update(args[0])
+
+        return hook
+
+    for k in range(n):
+        for space, target in (("q", stats[k].attn_in), ("ffn", stats[k].mlp_in)):
+            spec = output_projection(arch.attention + arch.dense_mlp, space)
+            if spec is None:
+                continue
+            try:
+                module = model.get_submodule(module_path(arch, k, spec))
+            except AttributeError:
+                continue  # a MoE layer has no dense down_proj
+            handles.append(module.register_forward_pre_hook(moments(target)))
+
+    watched = {k: _layer_parameters(model, arch, k) for k in range(n)} if gradients else {}
+    was_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    if gradients:  # only the layers' own weights need gradients, not embeddings or norms
+        wanted = {id(p) for per in watched.values() for p in per.values()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+
+    loss_sum, tokens, batches = 0.0, 0, 0
+    try:
+        starts = range(0, len(windows), batch_size)
+        for i in tqdm(starts, desc="calibrate", unit="batch", disable=not progress, leave=False):
+            ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
+            with torch.set_grad_enabled(gradients):
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+            depth.update([states[k] for k in range(n + 1)])
+            predicted = ids.shape[0] * (ids.shape[1] - 1)
+            loss_sum += float(out.loss.detach()) * predicted
+            tokens += predicted
+            batches += 1
+            if gradients:
+                out.loss.backward()
+                for k, per in watched.items():
+                    for name, p in per.items():
+                        if p.grad is not None:
+                            stats[k].add_gradient(name, p.grad)
+                            p.grad = None
+            states.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(was_grad[name])
+    return Calibration(depth, stats, batches, tokens, loss_sum / max(tokens, 1), gradients)
+
+
+def watch_residual(layers: Any, states: dict[int, torch.Tensor]) -> list[Any]:
+    """Hooks that put h[k] (the input of layer k) and h[L] (the last output) in `states`."""
 
     def before(k: int) -> Any:
         def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -40,6 +206,14 @@ def residual_states(model: Any, arch: Architecture, ids: torch.Tensor) -> list[t
         for k, layer in enumerate(layers)
     ]
     handles.append(layers[-1].register_forward_hook(after))
+    return handles
+
+
+def residual_states(model: Any, arch: Architecture, ids: torch.Tensor) -> list[torch.Tensor]:
+    """h[0] .. h[L] of one batch: the input of every decoder layer, then the last output."""
+    layers = model.get_submodule(arch.layers_module)
+    states: dict[int, torch.Tensor] = {}
+    handles = watch_residual(layers, states)
     try:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
@@ -58,12 +232,6 @@ def depth_stats(
     progress: bool = True,
 ) -> DepthStats:
     """Angular distance and block influence over `windows`, one forward per batch."""
-    from tqdm import tqdm
-
-    layers = len(model.get_submodule(arch.layers_module))
-    stats = DepthStats(layers)
-    starts = range(0, len(windows), batch_size)
-    for i in tqdm(starts, desc="calibrate", unit="batch", disable=not progress, leave=False):
-        ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
-        stats.update(residual_states(model, arch, ids))
-    return stats
+    return collect(
+        model, arch, windows, batch_size=batch_size, device=device, progress=progress
+    ).depth

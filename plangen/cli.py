@@ -132,6 +132,246 @@ def _run_graph(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- analyze ------------------------------------------------------------------------
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction such as 0.75, got {text!r}"
+        ) from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value
+
+
+def _split(text: str) -> float:
+    if text == "half":
+        return 0.5
+    if text.startswith("ratio"):
+        text = text.removeprefix("ratio").strip() or "0.5"
+    return _fraction(text)
+
+
+def _configure_analyze(parser: argparse.ArgumentParser) -> None:
+    from plangen.analyze import STRATEGIES
+    from plangen.metrics import WIDTH_METRIC_NAMES
+
+    parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="checkpoint directory")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="PLAN.prn",
+        help="the plan to write; PLAN.scores.safetensors is written beside it",
+    )
+    size = parser.add_argument_group("how much to remove (one of; default --target-params 0.75)")
+    one = size.add_mutually_exclusive_group()
+    one.add_argument(
+        "--target-params",
+        type=_fraction,
+        metavar="F",
+        help="keep this fraction of all parameters, embeddings counted",
+    )
+    one.add_argument("--drop", type=int, metavar="N", help="depth: drop N layers")
+    one.add_argument(
+        "--drop-frac", type=_fraction, metavar="F", help="depth: drop this fraction of the layers"
+    )
+    one.add_argument(
+        "--ratio",
+        type=_fraction,
+        metavar="R",
+        help="uniform: remove this fraction of KV groups and channels per layer",
+    )
+    how = parser.add_argument_group("strategy")
+    how.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="best",
+        help="best (default): every strategy with published defaults, the one with "
+        "the lowest held-out calibration loss wins",
+    )
+    how.add_argument(
+        "--metric",
+        metavar="NAME",
+        help="width: " + ", ".join(WIDTH_METRIC_NAMES) + "; depth: block_influence, "
+        "angular, removal (default: taylor; flap for --strategy flap)",
+    )
+    how.add_argument(
+        "--parts",
+        choices=("both", "mlp", "attn"),
+        default="both",
+        help="uniform/global: what to prune (mlp = MLP-only preset, attn = attention-only)",
+    )
+    how.add_argument(
+        "--attn-layers", metavar="A..B", help="layers whose attention may be pruned (default all)"
+    )
+    how.add_argument(
+        "--mlp-layers", metavar="A..B", help="layers whose MLP may be pruned (default all)"
+    )
+    how.add_argument(
+        "--compensate",
+        action="store_true",
+        help="add FLAP's bias compensation to width cuts (loads with the plancc loader)",
+    )
+    how.add_argument(
+        "--keep-last-layer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="depth: never drop the last layer (default on)",
+    )
+    how.add_argument(
+        "--split",
+        type=_split,
+        metavar="half|ratio R",
+        help="depth: bundle B gets this fraction of the dropped layers, C the rest",
+    )
+    how.add_argument(
+        "--allocation",
+        choices=("inverse", "uniform"),
+        default="inverse",
+        help="unbalanced: per-layer share of the cut, 1/importance or equal",
+    )
+    how.add_argument(
+        "--importance",
+        choices=("block_influence", "angular", "removal"),
+        default="block_influence",
+        help="unbalanced: the layer score",
+    )
+    how.add_argument(
+        "--distribution",
+        default="0:1",
+        metavar="A:M",
+        help="unbalanced: attention:MLP split of the removed parameters (default 0:1)",
+    )
+    how.add_argument(
+        "--freeze-top",
+        type=int,
+        default=0,
+        metavar="N",
+        help="unbalanced: leave the N most important layers whole",
+    )
+    how.add_argument(
+        "--rank",
+        choices=("per-param", "score"),
+        default="per-param",
+        help="global: order units by score per parameter (knapsack) or by score (FLAP)",
+    )
+    how.add_argument(
+        "--remove-empty-layers",
+        action="store_true",
+        help="global: a layer left with nothing becomes a dropped layer",
+    )
+    how.add_argument(
+        "--csv", type=Path, metavar="FILE", help="write the per-unit score table as CSV"
+    )
+    data = parser.add_argument_group("calibration")
+    data.add_argument(
+        "--calib",
+        default="builtin",
+        metavar="builtin|wikitext2|ptb|FILE",
+        help="calibration text (default builtin, no network needed)",
+    )
+    data.add_argument(
+        "--data-files",
+        nargs="+",
+        metavar="FILE",
+        help="read wikitext2/ptb from these local files instead of the hub",
+    )
+    data.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    data.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    data.add_argument(
+        "--heldout",
+        type=int,
+        default=4,
+        help="windows after the calibration ones that judge candidates (default 4)",
+    )
+    data.add_argument(
+        "--batch-size", type=int, default=4, help="windows per forward pass (default 4)"
+    )
+    data.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default 0)")
+    data.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    data.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    data.add_argument(
+        "--scores",
+        type=Path,
+        metavar="FILE",
+        help="re-plan from an earlier PLAN.scores.safetensors without calibrating",
+    )
+    outp = parser.add_argument_group("output")
+    outp.add_argument(
+        "--plot", action="store_true", help="write PLAN.png: layer importance and kept fraction"
+    )
+    outp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    outp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    import warnings
+
+    from compiler.corpus import CorpusError
+    from plangen.analyze import AnalyzeError, Options, outcome_json, render, run
+    from plangen.strategies import StrategyError
+
+    for name in ("nsamples", "seqlen", "heldout", "batch_size"):
+        if getattr(args, name) < 1:
+            return _error(f"--{name.replace('_', '-')} must be at least 1")
+    opts = Options(
+        model_dir=args.model_dir,
+        output=args.output,
+        target_params=args.target_params,
+        drop=args.drop,
+        drop_frac=args.drop_frac,
+        ratio=args.ratio,
+        strategy=args.strategy,
+        metric=args.metric,
+        calib=args.calib,
+        data_files=args.data_files,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        heldout=args.heldout,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        scores=args.scores,
+        parts=args.parts,
+        attn_layers=args.attn_layers,
+        mlp_layers=args.mlp_layers,
+        keep_last_layer=args.keep_last_layer,
+        split=args.split,
+        allocation=args.allocation,
+        importance=args.importance,
+        distribution=args.distribution,
+        freeze_top=args.freeze_top,
+        rank=args.rank,
+        compensate=args.compensate,
+        remove_empty_layers=args.remove_empty_layers,
+        csv=args.csv,
+        plot=args.plot,
+        progress=not args.quiet and not args.json,
+        command=args.argv,
+    )
+    if args.ratio is not None and args.strategy == "best":
+        opts.strategy = "uniform"
+    if (args.drop is not None or args.drop_frac is not None) and args.strategy == "best":
+        opts.strategy = "depth"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outcome = run(opts)
+        for w in caught:
+            if w.category is UserWarning and "plangen" in str(w.filename):
+                _warning(str(w.message))
+    except (AnalyzeError, StrategyError, CheckpointError, CorpusError) as exc:
+        return _error(str(exc))
+    print(outcome_json(outcome) if args.json else render(outcome))
+    return EXIT_OK
+
+
 # ---- the command table ------------------------------------------------------------
 
 
@@ -179,6 +419,26 @@ COMMANDS: tuple[Command, ...] = (
         ),
         configure=_configure_graph,
         run=_run_graph,
+    ),
+    Command(
+        name="analyze",
+        help="measure a model on calibration text and write a pruning plan",
+        description=(
+            "Calibrate the model once (forward hooks, plus one backward per batch for gradient "
+            "metrics), score every layer, KV group and MLP channel, build candidate plans with "
+            "the chosen strategy (or all of them), judge them on held-out calibration windows, "
+            "and write the best as PLAN.prn with its score tables in PLAN.scores.safetensors. "
+            "The plan passes `plancc check` and applies with `plancc apply`."
+        ),
+        examples=(
+            '  plangen analyze "$(plangen fetch-demo)" -o smol.prn --target-params 0.75\n'
+            "  plangen analyze MODEL -o depth.prn --drop 5 --metric block_influence\n"
+            "  plangen analyze MODEL -o mlp.prn --strategy uniform --parts mlp --ratio 0.4\n"
+            "  plangen analyze MODEL -o flap.prn --strategy flap --target-params 0.875\n"
+            "  plangen analyze MODEL -o g.prn --scores smol.scores.safetensors --strategy global"
+        ),
+        configure=_configure_analyze,
+        run=_run_analyze,
     ),
     Command(
         name="fetch-demo",
@@ -233,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `plangen` with these arguments (default: sys.argv[1:]); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the provenance comment of a generated plan quotes it
     try:
         return int(args.run(args))
     except BrokenPipeError:

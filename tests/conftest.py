@@ -156,3 +156,36 @@ def qwen2moe_dir() -> Path:
     if not (SHARED_MOE / "config.json").exists():
         pytest.skip(f"{SHARED_MOE} is absent (it lives beside the repository, in ../shared)")
     return SHARED_MOE
+
+
+def add_char_tokenizer(model_dir: Path, vocab_size: int = 128) -> Path:
+    """Save a character-level tokenizer with ids below `vocab_size` beside a tiny model.
+
+    Ids 0-2 are <pad>, <s>, </s> (the tiny configs' pad/bos/eos); every other
+    character maps to 3 + (code point mod (vocab_size - 3)), so any text
+    tokenizes into the tiny vocabulary and `plangen analyze` and `plancc eval`
+    can run on the built-in corpus.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    span = vocab_size - 3
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for code in range(32, 127):
+        vocab.setdefault(chr(code), 3 + code % span)
+    vocab.setdefault("\n", 3 + 10 % span)
+    # WordLevel needs distinct ids per entry: fold to characters that own their id.
+    owner: dict[int, str] = {}
+    for char, idx in list(vocab.items()):
+        if idx in owner.values() and char not in ("<pad>", "<s>", "</s>"):
+            continue
+        owner[idx] = char
+    vocab = {char: idx for idx, char in owner.items()}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.normalizer = normalizers.Replace(Regex(r"[^\x20-\x7e\n]"), " ")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(model_dir)
+    return model_dir

@@ -1,3 +1,36 @@
-"""Importance scores, one module per family (depth: angular distance and block
-influence; width scores follow). Each is an accumulator fed batch by batch from
-the calibration walk, so statistics are collected in one pass."""
+"""Importance scores, one module per family, and the registry the CLI offers.
+
+Depth scores (`depth`: angular distance, block influence; `removal`: the loss
+with a layer bypassed) rank layers; width scores rank a layer's KV groups and
+MLP channels (`magnitude`, `activation`: Wanda, fluctuation, FLAP; `taylor`:
+first and second order; `baseline`: random). Every width metric maps one
+layer's `LayerInputs` to `LayerScores`; `needs` says which calibration
+statistics it reads, so the pass collects only those (gradients cost a
+backward pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+WIDTH_METRIC_NAMES = (
+    "magnitude",
+    "wanda",
+    "fluctuation",
+    "flap",
+    "taylor",
+    "taylor_vec",
+    "taylor2",
+    "random",
+)
+DEPTH_METRIC_NAMES = ("block_influence", "angular", "removal")
+
+
+@dataclass(frozen=True)
+class LayerScores:
+    """One layer's width scores: one per KV group, one per MLP channel (higher = keep)."""
+
+    groups: np.ndarray  # (kv_heads,)
+    channels: np.ndarray  # (ffn,)

@@ -1,0 +1,516 @@
+"""`plangen analyze`: the pipeline from a checkpoint to a checked plan and its sidecar.
+
+  checkpoint facts → calibration windows (`compiler.corpus`) → one calibration
+  pass (`calibrate.collect`) → score tables (`scores`) → candidates
+  (`strategies`) → held-out loss of each (`heldout`) → the plan (`emit`) and
+  `PLAN.scores.safetensors`, both checked, written atomically.
+
+The calibration pool is split in two: the first `nsamples` windows are what
+the scores are measured on, the next `heldout` windows judge the candidates.
+Neither overlaps the evaluation pool `plancc eval` reports on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.check import check_text
+from compiler.checkpoint import CheckpointFacts, load_checkpoint_facts
+from compiler.corpus import TokenPools, load_text, tokenize, windows
+from compiler.facts import ModelFacts, validate_facts
+from compiler.parse import parse
+from plangen import emit
+from plangen.candidate import Candidate, original_params
+from plangen.scores import ScoreTables, compute_tables, metadata_json, read_sidecar, write_sidecar
+from plangen.strategies import Budget, StrategyError, parse_layer_range
+from plangen.strategies.depth import depth, layers_for_budget
+from plangen.strategies.global_budget import global_budget
+from plangen.strategies.unbalanced import parse_distribution, unbalanced
+from plangen.strategies.uniform import uniform
+
+STRATEGIES = ("best", "depth", "uniform", "unbalanced", "global", "flap")
+DEFAULT_TARGET = 0.75
+
+
+class AnalyzeError(Exception):
+    """The analysis cannot run as asked; the message says why and what to do."""
+
+
+@dataclass
+class Options:
+    model_dir: Path
+    output: Path
+    target_params: float | None = None
+    drop: int | None = None
+    drop_frac: float | None = None
+    ratio: float | None = None
+    strategy: str = "best"
+    metric: str | None = None
+    calib: str = "builtin"
+    data_files: list[str] | None = None
+    nsamples: int = 32
+    seqlen: int = 512
+    heldout: int = 4
+    batch_size: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    scores: Path | None = None
+    parts: str = "both"
+    attn_layers: str | None = None
+    mlp_layers: str | None = None
+    keep_last_layer: bool = True
+    split: float | None = None
+    allocation: str = "inverse"
+    importance: str = "block_influence"
+    distribution: str = "0:1"
+    freeze_top: int = 0
+    rank: str = "per-param"
+    compensate: bool = False
+    remove_empty_layers: bool = False
+    csv: Path | None = None
+    plot: bool = False
+    progress: bool = True
+    command: Sequence[str] = field(default_factory=list)
+
+
+@dataclass
+class Measured:
+    candidate: Candidate
+    params: int
+    loss: float
+
+
+@dataclass
+class Outcome:
+    plan_path: Path
+    scores_path: Path
+    chosen: Measured
+    considered: list[Measured]
+    params_before: int
+    loss_before: float
+    why: str
+    seconds: float
+    forward_passes: float  # calibration-set forward-pass equivalents spent
+
+
+def model_facts(ckpt: CheckpointFacts) -> ModelFacts:
+    plan = parse(f"plan 1\n{ckpt.model_block()}").plan
+    assert plan is not None and plan.model is not None
+    facts, diags = validate_facts(plan.model)
+    if any(d.is_error for d in diags):  # pragma: no cover - the header reader's own output
+        raise AnalyzeError(f"the model block of {ckpt.model_dir} does not validate: {diags[0]}")
+    return facts
+
+
+def scores_path_for(plan: Path) -> Path:
+    name = plan.name.removesuffix(".prn")
+    return plan.with_name(f"{name}.scores.safetensors")
+
+
+# ---- what to measure ------------------------------------------------------------------
+
+
+def default_metric(strategy: str) -> str:
+    return "flap" if strategy == "flap" else "taylor"
+
+
+def needed_metrics(opts: Options) -> list[str]:
+    if opts.strategy == "best":
+        return ["taylor", "flap"]
+    if opts.strategy == "depth":
+        return []
+    return [opts.metric or default_metric(opts.strategy)]
+
+
+def needs_removal(opts: Options) -> bool:
+    return (opts.strategy == "depth" and opts.metric == "removal") or (
+        opts.strategy == "unbalanced" and opts.importance == "removal"
+    )
+
+
+def check_memory(facts_params: int, opts: Options, gradients: bool) -> None:
+    """Refuse before loading when the model cannot fit the device (weights + gradients)."""
+    import torch
+
+    width = 2 if opts.dtype == "bfloat16" else 4
+    need = facts_params * width * (4 if gradients else 1)  # weights, grads, two sums
+    if opts.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AnalyzeError("--device cuda: no CUDA device is visible; use --device cpu")
+        free, _total = torch.cuda.mem_get_info()
+        where = "GPU memory free"
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):  # pragma: no cover - not POSIX
+            return
+        where = "memory available"
+    if need > free:
+        raise AnalyzeError(
+            f"the model needs about {need / 2**30:.1f} GiB on {opts.device} "
+            f"({'weights, gradients and their sums' if gradients else 'weights'}, "
+            f"{opts.dtype}) but only {free / 2**30:.1f} GiB {where}; use --dtype bfloat16, "
+            "a larger device, or a forward-only --metric"
+        )
+
+
+# ---- candidates -----------------------------------------------------------------------
+
+
+def _edge_range(layers: int) -> list[int]:
+    """LLM-Pruner's block-wise range: the first eighth and the last sixteenth left whole."""
+    return list(range(round(layers / 8), layers - max(1, round(layers / 16))))
+
+
+def candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Candidate]:
+    n = facts.layers or 0
+    if opts.drop is not None or opts.drop_frac is not None:
+        if opts.strategy not in ("best", "depth"):
+            raise AnalyzeError("--drop and --drop-frac belong to --strategy depth")
+        count = opts.drop if opts.drop is not None else round((opts.drop_frac or 0) * n)
+        budget = Budget.of(facts, scores, 0.5)
+        return [
+            depth(budget, count, opts.metric or "block_influence", opts.keep_last_layer, opts.split)
+        ]
+    keep = opts.target_params if opts.target_params is not None else DEFAULT_TARGET
+    budget = Budget.of(facts, scores, keep)
+    metric = opts.metric or default_metric(opts.strategy)
+    attn = parse_layer_range(opts.attn_layers, n, "--attn-layers")
+    mlp = parse_layer_range(opts.mlp_layers, n, "--mlp-layers")
+    if opts.parts == "mlp":
+        attn = []
+    elif opts.parts == "attn":
+        mlp = []
+    ratio = opts.ratio
+    match opts.strategy:
+        case "depth":
+            score = opts.metric or "block_influence"
+            return [
+                depth(budget, layers_for_budget(budget), score, opts.keep_last_layer, opts.split)
+            ]
+        case "uniform":
+            return [uniform(budget, metric, attn, mlp, ratio, opts.compensate)]
+        case "unbalanced":
+            return [
+                unbalanced(
+                    budget,
+                    metric,
+                    opts.importance,
+                    opts.allocation,
+                    parse_distribution(opts.distribution),
+                    opts.freeze_top,
+                    opts.compensate,
+                )
+            ]
+        case "global":
+            return [
+                global_budget(
+                    budget,
+                    metric,
+                    sorted(set(attn) | set(mlp)),
+                    opts.rank,
+                    attention=bool(attn),
+                    compensate=opts.compensate,
+                    remove_empty_layers=opts.remove_empty_layers,
+                )
+            ]
+        case "flap":
+            return [global_budget(budget, metric, None, "score", compensate=True)]
+    # best: the strategies above with their published defaults, judged on held-out loss.
+    edge = _edge_range(n)
+    out = [
+        depth(budget, layers_for_budget(budget), "block_influence", opts.keep_last_layer),
+        uniform(budget, "taylor", [], list(range(n))),
+        uniform(budget, "taylor", [], edge),
+        uniform(budget, "taylor", [], edge, compensate=True),
+        unbalanced(budget, "taylor"),
+        global_budget(budget, "taylor", None, "per-param"),
+        global_budget(budget, "taylor", None, "per-param", attention=False, compensate=True),
+        global_budget(budget, "flap", None, "score", compensate=True),
+    ]
+    return out
+
+
+# ---- the pipeline ---------------------------------------------------------------------
+
+
+def _say(opts: Options, text: str) -> None:
+    if opts.progress:
+        print(text, file=sys.stderr)
+
+
+def removal_losses(
+    model: Any,
+    ckpt: CheckpointFacts,
+    facts: ModelFacts,
+    scores: ScoreTables,
+    held: list,
+    opts: Options,
+) -> list[float]:
+    """Held-out loss with each layer bypassed in turn (higher = the layer matters more)."""
+    from tqdm import tqdm
+
+    from plangen.heldout import applied, mean_loss
+
+    out = []
+    for i in tqdm(range(facts.layers or 0), desc="removal", disable=not opts.progress, leave=False):
+        with applied(model, ckpt.arch, facts, Candidate("depth", "", drop=(i,)), scores):
+            out.append(mean_loss(model, held, opts.batch_size, opts.device))
+    return out
+
+
+def run(opts: Options) -> Outcome:
+    import torch
+
+    from executor.loader import load
+    from plangen.calibrate import collect
+    from plangen.heldout import applied, mean_loss
+    from plangen.metrics.registry import WIDTH_METRICS
+
+    started = time.perf_counter()
+    if opts.strategy not in STRATEGIES:
+        raise AnalyzeError(f"unknown --strategy {opts.strategy!r} (one of {', '.join(STRATEGIES)})")
+    ckpt = load_checkpoint_facts(opts.model_dir)
+    facts = model_facts(ckpt)
+    if facts.is_moe:
+        raise AnalyzeError(
+            "mixture-of-experts models are not analyzed yet (expert scores come with MoE "
+            "support); depth plans for them can be written by hand"
+        )
+    metrics = needed_metrics(opts)
+    for m in metrics:
+        if m not in WIDTH_METRICS:
+            raise AnalyzeError(f"unknown --metric {m!r} (one of {', '.join(WIDTH_METRICS)})")
+    gradients = any(WIDTH_METRICS[m].needs == "gradients" for m in metrics)
+    params = original_params(facts)
+    check_memory(params, opts, gradients and opts.scores is None)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(opts.model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # windows are unpadded; kept for safety
+    text = load_text(opts.calib, opts.data_files)
+    pools = TokenPools.split(tokenize(text, tokenizer), text)
+    pool = windows(pools.calibration, opts.seqlen, opts.nsamples + opts.heldout)
+    if len(pool) < opts.nsamples + opts.heldout:
+        raise AnalyzeError(
+            f"the calibration pool of {opts.calib} holds {len(pool)} windows of {opts.seqlen} "
+            f"tokens; {opts.nsamples} + {opts.heldout} held out were asked: lower --nsamples or "
+            "--seqlen, or use a larger corpus"
+        )
+    calib_windows, held = pool[: opts.nsamples], pool[opts.nsamples :]
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
+    model = load(opts.model_dir, opts.device, dtype)
+    passes = 0.0
+    if opts.scores is not None:
+        scores = read_sidecar(opts.scores)
+        _say(opts, f"plangen: scores from {opts.scores} (no calibration)")
+    else:
+        _say(
+            opts,
+            f"plangen: calibrating on {len(calib_windows)} x {opts.seqlen} tokens of {opts.calib}"
+            + (" (forward + backward)" if gradients else ""),
+        )
+        calib = collect(
+            model,
+            ckpt.arch,
+            calib_windows,
+            gradients=gradients,
+            batch_size=opts.batch_size,
+            device=opts.device,
+            progress=opts.progress,
+        )
+        passes += 3.0 if gradients else 1.0
+        scores = compute_tables(model, ckpt.arch, facts, calib, metrics, opts.seed)
+        del calib
+        if needs_removal(opts):
+            scores.tables["removal"] = np.asarray(
+                removal_losses(model, ckpt, facts, scores, held, opts)
+            )
+            passes += (facts.layers or 0) * len(held) / len(calib_windows)
+        scores.metadata = metadata_json(
+            {
+                "format": "plancc scores 1",
+                "model_fingerprint": facts.fingerprint or "",
+                "calibration": {
+                    "data": opts.calib,
+                    "text_sha256": pools.text_sha256,
+                    "samples": opts.nsamples,
+                    "seqlen": opts.seqlen,
+                    "heldout": opts.heldout,
+                    "seed": opts.seed,
+                    "dtype": opts.dtype,
+                },
+                "metrics": metrics,
+            }
+        )
+    try:
+        cands = candidates(opts, facts, scores)
+    except StrategyError as exc:
+        raise AnalyzeError(str(exc)) from None
+
+    loss_before = mean_loss(model, held, opts.batch_size, opts.device)
+    measured = []
+    from tqdm import tqdm
+
+    for cand in tqdm(
+        cands, desc="candidates", disable=not opts.progress or len(cands) < 2, leave=False
+    ):
+        with applied(model, ckpt.arch, facts, cand, scores):
+            loss = mean_loss(model, held, opts.batch_size, opts.device)
+        measured.append(Measured(cand, cand.params(facts), loss))
+    passes += (len(cands) + 1) * len(held) / len(calib_windows)
+    chosen = min(measured, key=lambda m: math.inf if math.isnan(m.loss) else m.loss)
+    why = (
+        f"lowest held-out loss of {len(measured)} candidates"
+        if len(measured) > 1
+        else f"--strategy {opts.strategy}"
+    )
+
+    plan_path = opts.output
+    sidecar = scores_path_for(plan_path)
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_sidecar = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
+    tmp_plan = plan_path.with_name(f".{plan_path.name}.tmp-{os.getpid()}")
+    try:
+        sha = write_sidecar(tmp_sidecar, scores)
+        header = emit.Header(
+            model_block=ckpt.model_block(),
+            source=str(opts.model_dir),
+            scores_file=sidecar.name,
+            scores_sha256=sha,
+            calibration=_calibration_line(opts),
+            provenance=_provenance(opts, facts, pools.text_sha256, why),
+        )
+        text = emit.plan_text(chosen.candidate, header, scores, facts.ffn or 0)
+        os.replace(tmp_sidecar, sidecar)
+        result = check_text(text, base_dir=plan_path.parent)
+        if not result.ok:  # pragma: no cover - an emitter bug; tests check every strategy
+            raise AnalyzeError(f"the generated plan does not check: {result.errors[0]}")
+        tmp_plan.write_text(text, encoding="utf-8")
+        os.replace(tmp_plan, plan_path)
+    finally:
+        for tmp in (tmp_sidecar, tmp_plan):
+            tmp.unlink(missing_ok=True)
+    if opts.csv is not None:
+        _write_csv(opts.csv, facts, scores, chosen.candidate)
+    if opts.plot:
+        from plangen.plot import plot_plan
+
+        plot_plan(plan_path.with_suffix(".png"), facts, scores, chosen.candidate)
+    return Outcome(
+        plan_path,
+        sidecar,
+        chosen,
+        measured,
+        params,
+        loss_before,
+        why,
+        time.perf_counter() - started,
+        passes,
+    )
+
+
+def _calibration_line(opts: Options) -> str:
+    data = opts.calib if opts.calib in ("builtin", "wikitext2", "ptb", "c4") else f'"{opts.calib}"'
+    return f"{data} samples {opts.nsamples} seqlen {opts.seqlen} seed {opts.seed}"
+
+
+def _provenance(opts: Options, facts: ModelFacts, text_sha: str, why: str) -> list[str]:
+    from importlib.metadata import version
+
+    return [
+        "written by: plangen " + shlex.join(opts.command) if opts.command else "written by plangen",
+        f"plancc {version('plancc')}; model {facts.fingerprint}",
+        f"calibration text sha256:{text_sha}",
+        f"strategy {opts.strategy}: {why}",
+    ]
+
+
+def _write_csv(path: Path, facts: ModelFacts, scores: ScoreTables, cand: Candidate) -> None:
+    """One row per KV group and MLP channel: layer, unit, index, score, kept."""
+    import csv
+
+    from plangen.scores import dense_layers
+
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["layer", "unit", "index", "metric", "score", "kept"])
+        for i in dense_layers(facts):
+            s = scores.width(cand.metric, i)
+            dropped_layer = i in cand.drop
+            for g, v in enumerate(s.groups):
+                gone = dropped_layer or g in cand.groups_dropped.get(i, ())
+                w.writerow([i, "kv_group", g, cand.metric, f"{v:.6g}", int(not gone)])
+            kept = set(cand.kept_channels(scores, i)) if i in cand.mlp_width else None
+            for c, v in enumerate(s.channels):
+                on = not dropped_layer and (kept is None or c in kept)
+                w.writerow([i, "channel", c, cand.metric, f"{v:.6g}", int(on)])
+
+
+# ---- the end screen -------------------------------------------------------------------
+
+
+def render(out: Outcome) -> str:
+    c = out.chosen
+    lines = [
+        f"plan     {out.plan_path}",
+        f"scores   {out.scores_path}",
+        f"strategy {c.candidate.strategy}: {c.candidate.label}",
+        f"         chosen for the {out.why}",
+        f"params   {out.params_before:,} -> {c.params:,} ({c.params / out.params_before:.1%} kept)",
+        f"held-out loss {out.loss_before:.4f} (ppl {math.exp(out.loss_before):.2f}) -> "
+        f"{c.loss:.4f} (ppl {math.exp(c.loss):.2f})",
+        "",
+        f"{'candidate':<78} {'params':>7} {'loss':>7} {'ppl':>8}",
+    ]
+    for m in sorted(out.considered, key=lambda m: m.loss):
+        mark = "*" if m is c else " "
+        lines.append(
+            f"{mark}{m.candidate.label[:77]:<77} {m.params / out.params_before:>7.1%} "
+            f"{m.loss:>7.4f} {math.exp(min(m.loss, 50)):>8.2f}"
+        )
+    lines += [
+        "",
+        f"{out.seconds:.0f} s, about {out.forward_passes:.1f} forward passes over the "
+        "calibration set",
+        f"next: plancc check {out.plan_path}  then  plancc apply {out.plan_path} -o OUT",
+    ]
+    return "\n".join(lines)
+
+
+def outcome_json(out: Outcome) -> str:
+    return json.dumps(
+        {
+            "plan": str(out.plan_path),
+            "scores": str(out.scores_path),
+            "strategy": out.chosen.candidate.strategy,
+            "label": out.chosen.candidate.label,
+            "why": out.why,
+            "params_before": out.params_before,
+            "params_after": out.chosen.params,
+            "heldout_loss_before": out.loss_before,
+            "heldout_loss_after": out.chosen.loss,
+            "candidates": [
+                {"label": m.candidate.label, "params": m.params, "heldout_loss": m.loss}
+                for m in out.considered
+            ],
+            "seconds": out.seconds,
+            "forward_passes": out.forward_passes,
+        },
+        indent=2,
+    )

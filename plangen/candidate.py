@@ -1,0 +1,80 @@
+"""A candidate plan as data: what it removes, what it costs, which channels it keeps.
+
+Strategies produce `Candidate`s; the pipeline measures each one on held-out
+calibration windows (`plangen.heldout`) and emits the chosen one as a plan
+(`plangen.emit`). Parameters are counted by the compiler's cost model from the
+`LayerPlan`s the candidate resolves to, so the figure a strategy aims at is
+the figure `plancc check` reports. Which channels a width decision keeps is
+decided here exactly as the executor decides it (`executor.slicing.top_channels`
+on the sidecar table the plan names), so what is measured is what is applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from compiler import cost
+from compiler.facts import ModelFacts
+from compiler.resolve import Channels, LayerPlan, ResolvedPlan
+from executor.slicing import top_channels
+from plangen.scores import ScoreTables
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to prune the model, in original layer numbers."""
+
+    strategy: str  # depth | uniform | unbalanced | global | flap
+    label: str  # one line for the end screen and the plan's comment
+    drop: tuple[int, ...] = ()
+    groups_dropped: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    mlp_width: Mapping[int, int] = field(default_factory=dict)  # only narrowed layers
+    metric: str = "magnitude"  # the table that picks channels (`by METRIC`) and groups
+    compensate: bool = False
+    notes: Mapping[str, str] = field(default_factory=dict)  # statement key -> comment
+    bundles: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    keep: tuple[int, ...] = ()
+
+    def resolved(self, facts: ModelFacts) -> ResolvedPlan:
+        base = cost.original(facts)
+        drop = set(self.drop)
+        layers = []
+        for lp in base.layers:
+            i = lp.index
+            if i in drop:
+                layers.append(LayerPlan(index=i, moe=lp.moe, dropped=True))
+                continue
+            gone = set(self.groups_dropped.get(i, ()))
+            width = self.mlp_width.get(i)
+            layers.append(
+                dataclasses.replace(
+                    lp,
+                    groups_kept=tuple(g for g in lp.groups_kept if g not in gone),
+                    attn_compensate=self.compensate and bool(gone),
+                    ffn=Channels(width, self.metric) if width is not None else lp.ffn,
+                    ffn_compensate=self.compensate and width is not None,
+                )
+            )
+        return dataclasses.replace(base, layers=tuple(layers))
+
+    def params(self, facts: ModelFacts) -> int:
+        return cost.cost(self.resolved(facts)).params
+
+    def kept_channels(self, scores: ScoreTables, layer: int) -> tuple[int, ...]:
+        """The channels apply keeps in a narrowed layer (ties to the lower index)."""
+        table = scores.width(self.metric, layer).channels
+        return top_channels(np.asarray(table), self.mlp_width[layer])
+
+
+def original_params(facts: ModelFacts) -> int:
+    return cost.cost(cost.original(facts)).params
+
+
+def lowest_groups(scores: np.ndarray, n: int) -> tuple[int, ...]:
+    """The n lowest-scoring KV groups (ties to the higher index, mirroring `top_channels`)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return tuple(sorted(int(g) for g in order[len(order) - n :])) if n else ()

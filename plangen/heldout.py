@@ -1,0 +1,105 @@
+"""Measure a candidate without writing it: the loss on held-out calibration windows.
+
+Removing a unit is the same as zeroing what it writes into the residual
+stream: a KV group's o_proj columns, an MLP channel's down_proj column, and
+for a dropped layer both output projections whole (the layer then adds
+nothing: a pass-through). So a candidate is measured by zeroing those columns
+in place (and adding the `compensate` bias through a hook), running the
+held-out windows, and restoring the weights bit for bit. The held-out windows
+are the calibration pool's windows after the ones scores were measured on:
+never the evaluation pool, never the data the scores saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from compiler.architectures import Architecture
+from compiler.facts import ModelFacts
+from compiler.sidecar import table_name
+from executor.slicing import LayerSelection, complement, space_indices
+from plangen.calibrate import module_path, output_projection
+from plangen.candidate import Candidate
+from plangen.scores import ScoreTables, geometry
+
+
+def _removed_columns(
+    cand: Candidate, layer: int, space: str, facts: ModelFacts, scores: ScoreTables
+) -> np.ndarray | None:
+    geom = geometry(facts)
+    if layer in cand.drop:
+        return np.arange(geom.size(space))
+    if space == "q" and cand.groups_dropped.get(layer):
+        kept = [g for g in range(geom.kv_heads) if g not in cand.groups_dropped[layer]]
+        idx = space_indices("q", LayerSelection(groups=tuple(kept)), geom)
+        return complement(idx, geom.size("q"))
+    if space == "ffn" and layer in cand.mlp_width:
+        kept = np.asarray(cand.kept_channels(scores, layer), dtype=np.int64)
+        return complement(kept, geom.ffn)
+    return None
+
+
+@contextlib.contextmanager
+def applied(
+    model: Any, arch: Architecture, facts: ModelFacts, cand: Candidate, scores: ScoreTables
+) -> Iterator[None]:
+    """The model behaves as the candidate's result inside the block."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handles = []
+    try:
+        with torch.no_grad():
+            for layer in range(facts.layers or 0):
+                for space, part in (("q", "attn"), ("ffn", "mlp")):
+                    spec = output_projection(arch.attention + arch.dense_mlp, space)
+                    removed = _removed_columns(cand, layer, space, facts, scores)
+                    if spec is None or removed is None or not len(removed):
+                        continue
+                    module = model.get_submodule(module_path(arch, layer, spec))
+                    w = module.weight
+                    saved.append((w, w.detach().clone()))
+                    cols = torch.from_numpy(removed).to(w.device)
+                    compensate = cand.compensate and layer not in cand.drop
+                    if compensate:
+                        mean = torch.from_numpy(scores.tables[table_name("mean_in", layer, part)])
+                        bias = (w.detach().double()[:, cols] @ mean[removed].to(w.device)).to(
+                            w.dtype
+                        )
+                        handles.append(module.register_forward_hook(_add(bias)))
+                    w[:, cols] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            for w, original in saved:
+                w.copy_(original)
+        for h in handles:
+            h.remove()
+
+
+def _add(bias: torch.Tensor) -> Any:
+    def hook(_module: Any, _args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output + bias
+
+    return hook
+
+
+def mean_loss(
+    model: Any, windows: Sequence[Sequence[int]], batch_size: int = 4, device: str = "cpu"
+) -> float:
+    """Mean next-token loss (nats) over the windows; exp() of it is their perplexity."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+            count += ids[:, 1:].numel()
+    return total / count if count else math.nan

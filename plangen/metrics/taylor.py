@@ -1,0 +1,62 @@
+"""Gradient scores: first-order Taylor (LLM-Pruner) and the diagonal Fisher.
+
+The loss change from zeroing a weight w with gradient g is, to first order,
+-w*g and, to second order, adds 1/2 * w^2 * H, with H approximated by the
+Fisher diagonal (the sum of squared per-batch gradients). `calibrate` sums g
+over the calibration batches (the gradient of the total loss) and g^2 per
+batch; these read them for every tensor a unit owns (q/k/v rows and o columns
+of a KV group; gate/up rows and the down column of a channel, biases too):
+
+* `taylor` (LLM-Pruner `param_first`): sum over the unit's weights of |w*g|;
+* `taylor_vec` (LLM-Pruner `vectorize`): |sum over the unit's weights of w*g|;
+* `taylor2` (LLM-Pruner `param_second`): sum of 1/2 * w^2 * sum_b g_b^2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from plangen.metrics import LayerScores
+from plangen.metrics.inputs import LayerInputs
+from plangen.metrics.units import Accumulator, fold_elements
+
+
+def _score(
+    layer: LayerInputs,
+    element: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    absolute_after: bool = False,
+) -> LayerScores:
+    if not layer.stats.grad_sum:
+        raise ValueError(
+            f"layer {layer.index}: no gradients were collected (calibrate with gradients)"
+        )
+    acc = Accumulator(layer.geom)
+    for spec in layer.specs:
+        w = layer.weights.get(spec.name)
+        g = layer.stats.grad_sum.get(spec.name)
+        if w is None or g is None:
+            continue
+        acc.add(
+            fold_elements(
+                element(w.double(), g.double(), layer.stats.grad_sq[spec.name].double()),
+                spec,
+                layer.geom,
+            )
+        )
+    if absolute_after:
+        acc.groups, acc.channels = acc.groups.abs(), acc.channels.abs()
+    return acc.result()
+
+
+def taylor(layer: LayerInputs) -> LayerScores:
+    return _score(layer, lambda w, g, _f: (w * g).abs())
+
+
+def taylor_vec(layer: LayerInputs) -> LayerScores:
+    return _score(layer, lambda w, g, _f: w * g, absolute_after=True)
+
+
+def taylor2(layer: LayerInputs) -> LayerScores:
+    return _score(layer, lambda w, _g, f: 0.5 * w * w * f)

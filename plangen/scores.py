@@ -1,0 +1,170 @@
+"""Score tables: computed from a calibration pass, written to and read from the sidecar.
+
+The sidecar (`PLAN.scores.safetensors`) holds every table a plan's `by METRIC`
+and `compensate` read, under the names `compiler.sidecar` defines
+(`METRIC.L.mlp`, `mean_in.L.attn`, ...), plus what re-planning needs without
+calibrating again (`--scores FILE`): `METRIC.L.attn` (one score per KV group),
+`block_influence` (layers,), `angular` (layers x layers: row n, column start,
+NaN where no block fits), `removal` (layers,), and the calibration loss. All
+tables are float64; the metadata records how they were measured. Saving the
+same tables gives the same bytes (safetensors orders tensors by name and the
+metadata carries no clock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from compiler.architectures import Architecture
+from compiler.facts import ModelFacts
+from compiler.sidecar import table_name
+from executor.slicing import Geometry
+from plangen.metrics import LayerScores
+
+if TYPE_CHECKING:
+    from plangen.calibrate import Calibration
+    from plangen.metrics.inputs import LayerInputs
+
+
+@dataclass
+class ScoreTables:
+    """Every measured table, by sidecar name, and how they were measured."""
+
+    tables: dict[str, np.ndarray]
+    metadata: dict[str, str]
+
+    def width(self, metric: str, layer: int) -> LayerScores:
+        try:
+            return LayerScores(
+                self.tables[table_name(metric, layer, "attn")],
+                self.tables[table_name(metric, layer, "mlp")],
+            )
+        except KeyError:
+            raise KeyError(
+                f"the scores have no `{metric}` tables for layer {layer} (metrics measured: "
+                f"{', '.join(self.width_metrics()) or 'none'})"
+            ) from None
+
+    def width_metrics(self) -> list[str]:
+        return sorted({k.split(".")[0] for k in self.tables if k.endswith(".mlp")} - {"mean_in"})
+
+    def has(self, name: str) -> bool:
+        return name in self.tables
+
+    def layer_vector(self, name: str) -> list[float]:
+        return [float(x) for x in self.tables[name]]
+
+    def angular(self) -> dict[tuple[int, int], float]:
+        """d(start, n) from the stored matrix."""
+        m = self.tables["angular"]
+        return {
+            (s, n): float(m[n, s])
+            for n in range(1, m.shape[0])
+            for s in range(m.shape[1])
+            if not math.isnan(m[n, s])
+        }
+
+
+def dense_layers(facts: ModelFacts) -> list[int]:
+    """Layers with a dense MLP (width metrics score these; MoE layers come later)."""
+    n = facts.layers or 0
+    return [i for i in range(n) if not facts.is_moe_layer(i)]
+
+
+def geometry(facts: ModelFacts) -> Geometry:
+    return Geometry(facts.heads or 0, facts.kv_heads or 0, facts.head_dim or 0, facts.ffn or 0)
+
+
+def layer_inputs(
+    model: Any, arch: Architecture, facts: ModelFacts, calib: Calibration, seed: int
+) -> Iterator[LayerInputs]:
+    from plangen.metrics.inputs import LayerInputs
+
+    params = dict(model.named_parameters())
+    specs = arch.attention + arch.dense_mlp
+    geom = geometry(facts)
+    for i in dense_layers(facts):
+        prefix = arch.layer_prefix.format(i=i)
+        weights = {
+            s.name: params[prefix + s.name].detach() for s in specs if prefix + s.name in params
+        }
+        present = tuple(s for s in specs if s.name in weights)
+        yield LayerInputs(i, weights, present, calib.layers[i], geom, seed)
+
+
+def compute_tables(
+    model: Any,
+    arch: Architecture,
+    facts: ModelFacts,
+    calib: Calibration,
+    metrics: Sequence[str],
+    seed: int = 0,
+    removal: Sequence[float] | None = None,
+) -> ScoreTables:
+    """The sidecar tables of `metrics` (width metric names) plus depth and mean_in tables."""
+    from plangen.metrics.registry import WIDTH_METRICS
+
+    tables: dict[str, np.ndarray] = {}
+    for layer in layer_inputs(model, arch, facts, calib, seed):
+        for name in metrics:
+            scores = WIDTH_METRICS[name].score(layer)
+            tables[table_name(name, layer.index, "attn")] = scores.groups
+            tables[table_name(name, layer.index, "mlp")] = scores.channels
+        for part, moments in (("attn", layer.stats.attn_in), ("mlp", layer.stats.mlp_in)):
+            if moments.count:
+                tables[table_name("mean_in", layer.index, part)] = moments.mean.numpy()
+    n = facts.layers or 0
+    tables["block_influence"] = np.asarray(calib.depth.block_influence(), dtype=np.float64)
+    angular = np.full((n, n), np.nan)
+    for (start, size), d in calib.depth.angular_distance().items():
+        angular[size, start] = d
+    tables["angular"] = angular
+    if removal is not None:
+        tables["removal"] = np.asarray(removal, dtype=np.float64)
+    tables["calibration_loss"] = np.asarray([calib.loss], dtype=np.float64)
+    return ScoreTables(tables, {})
+
+
+def write_sidecar(path: Path, scores: ScoreTables) -> str:
+    """Save the tables (float64, contiguous) with their metadata; return the file's sha256."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {
+        k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
+        for k, v in scores.tables.items()
+    }
+    save_file(tensors, str(path), metadata=dict(scores.metadata))
+    return sha256_of(path)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_sidecar(path: Path) -> ScoreTables:
+    """Tables and metadata of an earlier sidecar (`--scores FILE`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        tables = {k: fh.get_tensor(k).double().numpy() for k in fh.keys()}  # noqa: SIM118
+        metadata = dict(fh.metadata() or {})
+    return ScoreTables(tables, metadata)
+
+
+def metadata_json(values: Mapping[str, Any]) -> dict[str, str]:
+    """safetensors metadata is str -> str and its key order is not kept (a hash map), so
+    everything goes under one key as sorted JSON: the same values, the same bytes."""
+    return {"plancc": json.dumps(values, sort_keys=True)}

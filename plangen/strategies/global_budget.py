@@ -1,0 +1,133 @@
+"""Global: one budget over every KV group and MLP channel of the model.
+
+Every unit of every dense layer is a knapsack item with a price (its
+parameters, from the cost model) and a value (its score). Units are removed
+from the least valuable up until the budget is met (seed 4's greedy
+knapsack), so layers that matter keep more. Two rankings:
+
+* `per-param` (default): value / price, the greedy knapsack order. Scores
+  measured in loss units (`taylor`, `taylor2`) compare across layers as they
+  are; other metrics are first divided by their layer's mean for that module.
+* `score`: FLAP's adaptive structure search, scores compared as they are and
+  the budget counted in parameters. Used with the `flap` metric (standardized
+  per layer) and `compensate`, this is FLAP.
+
+A layer never loses its last KV group or channel, unless
+`--remove-empty-layers`, which turns a layer left with neither into a drop
+(and gives a layer left with only one of them its best unit back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from plangen.candidate import Candidate
+from plangen.strategies import Budget, StrategyError
+
+LOSS_UNIT_METRICS = ("taylor", "taylor2", "taylor_vec", "flap")
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    rank: float
+    layer: int
+    kind: int  # 0 = KV group, 1 = MLP channel
+    index: int
+
+
+def _values(
+    budget: Budget, metric: str, layer: int, normalize: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    s = budget.scores.width(metric, layer)
+    groups, channels = (
+        np.asarray(s.groups, dtype=np.float64),
+        np.asarray(s.channels, dtype=np.float64),
+    )
+    if normalize:
+        groups = groups / (groups.mean() or 1.0)
+        channels = channels / (channels.mean() or 1.0)
+    return groups, channels
+
+
+def global_budget(
+    budget: Budget,
+    metric: str,
+    layers: list[int] | None = None,
+    rank: str = "per-param",
+    attention: bool = True,
+    compensate: bool = False,
+    remove_empty_layers: bool = False,
+) -> Candidate:
+    kv, ffn = budget.kv_heads, budget.ffn
+    layers = [i for i in (layers if layers is not None else budget.layers) if i in budget.layers]
+    attention = attention and kv > 1
+    normalize = rank == "per-param" and metric not in LOSS_UNIT_METRICS
+    units: list[Unit] = []
+    for i in layers:
+        groups, channels = _values(budget, metric, i, normalize)
+        per = rank == "per-param"
+        if attention:
+            units += [
+                Unit(float(v) / (budget.group_cost if per else 1.0), i, 0, g)
+                for g, v in enumerate(groups)
+            ]
+        units += [
+            Unit(float(v) / (budget.channel_cost if per else 1.0), i, 1, c)
+            for c, v in enumerate(channels)
+        ]
+    units.sort()
+    left = {(i, 0): (kv if attention else 0) for i in layers} | {(i, 1): ffn for i in layers}
+    removed: set[tuple[int, int, int]] = set()
+    spent = 0
+    price = (budget.group_cost, budget.channel_cost)
+    for u in units:
+        if spent >= budget.remove:
+            break
+        if left[(u.layer, u.kind)] <= 1 and not remove_empty_layers:
+            continue
+        removed.add((u.layer, u.kind, u.index))
+        left[(u.layer, u.kind)] -= 1
+        spent += price[u.kind]
+    if spent < budget.remove - max(price):
+        raise StrategyError(
+            f"the global budget cannot reach the target: at most {spent:,} of {budget.remove:,} "
+            "parameters can go without emptying a layer (try --remove-empty-layers or depth)"
+        )
+    drop = []
+    if remove_empty_layers:
+        for i in layers:
+            empty_attn = attention and left[(i, 0)] == 0
+            empty_mlp = left[(i, 1)] == 0
+            if (empty_attn or not attention) and empty_mlp:
+                drop.append(i)
+                continue
+            for kind, empty in ((0, empty_attn), (1, empty_mlp)):
+                if empty:  # the best unit of an emptied part comes back
+                    best = max(u for u in units if u.layer == i and u.kind == kind)
+                    removed.discard((i, kind, best.index))
+                    left[(i, kind)] = 1
+    groups = {
+        i: tuple(sorted(g for (j, k, g) in removed if j == i and k == 0))
+        for i in layers
+        if i not in drop
+    }
+    groups = {i: g for i, g in groups.items() if g}
+    widths = {i: left[(i, 1)] for i in layers if i not in drop and left[(i, 1)] < ffn}
+    form = "FLAP adaptive structure" if metric == "flap" and rank == "score" else f"global {metric}"
+    label = (
+        f"{form}: {sum(len(g) for g in groups.values())} KV groups and "
+        f"{sum(ffn - w for w in widths.values())} channels over {len(layers)} layers"
+        + (f", {len(drop)} emptied layers dropped" if drop else "")
+        + (", compensated" if compensate else "")
+    )
+    return Candidate(
+        "flap" if form.startswith("FLAP") else "global",
+        label,
+        drop=tuple(drop),
+        groups_dropped=groups,
+        mlp_width=widths,
+        metric=metric,
+        compensate=compensate,
+    )

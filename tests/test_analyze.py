@@ -1,0 +1,208 @@
+"""`plangen analyze` end to end on tiny models, and its strategies against their budgets.
+
+Every emitted plan must pass `plancc check`, apply, and restore bit-exactly;
+each strategy must land within one unit (a KV group or an MLP channel; one
+channel per layer for the uniform cut) of its parameter target.
+"""
+
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compiler.check import check_file
+from compiler.facts import validate_facts
+from compiler.parse import parse
+from plangen.cli import main as plangen
+from plangen.scores import ScoreTables
+
+SMALL = ["--nsamples", "3", "--seqlen", "24", "--heldout", "2", "--batch-size", "2", "--quiet"]
+
+
+def _model(tmp_path: Path, arch: str, layers: int = 4) -> Path:
+    from conftest import add_char_tokenizer, make_tiny_model
+
+    return add_char_tokenizer(make_tiny_model(tmp_path, arch, num_hidden_layers=layers))
+
+
+def _analyze(model: Path, plan: Path, *extra: str) -> int:
+    return plangen(["analyze", str(model), "-o", str(plan), *SMALL, *extra])
+
+
+def _apply_and_restore(plan: Path, model: Path, tmp_path: Path) -> None:
+    from executor.apply import apply_plan
+    from executor.restore import restore
+
+    out = tmp_path / "out"
+    apply_plan(plan, out)
+    back = tmp_path / "back"
+    restore(out, "all", back)
+    for f in ("model.safetensors", "config.json"):
+        assert filecmp.cmp(model / f, back / f, shallow=False), f
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3_text"])
+def test_default_plan_checks_applies_and_restores(arch: str, tmp_path: Path, capsys) -> None:
+    model = _model(tmp_path, arch)
+    plan = tmp_path / "plan.prn"
+    assert _analyze(model, plan, "--target-params", "0.8") == 0
+    screen = capsys.readouterr().out
+    assert "chosen for the lowest held-out loss of 8 candidates" in screen
+    result = check_file(plan)
+    assert result.ok, result.errors
+    text = plan.read_text()
+    assert text.startswith("# written by: plangen analyze ")
+    assert "calibration text sha256:" in text and 'scores "plan.scores.safetensors"' in text
+    if arch == "gemma3_text":  # one KV group: never an attention statement
+        assert "\nattn " not in text
+    _apply_and_restore(plan, model, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["--strategy", "depth", "--drop", "1"],
+        ["--strategy", "depth", "--metric", "angular", "--drop-frac", "0.5"],
+        ["--strategy", "depth", "--metric", "removal", "--drop", "2", "--split", "ratio 0.5"],
+        ["--strategy", "uniform", "--ratio", "0.5", "--metric", "wanda"],
+        ["--strategy", "uniform", "--parts", "mlp", "--metric", "magnitude"],
+        ["--strategy", "unbalanced", "--distribution", "2:8", "--freeze-top", "1"],
+        ["--strategy", "global", "--metric", "taylor2", "--csv", "units.csv"],
+        ["--strategy", "flap", "--target-params", "0.85"],
+        ["--strategy", "uniform", "--metric", "random", "--compensate", "--mlp-layers", "1..9"],
+    ],
+    ids=lambda s: "-".join(a.strip("-") for a in s[1:4]),
+)
+def test_every_strategy_writes_a_plan_that_checks_and_applies(
+    strategy: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    model = _model(tmp_path, "qwen2")
+    monkeypatch.chdir(tmp_path)
+    plan = tmp_path / "p.prn"
+    assert _analyze(model, plan, *strategy) == 0, capsys.readouterr().err
+    result = check_file(plan)
+    assert result.ok, result.errors
+    _apply_and_restore(plan, model, tmp_path)
+    if "--csv" in strategy:
+        rows = (tmp_path / "units.csv").read_text().splitlines()
+        assert rows[0] == "layer,unit,index,metric,score,kept"
+        assert len(rows) == 1 + 4 * (2 + 96)
+    if "--mlp-layers" in strategy:
+        assert "goes past the model's last layer 3: clamped to 1..3" in capsys.readouterr().err
+
+
+def test_same_inputs_give_identical_bytes_and_scores_replan(tmp_path: Path, capsys) -> None:
+    model = _model(tmp_path, "llama")
+    plan = tmp_path / "p.prn"
+    assert _analyze(model, plan, "--strategy", "global", "--plot") == 0
+    first = plan.read_bytes(), (tmp_path / "p.scores.safetensors").read_bytes()
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _analyze(model, plan, "--strategy", "global", "--plot") == 0
+    assert (plan.read_bytes(), (tmp_path / "p.scores.safetensors").read_bytes()) == first
+    capsys.readouterr()
+    again = tmp_path / "again.prn"
+    sidecar = str(tmp_path / "p.scores.safetensors")
+    assert _analyze(model, again, "--scores", sidecar, "--strategy", "uniform", "--json") == 0
+    import json
+
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["strategy"] == "uniform"
+    assert summary["forward_passes"] == pytest.approx(2 * 2 / 3)  # held-out only: no calibration
+    assert check_file(again).ok
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--calib", "/nonexistent.txt"], "is neither a built-in corpus"),
+        (["--nsamples", "100000"], "lower --nsamples or --seqlen"),
+        (["--metric", "nope", "--strategy", "global"], "unknown --metric 'nope'"),
+        (["--strategy", "uniform", "--attn-layers", "3..1"], "is reversed: write 1..3"),
+        (["--device", "cuda"], "no CUDA device is visible"),
+    ],
+)
+def test_bad_options_exit_2_and_write_nothing(args, message, tmp_path: Path, capsys) -> None:
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    model = _model(tmp_path, "llama", layers=2)
+    plan = tmp_path / "p.prn"
+    assert _analyze(model, plan, *args) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+
+
+# ---- strategies against their budgets (no model: synthetic scores) ---------------------
+
+
+def _facts(layers: int = 6, kv: int = 3):
+    block = (
+        'plan 1\nmodel "m" {\n  arch llama\n'
+        f"  layers {layers}  hidden 64  ffn 96  vocab 128  tied true\n"
+        f"  heads {3 * kv}  kv_heads {kv}  head_dim 8\n}}\n"
+    )
+    facts, diags = validate_facts(parse(block).plan.model)
+    assert not diags
+    return facts
+
+
+def _scores(facts, seed: int = 0) -> ScoreTables:
+    rng = np.random.default_rng(seed)
+    tables = {}
+    for i in range(facts.layers):
+        for m in ("taylor", "flap"):
+            tables[f"{m}.{i}.attn"] = rng.random(facts.kv_heads)
+            tables[f"{m}.{i}.mlp"] = rng.random(facts.ffn)
+    tables["block_influence"] = rng.random(facts.layers)
+    return ScoreTables(tables, {})
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.8, 0.7])
+def test_strategies_land_within_one_unit_of_the_target(keep: float) -> None:
+    from plangen.strategies import Budget
+    from plangen.strategies.global_budget import global_budget
+    from plangen.strategies.unbalanced import unbalanced
+    from plangen.strategies.uniform import uniform
+
+    facts = _facts()
+    scores = _scores(facts)
+    b = Budget.of(facts, scores, keep)
+    all_layers = list(range(facts.layers))
+    for cand, slack in (
+        (global_budget(b, "taylor"), b.group_cost),
+        (global_budget(b, "flap", rank="score"), b.group_cost),
+        (global_budget(b, "taylor", attention=False), b.channel_cost),
+        (unbalanced(b, "taylor"), b.channel_cost),
+        (unbalanced(b, "taylor", attn_fraction=0.2), b.channel_cost),
+        (uniform(b, "taylor", [], all_layers), len(all_layers) * b.channel_cost / 2),
+        (uniform(b, "taylor", all_layers, all_layers), len(all_layers) * b.channel_cost / 2),
+    ):
+        assert abs(cand.params(facts) - b.keep_params) <= slack, cand.label
+
+
+def test_global_budget_removes_the_least_valuable_units_first() -> None:
+    from plangen.strategies import Budget
+    from plangen.strategies.global_budget import global_budget
+
+    facts = _facts(layers=2)
+    scores = _scores(facts)
+    scores.tables["taylor.1.mlp"][:] = 1e-9  # layer 1's channels are worthless
+    b = Budget.of(facts, scores, 0.95)
+    cand = global_budget(b, "taylor", attention=False)
+    assert set(cand.mlp_width) == {1}
+
+
+def test_single_kv_group_models_get_no_attention_cut() -> None:
+    from plangen.strategies import Budget
+    from plangen.strategies.global_budget import global_budget
+    from plangen.strategies.uniform import uniform
+
+    facts = _facts(kv=1)
+    b = Budget.of(facts, _scores(facts), 0.8)
+    assert not global_budget(b, "taylor").groups_dropped
+    with pytest.warns(UserWarning, match="single KV group"):
+        assert not uniform(b, "taylor", [0, 1], [0, 1], ratio=0.5).groups_dropped
