@@ -89,7 +89,8 @@ class Options:
 class Measured:
     candidate: Candidate
     params: int
-    loss: float
+    first: float  # held-out loss on the first round's windows
+    loss: float | None  # on every held-out window; None: cut after the first round
 
 
 @dataclass
@@ -127,8 +128,10 @@ def default_metric(strategy: str) -> str:
 
 
 def needed_metrics(opts: Options) -> list[str]:
-    if opts.strategy == "best":
-        return ["taylor", "flap"]
+    if opts.strategy == "best":  # gradients are paid for; the rest is free: keep them all
+        from plangen.metrics import WIDTH_METRIC_NAMES
+
+        return list(WIDTH_METRIC_NAMES)
     if opts.strategy == "depth":
         return []
     return [opts.metric or default_metric(opts.strategy)]
@@ -229,14 +232,13 @@ def candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Ca
         case "flap":
             return [global_budget(budget, metric, None, "score", compensate=True)]
     # best: the strategies above with their published defaults, judged on held-out loss.
+    # Width cuts are compensated: FLAP's bias never hurt in any measurement here.
     edge = _edge_range(n)
     out = [
         depth(budget, layers_for_budget(budget), "block_influence", opts.keep_last_layer),
-        uniform(budget, "taylor", [], list(range(n))),
-        uniform(budget, "taylor", [], edge),
         uniform(budget, "taylor", [], edge, compensate=True),
-        unbalanced(budget, "taylor"),
-        global_budget(budget, "taylor", None, "per-param"),
+        unbalanced(budget, "taylor", compensate=True),
+        global_budget(budget, "taylor", None, "per-param", compensate=True),
         global_budget(budget, "taylor", None, "per-param", attention=False, compensate=True),
         global_budget(budget, "flap", None, "score", compensate=True),
     ]
@@ -276,7 +278,7 @@ def run(opts: Options) -> Outcome:
 
     from executor.loader import load
     from plangen.calibrate import collect
-    from plangen.heldout import applied, mean_loss
+    from plangen.heldout import judge, mean_loss
     from plangen.metrics.registry import WIDTH_METRICS
 
     started = time.perf_counter()
@@ -330,11 +332,12 @@ def run(opts: Options) -> Outcome:
             ckpt.arch,
             calib_windows,
             gradients=gradients,
+            fisher="taylor2" in metrics,
             batch_size=opts.batch_size,
             device=opts.device,
             progress=opts.progress,
         )
-        passes += 3.0 if gradients else 1.0
+        passes += 3.0 if gradients else 1.0  # backward ~ twice a forward
         scores = compute_tables(model, ckpt.arch, facts, calib, metrics, opts.seed)
         del calib
         if needs_removal(opts):
@@ -364,19 +367,13 @@ def run(opts: Options) -> Outcome:
         raise AnalyzeError(str(exc)) from None
 
     loss_before = mean_loss(model, held, opts.batch_size, opts.device)
-    measured = []
-    from tqdm import tqdm
-
-    for cand in tqdm(
-        cands, desc="candidates", disable=not opts.progress or len(cands) < 2, leave=False
-    ):
-        with applied(model, ckpt.arch, facts, cand, scores):
-            loss = mean_loss(model, held, opts.batch_size, opts.device)
-        measured.append(Measured(cand, cand.params(facts), loss))
-    passes += (len(cands) + 1) * len(held) / len(calib_windows)
-    chosen = min(measured, key=lambda m: math.inf if math.isnan(m.loss) else m.loss)
+    judged = judge(model, ckpt.arch, facts, scores, cands, held, opts.batch_size, opts.device)
+    measured = [Measured(j.candidate, j.candidate.params(facts), j.first, j.loss) for j in judged]
+    passes += (len(held) + sum(j.windows for j in judged)) / len(calib_windows)
+    finalists = [m for m in measured if m.loss is not None]
+    chosen = min(finalists, key=lambda m: _finite(m.loss))
     why = (
-        f"lowest held-out loss of {len(measured)} candidates"
+        f"lowest held-out loss of {len(measured)} candidates ({len(finalists)} finalists)"
         if len(measured) > 1
         else f"--strategy {opts.strategy}"
     )
@@ -425,6 +422,10 @@ def run(opts: Options) -> Outcome:
     )
 
 
+def _finite(loss: float | None) -> float:
+    return math.inf if loss is None or math.isnan(loss) else loss
+
+
 def _calibration_line(opts: Options) -> str:
     data = opts.calib if opts.calib in ("builtin", "wikitext2", "ptb", "c4") else f'"{opts.calib}"'
     return f"{data} samples {opts.nsamples} seqlen {opts.seqlen} seed {opts.seed}"
@@ -465,8 +466,13 @@ def _write_csv(path: Path, facts: ModelFacts, scores: ScoreTables, cand: Candida
 # ---- the end screen -------------------------------------------------------------------
 
 
+def _ppl(loss: float | None) -> str:
+    return "" if loss is None else f"{math.exp(min(loss, 50)):.2f}"
+
+
 def render(out: Outcome) -> str:
     c = out.chosen
+    assert c.loss is not None
     lines = [
         f"plan     {out.plan_path}",
         f"scores   {out.scores_path}",
@@ -476,15 +482,16 @@ def render(out: Outcome) -> str:
         f"held-out loss {out.loss_before:.4f} (ppl {math.exp(out.loss_before):.2f}) -> "
         f"{c.loss:.4f} (ppl {math.exp(c.loss):.2f})",
         "",
-        f"{'candidate':<78} {'params':>7} {'loss':>7} {'ppl':>8}",
+        f"  {'candidate':<72} {'params':>6} {'ppl, first':>10} {'ppl, all':>8}",
     ]
-    for m in sorted(out.considered, key=lambda m: m.loss):
+    for m in sorted(out.considered, key=lambda m: (_finite(m.loss), _finite(m.first))):
         mark = "*" if m is c else " "
         lines.append(
-            f"{mark}{m.candidate.label[:77]:<77} {m.params / out.params_before:>7.1%} "
-            f"{m.loss:>7.4f} {math.exp(min(m.loss, 50)):>8.2f}"
+            f"{mark} {m.candidate.label[:72]:<72} {m.params / out.params_before:>6.1%} "
+            f"{_ppl(m.first):>10} {_ppl(m.loss):>8}"
         )
     lines += [
+        "  (held-out perplexity on the first window, then on all of them for the finalists)",
         "",
         f"{out.seconds:.0f} s, about {out.forward_passes:.1f} forward passes over the "
         "calibration set",
@@ -506,7 +513,12 @@ def outcome_json(out: Outcome) -> str:
             "heldout_loss_before": out.loss_before,
             "heldout_loss_after": out.chosen.loss,
             "candidates": [
-                {"label": m.candidate.label, "params": m.params, "heldout_loss": m.loss}
+                {
+                    "label": m.candidate.label,
+                    "params": m.params,
+                    "heldout_loss_first_window": m.first,
+                    "heldout_loss": m.loss,
+                }
                 for m in out.considered
             ],
             "seconds": out.seconds,

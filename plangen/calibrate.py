@@ -22,6 +22,7 @@ per weight, then cleared. Nothing of size layers x tokens x hidden is kept.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +42,11 @@ class InputMoments:
     squares: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).double()
-        s, q = rows.sum(0).cpu(), (rows * rows).sum(0).cpu()
+        # One batch is summed in its own dtype (float32: a few thousand rows lose
+        # nothing that matters), batches are accumulated in float64.
+        rows = x.detach().reshape(-1, x.shape[-1])
+        rows = rows if rows.dtype == torch.float64 else rows.float()
+        s, q = rows.sum(0).double().cpu(), (rows * rows).sum(0).double().cpu()
         self.total = s if self.total is None else self.total + s
         self.squares = q if self.squares is None else self.squares + q
         self.count += rows.shape[0]
@@ -73,14 +77,13 @@ class LayerStats:
     grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # layer-relative name
     grad_sq: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def add_gradient(self, name: str, grad: torch.Tensor) -> None:
-        g = grad.detach().float()
-        if name in self.grad_sum:
-            self.grad_sum[name] += g
-            self.grad_sq[name] += g * g
+    def add_square(self, name: str, grad: torch.Tensor) -> None:
+        """One batch's gradient, squared into the Fisher diagonal."""
+        g = grad.detach()
+        if name in self.grad_sq:
+            self.grad_sq[name].addcmul_(g, g)
         else:
-            self.grad_sum[name] = g.clone()
-            self.grad_sq[name] = g * g
+            self.grad_sq[name] = (g * g).float()
 
 
 @dataclass
@@ -91,7 +94,7 @@ class Calibration:
     layers: list[LayerStats]
     batches: int
     tokens: int
-    loss: float  # mean next-token loss over the calibration windows
+    loss: float  # mean next-token loss over the calibration windows (NaN: not measured)
     gradients: bool
 
 
@@ -122,12 +125,14 @@ def collect(
     windows: Sequence[Sequence[int]],
     *,
     gradients: bool = False,
+    fisher: bool = True,
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
 ) -> Calibration:
     """One pass over `windows`: depth scores, projection-input moments and, with
-    `gradients`, summed and squared-summed weight gradients of every layer."""
+    `gradients`, the summed weight gradients of every layer (and, with `fisher`,
+    their per-batch squares)."""
     from tqdm import tqdm
 
     layers_mod = model.get_submodule(arch.layers_module)
@@ -160,33 +165,52 @@ def collect(
         wanted = {id(p) for per in watched.values() for p in per.values()}
         for p in model.parameters():
             p.requires_grad_(id(p) in wanted)
+            p.grad = None
+        # Autograd sums the batches' gradients into .grad by itself (the first-order
+        # sum); a hook sees each batch's gradient once, for the Fisher diagonal.
+        if fisher:
+            for k, per in watched.items():
+                for name, p in per.items():
+                    handles.append(p.register_hook(_square_into(stats[k], name)))
 
     loss_sum, tokens, batches = 0.0, 0, 0
     try:
         starts = range(0, len(windows), batch_size)
         for i in tqdm(starts, desc="calibrate", unit="batch", disable=not progress, leave=False):
             ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
-            with torch.set_grad_enabled(gradients):
-                out = model(input_ids=ids, labels=ids, use_cache=False)
-            depth.update([states[k] for k in range(n + 1)])
             predicted = ids.shape[0] * (ids.shape[1] - 1)
-            loss_sum += float(out.loss.detach()) * predicted
+            if gradients:
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+                loss_sum += float(out.loss.detach()) * predicted
+            else:  # the statistics live before the LM head: skip it (a fifth of the work)
+                with torch.no_grad():
+                    model.base_model(input_ids=ids, use_cache=False)
+                loss_sum = math.nan
+            depth.update([states[k] for k in range(n + 1)])
             tokens += predicted
             batches += 1
             if gradients:
                 out.loss.backward()
-                for k, per in watched.items():
-                    for name, p in per.items():
-                        if p.grad is not None:
-                            stats[k].add_gradient(name, p.grad)
-                            p.grad = None
+                del out
             states.clear()
+        for k, per in watched.items():
+            for name, p in per.items():
+                if p.grad is not None:
+                    stats[k].grad_sum[name] = p.grad.detach().float()
+                    p.grad = None
     finally:
         for h in handles:
             h.remove()
         for name, p in model.named_parameters():
             p.requires_grad_(was_grad[name])
     return Calibration(depth, stats, batches, tokens, loss_sum / max(tokens, 1), gradients)
+
+
+def _square_into(stats: LayerStats, name: str) -> Any:
+    def hook(grad: torch.Tensor) -> None:
+        stats.add_square(name, grad)
+
+    return hook
 
 
 def watch_residual(layers: Any, states: dict[int, torch.Tensor]) -> list[Any]:

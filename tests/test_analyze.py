@@ -50,7 +50,7 @@ def test_default_plan_checks_applies_and_restores(arch: str, tmp_path: Path, cap
     plan = tmp_path / "plan.prn"
     assert _analyze(model, plan, "--target-params", "0.8") == 0
     screen = capsys.readouterr().out
-    assert "chosen for the lowest held-out loss of 8 candidates" in screen
+    assert "chosen for the lowest held-out loss of 6 candidates (2 finalists)" in screen
     result = check_file(plan)
     assert result.ok, result.errors
     text = plan.read_text()
@@ -143,7 +143,8 @@ def _facts(layers: int = 6, kv: int = 3):
     block = (
         'plan 1\nmodel "m" {\n  arch llama\n'
         f"  layers {layers}  hidden 64  ffn 96  vocab 128  tied true\n"
-        f"  heads {3 * kv}  kv_heads {kv}  head_dim 8\n}}\n"
+        f"  heads {3 * kv}  kv_heads {kv}  head_dim 8\n"
+        f'  fingerprint "sha256:{"0" * 64}"\n}}\n'
     )
     facts, diags = validate_facts(parse(block).plan.model)
     assert not diags

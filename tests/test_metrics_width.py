@@ -108,10 +108,10 @@ def test_activation_scores_equal_their_definitions(setup) -> None:
             fluct = x.var(0, unbiased=False) * w.pow(2).sum(0)
             if space == "q":
                 np.testing.assert_allclose(
-                    tables.tables[f"wanda.{i}.attn"], _groups_q(wanda, kv), rtol=1e-9
+                    tables.tables[f"wanda.{i}.attn"], _groups_q(wanda, kv), rtol=1e-5
                 )
                 np.testing.assert_allclose(
-                    tables.tables[f"fluctuation.{i}.attn"], _groups_q(fluct, kv), rtol=1e-7
+                    tables.tables[f"fluctuation.{i}.attn"], _groups_q(fluct, kv), rtol=1e-5
                 )
                 z = fluct**2
                 z = (z - z.mean()) / z.std()
@@ -119,21 +119,21 @@ def test_activation_scores_equal_their_definitions(setup) -> None:
                     tables.tables[f"flap.{i}.attn"],
                     z.reshape(kv, -1).mean(1).numpy(),
                     rtol=1e-6,
-                    atol=1e-9,
+                    atol=1e-6,  # z-scores are O(1); batches are summed in float32
                 )
             else:
                 np.testing.assert_allclose(
-                    tables.tables[f"wanda.{i}.mlp"], wanda.numpy(), rtol=1e-9
+                    tables.tables[f"wanda.{i}.mlp"], wanda.numpy(), rtol=1e-5
                 )
                 np.testing.assert_allclose(
-                    tables.tables[f"fluctuation.{i}.mlp"], fluct.numpy(), rtol=1e-7
+                    tables.tables[f"fluctuation.{i}.mlp"], fluct.numpy(), rtol=1e-5
                 )
                 z = (fluct - fluct.mean()) / fluct.std()
                 np.testing.assert_allclose(
-                    tables.tables[f"flap.{i}.mlp"], z.numpy(), rtol=1e-6, atol=1e-9
+                    tables.tables[f"flap.{i}.mlp"], z.numpy(), rtol=1e-6, atol=1e-6
                 )
             np.testing.assert_allclose(
-                tables.tables[f"mean_in.{i}.{part}"], x.mean(0).numpy(), rtol=1e-9, atol=1e-12
+                tables.tables[f"mean_in.{i}.{part}"], x.mean(0).numpy(), rtol=1e-5, atol=1e-8
             )
 
 

@@ -25,38 +25,34 @@ from plangen.metrics.units import Accumulator, fold_elements
 
 def _score(
     layer: LayerInputs,
-    element: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    element: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     absolute_after: bool = False,
+    squared: bool = False,
 ) -> LayerScores:
-    if not layer.stats.grad_sum:
-        raise ValueError(
-            f"layer {layer.index}: no gradients were collected (calibrate with gradients)"
-        )
+    """`element(w, g)` per weight, g the summed gradient (or, `squared`, the Fisher sum)."""
+    grads = layer.stats.grad_sq if squared else layer.stats.grad_sum
+    if not grads:
+        what = "squared gradients (calibrate with fisher)" if squared else "gradients"
+        raise ValueError(f"layer {layer.index}: no {what} were collected")
     acc = Accumulator(layer.geom)
     for spec in layer.specs:
         w = layer.weights.get(spec.name)
-        g = layer.stats.grad_sum.get(spec.name)
+        g = grads.get(spec.name)
         if w is None or g is None:
             continue
-        acc.add(
-            fold_elements(
-                element(w.double(), g.double(), layer.stats.grad_sq[spec.name].double()),
-                spec,
-                layer.geom,
-            )
-        )
+        acc.add(fold_elements(element(w.double(), g.double()), spec, layer.geom))
     if absolute_after:
         acc.groups, acc.channels = acc.groups.abs(), acc.channels.abs()
     return acc.result()
 
 
 def taylor(layer: LayerInputs) -> LayerScores:
-    return _score(layer, lambda w, g, _f: (w * g).abs())
+    return _score(layer, lambda w, g: (w * g).abs())
 
 
 def taylor_vec(layer: LayerInputs) -> LayerScores:
-    return _score(layer, lambda w, g, _f: w * g, absolute_after=True)
+    return _score(layer, lambda w, g: w * g, absolute_after=True)
 
 
 def taylor2(layer: LayerInputs) -> LayerScores:
-    return _score(layer, lambda w, _g, f: 0.5 * w * w * f)
+    return _score(layer, lambda w, f: 0.5 * w * w * f, squared=True)

@@ -1,0 +1,217 @@
+"""plancc's planner against the peers on SmolLM2-135M-Instruct, one protocol.
+
+Protocol (issue 11): builtin corpus, seqlen 512, 32 calibration windows from the
+start of the calibration pool, fp32, perplexity on the first 24 evaluation
+windows (`plancc eval --limit 24`), no healing. One `plangen analyze` run (the
+default: every metric, gradients included) writes the sidecar; every row is
+then built from those tables with the strategy that reproduces the peer's
+shape, emitted as a plan, checked, applied with `plancc apply` and evaluated.
+The last rows are plancc's own strategies and its default plan at each size.
+
+It also measures what analyze costs in forward passes over the calibration
+set: the wall time of `plangen analyze` (forward-only and gradient metrics)
+divided by the time of one plain forward pass over the same windows.
+
+Usage: python benchmarks/planner_peers.py [--model DIR] [--out /tmp/plancc-planner]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+PEERS = {  # (method, size) -> the peer's perplexity
+    ("ShortGPT block influence (5 / 9 layers)", "12.5"): 26.08,
+    ("ShortGPT block influence (5 / 9 layers)", "25"): 55.50,
+    ("Gromov angular block (5 / 9 layers)", "12.5"): 103.3,
+    ("Gromov angular block (5 / 9 layers)", "25"): 163.1,
+    ("magnitude (Torch-Pruning), attention and MLP", "12.5"): 44165,
+    ("magnitude (Torch-Pruning), attention and MLP", "25"): 494946,
+    ("LLM-Pruner Taylor param_first, layers 4-27", "12.5"): 17.26,
+    ("LLM-Pruner Taylor param_first, layers 4-27", "25"): 49.23,
+    ("Wanda-sp, attention and MLP", "12.5"): 17.36,
+    ("Wanda-sp, attention and MLP", "25"): 113.23,
+    ("Wanda-sp, MLP only (888 channels)", "25"): 27.68,
+    ("FLAP with bias compensation", "12.5"): 16.97,
+    ("FLAP with bias compensation", "25"): 31.39,
+    ("Taylor, MLP only (725 channels, layers 4-27)", "25"): 27.43,
+    ("ShortGPT 3 layers + FLAP", "25"): 31.10,
+}
+KEEP = {"12.5": 0.875, "25": 0.75}
+
+
+def rows(budget, layers: int) -> list:
+    """(method, candidate) for one size, every shape built by plancc's strategies."""
+    from plangen.candidate import Candidate
+    from plangen.strategies.depth import depth
+    from plangen.strategies.global_budget import global_budget
+    from plangen.strategies.unbalanced import unbalanced
+    from plangen.strategies.uniform import uniform
+
+    small = budget.keep_params > 0.8 * budget.total
+    n_depth = 5 if small else 9
+    every = list(range(layers))
+    block = list(range(4, 28))
+    out = [
+        ("ShortGPT block influence (5 / 9 layers)", depth(budget, n_depth, "block_influence")),
+        ("Gromov angular block (5 / 9 layers)", depth(budget, n_depth, "angular")),
+        (
+            "magnitude (Torch-Pruning), attention and MLP",
+            uniform(budget, "magnitude", every, every),
+        ),
+        ("LLM-Pruner Taylor param_first, layers 4-27", uniform(budget, "taylor", block, block)),
+        ("Wanda-sp, attention and MLP", uniform(budget, "wanda", every, every)),
+    ]
+    if not small:
+        out.append(("Wanda-sp, MLP only (888 channels)", uniform(budget, "wanda", [], every)))
+    out.append(
+        (
+            "FLAP with bias compensation",
+            global_budget(budget, "flap", None, "score", compensate=True),
+        )
+    )
+    if not small:
+        out.append(
+            ("Taylor, MLP only (725 channels, layers 4-27)", uniform(budget, "taylor", [], block))
+        )
+        short = depth(budget, 3, "block_influence")
+        rest = dataclasses.replace(budget, keep_params=budget.keep_params + 3 * budget.layer_cost)
+        kept = [i for i in every if i not in short.drop]
+        flap = global_budget(rest, "flap", kept, "score", compensate=True)
+        combo = Candidate(
+            "flap",
+            "ShortGPT 3 layers + FLAP",
+            drop=short.drop,
+            groups_dropped=flap.groups_dropped,
+            mlp_width=flap.mlp_width,
+            metric="flap",
+            compensate=True,
+            notes=short.notes,
+        )
+        out.append(("ShortGPT 3 layers + FLAP", combo))
+    out += [
+        ("plancc unbalanced (taylor, inverse BI)", unbalanced(budget, "taylor")),
+        ("plancc global (taylor per parameter)", global_budget(budget, "taylor")),
+    ]
+    return out
+
+
+def main() -> None:
+    import torch
+
+    from compiler.checkpoint import load_checkpoint_facts
+    from compiler.corpus import TokenPools, load_text, tokenize, windows
+    from executor.apply import apply_plan
+    from executor.evaluate import evaluate
+    from executor.loader import load
+    from plangen import emit
+    from plangen.analyze import Options, _calibration_line, model_facts, run
+    from plangen.scores import read_sidecar
+    from plangen.strategies import Budget
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = Path(os.path.expanduser("~/.cache/plancc/SmolLM2-135M-Instruct"))
+    parser.add_argument("--model", type=Path, default=default)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/plancc-planner"))
+    args = parser.parse_args()
+    shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True)
+    ck = load_checkpoint_facts(args.model)
+    facts = model_facts(ck)
+
+    # One plain forward pass over the calibration windows: the unit of cost.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    text = load_text("builtin")
+    pools = TokenPools.split(tokenize(text, tok), text)
+    calib = windows(pools.calibration, 512, 32)
+    model = load(args.model, "cpu", torch.float32)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, 32, 4):
+            model(input_ids=torch.tensor(calib[i : i + 4]), use_cache=False)
+    forward_s = time.perf_counter() - t0
+    del model
+
+    results = {}
+    cost_rows = []
+    for size, keep in KEEP.items():
+        plan = args.out / f"default-{size}.prn"
+        t0 = time.perf_counter()
+        outcome = run(Options(args.model, plan, target_params=keep, progress=False))
+        took = time.perf_counter() - t0
+        cost_rows.append((f"analyze default (gradients), -{size}%", took, took / forward_s))
+        results[("plancc default (best on held-out loss)", size)] = (
+            plan,
+            outcome.chosen.candidate.label,
+        )
+    plan = args.out / "flap-forward-only.prn"
+    t0 = time.perf_counter()
+    run(Options(args.model, plan, target_params=0.75, strategy="flap", progress=False))
+    took = time.perf_counter() - t0
+    cost_rows.append(("analyze --strategy flap (forward only), -25%", took, took / forward_s))
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    sidecar = args.out / "default-25.scores.safetensors"
+    scores = read_sidecar(sidecar)
+    header = emit.Header(
+        ck.model_block(),
+        str(args.model),
+        sidecar.name,
+        _sha(sidecar),
+        _calibration_line(Options(args.model, plan)),
+        ["benchmarks/planner_peers.py"],
+    )
+    layers = facts.layers or 0
+    for size, keep in KEEP.items():
+        budget = Budget.of(facts, scores, keep)
+        for method, cand in rows(budget, layers):
+            path = args.out / f"{len(results):02d}.prn"
+            path.write_text(emit.plan_text(cand, header, scores, facts.ffn or 0), encoding="utf-8")
+            results[(method, size)] = (path, cand.label)
+
+    base = evaluate(args.model, limit=24, progress=False, new_tokens=1).perplexity
+    print(f"SmolLM2-135M-Instruct, original perplexity {base:.2f} (first 24 evaluation windows)")
+    print(
+        f"one forward pass over 32 x 512 calibration tokens: {forward_s:.1f} s; "
+        f"peak RSS {rss_mb:.0f} MB\n"
+    )
+    print(
+        f"{'method':<46} {'size':>6} {'params':>7} {'ppl':>9} {'peer':>9} {'ratio':>6} "
+        f"{'apply s':>7}"
+    )
+    for (method, size), (path, _label) in sorted(
+        results.items(), key=lambda kv: (kv[0][1], kv[0][0])
+    ):
+        out = path.with_suffix("")
+        t0 = time.perf_counter()
+        apply_plan(path, out)
+        applied_s = time.perf_counter() - t0
+        ev = evaluate(out, limit=24, progress=False, new_tokens=1)
+        peer = PEERS.get((method, size))
+        ratio = f"{ev.perplexity / peer:6.2f}" if peer else ""
+        print(
+            f"{method:<46} {'-' + size + '%':>6} {ev.params / 134_515_008:>7.1%} "
+            f"{ev.perplexity:>9.2f} "
+            f"{(f'{peer:,.2f}' if peer else ''):>9} {ratio:>6} {applied_s:>7.1f}"
+        )
+        shutil.rmtree(out)
+    print("\nanalyze cost (wall time / one forward pass over the calibration set):")
+    for what, took, ratio in cost_rows:
+        print(f"  {what:<48} {took:7.1f} s  {ratio:4.2f} passes")
+
+
+def _sha(path: Path) -> str:
+    from plangen.scores import sha256_of
+
+    return sha256_of(path)
+
+
+if __name__ == "__main__":
+    main()
