@@ -64,7 +64,10 @@ def rows(budget, layers: int) -> list:
             "magnitude (Torch-Pruning), attention and MLP",
             uniform(budget, "magnitude", every, every),
         ),
-        ("LLM-Pruner Taylor param_first, layers 4-27", uniform(budget, "taylor", block, block)),
+        (
+            "LLM-Pruner Taylor param_first, layers 4-27",
+            uniform(budget, "taylor", block, block, round_groups="down"),
+        ),
         ("Wanda-sp, attention and MLP", uniform(budget, "wanda", every, every)),
     ]
     if not small:
@@ -118,6 +121,12 @@ def main() -> None:
     default = Path(os.path.expanduser("~/.cache/plancc/SmolLM2-135M-Instruct"))
     parser.add_argument("--model", type=Path, default=default)
     parser.add_argument("--out", type=Path, default=Path("/tmp/plancc-planner"))
+    parser.add_argument(
+        "--unseen",
+        type=Path,
+        help="a UTF-8 text file the planner never saw (e.g. /usr/share/common-licenses/* "
+        "concatenated): every row is also evaluated on it (its last 40%%, 24 windows)",
+    )
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
@@ -178,13 +187,16 @@ def main() -> None:
 
     base = evaluate(args.model, limit=24, progress=False, new_tokens=1).perplexity
     print(f"SmolLM2-135M-Instruct, original perplexity {base:.2f} (first 24 evaluation windows)")
+    if args.unseen:
+        un = evaluate(args.model, data=str(args.unseen), limit=24, progress=False, new_tokens=1)
+        print(f"on {args.unseen} (never seen by the planner): original {un.perplexity:.2f}")
     print(
         f"one forward pass over 32 x 512 calibration tokens: {forward_s:.1f} s; "
         f"peak RSS {rss_mb:.0f} MB\n"
     )
     print(
         f"{'method':<46} {'size':>6} {'params':>7} {'ppl':>9} {'peer':>9} {'ratio':>6} "
-        f"{'apply s':>7}"
+        f"{'apply s':>7}" + (f" {'unseen':>9}" if args.unseen else "")
     )
     for (method, size), (path, _label) in sorted(
         results.items(), key=lambda kv: (kv[0][1], kv[0][0])
@@ -194,12 +206,16 @@ def main() -> None:
         apply_plan(path, out)
         applied_s = time.perf_counter() - t0
         ev = evaluate(out, limit=24, progress=False, new_tokens=1)
+        unseen = ""
+        if args.unseen:
+            un = evaluate(out, data=str(args.unseen), limit=24, progress=False, new_tokens=1)
+            unseen = f"{un.perplexity:>9.2f}"
         peer = PEERS.get((method, size))
         ratio = f"{ev.perplexity / peer:6.2f}" if peer else ""
         print(
             f"{method:<46} {'-' + size + '%':>6} {ev.params / 134_515_008:>7.1%} "
             f"{ev.perplexity:>9.2f} "
-            f"{(f'{peer:,.2f}' if peer else ''):>9} {ratio:>6} {applied_s:>7.1f}"
+            f"{(f'{peer:,.2f}' if peer else ''):>9} {ratio:>6} {applied_s:>7.1f} {unseen}"
         )
         shutil.rmtree(out)
     print("\nanalyze cost (wall time / one forward pass over the calibration set):")

@@ -32,7 +32,14 @@ from compiler.facts import ModelFacts, validate_facts
 from compiler.parse import parse
 from plangen import emit
 from plangen.candidate import Candidate, original_params
-from plangen.scores import ScoreTables, compute_tables, metadata_json, read_sidecar, write_sidecar
+from plangen.scores import (
+    ScoreTables,
+    compute_tables,
+    geometry,
+    metadata_json,
+    read_sidecar,
+    write_sidecar,
+)
 from plangen.strategies import Budget, StrategyError, parse_layer_range
 from plangen.strategies.depth import depth, layers_for_budget
 from plangen.strategies.global_budget import global_budget
@@ -78,6 +85,7 @@ class Options:
     freeze_top: int = 0
     rank: str = "per-param"
     compensate: bool = False
+    round_groups: str = "nearest"
     remove_empty_layers: bool = False
     csv: Path | None = None
     plot: bool = False
@@ -204,7 +212,7 @@ def candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Ca
                 depth(budget, layers_for_budget(budget), score, opts.keep_last_layer, opts.split)
             ]
         case "uniform":
-            return [uniform(budget, metric, attn, mlp, ratio, opts.compensate)]
+            return [uniform(budget, metric, attn, mlp, ratio, opts.compensate, opts.round_groups)]
         case "unbalanced":
             return [
                 unbalanced(
@@ -242,6 +250,24 @@ def candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Ca
         global_budget(budget, "taylor", None, "per-param", attention=False, compensate=True),
         global_budget(budget, "flap", None, "score", compensate=True),
     ]
+    return distinct(out)
+
+
+def distinct(cands: list[Candidate]) -> list[Candidate]:
+    """The candidates that remove different things (the first of equal ones is kept)."""
+    seen: set[tuple[object, ...]] = set()
+    out = []
+    for c in cands:
+        key = (
+            c.drop,
+            tuple(sorted(c.groups_dropped.items())),
+            tuple(sorted(c.mlp_width.items())),
+            c.metric if c.mlp_width else None,
+            c.compensate,
+        )
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
     return out
 
 
@@ -333,6 +359,7 @@ def run(opts: Options) -> Outcome:
             calib_windows,
             gradients=gradients,
             fisher="taylor2" in metrics,
+            geom=geometry(facts),
             batch_size=opts.batch_size,
             device=opts.device,
             progress=opts.progress,

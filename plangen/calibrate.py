@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from compiler.architectures import Architecture, TensorSpec
+from executor.slicing import Geometry
 from plangen.metrics.depth import DepthStats
 
 
@@ -75,15 +76,17 @@ class LayerStats:
     attn_in: InputMoments = field(default_factory=InputMoments)  # o_proj input (q space)
     mlp_in: InputMoments = field(default_factory=InputMoments)  # down_proj input (ffn space)
     grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # layer-relative name
-    grad_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The Fisher term 1/2 * w^2 * g_b^2, summed over batches and folded onto the
+    # layer's KV groups and channels as each batch's gradient arrives: one number
+    # per unit instead of a second copy of every weight (what lets an 8B model's
+    # gradient pass fit one 80 GB card).
+    fisher: Any = None  # plangen.metrics.units.Accumulator
 
-    def add_square(self, name: str, grad: torch.Tensor) -> None:
-        """One batch's gradient, squared into the Fisher diagonal."""
-        g = grad.detach()
-        if name in self.grad_sq:
-            self.grad_sq[name].addcmul_(g, g)
-        else:
-            self.grad_sq[name] = (g * g).float()
+    def add_fisher(self, spec: TensorSpec, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        from plangen.metrics.units import fold_elements
+
+        wg = weight.detach().float() * grad.detach().float()
+        self.fisher.add(fold_elements(0.5 * wg * wg, spec, self.fisher.geom))
 
 
 @dataclass
@@ -126,13 +129,14 @@ def collect(
     *,
     gradients: bool = False,
     fisher: bool = True,
+    geom: Geometry | None = None,
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
 ) -> Calibration:
     """One pass over `windows`: depth scores, projection-input moments and, with
-    `gradients`, the summed weight gradients of every layer (and, with `fisher`,
-    their per-batch squares)."""
+    `gradients`, the summed weight gradients of every layer and, with `fisher`
+    (which needs the layer `geom`), the Fisher term folded per unit."""
     from tqdm import tqdm
 
     layers_mod = model.get_submodule(arch.layers_module)
@@ -169,9 +173,15 @@ def collect(
         # Autograd sums the batches' gradients into .grad by itself (the first-order
         # sum); a hook sees each batch's gradient once, for the Fisher diagonal.
         if fisher:
+            from plangen.metrics.units import Accumulator
+
+            if geom is None:
+                raise ValueError("the Fisher diagonal needs the layer geometry (`geom`)")
+            specs = {s.name: s for s in arch.attention + arch.dense_mlp}
             for k, per in watched.items():
+                stats[k].fisher = Accumulator(geom)
                 for name, p in per.items():
-                    handles.append(p.register_hook(_square_into(stats[k], name)))
+                    handles.append(p.register_hook(_fisher_into(stats[k], specs[name], p)))
 
     loss_sum, tokens, batches = 0.0, 0, 0
     try:
@@ -196,7 +206,7 @@ def collect(
         for k, per in watched.items():
             for name, p in per.items():
                 if p.grad is not None:
-                    stats[k].grad_sum[name] = p.grad.detach().float()
+                    stats[k].grad_sum[name] = p.grad.detach()
                     p.grad = None
     finally:
         for h in handles:
@@ -206,9 +216,9 @@ def collect(
     return Calibration(depth, stats, batches, tokens, loss_sum / max(tokens, 1), gradients)
 
 
-def _square_into(stats: LayerStats, name: str) -> Any:
+def _fisher_into(stats: LayerStats, spec: TensorSpec, weight: torch.Tensor) -> Any:
     def hook(grad: torch.Tensor) -> None:
-        stats.add_square(name, grad)
+        stats.add_fisher(spec, weight, grad)
 
     return hook
 

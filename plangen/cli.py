@@ -213,6 +213,12 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
         "--mlp-layers", metavar="A..B", help="layers whose MLP may be pruned (default all)"
     )
     how.add_argument(
+        "--round-groups",
+        choices=("nearest", "down"),
+        default="nearest",
+        help="uniform: KV groups per layer = R * kv_heads rounded (down: LLM-Pruner's int())",
+    )
+    how.add_argument(
         "--compensate",
         action="store_true",
         help="add FLAP's bias compensation to width cuts (loads with the plancc loader)",
@@ -349,6 +355,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         freeze_top=args.freeze_top,
         rank=args.rank,
         compensate=args.compensate,
+        round_groups=args.round_groups,
         remove_empty_layers=args.remove_empty_layers,
         csv=args.csv,
         plot=args.plot,

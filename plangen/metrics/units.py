@@ -54,6 +54,7 @@ class Accumulator:
     """Sums folded contributions of several tensors into one layer's unit scores."""
 
     def __init__(self, geom: Geometry) -> None:
+        self.geom = geom
         self.groups = torch.zeros(geom.kv_heads, dtype=torch.float64)
         self.channels = torch.zeros(geom.ffn, dtype=torch.float64)
 

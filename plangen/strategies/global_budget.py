@@ -115,7 +115,10 @@ def global_budget(
     }
     groups = {i: g for i, g in groups.items() if g}
     widths = {i: left[(i, 1)] for i in layers if i not in drop and left[(i, 1)] < ffn}
-    form = "FLAP adaptive structure" if metric == "flap" and rank == "score" else f"global {metric}"
+    if metric == "flap" and rank == "score":
+        form = "FLAP adaptive structure"
+    else:
+        form = f"global {metric} ({'attention and MLP' if attention else 'MLP only'})"
     label = (
         f"{form}: {sum(len(g) for g in groups.values())} KV groups and "
         f"{sum(ffn - w for w in widths.values())} channels over {len(layers)} layers"

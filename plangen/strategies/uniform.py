@@ -1,6 +1,7 @@
 """Uniform width: the same cut in every layer of a range (LLM-Pruner, Wanda-sp).
 
-`--ratio R` removes round(R * kv_heads) KV groups and round(R * ffn) channels
+`--ratio R` removes round(R * kv_heads) KV groups (`--round-groups down`:
+int(R * kv_heads), LLM-Pruner's count) and round(R * ffn) channels
 per layer; a parameter budget instead fixes the attention cut from the
 overall fraction and lets the MLP take the exact remainder, so the result
 lands within one channel per layer of the budget. Attention and MLP have
@@ -28,7 +29,10 @@ def uniform(
     mlp_layers: list[int],
     ratio: float | None = None,
     compensate: bool = False,
+    round_groups: str = "nearest",
 ) -> Candidate:
+    """`round_groups="down"` counts KV groups as LLM-Pruner does, int(fraction * kv)."""
+    rnd = int if round_groups == "down" else round
     kv, ffn = budget.kv_heads, budget.ffn
     attn_layers = [i for i in attn_layers if i in budget.layers]
     mlp_layers = [i for i in mlp_layers if i in budget.layers]
@@ -42,14 +46,14 @@ def uniform(
     if ratio is not None:
         if not 0.0 < ratio < 1.0:
             raise StrategyError(f"--ratio must be between 0 and 1, got {ratio}")
-        g = min(kv - 1, round(ratio * kv)) if attn_layers else 0
+        g = min(kv - 1, rnd(ratio * kv)) if attn_layers else 0
         c = round(ratio * ffn) if mlp_layers else 0
     else:
         span = len(set(attn_layers) | set(mlp_layers)) * budget.layer_cost
         fraction = budget.remove / span if span else 0.0
-        g = min(kv - 1, round(fraction * kv)) if attn_layers else 0
+        g = min(kv - 1, rnd(fraction * kv)) if attn_layers else 0
         if not mlp_layers:
-            g = min(kv - 1, round(budget.remove / (budget.group_cost * len(attn_layers))))
+            g = min(kv - 1, rnd(budget.remove / (budget.group_cost * len(attn_layers))))
         rest = budget.remove - g * budget.group_cost * len(attn_layers)
         c = round(rest / (budget.channel_cost * len(mlp_layers))) if mlp_layers else 0
     c = max(0, min(ffn - 1, c))
