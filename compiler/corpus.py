@@ -6,8 +6,8 @@ same text, split the same way (architecture.md, "Evaluation protocol"):
 
 * built-in corpus (always available, no network): Python's
   `pydoc_data.topics`, `"\\n\\n".join(topics[k] for k in sorted(topics))`;
-* wikitext2 / ptb through `datasets` (from the hub, or from local files with
-  `data_files`), or any local UTF-8 text file;
+* wikitext2 / ptb / c4 (its first validation shard) through `datasets` (from
+  the hub, or from local files with `data_files`), or any local UTF-8 text file;
 * tokenized once, without special tokens; the first 60% of tokens are the
   calibration pool, the last 40% the evaluation pool;
 * calibration: consecutive non-overlapping `seqlen` windows from the start of
@@ -37,11 +37,21 @@ class HubDataset:
     split: str
     column: str
     joiner: str
+    hub_files: str | None = None  # a file inside the hub repository (c4 is 300 GB)
 
 
 HUB_DATASETS: dict[str, HubDataset] = {
     "wikitext2": HubDataset("wikitext", "wikitext-2-raw-v1", "test", "text", "\n\n"),
     "ptb": HubDataset("ptb_text_only", "penn_treebank", "test", "sentence", " "),
+    # The validation shard SparseGPT, Wanda and FLAP calibrate on.
+    "c4": HubDataset(
+        "allenai/c4",
+        None,
+        "train",
+        "text",
+        "\n\n",
+        hub_files="en/c4-validation.00000-of-00008.json.gz",
+    ),
 }
 DATA_CHOICES = ("builtin", *HUB_DATASETS)
 
@@ -86,6 +96,8 @@ def load_text(
             files = [data_files] if isinstance(data_files, str) else list(data_files)
             builder = _builder_for(files[0])
             rows = load_dataset(builder, data_files=files, split="train")
+        elif spec.hub_files is not None:
+            rows = load_dataset(spec.path, data_files=spec.hub_files, split=spec.split)
         else:
             rows = load_dataset(spec.path, spec.config, split=spec.split)
     except Exception as exc:  # datasets raises many types: network, missing files, schema

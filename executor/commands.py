@@ -249,14 +249,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         default="builtin",
-        help=f"{', '.join(DATA_CHOICES)} (wikitext2/ptb through `datasets`), or a text file "
+        help=f"{', '.join(DATA_CHOICES)} (wikitext2/ptb/c4 through `datasets`), or a text file "
         "(default: builtin, Python's pydoc topics, always available)",
     )
     p.add_argument(
         "--data-files",
         nargs="+",
         metavar="FILE",
-        help="read wikitext2/ptb from these local files (json/jsonl/parquet/csv/text) "
+        help="read wikitext2/ptb/c4 from these local files (json/jsonl/parquet/csv/text) "
         "instead of the hub",
     )
     p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")

@@ -73,6 +73,7 @@ class Options:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    checkpointing: bool | None = None  # None: on for CUDA, where memory is the limit
     scores: Path | None = None
     parts: str = "both"
     attn_layers: str | None = None
@@ -112,6 +113,7 @@ class Outcome:
     why: str
     seconds: float
     forward_passes: float  # calibration-set forward-pass equivalents spent
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
 
 def model_facts(ckpt: CheckpointFacts) -> ModelFacts:
@@ -136,10 +138,13 @@ def default_metric(strategy: str) -> str:
 
 
 def needed_metrics(opts: Options) -> list[str]:
-    if opts.strategy == "best":  # gradients are paid for; the rest is free: keep them all
+    if opts.strategy == "best":
+        # The forward statistics and the summed gradient are paid for: every metric
+        # built from them comes free into the sidecar for later re-planning. The
+        # Fisher term costs about 0.4 forward passes more, so taylor2 is on request.
         from plangen.metrics import WIDTH_METRIC_NAMES
 
-        return list(WIDTH_METRIC_NAMES)
+        return [m for m in WIDTH_METRIC_NAMES if m != "taylor2"]
     if opts.strategy == "depth":
         return []
     return [opts.metric or default_metric(opts.strategy)]
@@ -156,7 +161,9 @@ def check_memory(facts_params: int, opts: Options, gradients: bool) -> None:
     import torch
 
     width = 2 if opts.dtype == "bfloat16" else 4
-    need = facts_params * width * (4 if gradients else 1)  # weights, grads, two sums
+    # Weights; with gradients also their .grad (the first-order sum) and about half
+    # as much again for activations (the Fisher term is folded per unit as it comes).
+    need = int(facts_params * width * (2.5 if gradients else 1.0))
     if opts.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise AnalyzeError("--device cuda: no CUDA device is visible; use --device cpu")
@@ -170,11 +177,15 @@ def check_memory(facts_params: int, opts: Options, gradients: bool) -> None:
         where = "memory available"
     if need > free:
         raise AnalyzeError(
-            f"the model needs about {need / 2**30:.1f} GiB on {opts.device} "
-            f"({'weights, gradients and their sums' if gradients else 'weights'}, "
-            f"{opts.dtype}) but only {free / 2**30:.1f} GiB {where}; use --dtype bfloat16, "
+            f"the model needs about {_size(need)} on {opts.device} "
+            f"({'weights, gradients and activations' if gradients else 'weights'}, "
+            f"{opts.dtype}) but only {_size(free)} {where}; use --dtype bfloat16, "
             "a larger device, or a forward-only --metric"
         )
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 # ---- candidates -----------------------------------------------------------------------
@@ -308,6 +319,7 @@ def run(opts: Options) -> Outcome:
     from plangen.metrics.registry import WIDTH_METRICS
 
     started = time.perf_counter()
+    phases: dict[str, float] = {}
     if opts.strategy not in STRATEGIES:
         raise AnalyzeError(f"unknown --strategy {opts.strategy!r} (one of {', '.join(STRATEGIES)})")
     ckpt = load_checkpoint_facts(opts.model_dir)
@@ -353,6 +365,7 @@ def run(opts: Options) -> Outcome:
             f"plangen: calibrating on {len(calib_windows)} x {opts.seqlen} tokens of {opts.calib}"
             + (" (forward + backward)" if gradients else ""),
         )
+        phases["load"] = time.perf_counter() - started
         calib = collect(
             model,
             ckpt.arch,
@@ -360,12 +373,17 @@ def run(opts: Options) -> Outcome:
             gradients=gradients,
             fisher="taylor2" in metrics,
             geom=geometry(facts),
+            checkpointing=(
+                opts.device.startswith("cuda") if opts.checkpointing is None else opts.checkpointing
+            ),
             batch_size=opts.batch_size,
             device=opts.device,
             progress=opts.progress,
         )
         passes += 3.0 if gradients else 1.0  # backward ~ twice a forward
+        phases["calibrate"] = time.perf_counter() - started - sum(phases.values())
         scores = compute_tables(model, ckpt.arch, facts, calib, metrics, opts.seed)
+        phases["score"] = time.perf_counter() - started - sum(phases.values())
         del calib
         if needs_removal(opts):
             scores.tables["removal"] = np.asarray(
@@ -393,8 +411,10 @@ def run(opts: Options) -> Outcome:
     except StrategyError as exc:
         raise AnalyzeError(str(exc)) from None
 
+    mark = time.perf_counter()
     loss_before = mean_loss(model, held, opts.batch_size, opts.device)
     judged = judge(model, ckpt.arch, facts, scores, cands, held, opts.batch_size, opts.device)
+    phases["judge"] = time.perf_counter() - mark
     measured = [Measured(j.candidate, j.candidate.params(facts), j.first, j.loss) for j in judged]
     passes += (len(held) + sum(j.windows for j in judged)) / len(calib_windows)
     finalists = [m for m in measured if m.loss is not None]
@@ -446,6 +466,7 @@ def run(opts: Options) -> Outcome:
         why,
         time.perf_counter() - started,
         passes,
+        phases,
     )
 
 
@@ -520,8 +541,9 @@ def render(out: Outcome) -> str:
     lines += [
         "  (held-out perplexity on the first window, then on all of them for the finalists)",
         "",
-        f"{out.seconds:.0f} s, about {out.forward_passes:.1f} forward passes over the "
-        "calibration set",
+        f"{out.seconds:.0f} s ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in out.phases.items())
+        + f"), about {out.forward_passes:.1f} forward passes over the calibration set",
         f"next: plancc check {out.plan_path}  then  plancc apply {out.plan_path} -o OUT",
     ]
     return "\n".join(lines)
@@ -550,6 +572,7 @@ def outcome_json(out: Outcome) -> str:
             ],
             "seconds": out.seconds,
             "forward_passes": out.forward_passes,
+            "phases_s": out.phases,
         },
         indent=2,
     )

@@ -128,15 +128,19 @@ def collect(
     windows: Sequence[Sequence[int]],
     *,
     gradients: bool = False,
-    fisher: bool = True,
+    fisher: bool = False,
     geom: Geometry | None = None,
+    checkpointing: bool = False,
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
 ) -> Calibration:
     """One pass over `windows`: depth scores, projection-input moments and, with
     `gradients`, the summed weight gradients of every layer and, with `fisher`
-    (which needs the layer `geom`), the Fisher term folded per unit."""
+    (which needs the layer `geom`), the Fisher term folded per unit.
+    `checkpointing` recomputes each layer's activations in the backward instead
+    of keeping them (transformers' gradient checkpointing): what a gradient
+    pass over an 8B model needs to fit one 80 GB card; the scores are the same."""
     from tqdm import tqdm
 
     layers_mod = model.get_submodule(arch.layers_module)
@@ -183,6 +187,13 @@ def collect(
                 for name, p in per.items():
                     handles.append(p.register_hook(_fisher_into(stats[k], specs[name], p)))
 
+    checkpointed = gradients and checkpointing
+    if checkpointed:
+        # transformers checkpoints a decoder layer only when that module is in
+        # training mode; its children (dropout, attention) stay in eval mode.
+        _checkpointing(model, True)
+        for layer in layers_mod:
+            layer.training = True
     loss_sum, tokens, batches = 0.0, 0, 0
     try:
         starts = range(0, len(windows), batch_size)
@@ -209,11 +220,28 @@ def collect(
                     stats[k].grad_sum[name] = p.grad.detach()
                     p.grad = None
     finally:
+        if checkpointed:
+            _checkpointing(model, False)
+            for layer in layers_mod:
+                layer.training = False
         for h in handles:
             h.remove()
         for name, p in model.named_parameters():
             p.requires_grad_(was_grad[name])
     return Calibration(depth, stats, batches, tokens, loss_sum / max(tokens, 1), gradients)
+
+
+def _checkpointing(model: Any, on: bool) -> None:
+    """transformers 5.x calls it activation checkpointing; older releases, gradient."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _fisher_into(stats: LayerStats, spec: TensorSpec, weight: torch.Tensor) -> Any:

@@ -278,14 +278,14 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--calib",
         default="builtin",
-        metavar="builtin|wikitext2|ptb|FILE",
+        metavar="builtin|wikitext2|ptb|c4|FILE",
         help="calibration text (default builtin, no network needed)",
     )
     data.add_argument(
         "--data-files",
         nargs="+",
         metavar="FILE",
-        help="read wikitext2/ptb from these local files instead of the hub",
+        help="read wikitext2/ptb/c4 from these local files instead of the hub",
     )
     data.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
     data.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
@@ -300,6 +300,13 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default 0)")
     data.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    data.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in the backward pass (gradient checkpointing; default: on "
+        "with --device cuda), so gradient metrics on an 8B model fit one 80 GB card in bfloat16",
+    )
     data.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     data.add_argument(
         "--scores",
@@ -343,6 +350,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
+        checkpointing=args.checkpointing,
         scores=args.scores,
         parts=args.parts,
         attn_layers=args.attn_layers,

@@ -211,3 +211,57 @@ def test_single_kv_group_models_get_no_attention_cut() -> None:
     assert not global_budget(b, "taylor").groups_dropped
     with pytest.warns(UserWarning, match="single KV group"):
         assert not uniform(b, "taylor", [0, 1], [0, 1], ratio=0.5).groups_dropped
+
+
+def test_a_model_that_does_not_fit_is_refused_before_any_work(monkeypatch) -> None:
+    import os
+
+    from plangen.analyze import AnalyzeError, Options, check_memory
+
+    monkeypatch.setattr(os, "sysconf", lambda name: 1024 if name == "SC_AVPHYS_PAGES" else 4096)
+    opts = Options(Path("m"), Path("p.prn"))
+    check_memory(1_000_000, opts, gradients=False)  # 4 MB of weights fit in 4 MiB... barely
+    with pytest.raises(AnalyzeError, match=r"needs about 19 MiB on cpu .* only 4 MiB memory"):
+        check_memory(2_000_000, opts, gradients=True)
+
+
+@pytest.mark.slow
+def test_analyze_check_apply_eval_on_smollm2(smollm2_dir: Path, tmp_path: Path, capsys) -> None:
+    """The CLIs end to end on the real model: FLAP at -10% (forward only, small
+    calibration) checks against the checkpoint, applies, and stays a language model."""
+    import json
+
+    from executor.cli import main as plancc
+
+    plan = tmp_path / "flap.prn"
+    args = ["--strategy", "flap", "--target-params", "0.9", "--nsamples", "4", "--seqlen", "128"]
+    assert (
+        plangen(
+            [
+                "analyze",
+                str(smollm2_dir),
+                "-o",
+                str(plan),
+                "--heldout",
+                "2",
+                "--quiet",
+                "--json",
+                *args,
+            ]
+        )
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert 0.899 < summary["params_after"] / summary["params_before"] < 0.901
+    assert summary["heldout_loss_after"] < summary["heldout_loss_before"] + 0.5
+    assert plancc(["check", str(plan), "--model", str(smollm2_dir)]) == 0
+    out = tmp_path / "out"
+    assert plancc(["apply", str(plan), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert (
+        plancc(["eval", str(smollm2_dir), str(out), "--limit", "2", "--new-tokens", "4", "--json"])
+        == 0
+    )
+    before, after = json.loads(capsys.readouterr().out)["results"]
+    assert after["params"] == summary["params_after"]
+    assert after["perplexity"] < 1.5 * before["perplexity"]  # FLAP at -10%: about 1.15x

@@ -45,6 +45,9 @@ def test_wikitext2_and_ptb_through_datasets_with_local_files(tmp_path: Path) -> 
     ptb = tmp_path / "ptb.csv"
     ptb.write_text("sentence\nthe cat sat\na dog ran\n")
     assert load_text("ptb", data_files=str(ptb)) == "the cat sat a dog ran"
+    c4 = tmp_path / "c4-validation.00000-of-00008.json"
+    c4.write_text('{"text": "first page", "url": "a"}\n{"text": "second page", "url": "b"}\n')
+    assert load_text("c4", data_files=str(c4)) == "first page\n\nsecond page"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"words": "x"}) + "\n")
     with pytest.raises(CorpusError, match="no column 'text'"):

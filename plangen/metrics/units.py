@@ -45,7 +45,8 @@ def fold_elements(
     for axis, space in enumerate(spec.dims):
         if space in GROUP_SPACES or space in FFN_PARTS:
             others = [a for a in range(score.dim()) if a != axis]
-            vec = score.double().sum(dim=others) if others else score.double()
+            # Reduced with float64 accumulation, never a float64 copy of the tensor.
+            vec = score.sum(dim=others, dtype=torch.float64) if others else score.double()
             out.append(fold(vec, space, geom))
     return out
 
