@@ -42,7 +42,7 @@ from plangen.scores import (
 )
 from plangen.strategies import Budget, StrategyError, parse_layer_range
 from plangen.strategies.depth import depth, layers_for_budget
-from plangen.strategies.global_budget import global_budget
+from plangen.strategies.global_budget import TRUST_REGION, global_budget
 from plangen.strategies.unbalanced import parse_distribution, unbalanced
 from plangen.strategies.uniform import uniform
 
@@ -88,6 +88,8 @@ class Options:
     compensate: bool = False
     round_groups: str = "nearest"
     remove_empty_layers: bool = False
+    max_layer_cut: float | None = None  # global: bound on one layer's cut (fraction)
+    trust: bool = True  # global: bound it at TRUST_REGION x the average cut when unset
     csv: Path | None = None
     plot: bool = False
     progress: bool = True
@@ -246,6 +248,8 @@ def candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Ca
                     attention=bool(attn),
                     compensate=opts.compensate,
                     remove_empty_layers=opts.remove_empty_layers,
+                    max_layer_cut=opts.max_layer_cut,
+                    trust=TRUST_REGION if opts.max_layer_cut is None and opts.trust else None,
                 )
             ]
         case "flap":
@@ -257,8 +261,16 @@ def candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Ca
         depth(budget, layers_for_budget(budget), "block_influence", opts.keep_last_layer),
         uniform(budget, "taylor", [], edge, compensate=True),
         unbalanced(budget, "taylor", compensate=True),
-        global_budget(budget, "taylor", None, "per-param", compensate=True),
-        global_budget(budget, "taylor", None, "per-param", attention=False, compensate=True),
+        global_budget(budget, "taylor", None, "per-param", compensate=True, trust=TRUST_REGION),
+        global_budget(
+            budget,
+            "taylor",
+            None,
+            "per-param",
+            attention=False,
+            compensate=True,
+            trust=TRUST_REGION,
+        ),
         global_budget(budget, "flap", None, "score", compensate=True),
     ]
     return distinct(out)

@@ -267,6 +267,13 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
         help="global: order units by score per parameter (knapsack) or by score (FLAP)",
     )
     how.add_argument(
+        "--max-layer-cut",
+        metavar="F|none",
+        default=None,
+        help="global: no layer loses more than this fraction of its units (default: 1.25 x "
+        "the average cut, a trust region for first-order scores; `none`: unbounded)",
+    )
+    how.add_argument(
         "--remove-empty-layers",
         action="store_true",
         help="global: a layer left with nothing becomes a dropped layer",
@@ -332,6 +339,12 @@ def _run_analyze(args: argparse.Namespace) -> int:
     for name in ("nsamples", "seqlen", "heldout", "batch_size"):
         if getattr(args, name) < 1:
             return _error(f"--{name.replace('_', '-')} must be at least 1")
+    max_cut = None
+    if args.max_layer_cut not in (None, "none"):
+        try:
+            max_cut = _fraction(args.max_layer_cut)
+        except argparse.ArgumentTypeError as exc:
+            return _error(f"--max-layer-cut: {exc} (or `none`)")
     opts = Options(
         model_dir=args.model_dir,
         output=args.output,
@@ -365,6 +378,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
         compensate=args.compensate,
         round_groups=args.round_groups,
         remove_empty_layers=args.remove_empty_layers,
+        max_layer_cut=max_cut,
+        trust=args.max_layer_cut != "none",
         csv=args.csv,
         plot=args.plot,
         progress=not args.quiet and not args.json,

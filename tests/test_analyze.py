@@ -75,6 +75,7 @@ def test_default_plan_checks_applies_and_restores(arch: str, tmp_path: Path, cap
         ["--strategy", "uniform", "--parts", "mlp", "--metric", "magnitude"],
         ["--strategy", "unbalanced", "--distribution", "2:8", "--freeze-top", "1"],
         ["--strategy", "global", "--metric", "taylor2", "--csv", "units.csv"],
+        ["--strategy", "global", "--max-layer-cut", "none", "--remove-empty-layers"],
         ["--strategy", "flap", "--target-params", "0.85"],
         ["--strategy", "uniform", "--metric", "random", "--compensate", "--mlp-layers", "1..9"],
     ],
@@ -126,6 +127,7 @@ def test_same_inputs_give_identical_bytes_and_scores_replan(tmp_path: Path, caps
         (["--metric", "nope", "--strategy", "global"], "unknown --metric 'nope'"),
         (["--strategy", "uniform", "--attn-layers", "3..1"], "is reversed: write 1..3"),
         (["--device", "cuda"], "no CUDA device is visible"),
+        (["--strategy", "global", "--max-layer-cut", "2"], "--max-layer-cut: expected a fraction"),
     ],
 )
 def test_bad_options_exit_2_and_write_nothing(args, message, tmp_path: Path, capsys) -> None:
@@ -181,6 +183,7 @@ def test_strategies_land_within_one_unit_of_the_target(keep: float) -> None:
         (global_budget(b, "taylor"), b.group_cost),
         (global_budget(b, "flap", rank="score"), b.group_cost),
         (global_budget(b, "taylor", attention=False), b.channel_cost),
+        (global_budget(b, "taylor", attention=False, trust=1.25), b.channel_cost),
         (unbalanced(b, "taylor"), b.channel_cost),
         (unbalanced(b, "taylor", attn_fraction=0.2), b.channel_cost),
         (uniform(b, "taylor", [], all_layers), len(all_layers) * b.channel_cost / 2),
@@ -265,3 +268,21 @@ def test_analyze_check_apply_eval_on_smollm2(smollm2_dir: Path, tmp_path: Path, 
     before, after = json.loads(capsys.readouterr().out)["results"]
     assert after["params"] == summary["params_after"]
     assert after["perplexity"] < 1.5 * before["perplexity"]  # FLAP at -10%: about 1.15x
+
+
+def test_the_trust_region_bounds_every_layers_cut() -> None:
+    from plangen.strategies import Budget
+    from plangen.strategies.global_budget import global_budget
+
+    facts = _facts(layers=4)
+    scores = _scores(facts)
+    scores.tables["taylor.3.mlp"][:] = 1e-9  # unbounded, layer 3 would lose everything
+    b = Budget.of(facts, scores, 0.9)
+    average = b.remove / (4 * b.ffn * b.channel_cost)
+    floor = b.ffn - int(1.25 * average * b.ffn)
+    free = global_budget(b, "taylor", attention=False)
+    assert free.mlp_width[3] < floor  # unbounded, layer 3 pays for everything
+    bounded = global_budget(b, "taylor", attention=False, trust=1.25)
+    assert bounded.mlp_width[3] == floor  # bounded, it stops at 1.25 x the average cut
+    assert min(bounded.mlp_width.values()) >= floor
+    assert abs(bounded.params(facts) - b.keep_params) <= b.channel_cost
