@@ -49,7 +49,7 @@ def rows(budget, layers: int) -> list:
     """(method, candidate) for one size, every shape built by plancc's strategies."""
     from plangen.candidate import Candidate
     from plangen.strategies.depth import depth
-    from plangen.strategies.global_budget import global_budget
+    from plangen.strategies.global_budget import TRUST_REGION, global_budget
     from plangen.strategies.unbalanced import unbalanced
     from plangen.strategies.uniform import uniform
 
@@ -100,6 +100,10 @@ def rows(budget, layers: int) -> list:
     out += [
         ("plancc unbalanced (taylor, inverse BI)", unbalanced(budget, "taylor")),
         ("plancc global (taylor per parameter)", global_budget(budget, "taylor")),
+        (
+            "plancc global (MLP, compensated, bounded)",
+            global_budget(budget, "taylor", attention=False, compensate=True, trust=TRUST_REGION),
+        ),
     ]
     return out
 
