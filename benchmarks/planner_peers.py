@@ -115,6 +115,7 @@ def main() -> None:
     from compiler.corpus import TokenPools, load_text, tokenize, windows
     from executor.apply import apply_plan
     from executor.evaluate import evaluate
+    from executor.integrity import sha256_file
     from executor.loader import load
     from plangen import emit
     from plangen.analyze import Options, _calibration_line, model_facts, run
@@ -183,7 +184,7 @@ def main() -> None:
         ck.model_block(),
         str(args.model),
         sidecar.name,
-        _sha(sidecar),
+        sha256_file(sidecar),
         _calibration_line(Options(args.model, plan)),
         ["benchmarks/planner_peers.py"],
     )
@@ -238,12 +239,6 @@ def _print_cost(forward_s: float, rows: list[tuple[str, float, float]], rss_mb: 
     )
     for what, took, ratio in rows:
         print(f"  {what:<48} {took:7.1f} s  {ratio:4.2f} passes")
-
-
-def _sha(path: Path) -> str:
-    from plangen.scores import sha256_of
-
-    return sha256_of(path)
 
 
 if __name__ == "__main__":

@@ -110,16 +110,13 @@ def module_path(arch: Architecture, layer: int, spec: TensorSpec) -> str:
     return arch.layer_prefix.format(i=layer) + spec.name.removesuffix(".weight")
 
 
-def _layer_parameters(model: Any, arch: Architecture, layer: int) -> dict[str, torch.nn.Parameter]:
+def _layer_parameters(
+    params: dict[str, torch.nn.Parameter], arch: Architecture, layer: int
+) -> dict[str, torch.nn.Parameter]:
     """The layer's attention and dense-MLP weights that the table names, by relative name."""
     prefix = arch.layer_prefix.format(i=layer)
-    params = dict(model.named_parameters())
-    out = {}
-    for spec in arch.attention + arch.dense_mlp:
-        p = params.get(prefix + spec.name)
-        if p is not None:
-            out[spec.name] = p
-    return out
+    specs = arch.attention + arch.dense_mlp
+    return {s.name: params[prefix + s.name] for s in specs if prefix + s.name in params}
 
 
 def collect(
@@ -167,7 +164,8 @@ def collect(
                 continue  # a MoE layer has no dense down_proj
             handles.append(module.register_forward_pre_hook(moments(target)))
 
-    watched = {k: _layer_parameters(model, arch, k) for k in range(n)} if gradients else {}
+    params = dict(model.named_parameters())
+    watched = {k: _layer_parameters(params, arch, k) for k in range(n)} if gradients else {}
     was_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     if gradients:  # only the layers' own weights need gradients, not embeddings or norms
         wanted = {id(p) for per in watched.values() for p in per.values()}

@@ -51,20 +51,23 @@ def applied(
     model: Any, arch: Architecture, facts: ModelFacts, cand: Candidate, scores: ScoreTables
 ) -> Iterator[None]:
     """The model behaves as the candidate's result inside the block."""
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # weight, cols, values
     handles = []
+    projections = [
+        (space, part, output_projection(arch.attention + arch.dense_mlp, space))
+        for space, part in (("q", "attn"), ("ffn", "mlp"))
+    ]
     try:
         with torch.no_grad():
             for layer in range(facts.layers or 0):
-                for space, part in (("q", "attn"), ("ffn", "mlp")):
-                    spec = output_projection(arch.attention + arch.dense_mlp, space)
+                for space, part, spec in projections:
                     removed = _removed_columns(cand, layer, space, facts, scores)
                     if spec is None or removed is None or not len(removed):
                         continue
                     module = model.get_submodule(module_path(arch, layer, spec))
                     w = module.weight
-                    saved.append((w, w.detach().clone()))
                     cols = torch.from_numpy(removed).to(w.device)
+                    saved.append((w, cols, w[:, cols].clone()))  # only what is zeroed
                     compensate = cand.compensate and layer not in cand.drop
                     if compensate:
                         mean = torch.from_numpy(scores.tables[table_name("mean_in", layer, part)])
@@ -76,8 +79,8 @@ def applied(
         yield
     finally:
         with torch.no_grad():
-            for w, original in saved:
-                w.copy_(original)
+            for w, cols, values in saved:
+                w[:, cols] = values
         for h in handles:
             h.remove()
 

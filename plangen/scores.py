@@ -13,7 +13,6 @@ metadata carries no clock).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
 from compiler.sidecar import table_name
+from executor.integrity import sha256_file
 from executor.slicing import Geometry
 from plangen.metrics import LayerScores
 
@@ -143,15 +143,7 @@ def write_sidecar(path: Path, scores: ScoreTables) -> str:
         for k, v in scores.tables.items()
     }
     save_file(tensors, str(path), metadata=dict(scores.metadata))
-    return sha256_of(path)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def read_sidecar(path: Path) -> ScoreTables:

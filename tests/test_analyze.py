@@ -286,3 +286,56 @@ def test_the_trust_region_bounds_every_layers_cut() -> None:
     assert bounded.mlp_width[3] == floor  # bounded, it stops at 1.25 x the average cut
     assert min(bounded.mlp_width.values()) >= floor
     assert abs(bounded.params(facts) - b.keep_params) <= b.channel_cost
+
+
+def test_a_candidate_measured_in_place_is_the_applied_model(tmp_path: Path) -> None:
+    """Zeroing what a candidate removes gives the logits of the model apply writes, and
+    the weights come back bit for bit afterwards."""
+    import torch
+
+    from compiler.checkpoint import load_checkpoint_facts
+    from executor.apply import apply_plan
+    from executor.loader import load
+    from plangen import emit
+    from plangen.analyze import model_facts
+    from plangen.candidate import Candidate
+    from plangen.heldout import applied
+    from plangen.scores import write_sidecar
+
+    model_dir = _model(tmp_path, "qwen2")
+    ck = load_checkpoint_facts(model_dir)
+    facts = model_facts(ck)
+    scores = _scores(facts)
+    for i in range(facts.layers):
+        scores.tables[f"mean_in.{i}.mlp"] = np.linspace(-1, 1, facts.ffn)
+        scores.tables[f"mean_in.{i}.attn"] = np.linspace(1, -1, facts.heads * facts.head_dim)
+    cand = Candidate(
+        "global",
+        "test",
+        drop=(2,),
+        groups_dropped={1: (0,)},
+        mlp_width={0: 50, 3: 70},
+        metric="taylor",
+        compensate=True,
+    )
+    sidecar = tmp_path / "s.scores.safetensors"
+    header = emit.Header(
+        ck.model_block(),
+        str(model_dir),
+        sidecar.name,
+        write_sidecar(sidecar, scores),
+        "builtin samples 1 seqlen 8 seed 0",
+        ["test"],
+    )
+    plan = tmp_path / "s.prn"
+    plan.write_text(emit.plan_text(cand, header, scores, facts.ffn))
+    apply_plan(plan, tmp_path / "out")
+    pruned = load(tmp_path / "out" / "A", "cpu", torch.float32)
+    model = load(model_dir, "cpu", torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), applied(model, ck.arch, facts, cand, scores):
+        masked = model(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(masked, pruned(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

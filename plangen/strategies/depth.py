@@ -35,8 +35,6 @@ def depth(
     candidates = list(range(total - 1 if keep_last else total))
     if not 0 < n <= len(candidates) - (0 if keep_last else 1):
         raise StrategyError(f"cannot drop {n} of {total} layers (keep-last-layer: {keep_last})")
-    if budget.facts.is_moe:
-        candidates = [i for i in candidates if i in budget.layers] or candidates
     if score == "angular":
         dist = budget.scores.angular()
         starts = list(range(total - n + (0 if keep_last else 1)))
