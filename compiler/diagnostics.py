@@ -58,6 +58,8 @@ CODES: dict[str, str] = {
     "P121": "sidecar sha256 differs",
     "P122": "sidecar table shape does not match the model",
     "P123": "sidecar file cannot be read",
+    "P124": "reconstructed weights were solved for a different plan",
+    "P125": "`compensate` and `reconstruct` on one statement",
     # the checkpoint (check --model, apply)
     "P130": "model fact disagrees with the checkpoint",
     "P131": "fingerprint disagrees with the checkpoint",

@@ -38,10 +38,14 @@ def layer_changes(old: LayerPlan, new: LayerPlan) -> list[str]:
         out.append(f"kv groups kept {_sel(old.groups_kept)} → {_sel(new.groups_kept)}")
     if old.attn_compensate != new.attn_compensate:
         out.append(f"attn compensate {old.attn_compensate} → {new.attn_compensate}")
+    if old.attn_reconstruct != new.attn_reconstruct:
+        out.append(f"attn reconstruct {old.attn_reconstruct} → {new.attn_reconstruct}")
     if old.ffn != new.ffn:
         out.append(f"mlp width {_ch(old.ffn)} → {_ch(new.ffn)}")
     if old.ffn_compensate != new.ffn_compensate:
         out.append(f"mlp compensate {old.ffn_compensate} → {new.ffn_compensate}")
+    if old.ffn_reconstruct != new.ffn_reconstruct:
+        out.append(f"mlp reconstruct {old.ffn_reconstruct} → {new.ffn_reconstruct}")
     if old.experts_kept != new.experts_kept:
         out.append(f"experts kept {_sel(old.experts_kept)} → {_sel(new.experts_kept)}")
     if old.expert_ffn != new.expert_ffn:

@@ -49,6 +49,10 @@ def fact_value(fact: ir.Fact) -> str:
     return quote(str(v))
 
 
+def _options(compensate: bool, reconstruct: bool) -> str:
+    return (" compensate" if compensate else "") + (" reconstruct" if reconstruct else "")
+
+
 def _width(w: ir.Width) -> str:
     return f"width {w.n}" + ("" if w.metric == "magnitude" else f" by {w.metric}")
 
@@ -63,10 +67,10 @@ def statement_text(st: ir.Statement) -> str:
             return f"drop {layers}"
         case ir.Bundle(name=name):
             return f"bundle {name} {layers}"
-        case ir.AttnDropGroups(groups=groups, compensate=comp):
-            return f"attn {layers} drop groups {groups}" + (" compensate" if comp else "")
-        case ir.MlpWidth(width=w, compensate=comp):
-            return f"mlp {layers} {_width(w)}" + (" compensate" if comp else "")
+        case ir.AttnDropGroups(groups=groups, compensate=comp, reconstruct=rec):
+            return f"attn {layers} drop groups {groups}" + _options(comp, rec)
+        case ir.MlpWidth(width=w, compensate=comp, reconstruct=rec):
+            return f"mlp {layers} {_width(w)}" + _options(comp, rec)
         case ir.MoeDropExperts(experts=experts):
             return f"moe {layers} drop experts {experts}"
         case ir.MoeExpertsWidth(width=w):

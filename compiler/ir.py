@@ -232,6 +232,8 @@ class AttnDropGroups(Statement):
     groups: Selection = field(default_factory=lambda: Selection(()))
     compensate: bool = False
     compensate_span: Span = field(default=NOWHERE, compare=False)
+    reconstruct: bool = False  # o_proj's kept columns re-solved (sidecar `reconstruct.L.attn`)
+    reconstruct_span: Span = field(default=NOWHERE, compare=False)
     kind = "attn"
     order = 3
 
@@ -241,6 +243,8 @@ class MlpWidth(Statement):
     width: Width = field(default_factory=lambda: Width(0))
     compensate: bool = False
     compensate_span: Span = field(default=NOWHERE, compare=False)
+    reconstruct: bool = False  # down_proj's kept columns re-solved (`reconstruct.L.mlp`)
+    reconstruct_span: Span = field(default=NOWHERE, compare=False)
     kind = "mlp"
     order = 4
 

@@ -435,25 +435,31 @@ class _Builder:
 
     def attn(self, node: Tree) -> ir.AttnDropGroups:
         layers, groups, *rest = node.children
-        comp = rest[0] if rest else None
+        comp = next((r for r in rest if r.data == "compensate"), None)
+        rec = next((r for r in rest if r.data == "reconstruct"), None)
         return ir.AttnDropGroups(
             _selection(layers),
             _span(node),
             _selection(groups),
             comp is not None,
             _span(comp) if comp is not None else ir.NOWHERE,
+            rec is not None,
+            _span(rec) if rec is not None else ir.NOWHERE,
         )
 
     def mlp(self, node: Tree) -> ir.MlpWidth:
         layers, width, *rest = node.children
         by = next((r for r in rest if r.data == "by_metric"), None)
         comp = next((r for r in rest if r.data == "compensate"), None)
+        rec = next((r for r in rest if r.data == "reconstruct"), None)
         return ir.MlpWidth(
             _selection(layers),
             _span(node),
             _width(width, by),
             comp is not None,
             _span(comp) if comp is not None else ir.NOWHERE,
+            rec is not None,
+            _span(rec) if rec is not None else ir.NOWHERE,
         )
 
     def moe(self, node: Tree) -> ir.Statement:

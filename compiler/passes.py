@@ -16,7 +16,14 @@ from pathlib import Path
 from compiler import ir
 from compiler.diagnostics import Diagnostic, error, warning
 from compiler.facts import ModelFacts
-from compiler.sidecar import SidecarError, read_sidecar_tables, required_tables
+from compiler.sidecar import (
+    SidecarError,
+    SidecarHeader,
+    describe_decision,
+    layer_decisions,
+    read_sidecar_tables,
+    required_tables,
+)
 
 
 @dataclass(frozen=True)
@@ -497,7 +504,8 @@ def _size_text(slot_type: type, value: object) -> str:
 
 
 def check_sidecar(ctx: Context) -> list[Diagnostic]:
-    """P120-P123: metrics and `compensate` need their tables in the pinned sidecar."""
+    """P120-P124: metrics, `compensate` and `reconstruct` need their tables in the
+    pinned sidecar, and reconstructed weights must have been solved for this plan."""
     needed = required_tables(ctx.plan, ctx.facts)
     if not needed:
         return []
@@ -518,7 +526,8 @@ def check_sidecar(ctx: Context) -> list[Diagnostic]:
     if not path.is_absolute() and ctx.base_dir is not None:
         path = ctx.base_dir / path
     try:
-        sha, shapes = read_sidecar_tables(path)
+        header = read_sidecar_tables(path)
+        sha, shapes = header.sha256, header.shapes
     except SidecarError as exc:
         return [error("P123", str(exc), scores.span, "generate it with `plangen analyze`")]
     out = []
@@ -558,7 +567,73 @@ def check_sidecar(ctx: Context) -> list[Diagnostic]:
                     "the sidecar was made for another model: re-run `plangen analyze`",
                 )
             )
+    out += _stale_reconstruction(ctx, header)
     return out
+
+
+def _stale_reconstruction(ctx: Context, header: SidecarHeader) -> list[Diagnostic]:
+    """P124: a layer's reconstruction is solved on the outputs of the layers before it
+    as the plan had them pruned, so an edit to any of them makes it stale."""
+    statements = [
+        st
+        for st in ctx.plan.statements
+        if isinstance(st, ir.AttnDropGroups | ir.MlpWidth) and st.reconstruct
+    ]
+    if not statements:
+        return []
+    solved_for = header.reconstructed_for()
+    help_text = (
+        "re-solve the reconstruction for this plan with `plangen reconstruct PLAN.prn`, "
+        "or remove `reconstruct` to slice the original weights"
+    )
+    if solved_for is None:
+        return [
+            error(
+                "P124",
+                "the sidecar does not record the plan its reconstructed weights were solved for",
+                st.reconstruct_span,
+                help_text,
+            )
+            for st in statements
+        ]
+    now = layer_decisions(ctx.plan, ctx.facts)
+    changed = [i for i in range(ctx.facts.layers or 0) if now.get(str(i)) != solved_for.get(str(i))]
+    if not changed:
+        return []
+    first = changed[0]
+    out = []
+    for st in statements:
+        stale = [i for i in ctx.layers(st) if i >= first]
+        if not stale:
+            continue
+        out.append(
+            error(
+                "P124",
+                f"the reconstructed weights of layers {fmt_indices(stale)} were solved for "
+                f"another plan: layer {first} was {describe_decision(solved_for.get(str(first)))}, "
+                f"this plan has it {describe_decision(now.get(str(first)))} (each layer is "
+                "solved on the outputs of the layers before it)",
+                st.reconstruct_span,
+                help_text,
+            )
+        )
+    return out
+
+
+def check_reconstruct(ctx: Context) -> list[Diagnostic]:
+    """P125: `reconstruct` re-fits the kept columns to the whole original output,
+    the removed part's mean included; a `compensate` bias on top counts it twice."""
+    return [
+        error(
+            "P125",
+            "`compensate` and `reconstruct` on one statement: the reconstruction already "
+            "fits what the removed channels contributed",
+            st.compensate_span,
+            "keep `reconstruct` and remove `compensate`",
+        )
+        for st in ctx.plan.statements
+        if isinstance(st, ir.AttnDropGroups | ir.MlpWidth) and st.compensate and st.reconstruct
+    ]
 
 
 Pass = Callable[[Context], list[Diagnostic]]
@@ -576,5 +651,6 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("experts", check_experts),
     ("bundles", check_bundles),
     ("heterogeneity", check_heterogeneous),
+    ("reconstruct", check_reconstruct),
     ("sidecar", check_sidecar),
 )

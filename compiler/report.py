@@ -67,6 +67,8 @@ def layer_row(layer: LayerPlan, new_index: int | None, resolved: ResolvedPlan) -
         notes.append(f"mlp by {layer.ffn.metric}")
     if layer.attn_compensate or layer.ffn_compensate:
         notes.append("compensated")
+    if layer.attn_reconstruct or layer.ffn_reconstruct:
+        notes.append("reconstructed")
     if notes:
         cells.append("  " + ", ".join(notes))
     return "  ".join(cells).rstrip()

@@ -33,8 +33,10 @@ class LayerPlan:
     bundle: str | None = None
     groups_kept: tuple[int, ...] = ()  # KV groups kept (all of them when untouched)
     attn_compensate: bool = False
+    attn_reconstruct: bool = False  # o_proj's kept columns come re-solved from the sidecar
     ffn: Channels | None = None  # dense MLP width kept (None: not an MLP layer)
     ffn_compensate: bool = False
+    ffn_reconstruct: bool = False  # down_proj's kept columns likewise
     experts_kept: tuple[int, ...] = ()
     expert_ffn: Channels | None = None
     shared_ffn: Channels | None = None
@@ -81,6 +83,10 @@ class ResolvedPlan:
         return all(len(v) == 1 for v in keys.values())
 
     @property
+    def reconstructs(self) -> bool:
+        return any(layer.attn_reconstruct or layer.ffn_reconstruct for layer in self.kept)
+
+    @property
     def compensates(self) -> bool:
         return any(layer.attn_compensate or layer.ffn_compensate for layer in self.kept)
 
@@ -121,12 +127,16 @@ def resolve(plan: ir.Plan, facts: ModelFacts) -> ResolvedPlan:
         match st:
             case ir.DropLayers():
                 decided = {"dropped": True}
-            case ir.AttnDropGroups(groups=groups, compensate=comp):
+            case ir.AttnDropGroups(groups=groups, compensate=comp, reconstruct=rec):
                 gone = set(groups.within(kv))
                 kept = tuple(g for g in range(kv) if g not in gone)
-                decided = {"groups_kept": kept, "attn_compensate": comp}
-            case ir.MlpWidth(width=w, compensate=comp):
-                decided = {"ffn": _channels(w, facts.ffn), "ffn_compensate": comp}
+                decided = {"groups_kept": kept, "attn_compensate": comp, "attn_reconstruct": rec}
+            case ir.MlpWidth(width=w, compensate=comp, reconstruct=rec):
+                decided = {
+                    "ffn": _channels(w, facts.ffn),
+                    "ffn_compensate": comp,
+                    "ffn_reconstruct": rec,
+                }
             case ir.MoeDropExperts(experts=experts):
                 gone = set(experts.within(facts.experts or 0))
                 kept = tuple(e for e in range(facts.experts or 0) if e not in gone)
@@ -159,8 +169,10 @@ def resolve(plan: ir.Plan, facts: ModelFacts) -> ResolvedPlan:
                 bundle=bundle_of.get(i),
                 groups_kept=rec.get("groups_kept", all_groups),  # type: ignore[arg-type]
                 attn_compensate=bool(rec.get("attn_compensate")),
+                attn_reconstruct=bool(rec.get("attn_reconstruct")),
                 ffn=None if moe else rec.get("ffn", Channels(facts.ffn or 0)),  # type: ignore[arg-type]
                 ffn_compensate=bool(rec.get("ffn_compensate")),
+                ffn_reconstruct=bool(rec.get("ffn_reconstruct")),
                 experts_kept=rec.get("experts_kept", all_experts)  # type: ignore[arg-type]
                 if moe
                 else (),

@@ -12,13 +12,22 @@ Tables (`L` is the original layer index):
   METRIC.L.shared       (shared_ffn,)       shared-expert channel scores
   mean_in.L.mlp         (ffn,)              mean input of down_proj (`mlp ... compensate`)
   mean_in.L.attn        (heads*head_dim,)   mean input of o_proj   (`attn ... compensate`)
+  reconstruct.L.mlp     (hidden, width)     re-solved kept columns of down_proj (`reconstruct`)
+  reconstruct.L.attn    (hidden, kept q)    re-solved kept columns of o_proj    (`reconstruct`)
+
+Reconstructed weights are solved layer by layer on the model pruned so far, so
+they hold only for the plan they were solved for: the metadata (JSON under the
+`plancc` key) records that plan's decision for every layer (`layer_decisions`)
+under `reconstruction.for`, and the checker compares it with the plan it reads.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from compiler import ir
 from compiler.facts import ModelFacts
@@ -68,14 +77,39 @@ def required_tables(plan: ir.Plan, facts: ModelFacts) -> list[NeededTable]:
                         )
                         for i in layers
                     ]
-            case ir.AttnDropGroups(compensate=True) if facts.heads and facts.head_dim:
+                if st.reconstruct and facts.hidden:
+                    out += [
+                        NeededTable(
+                            table_name("reconstruct", i, "mlp"),
+                            (facts.hidden, w.n),
+                            st.reconstruct_span,
+                            "reconstruct",
+                        )
+                        for i in layers
+                    ]
+            case ir.AttnDropGroups(compensate=comp, reconstruct=rec) if (
+                facts.heads and facts.head_dim
+            ):
                 q = facts.heads * facts.head_dim
-                out += [
-                    NeededTable(
-                        table_name("mean_in", i, "attn"), (q,), st.compensate_span, "compensate"
-                    )
-                    for i in layers
-                ]
+                if comp:
+                    out += [
+                        NeededTable(
+                            table_name("mean_in", i, "attn"), (q,), st.compensate_span, "compensate"
+                        )
+                        for i in layers
+                    ]
+                if rec and facts.hidden and facts.kv_heads:
+                    gone = len(set(st.groups.within(facts.kv_heads)))
+                    kept_q = (facts.kv_heads - gone) * (facts.group_size or 1) * facts.head_dim
+                    out += [
+                        NeededTable(
+                            table_name("reconstruct", i, "attn"),
+                            (facts.hidden, kept_q),
+                            st.reconstruct_span,
+                            "reconstruct",
+                        )
+                        for i in layers
+                    ]
             case ir.MoeExpertsWidth(width=w) if w.metric != "magnitude":
                 if facts.experts and facts.expert_ffn:
                     shape = (facts.experts, facts.expert_ffn)
@@ -102,8 +136,65 @@ def required_tables(plan: ir.Plan, facts: ModelFacts) -> list[NeededTable]:
     return out
 
 
-def read_sidecar_tables(path: Path) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """The file's sha256 and its table shapes, read from the safetensors header only."""
+def layer_decisions(plan: ir.Plan, facts: ModelFacts) -> dict[str, dict[str, Any]]:
+    """What the plan does to every layer that it touches, as plain JSON data:
+    {"L": {"dropped": true} | {"attn": {...}, "mlp": {...}}}. Reconstruction
+    records it for the plan it was solved for; the checker compares."""
+    n = facts.layers or 0
+    out: dict[str, dict[str, Any]] = {}
+    for st in plan.statements:
+        match st:
+            case ir.DropLayers():
+                entry: dict[str, Any] = {"dropped": True}
+            case ir.AttnDropGroups(groups=g, compensate=comp, reconstruct=rec):
+                dropped = sorted(set(g.within(facts.kv_heads or 0)))
+                entry = {"attn": {"drop_groups": dropped, "compensate": comp, "reconstruct": rec}}
+            case ir.MlpWidth(width=w, compensate=comp, reconstruct=rec):
+                entry = {
+                    "mlp": {"width": w.n, "by": w.metric, "compensate": comp, "reconstruct": rec}
+                }
+            case _:
+                continue
+        for i in st.layers.within(n):
+            out.setdefault(str(i), {}).update(entry)
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def describe_decision(entry: dict[str, Any] | None) -> str:
+    """One layer's decision in words, for a diagnostic."""
+    if not entry:
+        return "left whole"
+    if entry.get("dropped"):
+        return "dropped"
+    parts = []
+    if "attn" in entry:
+        a = entry["attn"]
+        parts.append(f"groups {','.join(map(str, a['drop_groups']))} dropped")
+    if "mlp" in entry:
+        m = entry["mlp"]
+        parts.append(f"mlp width {m['width']} by {m['by']}")
+    for part in ("attn", "mlp"):
+        for flag in ("compensate", "reconstruct"):
+            if entry.get(part, {}).get(flag):
+                parts.append(f"{part} {flag}")
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class SidecarHeader:
+    """What the checker reads of a sidecar: its sha256, table shapes and metadata."""
+
+    sha256: str
+    shapes: dict[str, tuple[int, ...]]
+    metadata: dict[str, Any] = field(default_factory=dict)  # the `plancc` JSON, parsed
+
+    def reconstructed_for(self) -> dict[str, dict[str, Any]] | None:
+        rec = self.metadata.get("reconstruction")
+        return rec.get("for") if isinstance(rec, dict) else None
+
+
+def read_sidecar_tables(path: Path) -> SidecarHeader:
+    """The file's sha256, table shapes and metadata, read from the safetensors header only."""
     from compiler.checkpoint import CheckpointError, read_safetensors_header
 
     try:
@@ -117,4 +208,9 @@ def read_sidecar_tables(path: Path) -> tuple[str, dict[str, tuple[int, ...]]]:
     except (OSError, CheckpointError) as exc:
         raise SidecarError(f"scores sidecar {path} cannot be read: {exc}") from None
     shapes = {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
-    return digest.hexdigest(), shapes
+    raw = (header.get("__metadata__") or {}).get("plancc")
+    try:
+        metadata = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        raise SidecarError(f"scores sidecar {path}: its `plancc` metadata is not JSON") from None
+    return SidecarHeader(digest.hexdigest(), shapes, metadata if isinstance(metadata, dict) else {})

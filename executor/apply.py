@@ -379,6 +379,14 @@ def plan_job(
                 for c in cuts:
                     shape[c.axis] = len(selections[c.key])
                 task = TensorTask(layer_name(arch, j, rel), info.dtype, tuple(shape), info, cuts)
+                rebuilt = _reconstructed(layer, spec, info, tuple(shape), scores) if spec else None
+                if rebuilt is not None:  # re-solved columns from the sidecar; original kept whole
+                    task = TensorTask(task.name, info.dtype, task.shape, data=rebuilt)
+                    a_tasks.append(task)
+                    keep = TensorTask(info.name, info.dtype, info.shape, info)
+                    side.setdefault(layer.index, []).append(keep)
+                    fate[info.name] = (task.name, None, keep, "modified")
+                    continue
                 a_tasks.append(task)
                 if not cuts:
                     fate[info.name] = (task.name, None, None, "copied")
@@ -516,6 +524,38 @@ def _layer_selection(
                 )
         ffn = slicing.top_channels(s, layer.ffn.width)
     return slicing.LayerSelection(groups=groups, ffn=ffn)
+
+
+def _reconstructed(
+    layer: LayerPlan,
+    spec: TensorSpec,
+    info: TensorInfo,
+    shape: tuple[int, ...],
+    scores: Scores,
+) -> bytes | None:
+    """The bytes of a re-solved output projection (`reconstruct`), or None.
+
+    The sidecar's `reconstruct.L.attn` / `.mlp` holds the kept input columns of
+    o_proj / down_proj, in increasing column order, as `plangen` solved them;
+    they replace the sliced original, which goes whole to the width bundle.
+    """
+    part = {("hidden", "q"): "attn", ("hidden", "ffn"): "mlp"}.get(spec.dims)
+    wanted = (part == "attn" and layer.attn_reconstruct) or (
+        part == "mlp" and layer.ffn_reconstruct
+    )
+    if not wanted or not spec.name.endswith(".weight"):
+        return None
+    import torch
+
+    name = table_name("reconstruct", layer.index, part)
+    table = scores.table(name)
+    if tuple(table.shape) != shape:
+        raise ApplyError(
+            f"sidecar table {name} has shape {list(table.shape)}, the kept columns of "
+            f"{info.name} are {list(shape)}: the reconstruction was solved for another plan "
+            "(re-solve it with `plangen reconstruct PLAN.prn`)"
+        )
+    return encode(torch.from_numpy(table), info.dtype)
 
 
 def _compensations(

@@ -12,6 +12,7 @@ Neither overlaps the evaluation pool `plancc eval` reports on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,7 +47,8 @@ from plangen.strategies.global_budget import TRUST_REGION, global_budget
 from plangen.strategies.unbalanced import parse_distribution, unbalanced
 from plangen.strategies.uniform import uniform
 
-STRATEGIES = ("best", "depth", "uniform", "unbalanced", "global", "flap")
+STRATEGIES = ("auto", "depth", "uniform", "unbalanced", "global", "flap")
+ALIASES = {"best": "auto"}  # the name issue 11's default had
 DEFAULT_TARGET = 0.75
 
 
@@ -62,7 +64,7 @@ class Options:
     drop: int | None = None
     drop_frac: float | None = None
     ratio: float | None = None
-    strategy: str = "best"
+    strategy: str = "auto"
     metric: str | None = None
     calib: str = "builtin"
     data_files: list[str] | None = None
@@ -86,6 +88,8 @@ class Options:
     freeze_top: int = 0
     rank: str = "per-param"
     compensate: bool = False
+    reconstruct: bool = False  # re-solve the narrowed output projections (plangen.reconstruct)
+    damp: float = 1e-2  # reconstruction's damping toward the kept weights (x mean diag G_KK)
     round_groups: str = "nearest"
     remove_empty_layers: bool = False
     max_layer_cut: float | None = None  # global: bound on one layer's cut (fraction)
@@ -140,7 +144,7 @@ def default_metric(strategy: str) -> str:
 
 
 def needed_metrics(opts: Options) -> list[str]:
-    if opts.strategy == "best":
+    if opts.strategy == "auto":
         # The forward statistics and the summed gradient are paid for: every metric
         # built from them comes free into the sidecar for later re-planning. The
         # Fisher term costs about 0.4 forward passes more, so taylor2 is on request.
@@ -198,10 +202,27 @@ def _edge_range(layers: int) -> list[int]:
     return list(range(round(layers / 8), layers - max(1, round(layers / 16))))
 
 
+def reconstructed(cand: Candidate) -> Candidate:
+    """The same cuts with the narrowed projections re-solved instead of compensated."""
+    if not (cand.mlp_width or cand.groups_dropped):
+        return cand  # a depth plan: nothing to re-solve
+    label = cand.label.replace(", compensated", "")
+    return dataclasses.replace(
+        cand, compensate=False, reconstruct=True, label=f"{label}, reconstructed"
+    )
+
+
 def candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Candidate]:
+    out = _candidates(opts, facts, scores)
+    if opts.reconstruct and opts.strategy != "auto":
+        out = [reconstructed(c) for c in out]
+    return out
+
+
+def _candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Candidate]:
     n = facts.layers or 0
     if opts.drop is not None or opts.drop_frac is not None:
-        if opts.strategy not in ("best", "depth"):
+        if opts.strategy not in ("auto", "depth"):
             raise AnalyzeError("--drop and --drop-frac belong to --strategy depth")
         count = opts.drop if opts.drop is not None else round((opts.drop_frac or 0) * n)
         budget = Budget.of(facts, scores, 0.5)
@@ -281,17 +302,23 @@ def distinct(cands: list[Candidate]) -> list[Candidate]:
     seen: set[tuple[object, ...]] = set()
     out = []
     for c in cands:
-        key = (
-            c.drop,
-            tuple(sorted(c.groups_dropped.items())),
-            tuple(sorted(c.mlp_width.items())),
-            c.metric if c.mlp_width else None,
-            c.compensate,
-        )
+        key = _shape_key(c)
         if key not in seen:
             seen.add(key)
             out.append(c)
     return out
+
+
+def _shape_key(c: Candidate) -> tuple[object, ...]:
+    """What a candidate removes and how it treats what is left (labels aside)."""
+    return (
+        c.drop,
+        tuple(sorted(c.groups_dropped.items())),
+        tuple(sorted(c.mlp_width.items())),
+        c.metric if c.mlp_width or c.groups_dropped else None,
+        c.compensate,
+        c.reconstruct,
+    )
 
 
 # ---- the pipeline ---------------------------------------------------------------------
@@ -332,6 +359,12 @@ def run(opts: Options) -> Outcome:
 
     started = time.perf_counter()
     phases: dict[str, float] = {}
+    opts.strategy = ALIASES.get(opts.strategy, opts.strategy)
+    if opts.compensate and opts.reconstruct:
+        raise AnalyzeError(
+            "--compensate and --reconstruct: the reconstruction already fits what the "
+            "removed channels contributed; choose one"
+        )
     if opts.strategy not in STRATEGIES:
         raise AnalyzeError(f"unknown --strategy {opts.strategy!r} (one of {', '.join(STRATEGIES)})")
     ckpt = load_checkpoint_facts(opts.model_dir)
@@ -369,7 +402,7 @@ def run(opts: Options) -> Outcome:
     model = load(opts.model_dir, opts.device, dtype)
     passes = 0.0
     if opts.scores is not None:
-        scores = read_sidecar(opts.scores)
+        scores = read_sidecar(opts.scores).without_reconstruction()
         _say(opts, f"plangen: scores from {opts.scores} (no calibration)")
     else:
         _say(
@@ -423,10 +456,13 @@ def run(opts: Options) -> Outcome:
     except StrategyError as exc:
         raise AnalyzeError(str(exc)) from None
 
+    solver = _Solver(model, ckpt.arch, facts, scores, calib_windows, opts)
     mark = time.perf_counter()
     loss_before = mean_loss(model, held, opts.batch_size, opts.device)
-    judged = judge(model, ckpt.arch, facts, scores, cands, held, opts.batch_size, opts.device)
-    phases["judge"] = time.perf_counter() - mark
+    judged = judge(
+        model, ckpt.arch, facts, scores, cands, held, opts.batch_size, opts.device, solver
+    )
+    phases["judge"] = time.perf_counter() - mark - solver.seconds
     measured = [Measured(j.candidate, j.candidate.params(facts), j.first, j.loss) for j in judged]
     passes += (len(held) + sum(j.windows for j in judged)) / len(calib_windows)
     finalists = [m for m in measured if m.loss is not None]
@@ -436,6 +472,13 @@ def run(opts: Options) -> Outcome:
         if len(measured) > 1
         else f"--strategy {opts.strategy}"
     )
+
+    if chosen.candidate.reconstruct:
+        solved = solver(chosen.candidate)
+        _attach_reconstruction(scores, solved, chosen.candidate, ckpt, facts, opts)
+    if solver.seconds:
+        phases["reconstruct"] = solver.seconds
+        passes += solver.passes
 
     plan_path = opts.output
     sidecar = scores_path_for(plan_path)
@@ -480,6 +523,74 @@ def run(opts: Options) -> Outcome:
         passes,
         phases,
     )
+
+
+class _Solver:
+    """Sequential reconstruction of a candidate, solved once and kept for the judge and
+    for the sidecar; the time and forward passes it spends are counted apart."""
+
+    def __init__(self, model, arch, facts, scores, windows, opts: Options) -> None:
+        self.model, self.arch, self.facts, self.scores = model, arch, facts, scores
+        self.windows, self.opts = windows, opts
+        self.cache: dict[tuple[object, ...], list] = {}
+        self.seconds = 0.0
+        self.passes = 0.0
+
+    def __call__(self, cand: Candidate) -> list:
+        from plangen.reconstruct import sequential
+
+        key = _shape_key(cand)
+        if key not in self.cache:
+            started = time.perf_counter()
+            solved = sequential(
+                self.model,
+                self.arch,
+                self.facts,
+                cand,
+                self.scores,
+                self.windows,
+                damp=self.opts.damp,
+                batch_size=self.opts.batch_size,
+                device=self.opts.device,
+                progress=self.opts.progress,
+            )
+            self.seconds += time.perf_counter() - started
+            layers = self.facts.layers or 1
+            self.passes += (layers + len(solved)) / layers  # one walk plus a partial per solve
+            self.cache[key] = solved
+        return self.cache[key]
+
+
+def _attach_reconstruction(
+    scores: ScoreTables,
+    solved: list,
+    cand: Candidate,
+    ckpt: CheckpointFacts,
+    facts: ModelFacts,
+    opts: Options,
+) -> None:
+    """Put the re-solved weights in the sidecar, with the plan they were solved for."""
+    from compiler.sidecar import layer_decisions
+    from plangen.reconstruct import iter_tables
+
+    draft = emit.plan_text(
+        cand,
+        emit.Header(ckpt.model_block(), "", "draft", "0" * 64, _calibration_line(opts), []),
+        scores,
+        facts.ffn or 0,
+    )
+    plan = parse(draft).plan
+    assert plan is not None  # emit's own output
+    scores.tables.update(iter_tables(solved))
+    meta = json.loads(scores.metadata.get("plancc", "{}"))
+    meta["reconstruction"] = {
+        "for": layer_decisions(plan, facts),
+        "damp": opts.damp,
+        "mode": "sequential",
+        "samples": opts.nsamples,
+        "seqlen": opts.seqlen,
+    }
+    scores.metadata = metadata_json(meta)
 
 
 def _finite(loss: float | None) -> float:

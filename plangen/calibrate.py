@@ -31,6 +31,7 @@ import torch
 
 from compiler.architectures import Architecture, TensorSpec
 from executor.slicing import Geometry
+from plangen import lm_loss
 from plangen.metrics.depth import DepthStats
 
 
@@ -192,6 +193,7 @@ def collect(
         _checkpointing(model, True)
         for layer in layers_mod:
             layer.training = True
+    sliced = gradients and lm_loss.applies(model)
     loss_sum, tokens, batches = 0.0, 0, 0
     try:
         starts = range(0, len(windows), batch_size)
@@ -199,8 +201,12 @@ def collect(
             ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
             predicted = ids.shape[0] * (ids.shape[1] - 1)
             if gradients:
-                out = model(input_ids=ids, labels=ids, use_cache=False)
-                loss_sum += float(out.loss.detach()) * predicted
+                loss = (
+                    lm_loss.next_token_loss(model, ids)
+                    if sliced
+                    else model(input_ids=ids, labels=ids, use_cache=False).loss
+                )
+                loss_sum += float(loss.detach()) * predicted
             else:  # the statistics live before the LM head: skip it (a fifth of the work)
                 with torch.no_grad():
                     model.base_model(input_ids=ids, use_cache=False)
@@ -209,8 +215,8 @@ def collect(
             tokens += predicted
             batches += 1
             if gradients:
-                out.loss.backward()
-                del out
+                loss.backward()
+                del loss
             states.clear()
         for k, per in watched.items():
             for name, p in per.items():

@@ -35,6 +35,7 @@ class Candidate:
     mlp_width: Mapping[int, int] = field(default_factory=dict)  # only narrowed layers
     metric: str = "magnitude"  # the table that picks channels (`by METRIC`) and groups
     compensate: bool = False
+    reconstruct: bool = False  # narrowed output projections re-solved (`plangen.reconstruct`)
     notes: Mapping[str, str] = field(default_factory=dict)  # statement key -> comment
     bundles: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     keep: tuple[int, ...] = ()
@@ -55,8 +56,10 @@ class Candidate:
                     lp,
                     groups_kept=tuple(g for g in lp.groups_kept if g not in gone),
                     attn_compensate=self.compensate and bool(gone),
+                    attn_reconstruct=self.reconstruct and bool(gone),
                     ffn=Channels(width, self.metric) if width is not None else lp.ffn,
                     ffn_compensate=self.compensate and width is not None,
+                    ffn_reconstruct=self.reconstruct and width is not None,
                 )
             )
         return dataclasses.replace(base, layers=tuple(layers))

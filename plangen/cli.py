@@ -75,6 +75,50 @@ def _run_header(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- reconstruct ----------------------------------------------------------------
+
+
+def _configure_reconstruct(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plan", type=Path, metavar="PLAN.prn", help="the edited plan")
+    parser.add_argument(
+        "--model", type=Path, metavar="DIR", help="the checkpoint (default: the plan's source)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="B")
+    parser.add_argument(
+        "--damp", type=float, metavar="F", help="damping (default: the sidecar's, else 0.01)"
+    )
+    parser.add_argument(
+        "--data-files", nargs="+", metavar="FILE", help="local files for the calibration corpus"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_reconstruct(args: argparse.Namespace) -> int:
+    from compiler.corpus import CorpusError
+    from plangen.resolve_again import ReconstructError, refresh
+
+    try:
+        done = refresh(
+            args.plan,
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            damp=args.damp,
+            progress=not args.quiet,
+            data_files=args.data_files,
+        )
+    except (ReconstructError, CheckpointError, CorpusError) as exc:
+        return _error(str(exc))
+    print(
+        f"{done.plan}: {done.solved} projections re-solved in {done.seconds:.0f} s; "
+        f"{done.sidecar.name} rewritten and re-pinned"
+    )
+    return EXIT_OK
+
+
 # ---- fetch-demo -----------------------------------------------------------------
 
 
@@ -156,7 +200,7 @@ def _split(text: str) -> float:
 
 
 def _configure_analyze(parser: argparse.ArgumentParser) -> None:
-    from plangen.analyze import STRATEGIES
+    from plangen.analyze import ALIASES, STRATEGIES
     from plangen.metrics import WIDTH_METRIC_NAMES
 
     parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="checkpoint directory")
@@ -189,10 +233,11 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     how = parser.add_argument_group("strategy")
     how.add_argument(
         "--strategy",
-        choices=STRATEGIES,
-        default="best",
-        help="best (default): every strategy with published defaults, the one with "
-        "the lowest held-out calibration loss wins",
+        choices=(*STRATEGIES, *ALIASES),
+        default="auto",
+        help="auto (default): candidates of every strategy, with and without compensation "
+        "and reconstruction; the one with the lowest held-out calibration loss wins "
+        "(`best` is its old name)",
     )
     how.add_argument(
         "--metric",
@@ -222,6 +267,20 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
         "--compensate",
         action="store_true",
         help="add FLAP's bias compensation to width cuts (loads with the plancc loader)",
+    )
+    how.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="re-solve the kept columns of o_proj / down_proj by damped least squares on "
+        "the calibration inputs, layer by layer (SlimGPT-style); stock-loadable",
+    )
+    how.add_argument(
+        "--damp",
+        type=float,
+        default=1e-2,
+        metavar="F",
+        help="reconstruction damping toward the kept weights, as a fraction of the mean "
+        "input energy (default 0.01)",
     )
     how.add_argument(
         "--keep-last-layer",
@@ -376,6 +435,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
         freeze_top=args.freeze_top,
         rank=args.rank,
         compensate=args.compensate,
+        reconstruct=args.reconstruct,
+        damp=args.damp,
         round_groups=args.round_groups,
         remove_empty_layers=args.remove_empty_layers,
         max_layer_cut=max_cut,
@@ -385,9 +446,9 @@ def _run_analyze(args: argparse.Namespace) -> int:
         progress=not args.quiet and not args.json,
         command=args.argv,
     )
-    if args.ratio is not None and args.strategy == "best":
+    if args.ratio is not None and args.strategy in ("auto", "best"):
         opts.strategy = "uniform"
-    if (args.drop is not None or args.drop_frac is not None) and args.strategy == "best":
+    if (args.drop is not None or args.drop_frac is not None) and args.strategy in ("auto", "best"):
         opts.strategy = "depth"
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -469,6 +530,23 @@ COMMANDS: tuple[Command, ...] = (
         ),
         configure=_configure_analyze,
         run=_run_analyze,
+    ),
+    Command(
+        name="reconstruct",
+        help="re-solve an edited plan's reconstructed weights",
+        description=(
+            "After a hand edit, `plancc check` reports the reconstructed weights of the edited "
+            "layer and every layer after it as stale (P124): each layer is solved on the outputs "
+            "of the pruned layers before it. This re-solves them for the plan as written, on the "
+            "plan's calibration windows and score tables, rewrites the sidecar and re-pins its "
+            "sha256 in the plan. Nothing else in the plan changes."
+        ),
+        examples=(
+            "  plangen reconstruct smol.prn\n"
+            "  plangen reconstruct smol.prn --model ~/models/SmolLM2 --device cuda"
+        ),
+        configure=_configure_reconstruct,
+        run=_run_reconstruct,
     ),
     Command(
         name="fetch-demo",

@@ -43,7 +43,7 @@ def statements(cand: Candidate, scores: ScoreTables, ffn: int) -> list[str]:
         out.append(f"drop layers {Selection.from_ints(list(cand.drop))}  # {note}")
         for name, layers in sorted(cand.bundles.items()):
             out.append(f"bundle {name} layers {Selection.from_ints(list(layers))}")
-    comp = " compensate" if cand.compensate else ""
+    comp = (" compensate" if cand.compensate else "") + (" reconstruct" if cand.reconstruct else "")
     for layer, groups in sorted(cand.groups_dropped.items()):
         table = scores.width(cand.metric, layer).groups
         out.append(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +25,10 @@ from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
 from compiler.sidecar import table_name
 from executor.slicing import LayerSelection, complement, space_indices
+from plangen import lm_loss
 from plangen.calibrate import module_path, output_projection
 from plangen.candidate import Candidate
+from plangen.reconstruct import Solved
 from plangen.scores import ScoreTables, geometry
 
 
@@ -48,11 +50,18 @@ def _removed_columns(
 
 @contextlib.contextmanager
 def applied(
-    model: Any, arch: Architecture, facts: ModelFacts, cand: Candidate, scores: ScoreTables
+    model: Any,
+    arch: Architecture,
+    facts: ModelFacts,
+    cand: Candidate,
+    scores: ScoreTables,
+    solved: Sequence[Solved] = (),
 ) -> Iterator[None]:
-    """The model behaves as the candidate's result inside the block."""
+    """The model behaves as the candidate's result inside the block; `solved` are its
+    re-solved projections (`plangen.reconstruct`), written into the kept columns."""
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # weight, cols, values
     handles = []
+    rebuilt = {(s.layer, s.part): s for s in solved}
     projections = [
         (space, part, output_projection(arch.attention + arch.dense_mlp, space))
         for space, part in (("q", "attn"), ("ffn", "mlp"))
@@ -68,6 +77,11 @@ def applied(
                     w = module.weight
                     cols = torch.from_numpy(removed).to(w.device)
                     saved.append((w, cols, w[:, cols].clone()))  # only what is zeroed
+                    new = rebuilt.get((layer, part))
+                    if new is not None:
+                        kept = torch.from_numpy(new.kept).to(w.device)
+                        saved.append((w, kept, w[:, kept].clone()))
+                        w[:, kept] = new.weight.to(w.device, w.dtype)
                     compensate = cand.compensate and layer not in cand.drop
                     if compensate:
                         mean = torch.from_numpy(scores.tables[table_name("mean_in", layer, part)])
@@ -96,16 +110,24 @@ def mean_loss(
     model: Any, windows: Sequence[Sequence[int]], batch_size: int = 4, device: str = "cpu"
 ) -> float:
     """Mean next-token loss (nats) over the windows; exp() of it is their perplexity."""
+    sliced = lm_loss.applies(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
             ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += float(nll)
-            count += ids[:, 1:].numel()
+            predicted = ids[:, 1:].numel()
+            if sliced:
+                total += float(lm_loss.next_token_loss(model, ids)) * predicted
+            else:
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                total += float(
+                    torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]),
+                        ids[:, 1:].reshape(-1),
+                        reduction="sum",
+                    )
+                )
+            count += predicted
     return total / count if count else math.nan
 
 
@@ -126,6 +148,7 @@ def judge(
     held: Sequence[Sequence[int]],
     batch_size: int = 4,
     device: str = "cpu",
+    solutions: Callable[[Candidate], Sequence[Solved]] | None = None,
 ) -> list[Judged]:
     """Held-out loss of every candidate, by successive halving.
 
@@ -139,7 +162,8 @@ def judge(
     """
 
     def loss_on(cand: Candidate, windows: Sequence[Sequence[int]]) -> float:
-        with applied(model, arch, facts, cand, scores):
+        solved = solutions(cand) if solutions is not None and cand.reconstruct else ()
+        with applied(model, arch, facts, cand, scores, solved):
             return mean_loss(model, windows, batch_size, device)
 
     if len(cands) <= 2 or len(held) < 2:

@@ -29,6 +29,8 @@ from executor.integrity import sha256_file
 from executor.slicing import Geometry
 from plangen.metrics import LayerScores
 
+RECONSTRUCT = "reconstruct"  # tables `reconstruct.L.attn|mlp`: re-solved weights (float32)
+
 if TYPE_CHECKING:
     from plangen.calibrate import Calibration
     from plangen.metrics.inputs import LayerInputs
@@ -54,7 +56,17 @@ class ScoreTables:
             ) from None
 
     def width_metrics(self) -> list[str]:
-        return sorted({k.split(".")[0] for k in self.tables if k.endswith(".mlp")} - {"mean_in"})
+        names = {k.split(".")[0] for k in self.tables if k.endswith(".mlp")}
+        return sorted(names - {"mean_in", RECONSTRUCT})
+
+    def without_reconstruction(self) -> ScoreTables:
+        """The measurements alone: reconstructed weights hold for one plan only."""
+        meta = json.loads(self.metadata.get("plancc", "{}"))
+        meta.pop("reconstruction", None)
+        return ScoreTables(
+            {k: v for k, v in self.tables.items() if not k.startswith(f"{RECONSTRUCT}.")},
+            metadata_json(meta) if meta else {},
+        )
 
     def has(self, name: str) -> bool:
         return name in self.tables
@@ -134,12 +146,17 @@ def compute_tables(
 
 
 def write_sidecar(path: Path, scores: ScoreTables) -> str:
-    """Save the tables (float64, contiguous) with their metadata; return the file's sha256."""
+    """Save the tables (float64, contiguous; reconstructed weights float32, the precision
+    apply casts them from) with their metadata; return the file's sha256."""
     import torch
     from safetensors.torch import save_file
 
     tensors = {
-        k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
+        k: torch.from_numpy(
+            np.ascontiguousarray(
+                v, dtype=np.float32 if k.startswith(f"{RECONSTRUCT}.") else np.float64
+            )
+        )
         for k, v in scores.tables.items()
     }
     save_file(tensors, str(path), metadata=dict(scores.metadata))

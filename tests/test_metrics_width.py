@@ -165,11 +165,13 @@ def test_gradient_scores_equal_their_definitions(setup) -> None:
             groups, channels = _layer_units(elem, i, kv, hd)
             if post is not None:
                 groups, channels = post(groups), post(channels)
+            # fp32 gradients by two routes (the sliced head loss, autograd through
+            # the model's logits): they agree to a few units in the fourth digit.
             np.testing.assert_allclose(
-                tables.tables[f"{name}.{i}.attn"], groups, rtol=1e-4, atol=1e-12
+                tables.tables[f"{name}.{i}.attn"], groups, rtol=1e-3, atol=1e-12
             )
             np.testing.assert_allclose(
-                tables.tables[f"{name}.{i}.mlp"], channels, rtol=1e-4, atol=1e-12
+                tables.tables[f"{name}.{i}.mlp"], channels, rtol=1e-3, atol=1e-12
             )
 
 

@@ -40,9 +40,9 @@ def statements(draw: st.DrawFn) -> str:
         f"keep layers {sel}",
         f"bundle {draw(st.sampled_from(['B', 'C', 'D']))} layers {sel}",
         f"attn layers {sel} drop groups {draw(selections(hi=4))}"
-        + draw(st.sampled_from(["", " compensate"])),
+        + draw(st.sampled_from(["", " compensate", " reconstruct", " compensate reconstruct"])),
         f"mlp layers {sel} width {draw(st.integers(0, 2000))}{draw(metric)}"
-        + draw(st.sampled_from(["", " compensate"])),
+        + draw(st.sampled_from(["", " compensate", " reconstruct", " compensate reconstruct"])),
         f"moe layers {sel} drop experts {draw(selections(hi=20))}",
         f"moe layers {sel} experts width {draw(st.integers(0, 200))}{draw(metric)}",
         f"moe layers {sel} shared width {draw(st.integers(0, 300))}{draw(metric)}",

@@ -1,0 +1,313 @@
+"""Weight reconstruction: re-solve the consuming projection of what a layer keeps.
+
+Removing MLP channels (or KV groups) deletes columns of `down_proj` (or
+`o_proj`); the kept columns were trained to work with the removed ones, so the
+layer's output drifts. SlimGPT, FASP and ZipLM re-solve the kept columns by
+least squares on calibration inputs, so the projection's output stays as close
+as possible to the original's. With X the projection's inputs (tokens x in),
+K the kept columns and W the original weight (out x in):
+
+    W' = argmin ||X_K W'^T - X W^T||^2 + lam ||W' - W_K||^2
+       = (W G[:, K] + lam W_K) (G[K, K] + lam I)^-1,     G = X^T X
+
+damped toward the kept weights (not toward zero: ridge toward zero shrinks the
+layer and, at small cuts, fits the calibration text's quirks), with lam a
+fraction `damp` of the mean diagonal of G[K, K] so it means the same at any
+scale. Only G is needed, accumulated batch by batch in float64.
+
+Sequential (the default, and what the peers do): layer l is solved on inputs
+produced by the model with layers < l already pruned and reconstructed, so
+each layer also absorbs the error of the ones before it. `LayerWalk` runs the
+decoder one layer at a time over cached hidden states for that, the layer-
+ordered walk `plangen.calibrate` was shaped for; each layer costs about two
+layer-forwards over the calibration set (Gram pass, then the output pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from compiler.architectures import Architecture
+from compiler.facts import ModelFacts
+from executor.slicing import LayerSelection, space_indices
+from plangen.calibrate import module_path, output_projection
+from plangen.candidate import Candidate
+from plangen.scores import ScoreTables, geometry
+
+DAMP = 1e-2  # lam / mean diag G[K, K]: measured in benchmarks/planner_peers.py
+
+
+def solve(
+    weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float
+) -> torch.Tensor:
+    """The kept columns re-solved: (W G[:, K] + lam W_K)(G[K, K] + lam I)^-1, float64 inside,
+    returned in the weight's dtype. `gram` is X^T X of the projection's inputs."""
+    w = weight.detach().to(torch.float64)
+    g = gram.to(device=w.device, dtype=torch.float64)
+    gkk = g[kept][:, kept]
+    lam = damp * float(torch.diagonal(gkk).mean()) if len(kept) else 0.0
+    if lam <= 0.0:
+        lam = 1e-8  # an all-zero input (a dead channel set): stay at the kept weights
+    a = gkk + lam * torch.eye(len(kept), dtype=torch.float64, device=w.device)
+    b = g[kept] @ w.T + lam * w[:, kept].T  # (K, out)
+    chol, info = torch.linalg.cholesky_ex(a)
+    # Not positive definite even in float64 (a degenerate input): least squares instead.
+    solved = torch.cholesky_solve(b, chol) if int(info) == 0 else torch.linalg.lstsq(a, b).solution
+    # Through float32, the precision of the sidecar table apply reads it back from.
+    return solved.T.float().to(weight.dtype).contiguous()
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward early: what comes after is not needed."""
+
+
+@dataclass
+class _Call:
+    """How the model called one decoder layer: positional and keyword arguments
+    other than the hidden states (masks, rotary tables, cache flags)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class LayerWalk:
+    """The decoder, one layer at a time, over the hidden states of every batch.
+
+    The calls the model makes to each layer (masks, position embeddings, which
+    differ per layer in sliding-window families) are recorded on one full
+    forward per batch shape; the embeddings' output is recorded for every
+    batch. `run(k)` then applies layer k to the current states in place.
+    """
+
+    def __init__(self, model: Any, arch: Architecture, batches: Sequence[torch.Tensor]):
+        self.layers = model.get_submodule(arch.layers_module)
+        self.states: list[torch.Tensor] = []
+        self._calls: dict[tuple[int, ...], list[_Call]] = {}
+        self._shape_of: list[tuple[int, ...]] = []
+        for ids in batches:
+            shape = tuple(ids.shape)
+            self._shape_of.append(shape)
+            if shape not in self._calls:
+                self._calls[shape] = self._record_calls(model, ids)
+            self.states.append(self._embedded(model, ids))
+
+    def _record_calls(self, model: Any, ids: torch.Tensor) -> list[_Call]:
+        calls: dict[int, _Call] = {}
+
+        def record(k: int) -> Callable[..., None]:
+            def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                rest = {key: v for key, v in kwargs.items() if key != "hidden_states"}
+                calls[k] = _Call(args[1:] if args else (), rest)
+
+            return hook
+
+        handles = [
+            layer.register_forward_pre_hook(record(k), with_kwargs=True)
+            for k, layer in enumerate(self.layers)
+        ]
+        try:
+            with torch.no_grad():
+                model.base_model(input_ids=ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return [calls[k] for k in range(len(self.layers))]
+
+    def _embedded(self, model: Any, ids: torch.Tensor) -> torch.Tensor:
+        got: list[torch.Tensor] = []
+
+        def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            got.append((args[0] if args else kwargs["hidden_states"]).detach())
+            raise _Stop
+
+        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model.base_model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return got[0]
+
+    def forward(self, k: int, b: int) -> torch.Tensor:
+        """Layer k on batch b's current state (the state is left as it was)."""
+        call = self._calls[self._shape_of[b]][k]
+        with torch.no_grad():
+            out = self.layers[k](self.states[b], *call.args, **call.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def observe(self, k: int) -> None:
+        """Layer k on every batch, for its hooks' sake; a hook may end it early (`_Stop`)."""
+        for b in range(len(self.states)):
+            with contextlib.suppress(_Stop):
+                self.forward(k, b)
+
+    def run(self, k: int) -> None:
+        """Replace every batch's state by layer k's output."""
+        for b in range(len(self.states)):
+            self.states[b] = self.forward(k, b)
+
+
+class GramHook:
+    """X^T X of a module's input over every call, float64; optionally ends the forward."""
+
+    def __init__(self, module: Any, stop: bool):
+        self.gram: torch.Tensor | None = None
+        self.stop = stop
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, _module: Any, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+        g = x.T @ x
+        self.gram = g if self.gram is None else self.gram + g
+        if self.stop:
+            raise _Stop
+
+    def remove(self) -> torch.Tensor:
+        self.handle.remove()
+        if self.gram is None:
+            raise RuntimeError("the projection never ran: nothing to reconstruct from")
+        return self.gram
+
+
+@dataclass(frozen=True)
+class Solved:
+    """A re-solved projection: the layer, the part (`attn` o_proj / `mlp` down_proj),
+    the kept input columns and the new weight of those columns (out x kept)."""
+
+    layer: int
+    part: str
+    kept: np.ndarray
+    weight: torch.Tensor
+
+
+def kept_columns(cand: Candidate, layer: int, space: str, facts: ModelFacts, scores: ScoreTables):
+    """The kept input columns of the layer's `q` (o_proj) or `ffn` (down_proj) space,
+    or None when the candidate leaves that part whole."""
+    geom = geometry(facts)
+    if space == "q" and cand.groups_dropped.get(layer):
+        kept = [g for g in range(geom.kv_heads) if g not in cand.groups_dropped[layer]]
+        return np.asarray(space_indices("q", LayerSelection(groups=tuple(kept)), geom))
+    if space == "ffn" and layer in cand.mlp_width:
+        return np.asarray(cand.kept_channels(scores, layer), dtype=np.int64)
+    return None
+
+
+def sequential(
+    model: Any,
+    arch: Architecture,
+    facts: ModelFacts,
+    cand: Candidate,
+    scores: ScoreTables,
+    windows: Sequence[Sequence[int]],
+    *,
+    targets: Collection[tuple[int, str]] | None = None,
+    damp: float = DAMP,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[Solved]:
+    """Re-solve, layer by layer in order, the projections the candidate narrows
+    (or only the (layer, "attn" | "mlp") pairs in `targets`).
+
+    The whole candidate is applied to the model first (`heldout.applied`: removed
+    columns zeroed, compensation where it asks for it), then each re-solved
+    projection is written in as the walk reaches it, so layer l sees the pruned
+    and reconstructed layers < l. Everything is restored bit for bit before
+    returning. Dropped layers pass their input on.
+    """
+    from plangen.heldout import applied
+
+    # The target is the original projection's output, so its weights are kept aside
+    # (in host memory) before `applied` zeroes the removed columns.
+    originals = {}
+    for k in range(facts.layers or 0):
+        for space, part, spec in _projections(arch):
+            if k in cand.drop or (targets is not None and (k, part) not in targets):
+                continue
+            if spec is not None and kept_columns(cand, k, space, facts, scores) is not None:
+                w = model.get_submodule(module_path(arch, k, spec)).weight
+                originals[(k, part)] = w.detach().to("cpu", copy=True)
+    with applied(model, arch, facts, cand, scores):
+        return _walk(
+            model, arch, windows, originals, cand, scores, facts, damp, batch_size, device, progress
+        )
+
+
+def _projections(arch: Architecture) -> list[tuple[str, str, Any]]:
+    """(space, part, spec) of the two output projections: o_proj (q) and down_proj (ffn)."""
+    specs = arch.attention + arch.dense_mlp
+    return [
+        (space, part, output_projection(specs, space))
+        for space, part in (("q", "attn"), ("ffn", "mlp"))
+    ]
+
+
+def _walk(
+    model: Any,
+    arch: Architecture,
+    windows: Sequence[Sequence[int]],
+    originals: dict[tuple[int, str], torch.Tensor],
+    cand: Candidate,
+    scores: ScoreTables,
+    facts: ModelFacts,
+    damp: float,
+    batch_size: int,
+    device: str,
+    progress: bool,
+) -> list[Solved]:
+    from tqdm import tqdm
+
+    batches = [
+        torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
+        for i in range(0, len(windows), batch_size)
+    ]
+    walk = LayerWalk(model, arch, batches)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    solved: list[Solved] = []
+    try:
+        for k in tqdm(
+            range(len(walk.layers)), desc="reconstruct", unit="layer", disable=not progress
+        ):
+            if k in cand.drop:
+                continue
+            for space, part, spec in _projections(arch):
+                if (k, part) not in originals:
+                    continue
+                kept = kept_columns(cand, k, space, facts, scores)
+                assert kept is not None and spec is not None
+                module = model.get_submodule(module_path(arch, k, spec))
+                hook = GramHook(module, stop=True)
+                try:
+                    walk.observe(k)
+                finally:
+                    gram = hook.remove()
+                w = module.weight
+                cols = torch.from_numpy(kept).to(w.device)
+                new = solve(originals[(k, part)].to(w.device), gram, cols, damp)
+                saved.append((w, w.detach().clone()))
+                with torch.no_grad():
+                    w.zero_()
+                    w[:, cols] = new
+                solved.append(Solved(k, part, kept, new))
+            walk.run(k)
+    finally:
+        with torch.no_grad():
+            for w, before in reversed(saved):
+                w.copy_(before)
+    return solved
+
+
+def iter_tables(solved: Sequence[Solved]) -> Iterator[tuple[str, np.ndarray]]:
+    """The sidecar tables of a reconstruction: `reconstruct.L.PART` (out x kept)."""
+    from compiler.sidecar import table_name
+
+    for s in solved:
+        yield table_name("reconstruct", s.layer, s.part), s.weight.detach().float().cpu().numpy()

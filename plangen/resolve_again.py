@@ -1,0 +1,234 @@
+"""`plangen reconstruct PLAN.prn`: re-solve a plan's reconstructed weights as the plan now reads.
+
+A reviewer may edit a plan `plangen analyze` wrote (a width, a KV group, a
+layer kept). Every `reconstruct` statement at or after the edit is then stale
+(`plancc check` says P124), because each layer was solved on the outputs of
+the pruned layers before it. This re-runs only the reconstruction, for the
+plan as written: same model, same calibration windows (the plan's
+`calibration` line), same score tables; it writes a new sidecar next to the
+old one (tables kept, reconstructed weights replaced, the solved-for plan
+recorded) and re-pins the plan's `scores ... sha256`. Both files are replaced
+atomically, and only when the result checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from compiler import ir
+from compiler.check import check_text
+from compiler.checkpoint import load_checkpoint_facts
+from compiler.corpus import TokenPools, load_text, tokenize, windows
+from compiler.resolve import ResolvedPlan, resolve
+from compiler.sidecar import layer_decisions
+from plangen.candidate import Candidate
+from plangen.scores import ScoreTables, metadata_json, read_sidecar, write_sidecar
+
+# What the re-solve itself repairs: stale or missing reconstruction tables.
+_REPAIRABLE = {"P124"}
+
+
+class ReconstructError(Exception):
+    """The plan cannot be re-solved; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    plan: Path
+    sidecar: Path
+    solved: int  # projections re-solved
+    seconds: float
+
+
+def _blocking(result) -> list:
+    """Errors other than the reconstruction being stale or absent."""
+    out = []
+    for d in result.errors:
+        if d.code in _REPAIRABLE:
+            continue
+        if d.code in ("P120", "P122") and "reconstruct" in d.message:
+            continue
+        out.append(d)
+    return out
+
+
+def candidate_of(resolved: ResolvedPlan) -> tuple[Candidate, set[tuple[int, str]]]:
+    """The plan as a `Candidate`, and the (layer, part) pairs it reconstructs."""
+    facts = resolved.facts
+    kv = facts.kv_heads or 0
+    metrics = {lp.ffn.metric for lp in resolved.kept if lp.ffn and lp.ffn.width != facts.ffn}
+    if len(metrics) > 1:
+        raise ReconstructError(
+            "the plan picks MLP channels by more than one metric "
+            f"({', '.join(sorted(metrics))}); re-solving needs one `by METRIC` for all widths"
+        )
+    compensated = any(lp.attn_compensate or lp.ffn_compensate for lp in resolved.kept)
+    targets = {
+        (lp.index, part)
+        for lp in resolved.kept
+        for part, on in (("attn", lp.attn_reconstruct), ("mlp", lp.ffn_reconstruct))
+        if on
+    }
+    if compensated and targets:
+        raise ReconstructError(
+            "the plan mixes `compensate` and `reconstruct` statements; re-solving supports "
+            "one of them per plan (reconstruct already fits what was removed)"
+        )
+    cand = Candidate(
+        "plan",
+        "as written",
+        drop=tuple(lp.index for lp in resolved.layers if lp.dropped),
+        groups_dropped={
+            lp.index: tuple(g for g in range(kv) if g not in lp.groups_kept)
+            for lp in resolved.kept
+            if len(lp.groups_kept) != kv
+        },
+        mlp_width={
+            lp.index: lp.ffn.width for lp in resolved.kept if lp.ffn and lp.ffn.width != facts.ffn
+        },
+        metric=next(iter(metrics), "magnitude"),
+        compensate=compensated,
+        reconstruct=bool(targets),
+    )
+    return cand, targets
+
+
+def refresh(
+    plan_path: Path,
+    model_dir: Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 4,
+    damp: float | None = None,
+    progress: bool = True,
+    data_files: list[str] | None = None,
+) -> Refreshed:
+    """Re-solve `plan_path`'s reconstruction; rewrite its sidecar and its sha256 pin."""
+    import time
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from executor.loader import load
+    from plangen.analyze import model_facts
+    from plangen.reconstruct import DAMP, iter_tables, sequential
+
+    started = time.perf_counter()
+    text = plan_path.read_text(encoding="utf-8")
+    result = check_text(text, base_dir=plan_path.parent)
+    blocking = _blocking(result)
+    if blocking:
+        raise ReconstructError(f"{plan_path}: {blocking[0]} (fix it, then re-run)")
+    plan, facts = result.plan, result.facts
+    assert plan is not None and facts is not None
+    if plan.scores is None:
+        raise ReconstructError(f"{plan_path} names no scores sidecar: nothing to re-solve from")
+    if not any(
+        isinstance(st, ir.AttnDropGroups | ir.MlpWidth) and st.reconstruct for st in plan.statements
+    ):
+        raise ReconstructError(f"{plan_path} has no `reconstruct` statement: nothing to re-solve")
+    sidecar = Path(plan.scores.path)
+    if not sidecar.is_absolute():
+        sidecar = plan_path.parent / sidecar
+    model_dir = model_dir or (Path(plan.source.path) if plan.source else None)
+    if model_dir is None:
+        raise ReconstructError(f"{plan_path} names no `source`: pass --model DIR")
+    resolved = resolve(plan, facts)
+    cand, targets = candidate_of(resolved)
+
+    old = read_sidecar(sidecar)
+    meta = json.loads(old.metadata.get("plancc", "{}"))
+    calibration = meta.get("calibration", {})
+    options = dict(plan.calibration.options) if plan.calibration else {}
+    data = plan.calibration.data if plan.calibration else calibration.get("data", "builtin")
+    samples = int(options.get("samples", calibration.get("samples", 32)))
+    seqlen = int(options.get("seqlen", calibration.get("seqlen", 512)))
+    damp = damp if damp is not None else meta.get("reconstruction", {}).get("damp", DAMP)
+
+    ck = load_checkpoint_facts(model_dir)
+    if model_facts(ck).fingerprint != facts.fingerprint and facts.fingerprint:
+        raise ReconstructError(
+            f"{model_dir} is not the model the plan was written for (fingerprints differ)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    corpus = load_text(data, data_files)
+    pools = TokenPools.split(tokenize(corpus, tokenizer), corpus)
+    if calibration.get("text_sha256") and calibration["text_sha256"] != pools.text_sha256:
+        raise ReconstructError(
+            f"the calibration text {data!r} is not the one the scores were measured on "
+            "(its sha256 differs); pass the same --data-files"
+        )
+    calib = windows(pools.calibration, seqlen, samples)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = load(model_dir, device, torch_dtype)
+    scores = old.without_reconstruction()
+    solved = sequential(
+        model,
+        ck.arch,
+        facts,
+        cand,
+        scores,
+        calib,
+        targets=targets,
+        damp=damp,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    scores.tables.update(iter_tables(solved))
+    meta = json.loads(scores.metadata.get("plancc", "{}")) if scores.metadata else meta
+    meta["reconstruction"] = {
+        "for": layer_decisions(plan, facts),
+        "damp": damp,
+        "mode": "sequential",
+        "samples": samples,
+        "seqlen": seqlen,
+    }
+    scores.metadata = metadata_json(meta)
+
+    _replace_both(plan_path, sidecar, text, plan.scores, scores)
+    return Refreshed(plan_path, sidecar, len(solved), time.perf_counter() - started)
+
+
+def _replace_both(
+    plan_path: Path, sidecar: Path, text: str, pin: ir.Scores, scores: ScoreTables
+) -> None:
+    """Write the new sidecar and the re-pinned plan; on any failure both stay as they were."""
+    pid = os.getpid()
+    tmp_sidecar = sidecar.with_name(f".{sidecar.name}.tmp-{pid}")
+    tmp_plan = plan_path.with_name(f".{plan_path.name}.tmp-{pid}")
+    backup = sidecar.with_name(f".{sidecar.name}.old-{pid}")
+    try:
+        new_text = _repin(text, pin, write_sidecar(tmp_sidecar, scores))
+        tmp_plan.write_text(new_text, encoding="utf-8")
+        os.replace(sidecar, backup)
+        try:
+            os.replace(tmp_sidecar, sidecar)
+            check = check_text(new_text, base_dir=plan_path.parent)
+            if not check.ok:  # pragma: no cover - the re-solve's own output
+                raise ReconstructError(f"the re-solved plan does not check: {check.errors[0]}")
+            os.replace(tmp_plan, plan_path)
+        except BaseException:
+            os.replace(backup, sidecar)
+            raise
+        backup.unlink()
+    finally:
+        for tmp in (tmp_sidecar, tmp_plan):
+            tmp.unlink(missing_ok=True)
+
+
+def _repin(text: str, scores: ir.Scores, sha: str) -> str:
+    """The plan text with the `scores` line's sha256 string replaced, nothing else."""
+    lines = text.splitlines(keepends=True)
+    k = scores.sha_span.line - 1
+    line = lines[k]
+    old = scores.sha256
+    at = line.find(old, scores.sha_span.col - 1)
+    if at < 0:  # pragma: no cover - the span comes from the parser
+        raise ReconstructError("cannot find the sha256 pin in the plan's scores line")
+    prefix = "sha256:" if old.startswith("sha256:") else ""
+    lines[k] = line[:at] + prefix + sha + line[at + len(old) :]
+    return "".join(lines)

@@ -1,0 +1,312 @@
+"""Reconstruction equals a direct damped least-squares solve, layer after layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from compiler.checkpoint import load_checkpoint_facts
+from plangen.analyze import model_facts
+from plangen.candidate import Candidate
+from plangen.reconstruct import LayerWalk, sequential, solve
+from plangen.scores import ScoreTables
+
+L = 3
+DAMP = 1e-2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    from conftest import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_tiny_model(tmp_path_factory.mktemp("r"), "qwen2", num_hidden_layers=L)
+    ck = load_checkpoint_facts(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(5)
+    windows = torch.randint(3, 128, (6, 10), generator=g).tolist()
+    return model, ck, model_facts(ck), windows
+
+
+def _scores(facts, seed: int = 0) -> ScoreTables:
+    rng = np.random.default_rng(seed)
+    tables = {}
+    for i in range(facts.layers):
+        tables[f"s.{i}.mlp"] = rng.random(facts.ffn)
+        tables[f"s.{i}.attn"] = rng.random(facts.kv_heads)
+    return ScoreTables(tables, {})
+
+
+def _direct(x: torch.Tensor, w: torch.Tensor, kept: np.ndarray) -> torch.Tensor:
+    """argmin ||X_K W'^T - X W^T||^2 + lam ||W' - W_K||^2 as one stacked least-squares problem."""
+    x, w = x.double(), w.double()
+    k = torch.from_numpy(kept)
+    xk = x[:, k]
+    lam = DAMP * float((xk * xk).sum(0).mean())
+    a = torch.cat([xk, lam**0.5 * torch.eye(len(k), dtype=torch.float64)])
+    b = torch.cat([x @ w.T, lam**0.5 * w[:, k].T])
+    return torch.linalg.lstsq(a, b).solution.T
+
+
+def _inputs(model, windows, module_name: str) -> torch.Tensor:
+    rows = []
+    h = model.get_submodule(module_name).register_forward_pre_hook(
+        lambda _m, a: rows.append(a[0].reshape(-1, a[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for i in range(0, len(windows), 4):
+            model(input_ids=torch.tensor(windows[i : i + 4]), use_cache=False)
+    h.remove()
+    return torch.cat(rows)
+
+
+def test_solve_equals_the_stacked_least_squares():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    kept = np.array([0, 3, 4, 8, 11])
+    got = solve(w, x.T @ x, torch.from_numpy(kept), DAMP)
+    # float64 inside, rounded to float32 on the way out (the sidecar's precision)
+    torch.testing.assert_close(got, _direct(x, w, kept), rtol=1e-6, atol=1e-7)
+
+
+def test_solve_keeps_a_projection_whose_kept_inputs_explain_everything():
+    """Removed columns that only ever see zeros: the kept weights are already optimal."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    x[:, [1, 4]] = 0
+    w = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    kept = torch.tensor([0, 2, 3, 5])
+    torch.testing.assert_close(solve(w, x.T @ x, kept, DAMP), w[:, kept])
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma3_text", "phi3"])
+def test_the_walk_reproduces_the_models_layers(tmp_path, model_type):
+    """Layer by layer over cached states equals the model's own forward, also where
+    layers differ in their masks (Gemma-3's sliding-window layers)."""
+    from conftest import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_model(tmp_path, model_type, num_hidden_layers=4, max_position_embeddings=64)
+    ck = load_checkpoint_facts(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if model_type == "gemma3_text":
+        model.config.sliding_window = 4  # shorter than the windows, so the masks differ
+    g = torch.Generator().manual_seed(2)
+    windows = torch.randint(3, 128, (6, 12), generator=g).tolist()
+    batches = [torch.tensor(windows[i : i + 4]) for i in range(0, len(windows), 4)]
+    walk = LayerWalk(model, ck.arch, batches)  # batches of 4 and 2: two recorded shapes
+    with torch.no_grad():
+        full = [model.base_model(input_ids=b, use_cache=False) for b in batches]
+    for k in range(4):
+        walk.run(k)
+    final_norm = model.base_model.norm
+    for state, out in zip(walk.states, full, strict=True):
+        torch.testing.assert_close(final_norm(state), out.last_hidden_state)
+
+
+def test_sequential_equals_direct_solves_layer_by_layer(tiny):
+    model, ck, facts, windows = tiny
+    scores = _scores(facts)
+    cand = Candidate(
+        "uniform",
+        "test",
+        groups_dropped={0: (1,), 2: (0,)},
+        mlp_width={0: 40, 1: 64, 2: 50},
+        metric="s",
+        reconstruct=True,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    solved = sequential(model, ck.arch, facts, cand, scores, windows, progress=False)
+    for n, p in model.named_parameters():  # the model is left as it was
+        assert torch.equal(p, before[n]), n
+    assert [(s.layer, s.part) for s in solved] == [
+        (0, "attn"),
+        (0, "mlp"),
+        (1, "mlp"),
+        (2, "attn"),
+        (2, "mlp"),
+    ]
+    # The reference: prune and re-solve one projection at a time on the full model.
+    saved = {}
+    try:
+        for s in solved:
+            name = f"model.layers.{s.layer}." + (
+                "self_attn.o_proj" if s.part == "attn" else "mlp.down_proj"
+            )
+            module = model.get_submodule(name)
+            x = _inputs(model, windows, name)
+            expected = _direct(x, module.weight.detach(), s.kept)
+            torch.testing.assert_close(s.weight.double(), expected, rtol=1e-4, atol=1e-6)
+            saved[name] = module.weight.detach().clone()
+            with torch.no_grad():
+                module.weight.zero_()
+                module.weight[:, torch.from_numpy(s.kept)] = s.weight
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                model.get_submodule(name).weight.copy_(w)
+
+
+# ---- end to end: analyze --reconstruct, check, apply, load, restore ------------------------
+
+SMALL = ["--nsamples", "3", "--seqlen", "24", "--heldout", "2", "--batch-size", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory: pytest.TempPathFactory):
+    from conftest import add_char_tokenizer, make_tiny_model
+
+    from plangen.cli import main as plangen
+
+    root = tmp_path_factory.mktemp("e2e")
+    model_dir = add_char_tokenizer(make_tiny_model(root, "qwen2", num_hidden_layers=4))
+    plan = root / "plan.prn"
+    args = ["--strategy", "uniform", "--ratio", "0.4", "--reconstruct"]
+    assert plangen(["analyze", str(model_dir), "-o", str(plan), *SMALL, *args]) == 0
+    return model_dir, plan
+
+
+def test_a_reconstructed_plan_checks_applies_loads_and_restores(analyzed, tmp_path):
+    import filecmp
+
+    from compiler.check import check_file
+    from executor.apply import apply_plan
+    from executor.loader import load
+    from executor.restore import restore
+    from plangen.heldout import applied
+    from plangen.reconstruct import Solved
+    from plangen.scores import read_sidecar
+
+    model_dir, plan = analyzed
+    text = plan.read_text()
+    assert "reconstruct" in text and "compensate" not in text
+    result = check_file(plan)
+    assert result.ok, result.errors
+    out = tmp_path / "out"
+    apply_plan(plan, out)
+    back = tmp_path / "back"
+    restore(out, "all", back)
+    for f in ("model.safetensors", "config.json"):
+        assert filecmp.cmp(model_dir / f, back / f, shallow=False), f
+
+    # The applied model is the in-memory one with the sidecar's solved columns.
+    from plangen.analyze import Options, candidates
+
+    ck = load_checkpoint_facts(model_dir)
+    facts = model_facts(ck)
+    scores = read_sidecar(plan.with_name("plan.scores.safetensors"))
+    opts = Options(model_dir, plan, strategy="uniform", ratio=0.4, reconstruct=True)
+    (cand,) = candidates(opts, facts, scores.without_reconstruction())
+    from plangen.reconstruct import kept_columns
+
+    solved = []
+    for name, table in scores.tables.items():
+        if name.startswith("reconstruct."):
+            _, layer, part = name.split(".")
+            space = "q" if part == "attn" else "ffn"
+            kept = kept_columns(cand, int(layer), space, facts, scores)
+            solved.append(Solved(int(layer), part, kept, torch.from_numpy(table)))
+    assert {(s.layer, s.part) for s in solved} == {
+        (i, p) for i in range(4) for p in ("attn", "mlp")
+    }
+    model = load(model_dir, "cpu", torch.float32)
+    pruned = load(out / "A", "cpu", torch.float32)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), applied(model, ck.arch, facts, cand, scores, solved):
+        expected = model(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def _check_text(text: str, base):
+    from compiler.check import check_text
+
+    return check_text(text, base_dir=base)
+
+
+def test_editing_a_reconstructed_plan_makes_its_weights_stale(analyzed):
+    _model_dir, plan = analyzed
+    text = plan.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("attn layers 2 drop groups"))
+    group = int(line.split()[5])
+    edited = text.replace(line, line.replace(f"groups {group}", f"groups {1 - group}"))
+    result = _check_text(edited, plan.parent)
+    # Layer 2 changed: its attention, layer 3's and the MLP statement of 0..3 (which
+    # reconstructs layers 2 and 3 on top of it) are stale; layers 0 and 1 are not.
+    assert [d.code for d in result.errors] == ["P124"] * 3, result.errors
+    assert [d.span.line for d in result.errors] == [
+        edited.splitlines().index(ln) + 1
+        for ln in edited.splitlines()
+        if ln.startswith(("attn layers 2", "attn layers 3", "mlp layers"))
+    ]
+    first = result.errors[0]
+    assert first.message.startswith("the reconstructed weights of layers 2 were solved for ")
+    assert f"layer 2 was groups {group} dropped" in first.message
+    assert f"this plan has it groups {1 - group} dropped" in first.message
+    assert "layers 2..3" in result.errors[2].message
+    assert "plangen reconstruct" in (first.help or "")
+
+
+def test_reconstruct_and_compensate_together_are_refused(analyzed):
+    _model_dir, plan = analyzed
+    edited = plan.read_text().replace(
+        "58 by taylor reconstruct", "58 by taylor compensate reconstruct"
+    )
+    result = _check_text(edited, plan.parent)
+    assert "P125" in [d.code for d in result.errors], result.errors
+
+
+def test_plangen_reconstruct_re_solves_an_edited_plan(analyzed, tmp_path, capsys):
+    import shutil
+
+    from compiler.check import check_file
+    from executor.apply import apply_plan
+    from plangen.cli import main as plangen
+    from plangen.scores import read_sidecar
+
+    _model_dir, original = analyzed
+    plan = tmp_path / "plan.prn"
+    shutil.copy(original, plan)
+    shutil.copy(original.with_name("plan.scores.safetensors"), tmp_path)
+    text = plan.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("attn layers 2 drop groups"))
+    group = int(line.split()[5])
+    edited = text.replace(line, line.replace(f"groups {group}", f"groups {1 - group}"))
+    plan.write_text(edited)
+    assert [d.code for d in check_file(plan).errors] == ["P124"] * 3
+    before = read_sidecar(tmp_path / "plan.scores.safetensors")
+
+    assert plangen(["reconstruct", str(plan), "--quiet"]) == 0
+    assert "8 projections re-solved" in capsys.readouterr().out
+    result = check_file(plan)
+    assert result.ok, result.errors
+    after = read_sidecar(tmp_path / "plan.scores.safetensors")
+    # Only the pin changed in the plan; the measurements are untouched; layers 0 and 1
+    # come out as before (nothing before them changed), layer 2's attention does not.
+    old_pin = next(ln for ln in edited.splitlines() if ln.startswith("scores "))
+    new_pin = next(ln for ln in plan.read_text().splitlines() if ln.startswith("scores "))
+    assert plan.read_text() == edited.replace(old_pin, new_pin) and old_pin != new_pin
+    for name, table in before.tables.items():
+        if not name.startswith("reconstruct."):
+            np.testing.assert_array_equal(after.tables[name], table)
+    for name in ("reconstruct.0.attn", "reconstruct.1.mlp"):
+        np.testing.assert_allclose(after.tables[name], before.tables[name], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(after.tables["reconstruct.2.attn"], before.tables["reconstruct.2.attn"])
+    apply_plan(plan, tmp_path / "out")
+
+
+def test_plangen_reconstruct_refuses_a_plan_without_reconstruct(analyzed, tmp_path, capsys):
+    import shutil
+
+    from plangen.cli import main as plangen
+
+    _model_dir, original = analyzed
+    plan = tmp_path / "plan.prn"
+    shutil.copy(original.with_name("plan.scores.safetensors"), tmp_path)
+    plan.write_text(original.read_text().replace(" reconstruct  #", "  #"))
+    before = plan.read_text()
+    assert plangen(["reconstruct", str(plan), "--quiet"]) == 2
+    assert "has no `reconstruct` statement" in capsys.readouterr().err
+    assert plan.read_text() == before
