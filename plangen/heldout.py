@@ -70,14 +70,17 @@ def applied(
         with torch.no_grad():
             for layer in range(facts.layers or 0):
                 for space, part, spec in projections:
-                    removed = _removed_columns(cand, layer, space, facts, scores)
+                    new = rebuilt.get((layer, part))
+                    if new is not None:  # the walk's own choice of columns (`by obs`)
+                        removed = complement(new.kept, geometry(facts).size(space))
+                    else:
+                        removed = _removed_columns(cand, layer, space, facts, scores)
                     if spec is None or removed is None or not len(removed):
                         continue
                     module = model.get_submodule(module_path(arch, layer, spec))
                     w = module.weight
                     cols = torch.from_numpy(removed).to(w.device)
                     saved.append((w, cols, w[:, cols].clone()))  # only what is zeroed
-                    new = rebuilt.get((layer, part))
                     if new is not None:
                         kept = torch.from_numpy(new.kept).to(w.device)
                         saved.append((w, kept, w[:, kept].clone()))

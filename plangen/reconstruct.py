@@ -26,6 +26,8 @@ layer-forwards over the calibration set (Gram pass, then the output pass).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -180,12 +182,63 @@ class GramHook:
 @dataclass(frozen=True)
 class Solved:
     """A re-solved projection: the layer, the part (`attn` o_proj / `mlp` down_proj),
-    the kept input columns and the new weight of those columns (out x kept)."""
+    the kept input columns, the new weight of those columns (out x kept) and, when
+    the walk chose the channels itself (`by obs`), its ranking of all of them."""
 
     layer: int
     part: str
     kept: np.ndarray
     weight: torch.Tensor
+    ranking: np.ndarray | None = None
+
+
+OBS = "obs"  # the metric whose channels the walk picks itself (`obs_ranking`)
+
+
+def obs_ranking(weight: torch.Tensor, gram: torch.Tensor, damp: float, blocks: int = 64):
+    """Input columns ranked by Optimal Brain Surgeon, removing greedily (SlimGPT's
+    structured OBS): removing column j and re-fitting the rest costs
+    ||W[:, j]||^2 / [H^-1]_jj of output error, H = G + lam I; the cheapest goes
+    first, then W and H^-1 are updated as if it were gone, so correlated
+    columns are not all kept or all removed together. Columns leave in `blocks`
+    rounds (each the cheapest 1/blocks of the start), the rank within a round by
+    its cost. Returns a score per column, higher = removed later (kept first)."""
+    w = weight.detach().to(torch.float64).clone()
+    g = gram.to(device=w.device, dtype=torch.float64)
+    n = g.shape[0]
+    lam = damp * float(torch.diagonal(g).mean()) or 1e-8
+    hinv = torch.linalg.inv(g + lam * torch.eye(n, dtype=torch.float64, device=w.device))
+    alive = torch.ones(n, dtype=torch.bool, device=w.device)
+    score = torch.empty(n, dtype=torch.float64)
+    step = max(1, math.ceil(n / blocks))
+    order = 0
+    while bool(alive.any()):
+        cost = (w * w).sum(0) / torch.diagonal(hinv).clamp_min(1e-30)
+        cost[~alive] = math.inf
+        take = min(step, int(alive.sum()))
+        gone = torch.topk(cost, take, largest=False).indices
+        gone = gone[torch.argsort(cost[gone], stable=True)]
+        score[gone.cpu()] = torch.arange(order, order + take, dtype=torch.float64)
+        order += take
+        alive[gone] = False
+        if not bool(alive.any()):
+            break
+        # Block OBS update: the removed columns' weight moves onto the others.
+        hbb = hinv[gone][:, gone]
+        solve_b = torch.linalg.solve(hbb, hinv[gone])  # (take, n)
+        w -= w[:, gone] @ solve_b
+        hinv -= hinv[:, gone] @ solve_b
+        w[:, gone] = 0.0
+    return score.numpy()
+
+
+def narrows(cand: Candidate, layer: int, part: str) -> bool:
+    """Whether the candidate cuts this layer's attention (`attn`) or MLP (`mlp`)."""
+    if layer in cand.drop:
+        return False
+    if part == "attn":
+        return bool(cand.groups_dropped.get(layer))
+    return layer in cand.mlp_width
 
 
 def kept_columns(cand: Candidate, layer: int, space: str, facts: ModelFacts, scores: ScoreTables):
@@ -217,27 +270,33 @@ def sequential(
     """Re-solve, layer by layer in order, the projections the candidate narrows
     (or only the (layer, "attn" | "mlp") pairs in `targets`).
 
-    The whole candidate is applied to the model first (`heldout.applied`: removed
-    columns zeroed, compensation where it asks for it), then each re-solved
+    What the candidate does besides (dropped layers, cuts that are not re-solved,
+    their compensation) is applied first (`heldout.applied`); each re-solved
     projection is written in as the walk reaches it, so layer l sees the pruned
-    and reconstructed layers < l. Everything is restored bit for bit before
-    returning. Dropped layers pass their input on.
+    and reconstructed layers < l, and is solved against its own original
+    weights. With metric `obs` the walk also picks the MLP channels
+    (`obs_ranking`, on the same inputs). Everything is restored bit for bit
+    before returning. Dropped layers pass their input on.
     """
     from plangen.heldout import applied
 
-    # The target is the original projection's output, so its weights are kept aside
-    # (in host memory) before `applied` zeroes the removed columns.
-    originals = {}
-    for k in range(facts.layers or 0):
-        for space, part, spec in _projections(arch):
-            if k in cand.drop or (targets is not None and (k, part) not in targets):
-                continue
-            if spec is not None and kept_columns(cand, k, space, facts, scores) is not None:
-                w = model.get_submodule(module_path(arch, k, spec)).weight
-                originals[(k, part)] = w.detach().to("cpu", copy=True)
-    with applied(model, arch, facts, cand, scores):
+    n = facts.layers or 0
+    chosen = {
+        (k, part)
+        for k in range(n)
+        for part in ("attn", "mlp")
+        if narrows(cand, k, part) and (targets is None or (k, part) in targets)
+    }
+    if cand.metric == OBS and cand.groups_dropped:
+        raise ValueError("`by obs` picks MLP channels; attention groups need another metric")
+    rest = dataclasses.replace(
+        cand,
+        groups_dropped={k: g for k, g in cand.groups_dropped.items() if (k, "attn") not in chosen},
+        mlp_width={k: w for k, w in cand.mlp_width.items() if (k, "mlp") not in chosen},
+    )
+    with applied(model, arch, facts, rest, scores):
         return _walk(
-            model, arch, windows, originals, cand, scores, facts, damp, batch_size, device, progress
+            model, arch, windows, chosen, cand, scores, facts, damp, batch_size, device, progress
         )
 
 
@@ -254,7 +313,7 @@ def _walk(
     model: Any,
     arch: Architecture,
     windows: Sequence[Sequence[int]],
-    originals: dict[tuple[int, str], torch.Tensor],
+    chosen: set[tuple[int, str]],
     cand: Candidate,
     scores: ScoreTables,
     facts: ModelFacts,
@@ -264,6 +323,8 @@ def _walk(
     progress: bool,
 ) -> list[Solved]:
     from tqdm import tqdm
+
+    from executor.slicing import top_channels
 
     batches = [
         torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
@@ -279,10 +340,8 @@ def _walk(
             if k in cand.drop:
                 continue
             for space, part, spec in _projections(arch):
-                if (k, part) not in originals:
+                if (k, part) not in chosen or spec is None:
                     continue
-                kept = kept_columns(cand, k, space, facts, scores)
-                assert kept is not None and spec is not None
                 module = model.get_submodule(module_path(arch, k, spec))
                 hook = GramHook(module, stop=True)
                 try:
@@ -290,13 +349,20 @@ def _walk(
                 finally:
                     gram = hook.remove()
                 w = module.weight
+                ranking = None
+                if part == "mlp" and cand.metric == OBS:
+                    ranking = obs_ranking(w, gram, damp)
+                    kept = np.asarray(top_channels(ranking, cand.mlp_width[k]), dtype=np.int64)
+                else:
+                    kept = kept_columns(cand, k, space, facts, scores)
+                assert kept is not None
                 cols = torch.from_numpy(kept).to(w.device)
-                new = solve(originals[(k, part)].to(w.device), gram, cols, damp)
+                new = solve(w, gram, cols, damp)
                 saved.append((w, w.detach().clone()))
                 with torch.no_grad():
                     w.zero_()
                     w[:, cols] = new
-                solved.append(Solved(k, part, kept, new))
+                solved.append(Solved(k, part, kept, new, ranking))
             walk.run(k)
     finally:
         with torch.no_grad():
@@ -306,8 +372,11 @@ def _walk(
 
 
 def iter_tables(solved: Sequence[Solved]) -> Iterator[tuple[str, np.ndarray]]:
-    """The sidecar tables of a reconstruction: `reconstruct.L.PART` (out x kept)."""
+    """The sidecar tables of a reconstruction: `reconstruct.L.PART` (out x kept) and,
+    where the walk picked the channels, their ranking `obs.L.mlp`."""
     from compiler.sidecar import table_name
 
     for s in solved:
         yield table_name("reconstruct", s.layer, s.part), s.weight.detach().float().cpu().numpy()
+        if s.ranking is not None:
+            yield table_name(OBS, s.layer, s.part), s.ranking

@@ -310,3 +310,39 @@ def test_plangen_reconstruct_refuses_a_plan_without_reconstruct(analyzed, tmp_pa
     assert plangen(["reconstruct", str(plan), "--quiet"]) == 2
     assert "has no `reconstruct` statement" in capsys.readouterr().err
     assert plan.read_text() == before
+
+
+def _greedy_reference(w: torch.Tensor, h: torch.Tensor) -> list[int]:
+    """Columns in the order exact greedy removal takes them: at each step the column
+    whose removal (with the others re-fitted) raises tr((V - W) H (V - W)^T) least."""
+    n = h.shape[0]
+    alive = list(range(n))
+    order = []
+    base = float(torch.trace(w @ h @ w.T))
+    while len(alive) > 1:
+        best, best_err = None, None
+        for j in alive:
+            keep = [c for c in alive if c != j]
+            hk = h[:, keep]
+            fit = torch.trace(w @ hk @ torch.linalg.solve(h[keep][:, keep], hk.T) @ w.T)
+            err = base - float(fit)
+            if best_err is None or err < best_err - 1e-12:
+                best, best_err = j, err
+        order.append(best)
+        alive.remove(best)
+    return order + alive
+
+
+def test_obs_ranking_is_the_exact_greedy_order_one_column_at_a_time():
+    from plangen.reconstruct import obs_ranking
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    x[:, 5] = 0.9 * x[:, 2] + 0.1 * x[:, 5]  # a correlated pair: greedy must see it
+    w = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    damp = 1e-3
+    ranking = obs_ranking(w, gram, damp, blocks=8)  # one column per round
+    lam = damp * float(torch.diagonal(gram).mean())
+    expected = _greedy_reference(w, gram + lam * torch.eye(8, dtype=torch.float64))
+    assert list(np.argsort(ranking)) == expected
