@@ -41,7 +41,74 @@ PEERS = {  # (method, size) -> the peer's perplexity
     ("FLAP with bias compensation", "25"): 31.39,
     ("Taylor, MLP only (725 channels, layers 4-27)", "25"): 27.43,
     ("ShortGPT 3 layers + FLAP", "25"): 31.10,
+    # issue 12's peers: least-squares down_proj reconstruction (sequential, damped 1e-2)
+    ("Wanda-sp, MLP only + reconstruction", "12.5"): 15.07,
+    ("Wanda-sp, MLP only + reconstruction", "25"): 18.15,
+    ("Taylor, MLP only (layers 4-27) + reconstruction", "25"): 18.64,
 }
+
+# Reconstruction rows: (method, Options overrides), each planned from the default run's
+# sidecar (`--scores`, no recalibration) with its own walk, plan and sidecar; the
+# variants (`at_12_5` False) only at -25%, where the differences are largest.
+RECONSTRUCTION = [
+    (
+        "Wanda-sp, MLP only + reconstruction",
+        {
+            "strategy": "uniform",
+            "parts": "mlp",
+            "metric": "wanda",
+            "reconstruct": True,
+            "damp": 1e-2,
+        },
+    ),
+    (
+        "Wanda-sp, MLP only + reconstruction, damp 1e-3",
+        {
+            "strategy": "uniform",
+            "parts": "mlp",
+            "metric": "wanda",
+            "reconstruct": True,
+            "damp": 1e-3,
+            "at_12_5": False,
+        },
+    ),
+    (
+        "Wanda-sp, MLP only + reconstruction, one-shot",
+        {
+            "strategy": "uniform",
+            "parts": "mlp",
+            "metric": "wanda",
+            "reconstruct": True,
+            "one_shot": True,
+            "damp": 1e-2,
+            "at_12_5": False,
+        },
+    ),
+    (
+        "Taylor, MLP only (layers 4-27) + reconstruction",
+        {
+            "strategy": "uniform",
+            "parts": "mlp",
+            "metric": "taylor",
+            "mlp_layers": "4..27",
+            "reconstruct": True,
+            "damp": 1e-2,
+            "at_12_5": False,
+        },
+    ),
+    (
+        "plancc OBS channels, MLP only, uniform + reconstruction",
+        {"strategy": "uniform", "parts": "mlp", "metric": "obs"},
+    ),
+    (
+        "plancc global taylor, attention + MLP, bounded + reconstruction",
+        {"strategy": "global", "metric": "taylor", "reconstruct": True},
+    ),
+    (
+        "plancc global OBS channels, MLP, bounded + reconstruction",
+        {"strategy": "global", "parts": "mlp", "metric": "obs"},
+    ),
+]
 KEEP = {"12.5": 0.875, "25": 0.75}
 
 
@@ -135,6 +202,12 @@ def main() -> None:
     parser.add_argument(
         "--cost-only", action="store_true", help="only measure what analyze costs (4 minutes)"
     )
+    parser.add_argument(
+        "--reconstruction-only",
+        action="store_true",
+        help="skip the issue-11 peer rows (unchanged by reconstruction): the default plans "
+        "and the reconstruction rows only",
+    )
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
@@ -158,13 +231,14 @@ def main() -> None:
 
     results = {}
     cost_rows = []
+    walk_rows: list[tuple[str, float]] = []  # seconds of one --scores re-plan with its walk
     for size, keep in KEEP.items():
         plan = args.out / f"default-{size}.prn"
         t0 = time.perf_counter()
         outcome = run(Options(args.model, plan, target_params=keep, progress=False))
         took = time.perf_counter() - t0
         cost_rows.append((f"analyze default (gradients), -{size}%", took, took / forward_s))
-        results[("plancc default (best on held-out loss)", size)] = (
+        results[("plancc default (auto: best on held-out loss)", size)] = (
             plan,
             outcome.chosen.candidate.label,
         )
@@ -191,10 +265,22 @@ def main() -> None:
     layers = facts.layers or 0
     for size, keep in KEEP.items():
         budget = Budget.of(facts, scores, keep)
-        for method, cand in rows(budget, layers):
+        for method, cand in [] if args.reconstruction_only else rows(budget, layers):
             path = args.out / f"{len(results):02d}.prn"
             path.write_text(emit.plan_text(cand, header, scores, facts.ffn or 0), encoding="utf-8")
             results[(method, size)] = (path, cand.label)
+        for method, overrides in RECONSTRUCTION:
+            if size == "12.5" and not overrides.get("at_12_5", True):
+                continue
+            overrides = {k: v for k, v in overrides.items() if k != "at_12_5"}
+            path = args.out / f"{len(results):02d}.prn"
+            opts = Options(
+                args.model, path, target_params=keep, scores=sidecar, progress=False, **overrides
+            )
+            t0 = time.perf_counter()
+            run(opts)
+            walk_rows.append((f"{method}, -{size}%", time.perf_counter() - t0))
+            results[(method, size)] = (path, method)
 
     base = evaluate(args.model, limit=24, progress=False, new_tokens=1).perplexity
     print(f"SmolLM2-135M-Instruct, original perplexity {base:.2f} (first 24 evaluation windows)")
@@ -230,6 +316,9 @@ def main() -> None:
         )
         shutil.rmtree(out)
     _print_cost(forward_s, cost_rows, rss_mb)
+    print("\nre-planning from the sidecar with one reconstruction walk (no calibration):")
+    for what, took in walk_rows:
+        print(f"  {what:<64} {took:6.1f} s  {took / forward_s:4.2f} passes")
 
 
 def _print_cost(forward_s: float, rows: list[tuple[str, float, float]], rss_mb: float) -> None:

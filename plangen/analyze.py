@@ -33,6 +33,7 @@ from compiler.facts import ModelFacts, validate_facts
 from compiler.parse import parse
 from plangen import emit
 from plangen.candidate import Candidate, original_params
+from plangen.metrics import OBS
 from plangen.scores import (
     ScoreTables,
     compute_tables,
@@ -47,6 +48,7 @@ from plangen.strategies.global_budget import TRUST_REGION, global_budget
 from plangen.strategies.unbalanced import parse_distribution, unbalanced
 from plangen.strategies.uniform import uniform
 
+OBS_ALLOCATION = "taylor"  # ... with the widths allocated by this measured table
 STRATEGIES = ("auto", "depth", "uniform", "unbalanced", "global", "flap")
 ALIASES = {"best": "auto"}  # the name issue 11's default had
 DEFAULT_TARGET = 0.75
@@ -90,6 +92,7 @@ class Options:
     compensate: bool = False
     reconstruct: bool = False  # re-solve the narrowed output projections (plangen.reconstruct)
     damp: float = 1e-2  # reconstruction's damping toward the kept weights (x mean diag G_KK)
+    one_shot: bool = False  # reconstruction on the unpruned model's inputs (a measured variant)
     round_groups: str = "nearest"
     remove_empty_layers: bool = False
     max_layer_cut: float | None = None  # global: bound on one layer's cut (fraction)
@@ -153,6 +156,8 @@ def needed_metrics(opts: Options) -> list[str]:
         return [m for m in WIDTH_METRIC_NAMES if m != "taylor2"]
     if opts.strategy == "depth":
         return []
+    if opts.metric == OBS:
+        return [OBS_ALLOCATION]
     return [opts.metric or default_metric(opts.strategy)]
 
 
@@ -212,7 +217,27 @@ def reconstructed(cand: Candidate) -> Candidate:
     )
 
 
+def by_obs(cand: Candidate) -> Candidate:
+    """The same widths, reconstructed, with the MLP channels picked in the walk by OBS."""
+    if cand.groups_dropped:
+        raise AnalyzeError(
+            "--metric obs picks MLP channels in the reconstruction walk; KV groups need a "
+            "measured metric: add --parts mlp, or use --metric taylor --reconstruct"
+        )
+    label = cand.label.replace(f" {cand.metric}", "").replace(", compensated", "")
+    return dataclasses.replace(
+        cand,
+        metric=OBS,
+        compensate=False,
+        reconstruct=True,
+        label=f"{label}, OBS channels, reconstructed",
+    )
+
+
 def candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Candidate]:
+    if opts.metric == OBS and opts.strategy != "auto":
+        shaped = dataclasses.replace(opts, metric=OBS_ALLOCATION, compensate=False)
+        return [by_obs(c) for c in _candidates(shaped, facts, scores)]
     out = _candidates(opts, facts, scores)
     if opts.reconstruct and opts.strategy != "auto":
         out = [reconstructed(c) for c in out]
@@ -275,9 +300,20 @@ def _candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[C
             ]
         case "flap":
             return [global_budget(budget, metric, None, "score", compensate=True)]
-    # best: the strategies above with their published defaults, judged on held-out loss.
-    # Width cuts are compensated: FLAP's bias never hurt in any measurement here.
+    # auto: the strategies above with their published defaults, compensated (FLAP's
+    # bias never hurt in any measurement here), and reconstructed variants, every
+    # one judged on held-out loss. Each reconstructed candidate costs one walk.
     edge = _edge_range(n)
+    every = list(range(n))
+    mlp_global = global_budget(
+        budget, "taylor", None, "per-param", attention=False, trust=TRUST_REGION
+    )
+    both_global = global_budget(budget, "taylor", None, "per-param", trust=TRUST_REGION)
+    rebuilt = [
+        by_obs(uniform(budget, "taylor", [], every)),
+        by_obs(mlp_global),
+        reconstructed(both_global),
+    ]
     out = [
         depth(budget, layers_for_budget(budget), "block_influence", opts.keep_last_layer),
         uniform(budget, "taylor", [], edge, compensate=True),
@@ -293,6 +329,7 @@ def _candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[C
             trust=TRUST_REGION,
         ),
         global_budget(budget, "flap", None, "score", compensate=True),
+        *(c for c in rebuilt if c.reconstruct),
     ]
     return distinct(out)
 
@@ -550,6 +587,7 @@ class _Solver:
                 self.scores,
                 self.windows,
                 damp=self.opts.damp,
+                one_shot=self.opts.one_shot,
                 batch_size=self.opts.batch_size,
                 device=self.opts.device,
                 progress=self.opts.progress,
@@ -586,7 +624,7 @@ def _attach_reconstruction(
     meta["reconstruction"] = {
         "for": layer_decisions(plan, facts),
         "damp": opts.damp,
-        "mode": "sequential",
+        "mode": "one-shot" if opts.one_shot else "sequential",
         "samples": opts.nsamples,
         "seqlen": opts.seqlen,
     }
@@ -617,19 +655,21 @@ def _write_csv(path: Path, facts: ModelFacts, scores: ScoreTables, cand: Candida
     """One row per KV group and MLP channel: layer, unit, index, score, kept."""
     import csv
 
+    from compiler.sidecar import table_name
     from plangen.scores import dense_layers
 
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["layer", "unit", "index", "metric", "score", "kept"])
         for i in dense_layers(facts):
-            s = scores.width(cand.metric, i)
+            channels = scores.tables[table_name(cand.metric, i, "mlp")]
+            groups = scores.tables.get(table_name(cand.metric, i, "attn"), ())  # none for obs
             dropped_layer = i in cand.drop
-            for g, v in enumerate(s.groups):
+            for g, v in enumerate(groups):
                 gone = dropped_layer or g in cand.groups_dropped.get(i, ())
                 w.writerow([i, "kv_group", g, cand.metric, f"{v:.6g}", int(not gone)])
             kept = set(cand.kept_channels(scores, i)) if i in cand.mlp_width else None
-            for c, v in enumerate(s.channels):
+            for c, v in enumerate(channels):
                 on = not dropped_layer and (kept is None or c in kept)
                 w.writerow([i, "channel", c, cand.metric, f"{v:.6g}", int(on)])
 

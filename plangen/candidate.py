@@ -20,6 +20,7 @@ import numpy as np
 from compiler import cost
 from compiler.facts import ModelFacts
 from compiler.resolve import Channels, LayerPlan, ResolvedPlan
+from compiler.sidecar import table_name
 from executor.slicing import top_channels
 from plangen.scores import ScoreTables
 
@@ -69,7 +70,9 @@ class Candidate:
 
     def kept_channels(self, scores: ScoreTables, layer: int) -> tuple[int, ...]:
         """The channels apply keeps in a narrowed layer (ties to the lower index)."""
-        table = scores.width(self.metric, layer).channels
+        table = scores.tables.get(table_name(self.metric, layer, "mlp"))
+        if table is None:  # the error names the metrics that were measured
+            table = scores.width(self.metric, layer).channels
         return top_channels(np.asarray(table), self.mlp_width[layer])
 
 

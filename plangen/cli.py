@@ -242,8 +242,10 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     how.add_argument(
         "--metric",
         metavar="NAME",
-        help="width: " + ", ".join(WIDTH_METRIC_NAMES) + "; depth: block_influence, "
-        "angular, removal (default: taylor; flap for --strategy flap)",
+        help="width: " + ", ".join(WIDTH_METRIC_NAMES) + ", obs (MLP channels picked by "
+        "Optimal Brain Surgeon in the reconstruction walk; widths from taylor; implies "
+        "--reconstruct); depth: block_influence, angular, removal (default: taylor; flap "
+        "for --strategy flap)",
     )
     how.add_argument(
         "--parts",
@@ -281,6 +283,13 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="reconstruction damping toward the kept weights, as a fraction of the mean "
         "input energy (default 0.01)",
+    )
+    how.add_argument(
+        "--reconstruct-mode",
+        choices=("sequential", "one-shot"),
+        default="sequential",
+        help="sequential (default): each layer solved on the outputs of the pruned layers "
+        "before it; one-shot: on the unpruned model's (measured worse)",
     )
     how.add_argument(
         "--keep-last-layer",
@@ -437,6 +446,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         compensate=args.compensate,
         reconstruct=args.reconstruct,
         damp=args.damp,
+        one_shot=args.reconstruct_mode == "one-shot",
         round_groups=args.round_groups,
         remove_empty_layers=args.remove_empty_layers,
         max_layer_cut=max_cut,

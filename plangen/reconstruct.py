@@ -40,6 +40,7 @@ from compiler.facts import ModelFacts
 from executor.slicing import LayerSelection, space_indices
 from plangen.calibrate import module_path, output_projection
 from plangen.candidate import Candidate
+from plangen.metrics import OBS
 from plangen.scores import ScoreTables, geometry
 
 DAMP = 1e-2  # lam / mean diag G[K, K]: measured in benchmarks/planner_peers.py
@@ -192,9 +193,6 @@ class Solved:
     ranking: np.ndarray | None = None
 
 
-OBS = "obs"  # the metric whose channels the walk picks itself (`obs_ranking`)
-
-
 def obs_ranking(weight: torch.Tensor, gram: torch.Tensor, damp: float, blocks: int = 64):
     """Input columns ranked by Optimal Brain Surgeon, removing greedily (SlimGPT's
     structured OBS): removing column j and re-fitting the rest costs
@@ -263,6 +261,7 @@ def sequential(
     *,
     targets: Collection[tuple[int, str]] | None = None,
     damp: float = DAMP,
+    one_shot: bool = False,
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
@@ -275,8 +274,10 @@ def sequential(
     projection is written in as the walk reaches it, so layer l sees the pruned
     and reconstructed layers < l, and is solved against its own original
     weights. With metric `obs` the walk also picks the MLP channels
-    (`obs_ranking`, on the same inputs). Everything is restored bit for bit
-    before returning. Dropped layers pass their input on.
+    (`obs_ranking`, on the same inputs). `one_shot` solves every layer on the
+    unpruned model's inputs instead (what a single calibration pass would give;
+    measured worse). Everything is restored bit for bit before returning.
+    Dropped layers pass their input on.
     """
     from plangen.heldout import applied
 
@@ -287,8 +288,6 @@ def sequential(
         for part in ("attn", "mlp")
         if narrows(cand, k, part) and (targets is None or (k, part) in targets)
     }
-    if cand.metric == OBS and cand.groups_dropped:
-        raise ValueError("`by obs` picks MLP channels; attention groups need another metric")
     rest = dataclasses.replace(
         cand,
         groups_dropped={k: g for k, g in cand.groups_dropped.items() if (k, "attn") not in chosen},
@@ -296,7 +295,18 @@ def sequential(
     )
     with applied(model, arch, facts, rest, scores):
         return _walk(
-            model, arch, windows, chosen, cand, scores, facts, damp, batch_size, device, progress
+            model,
+            arch,
+            windows,
+            chosen,
+            cand,
+            scores,
+            facts,
+            damp,
+            one_shot,
+            batch_size,
+            device,
+            progress,
         )
 
 
@@ -318,6 +328,7 @@ def _walk(
     scores: ScoreTables,
     facts: ModelFacts,
     damp: float,
+    one_shot: bool,
     batch_size: int,
     device: str,
     progress: bool,
@@ -339,6 +350,7 @@ def _walk(
         ):
             if k in cand.drop:
                 continue
+            pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             for space, part, spec in _projections(arch):
                 if (k, part) not in chosen or spec is None:
                     continue
@@ -358,17 +370,34 @@ def _walk(
                 assert kept is not None
                 cols = torch.from_numpy(kept).to(w.device)
                 new = solve(w, gram, cols, damp)
-                saved.append((w, w.detach().clone()))
-                with torch.no_grad():
-                    w.zero_()
-                    w[:, cols] = new
                 solved.append(Solved(k, part, kept, new, ranking))
-            walk.run(k)
+                pending.append((w, cols, new))
+                if not one_shot:  # the layer's next projection sees this one pruned
+                    _write(w, cols, new, saved)
+            if one_shot:
+                walk.run(k)  # the unpruned layer's output feeds the next
+            for w, cols, new in pending if one_shot else ():
+                _write(w, cols, new, saved)
+            if not one_shot:
+                walk.run(k)
     finally:
         with torch.no_grad():
             for w, before in reversed(saved):
                 w.copy_(before)
     return solved
+
+
+def _write(
+    w: torch.Tensor,
+    cols: torch.Tensor,
+    new: torch.Tensor,
+    saved: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Prune one projection in place: only the kept columns, re-solved."""
+    saved.append((w, w.detach().clone()))
+    with torch.no_grad():
+        w.zero_()
+        w[:, cols] = new
 
 
 def iter_tables(solved: Sequence[Solved]) -> Iterator[tuple[str, np.ndarray]]:

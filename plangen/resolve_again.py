@@ -146,7 +146,9 @@ def refresh(
     data = plan.calibration.data if plan.calibration else calibration.get("data", "builtin")
     samples = int(options.get("samples", calibration.get("samples", 32)))
     seqlen = int(options.get("seqlen", calibration.get("seqlen", 512)))
-    damp = damp if damp is not None else meta.get("reconstruction", {}).get("damp", DAMP)
+    recorded = meta.get("reconstruction", {})
+    damp = damp if damp is not None else recorded.get("damp", DAMP)
+    one_shot = recorded.get("mode") == "one-shot"
 
     ck = load_checkpoint_facts(model_dir)
     if model_facts(ck).fingerprint != facts.fingerprint and facts.fingerprint:
@@ -174,6 +176,7 @@ def refresh(
         calib,
         targets=targets,
         damp=damp,
+        one_shot=one_shot,
         batch_size=batch_size,
         device=device,
         progress=progress,
@@ -183,7 +186,7 @@ def refresh(
     meta["reconstruction"] = {
         "for": layer_decisions(plan, facts),
         "damp": damp,
-        "mode": "sequential",
+        "mode": "one-shot" if one_shot else "sequential",
         "samples": samples,
         "seqlen": seqlen,
     }

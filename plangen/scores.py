@@ -27,7 +27,7 @@ from compiler.facts import ModelFacts
 from compiler.sidecar import table_name
 from executor.integrity import sha256_file
 from executor.slicing import Geometry
-from plangen.metrics import LayerScores
+from plangen.metrics import OBS, LayerScores
 
 RECONSTRUCT = "reconstruct"  # tables `reconstruct.L.attn|mlp`: re-solved weights (float32)
 
@@ -60,11 +60,13 @@ class ScoreTables:
         return sorted(names - {"mean_in", RECONSTRUCT})
 
     def without_reconstruction(self) -> ScoreTables:
-        """The measurements alone: reconstructed weights hold for one plan only."""
+        """The measurements alone: reconstructed weights, and the OBS rankings made in
+        the same walk, hold for one plan only."""
         meta = json.loads(self.metadata.get("plancc", "{}"))
         meta.pop("reconstruction", None)
+        per_plan = (f"{RECONSTRUCT}.", f"{OBS}.")
         return ScoreTables(
-            {k: v for k, v in self.tables.items() if not k.startswith(f"{RECONSTRUCT}.")},
+            {k: v for k, v in self.tables.items() if not k.startswith(per_plan)},
             metadata_json(meta) if meta else {},
         )
 

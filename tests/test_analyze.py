@@ -339,3 +339,25 @@ def test_a_candidate_measured_in_place_is_the_applied_model(tmp_path: Path) -> N
     with torch.no_grad():
         torch.testing.assert_close(masked, pruned(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_auto_judges_reconstructed_candidates_and_writes_the_lowest(tmp_path: Path, capsys) -> None:
+    import json
+
+    model = _model(tmp_path, "llama")
+    plan = tmp_path / "auto.prn"
+    assert _analyze(model, plan, "--target-params", "0.8", "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    labels = [c["label"] for c in summary["candidates"]]
+    assert sum("reconstructed" in x for x in labels) == 3, labels
+    assert sum("compensated" in x for x in labels) >= 3, labels
+    finalists = [c for c in summary["candidates"] if c["heldout_loss"] is not None]
+    best = min(finalists, key=lambda c: c["heldout_loss"])
+    assert summary["label"] == best["label"]
+    assert summary["heldout_loss_after"] == best["heldout_loss"]
+    assert "reconstruct" in summary["phases_s"]
+    text = plan.read_text()
+    assert f"# chosen: {best['label']}" in text
+    result = check_file(plan)
+    assert result.ok, result.errors
+    _apply_and_restore(plan, model, tmp_path)

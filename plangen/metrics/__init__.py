@@ -26,6 +26,9 @@ WIDTH_METRIC_NAMES = (
     "random",
 )
 DEPTH_METRIC_NAMES = ("block_influence", "angular", "removal")
+# Not measured in calibration: MLP channels ranked by Optimal Brain Surgeon inside the
+# reconstruction walk (`plangen.reconstruct.obs_ranking`), on the pruned model so far.
+OBS = "obs"
 
 
 @dataclass(frozen=True)
