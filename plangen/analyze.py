@@ -33,7 +33,7 @@ from compiler.facts import ModelFacts, validate_facts
 from compiler.parse import parse
 from plangen import emit
 from plangen.candidate import Candidate, original_params
-from plangen.metrics import OBS
+from plangen.metrics import DAMP, OBS
 from plangen.scores import (
     ScoreTables,
     compute_tables,
@@ -91,7 +91,7 @@ class Options:
     rank: str = "per-param"
     compensate: bool = False
     reconstruct: bool = False  # re-solve the narrowed output projections (plangen.reconstruct)
-    damp: float = 1e-2  # reconstruction's damping toward the kept weights (x mean diag G_KK)
+    damp: float = DAMP  # reconstruction's damping toward the kept weights (x mean diag G_KK)
     one_shot: bool = False  # reconstruction on the unpruned model's inputs (a measured variant)
     round_groups: str = "nearest"
     remove_empty_layers: bool = False

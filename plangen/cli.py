@@ -79,6 +79,8 @@ def _run_header(args: argparse.Namespace) -> int:
 
 
 def _configure_reconstruct(parser: argparse.ArgumentParser) -> None:
+    from plangen.metrics import DAMP
+
     parser.add_argument("plan", type=Path, metavar="PLAN.prn", help="the edited plan")
     parser.add_argument(
         "--model", type=Path, metavar="DIR", help="the checkpoint (default: the plan's source)"
@@ -87,7 +89,10 @@ def _configure_reconstruct(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--batch-size", type=int, default=4, metavar="B")
     parser.add_argument(
-        "--damp", type=float, metavar="F", help="damping (default: the sidecar's, else 0.01)"
+        "--damp",
+        type=float,
+        metavar="F",
+        help=f"damping (default: the sidecar's, else {DAMP:g})",
     )
     parser.add_argument(
         "--data-files", nargs="+", metavar="FILE", help="local files for the calibration corpus"
@@ -201,7 +206,7 @@ def _split(text: str) -> float:
 
 def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     from plangen.analyze import ALIASES, STRATEGIES
-    from plangen.metrics import WIDTH_METRIC_NAMES
+    from plangen.metrics import DAMP, WIDTH_METRIC_NAMES
 
     parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="checkpoint directory")
     parser.add_argument(
@@ -279,10 +284,10 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     how.add_argument(
         "--damp",
         type=float,
-        default=1e-2,
+        default=DAMP,
         metavar="F",
         help="reconstruction damping toward the kept weights, as a fraction of the mean "
-        "input energy (default 0.01)",
+        f"input energy (default {DAMP:g})",
     )
     how.add_argument(
         "--reconstruct-mode",

@@ -40,10 +40,8 @@ from compiler.facts import ModelFacts
 from executor.slicing import LayerSelection, space_indices
 from plangen.calibrate import module_path, output_projection
 from plangen.candidate import Candidate
-from plangen.metrics import OBS
+from plangen.metrics import DAMP, OBS
 from plangen.scores import ScoreTables, geometry
-
-DAMP = 1e-2  # lam / mean diag G[K, K]: measured in benchmarks/planner_peers.py
 
 
 def solve(

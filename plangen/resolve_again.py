@@ -114,7 +114,8 @@ def refresh(
 
     from executor.loader import load
     from plangen.analyze import model_facts
-    from plangen.reconstruct import DAMP, iter_tables, sequential
+    from plangen.metrics import DAMP
+    from plangen.reconstruct import iter_tables, sequential
 
     started = time.perf_counter()
     text = plan_path.read_text(encoding="utf-8")

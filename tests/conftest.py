@@ -189,3 +189,20 @@ def add_char_tokenizer(model_dir: Path, vocab_size: int = 128) -> Path:
     )
     fast.save_pretrained(model_dir)
     return model_dir
+
+
+def apply_and_restore(plan: Path, model: Path, tmp_path: Path) -> Path:
+    """Apply `plan`, restore everything, and assert the files came back byte for byte;
+    return the output directory."""
+    import filecmp
+
+    from executor.apply import apply_plan
+    from executor.restore import restore
+
+    out = tmp_path / "out"
+    apply_plan(plan, out)
+    back = tmp_path / "back"
+    restore(out, "all", back)
+    for f in ("model.safetensors", "config.json"):
+        assert filecmp.cmp(model / f, back / f, shallow=False), f
+    return out

@@ -7,7 +7,6 @@ channel per layer for the uniform cut) of its parameter target.
 
 from __future__ import annotations
 
-import filecmp
 import math
 import re
 from pathlib import Path
@@ -35,15 +34,9 @@ def _analyze(model: Path, plan: Path, *extra: str) -> int:
 
 
 def _apply_and_restore(plan: Path, model: Path, tmp_path: Path) -> None:
-    from executor.apply import apply_plan
-    from executor.restore import restore
+    from conftest import apply_and_restore
 
-    out = tmp_path / "out"
-    apply_plan(plan, out)
-    back = tmp_path / "back"
-    restore(out, "all", back)
-    for f in ("model.safetensors", "config.json"):
-        assert filecmp.cmp(model / f, back / f, shallow=False), f
+    apply_and_restore(plan, model, tmp_path)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3_text"])

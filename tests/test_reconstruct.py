@@ -9,11 +9,11 @@ import torch
 from compiler.checkpoint import load_checkpoint_facts
 from plangen.analyze import model_facts
 from plangen.candidate import Candidate
+from plangen.metrics import DAMP  # what sequential() uses by default
 from plangen.reconstruct import LayerWalk, sequential, solve
 from plangen.scores import ScoreTables
 
 L = 3
-DAMP = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +169,10 @@ def analyzed(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_a_reconstructed_plan_checks_applies_loads_and_restores(analyzed, tmp_path):
-    import filecmp
+    from conftest import apply_and_restore
 
     from compiler.check import check_file
-    from executor.apply import apply_plan
     from executor.loader import load
-    from executor.restore import restore
     from plangen.heldout import applied
     from plangen.reconstruct import Solved
     from plangen.scores import read_sidecar
@@ -184,12 +182,7 @@ def test_a_reconstructed_plan_checks_applies_loads_and_restores(analyzed, tmp_pa
     assert "reconstruct" in text and "compensate" not in text
     result = check_file(plan)
     assert result.ok, result.errors
-    out = tmp_path / "out"
-    apply_plan(plan, out)
-    back = tmp_path / "back"
-    restore(out, "all", back)
-    for f in ("model.safetensors", "config.json"):
-        assert filecmp.cmp(model_dir / f, back / f, shallow=False), f
+    out = apply_and_restore(plan, model_dir, tmp_path)
 
     # The applied model is the in-memory one with the sidecar's solved columns.
     from plangen.analyze import Options, candidates

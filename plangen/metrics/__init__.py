@@ -29,6 +29,9 @@ DEPTH_METRIC_NAMES = ("block_influence", "angular", "removal")
 # Not measured in calibration: MLP channels ranked by Optimal Brain Surgeon inside the
 # reconstruction walk (`plangen.reconstruct.obs_ranking`), on the pruned model so far.
 OBS = "obs"
+# The reconstruction walk's damping toward the kept weights, as a fraction of the mean
+# diagonal of the kept inputs' Gram matrix (benchmarks/planner_peers.py measures it).
+DAMP = 1e-3
 
 
 @dataclass(frozen=True)
