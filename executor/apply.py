@@ -47,7 +47,8 @@ Output layout (a contract: `executor.restore` and `executor.load` read it)
                                   layer_NNN.safetensors holds, under the
                                   original tensor name, the removed positions
                                   of the cut axis in increasing order (a tensor
-                                  cut twice, or a bias `compensate` changed, is
+                                  cut twice, a bias `compensate` changed, or an
+                                  output projection `reconstruct` re-solved, is
                                   kept whole); width_meta.json has
                                   `selections` {"L.space": kept positions of
                                   that axis} and `layers` {"L": {"groups":
@@ -165,7 +166,8 @@ class TensorTask:
     """One tensor of an output file and where its bytes come from.
 
     `source` with no cuts: a byte-range copy. With cuts: read, cut, write.
-    `data`: bytes computed while planning (a `compensate` bias).
+    `data`: bytes computed while planning (a `compensate` bias, a `reconstruct`
+    projection from the sidecar).
     """
 
     name: str

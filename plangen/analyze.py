@@ -530,7 +530,7 @@ def run(opts: Options) -> Outcome:
             scores_file=sidecar.name,
             scores_sha256=sha,
             calibration=_calibration_line(opts),
-            provenance=_provenance(opts, facts, pools.text_sha256, why),
+            provenance=_provenance(opts, facts, pools.text_sha256, why, measured, loss_before),
         )
         text = emit.plan_text(chosen.candidate, header, scores, facts.ffn or 0)
         os.replace(tmp_sidecar, sidecar)
@@ -640,15 +640,30 @@ def _calibration_line(opts: Options) -> str:
     return f"{data} samples {opts.nsamples} seqlen {opts.seqlen} seed {opts.seed}"
 
 
-def _provenance(opts: Options, facts: ModelFacts, text_sha: str, why: str) -> list[str]:
+def _provenance(
+    opts: Options,
+    facts: ModelFacts,
+    text_sha: str,
+    why: str,
+    measured: Sequence[Measured] = (),
+    loss_before: float = math.nan,
+) -> list[str]:
+    """The plan's opening comment: how it was made and, when several candidates were
+    judged, every one with its held-out loss (the reviewer sees what was passed over)."""
     from importlib.metadata import version
 
-    return [
+    lines = [
         "written by: plangen " + shlex.join(opts.command) if opts.command else "written by plangen",
         f"plancc {version('plancc')}; model {facts.fingerprint}",
         f"calibration text sha256:{text_sha}",
         f"strategy {opts.strategy}: {why}",
     ]
+    if len(measured) > 1:
+        lines.append(f"held-out loss of the original: {loss_before:.4f}; of each candidate:")
+        for m in sorted(measured, key=lambda m: (_finite(m.loss), _finite(m.first))):
+            loss = f"{m.loss:.4f}" if m.loss is not None else f"{m.first:.4f} (first window only)"
+            lines.append(f"  {loss}  {m.candidate.label}")
+    return lines
 
 
 def _write_csv(path: Path, facts: ModelFacts, scores: ScoreTables, cand: Candidate) -> None:

@@ -23,7 +23,7 @@ done
 OUT=${PLANCC_DEMO_OUT:-out/demo}
 mkdir -p "$OUT"
 echo
-echo "== plangen analyze $MODEL -o $OUT/smollm2-75.prn --target-params 0.75  (about 3 min on 2 cores)"
+echo "== plangen analyze $MODEL -o $OUT/smollm2-75.prn --target-params 0.75  (about 7 min on 2 cores)"
 .venv/bin/plangen analyze "$MODEL" -o "$OUT/smollm2-75.prn" --target-params 0.75
 echo
 echo "== plancc check $OUT/smollm2-75.prn --model $MODEL"

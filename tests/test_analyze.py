@@ -351,6 +351,11 @@ def test_auto_judges_reconstructed_candidates_and_writes_the_lowest(tmp_path: Pa
     assert "reconstruct" in summary["phases_s"]
     text = plan.read_text()
     assert f"# chosen: {best['label']}" in text
+    for c in summary["candidates"]:  # every candidate judged, listed with its loss
+        loss = (
+            c["heldout_loss"] if c["heldout_loss"] is not None else c["heldout_loss_first_window"]
+        )
+        assert f"#   {loss:.4f}" in text and c["label"] in text
     result = check_file(plan)
     assert result.ok, result.errors
     _apply_and_restore(plan, model, tmp_path)
