@@ -608,8 +608,7 @@ def _attach_reconstruction(
     opts: Options,
 ) -> None:
     """Put the re-solved weights in the sidecar, with the plan they were solved for."""
-    from compiler.sidecar import layer_decisions
-    from plangen.reconstruct import iter_tables
+    from plangen.reconstruct import attach
 
     draft = emit.plan_text(
         cand,
@@ -619,16 +618,16 @@ def _attach_reconstruction(
     )
     plan = parse(draft).plan
     assert plan is not None  # emit's own output
-    scores.tables.update(iter_tables(solved))
-    meta = json.loads(scores.metadata.get("plancc", "{}"))
-    meta["reconstruction"] = {
-        "for": layer_decisions(plan, facts),
-        "damp": opts.damp,
-        "mode": "one-shot" if opts.one_shot else "sequential",
-        "samples": opts.nsamples,
-        "seqlen": opts.seqlen,
-    }
-    scores.metadata = metadata_json(meta)
+    attach(
+        scores,
+        solved,
+        plan,
+        facts,
+        damp=opts.damp,
+        one_shot=opts.one_shot,
+        samples=opts.nsamples,
+        seqlen=opts.seqlen,
+    )
 
 
 def _finite(loss: float | None) -> float:

@@ -193,7 +193,6 @@ def collect(
         _checkpointing(model, True)
         for layer in layers_mod:
             layer.training = True
-    sliced = gradients and lm_loss.applies(model)
     loss_sum, tokens, batches = 0.0, 0, 0
     try:
         starts = range(0, len(windows), batch_size)
@@ -201,11 +200,7 @@ def collect(
             ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
             predicted = ids.shape[0] * (ids.shape[1] - 1)
             if gradients:
-                loss = (
-                    lm_loss.next_token_loss(model, ids)
-                    if sliced
-                    else model(input_ids=ids, labels=ids, use_cache=False).loss
-                )
+                loss = lm_loss.next_token_loss(model, ids)
                 loss_sum += float(loss.detach()) * predicted
             else:  # the statistics live before the LM head: skip it (a fifth of the work)
                 with torch.no_grad():

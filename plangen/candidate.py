@@ -21,8 +21,8 @@ from compiler import cost
 from compiler.facts import ModelFacts
 from compiler.resolve import Channels, LayerPlan, ResolvedPlan
 from compiler.sidecar import table_name
-from executor.slicing import top_channels
-from plangen.scores import ScoreTables
+from executor.slicing import LayerSelection, space_indices, top_channels
+from plangen.scores import ScoreTables, geometry
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,20 @@ class Candidate:
         if table is None:  # the error names the metrics that were measured
             table = scores.width(self.metric, layer).channels
         return top_channels(np.asarray(table), self.mlp_width[layer])
+
+    def kept_inputs(
+        self, layer: int, space: str, facts: ModelFacts, scores: ScoreTables
+    ) -> np.ndarray | None:
+        """The kept input columns of the layer's `q` (o_proj) or `ffn` (down_proj) space,
+        in increasing order, or None when the candidate leaves that part whole (a
+        dropped layer included: its columns all go)."""
+        geom = geometry(facts)
+        if space == "q" and self.groups_dropped.get(layer):
+            kept = [g for g in range(geom.kv_heads) if g not in self.groups_dropped[layer]]
+            return np.asarray(space_indices("q", LayerSelection(groups=tuple(kept)), geom))
+        if space == "ffn" and layer in self.mlp_width:
+            return np.asarray(self.kept_channels(scores, layer), dtype=np.int64)
+        return None
 
 
 def original_params(facts: ModelFacts) -> int:

@@ -24,7 +24,7 @@ import torch
 from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
 from compiler.sidecar import table_name
-from executor.slicing import LayerSelection, complement, space_indices
+from executor.slicing import complement
 from plangen import lm_loss
 from plangen.calibrate import module_path, output_projection
 from plangen.candidate import Candidate
@@ -35,17 +35,11 @@ from plangen.scores import ScoreTables, geometry
 def _removed_columns(
     cand: Candidate, layer: int, space: str, facts: ModelFacts, scores: ScoreTables
 ) -> np.ndarray | None:
-    geom = geometry(facts)
+    size = geometry(facts).size(space)
     if layer in cand.drop:
-        return np.arange(geom.size(space))
-    if space == "q" and cand.groups_dropped.get(layer):
-        kept = [g for g in range(geom.kv_heads) if g not in cand.groups_dropped[layer]]
-        idx = space_indices("q", LayerSelection(groups=tuple(kept)), geom)
-        return complement(idx, geom.size("q"))
-    if space == "ffn" and layer in cand.mlp_width:
-        kept = np.asarray(cand.kept_channels(scores, layer), dtype=np.int64)
-        return complement(kept, geom.ffn)
-    return None
+        return np.arange(size)
+    kept = cand.kept_inputs(layer, space, facts, scores)
+    return None if kept is None else complement(kept, size)
 
 
 @contextlib.contextmanager
@@ -113,23 +107,12 @@ def mean_loss(
     model: Any, windows: Sequence[Sequence[int]], batch_size: int = 4, device: str = "cpu"
 ) -> float:
     """Mean next-token loss (nats) over the windows; exp() of it is their perplexity."""
-    sliced = lm_loss.applies(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
             ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
             predicted = ids[:, 1:].numel()
-            if sliced:
-                total += float(lm_loss.next_token_loss(model, ids)) * predicted
-            else:
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                total += float(
-                    torch.nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]),
-                        ids[:, 1:].reshape(-1),
-                        reduction="sum",
-                    )
-                )
+            total += float(lm_loss.next_token_loss(model, ids)) * predicted
             count += predicted
     return total / count if count else math.nan
 

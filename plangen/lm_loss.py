@@ -13,7 +13,8 @@ only hands that stored gradient to the decoder layers. Same loss, same
 gradients, up to float rounding; tests compare both with the model's own.
 
 This needs the head to be a plain bias-free linear map of the last hidden
-state. `applies()` says when it is; otherwise callers use the model's loss.
+state. `applies()` says when it is; otherwise `next_token_loss` returns the
+model's own loss, so callers need not ask.
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ class _SlicedHeadLoss(torch.autograd.Function):
 
 def next_token_loss(model: Any, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss of `ids` [B, T] (every position after the first predicted),
-    differentiable with respect to the decoder layers' weights; needs `applies(model)`."""
+    differentiable with respect to the decoder layers' weights: sliced when `applies`,
+    the model's own loss otherwise."""
+    if not applies(model):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
     hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
     shifted = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = ids[:, 1:].reshape(-1)

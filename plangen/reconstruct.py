@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,13 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from compiler import ir
 from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
-from executor.slicing import LayerSelection, space_indices
 from plangen.calibrate import module_path, output_projection
 from plangen.candidate import Candidate
 from plangen.metrics import DAMP, OBS
-from plangen.scores import ScoreTables, geometry
+from plangen.scores import ScoreTables
 
 
 def solve(
@@ -237,18 +238,6 @@ def narrows(cand: Candidate, layer: int, part: str) -> bool:
     return layer in cand.mlp_width
 
 
-def kept_columns(cand: Candidate, layer: int, space: str, facts: ModelFacts, scores: ScoreTables):
-    """The kept input columns of the layer's `q` (o_proj) or `ffn` (down_proj) space,
-    or None when the candidate leaves that part whole."""
-    geom = geometry(facts)
-    if space == "q" and cand.groups_dropped.get(layer):
-        kept = [g for g in range(geom.kv_heads) if g not in cand.groups_dropped[layer]]
-        return np.asarray(space_indices("q", LayerSelection(groups=tuple(kept)), geom))
-    if space == "ffn" and layer in cand.mlp_width:
-        return np.asarray(cand.kept_channels(scores, layer), dtype=np.int64)
-    return None
-
-
 def sequential(
     model: Any,
     arch: Architecture,
@@ -364,7 +353,7 @@ def _walk(
                     ranking = obs_ranking(w, gram, damp)
                     kept = np.asarray(top_channels(ranking, cand.mlp_width[k]), dtype=np.int64)
                 else:
-                    kept = kept_columns(cand, k, space, facts, scores)
+                    kept = cand.kept_inputs(k, space, facts, scores)
                 assert kept is not None
                 cols = torch.from_numpy(kept).to(w.device)
                 new = solve(w, gram, cols, damp)
@@ -407,3 +396,31 @@ def iter_tables(solved: Sequence[Solved]) -> Iterator[tuple[str, np.ndarray]]:
         yield table_name("reconstruct", s.layer, s.part), s.weight.detach().float().cpu().numpy()
         if s.ranking is not None:
             yield table_name(OBS, s.layer, s.part), s.ranking
+
+
+def attach(
+    scores: ScoreTables,
+    solved: Sequence[Solved],
+    plan: ir.Plan,
+    facts: ModelFacts,
+    *,
+    damp: float,
+    one_shot: bool,
+    samples: int,
+    seqlen: int,
+) -> None:
+    """Put a reconstruction into the sidecar's tables, and into its metadata the plan it
+    was solved for (`compiler.sidecar.layer_decisions`, what P124 compares) and how."""
+    from compiler.sidecar import layer_decisions
+    from plangen.scores import metadata_json
+
+    scores.tables.update(iter_tables(solved))
+    meta = json.loads(scores.metadata.get("plancc", "{}"))
+    meta["reconstruction"] = {
+        "for": layer_decisions(plan, facts),
+        "damp": damp,
+        "mode": "one-shot" if one_shot else "sequential",
+        "samples": samples,
+        "seqlen": seqlen,
+    }
+    scores.metadata = metadata_json(meta)

@@ -23,9 +23,8 @@ from compiler.check import check_text
 from compiler.checkpoint import load_checkpoint_facts
 from compiler.corpus import TokenPools, load_text, tokenize, windows
 from compiler.resolve import ResolvedPlan, resolve
-from compiler.sidecar import layer_decisions
 from plangen.candidate import Candidate
-from plangen.scores import ScoreTables, metadata_json, read_sidecar, write_sidecar
+from plangen.scores import ScoreTables, read_sidecar, write_sidecar
 
 # What the re-solve itself repairs: stale or missing reconstruction tables.
 _REPAIRABLE = {"P124"}
@@ -115,7 +114,7 @@ def refresh(
     from executor.loader import load
     from plangen.analyze import model_facts
     from plangen.metrics import DAMP
-    from plangen.reconstruct import iter_tables, sequential
+    from plangen.reconstruct import attach, sequential
 
     started = time.perf_counter()
     text = plan_path.read_text(encoding="utf-8")
@@ -182,16 +181,16 @@ def refresh(
         device=device,
         progress=progress,
     )
-    scores.tables.update(iter_tables(solved))
-    meta = json.loads(scores.metadata.get("plancc", "{}")) if scores.metadata else meta
-    meta["reconstruction"] = {
-        "for": layer_decisions(plan, facts),
-        "damp": damp,
-        "mode": "one-shot" if one_shot else "sequential",
-        "samples": samples,
-        "seqlen": seqlen,
-    }
-    scores.metadata = metadata_json(meta)
+    attach(
+        scores,
+        solved,
+        plan,
+        facts,
+        damp=damp,
+        one_shot=one_shot,
+        samples=samples,
+        seqlen=seqlen,
+    )
 
     _replace_both(plan_path, sidecar, text, plan.scores, scores)
     return Refreshed(plan_path, sidecar, len(solved), time.perf_counter() - started)

@@ -192,14 +192,12 @@ def test_a_reconstructed_plan_checks_applies_loads_and_restores(analyzed, tmp_pa
     scores = read_sidecar(plan.with_name("plan.scores.safetensors"))
     opts = Options(model_dir, plan, strategy="uniform", ratio=0.4, reconstruct=True)
     (cand,) = candidates(opts, facts, scores.without_reconstruction())
-    from plangen.reconstruct import kept_columns
-
     solved = []
     for name, table in scores.tables.items():
         if name.startswith("reconstruct."):
             _, layer, part = name.split(".")
             space = "q" if part == "attn" else "ffn"
-            kept = kept_columns(cand, int(layer), space, facts, scores)
+            kept = cand.kept_inputs(int(layer), space, facts, scores)
             solved.append(Solved(int(layer), part, kept, torch.from_numpy(table)))
     assert {(s.layer, s.part) for s in solved} == {
         (i, p) for i in range(4) for p in ("attn", "mlp")
