@@ -49,13 +49,9 @@ from compiler.checkpoint import (
     tensor_index,
 )
 from executor import slicing
-from executor.apply import (
-    DEFAULT_MAX_SHARD_BYTES,
-    layer_name,
-    progress_bar,
-    write_json,
-)
 from executor.configs import LayerShape, build_config
+from executor.execute import progress_bar
+from executor.install import write_json
 from executor.integrity import Hasher, output_files, verify_files
 from executor.layout import (
     BUNDLE_META,
@@ -86,6 +82,7 @@ from executor.safetensors_io import (
     read_raw,
 )
 from executor.safetensors_io import write_file as write_st
+from executor.tasks import DEFAULT_MAX_SHARD_BYTES, layer_name
 
 
 class RestoreError(Exception):

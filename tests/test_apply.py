@@ -206,13 +206,15 @@ def test_depth_plan_never_decodes_a_tensor(
     llama6: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Untouched tensors move as byte ranges: nothing is read into memory or decoded."""
-    import executor.apply as apply_mod
+    import executor.execute
+    import executor.planning
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("a depth plan must not read tensor data")
 
-    monkeypatch.setattr(apply_mod, "read_raw", forbidden)
-    monkeypatch.setattr(apply_mod, "decode", forbidden)
+    for stage in (executor.planning, executor.execute):
+        monkeypatch.setattr(stage, "read_raw", forbidden)
+    monkeypatch.setattr(executor.planning, "decode", forbidden)
     apply_plan(write_plan(tmp_path, llama6, DEPTH), tmp_path / "out")
     assert (tmp_path / "out" / "A" / "model.safetensors").is_file()
 
@@ -361,7 +363,7 @@ def test_interrupted_run_leaves_nothing(
     llama6: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A failure halfway through writing leaves neither OUT nor the temporary directory."""
-    import executor.apply as apply_mod
+    import executor.execute as execute_mod
 
     calls = []
 
@@ -371,8 +373,8 @@ def test_interrupted_run_leaves_nothing(
             raise OSError(28, "No space left on device")
         real(path, *args, **kwargs)
 
-    real = apply_mod.write_file
-    monkeypatch.setattr(apply_mod, "write_file", failing)
+    real = execute_mod.write_file
+    monkeypatch.setattr(execute_mod, "write_file", failing)
     plan = write_plan(tmp_path, llama6, DEPTH)
     from executor.outdir import OutputError
 
@@ -449,7 +451,7 @@ def test_refuses_expert_changes_for_now(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_json_lists_stay_on_one_line_and_values_unchanged() -> None:
-    from executor.apply import dumps
+    from executor.install import dumps
 
     data = {"a": [1, 2, 3], "s": "[\n1,  2]", "n": [[1], ["x, y", None, True, 1.5e-06]]}
     text = dumps(data)

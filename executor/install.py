@@ -1,0 +1,225 @@
+"""Output install and metadata: the new config, side files, original headers,
+bundle metadata, prune log, layers map and, written last, the manifest with the
+sha256 of every other file (names and schemas in `executor.layout`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.checkpoint import (
+    CONFIG_NAME,
+    PICKLE_SUFFIXES,
+    SAFE_WEIGHTS_INDEX_NAME,
+    CheckpointFacts,
+)
+from compiler.resolve import ResolvedPlan
+from executor.integrity import Hasher, output_files, sha256_file
+from executor.layout import (
+    BUNDLE_META,
+    FORMAT,
+    LAYERS_MAP,
+    MANIFEST,
+    ORIGINAL_CONFIG_DIR,
+    ORIGINAL_HEADERS,
+    PRUNE_LOG,
+    WIDTH_BUNDLE,
+    WIDTH_META,
+    WITHHELD_DIR,
+)
+from executor.safetensors_io import read_header_text
+from executor.tasks import ApplyJob, ApplyOptions, bundle_file
+
+# Source files that are code, not weights or data: kept out of A (into
+# bundles/_files) unless `--copy-remote-code`, as is config.json's `auto_map`.
+REMOTE_CODE_SUFFIXES = (".py",)
+
+# An indented JSON array of scalars. It starts with `[` and a newline, which
+# no JSON string can contain, so it never matches inside a string value.
+_SCALAR = r'(?:-?[0-9][0-9.eE+-]*|true|false|null|"[^"\\\[\]\n]*")'
+_SCALAR_LIST = re.compile(rf"\[\n *{_SCALAR}(?:,\n *{_SCALAR})*\n *\]")
+
+
+def dumps(data: Any) -> str:
+    """Indented JSON with lists of scalars on one line (layer lists stay readable).
+
+    Each collapsed list is parsed back and re-dumped, so values never change.
+    """
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    return _SCALAR_LIST.sub(lambda m: json.dumps(json.loads(m.group(0)), ensure_ascii=False), text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dumps(data) + "\n", encoding="utf-8")
+
+
+def copy_side_files(
+    model_dir: Path, dest: Path, withheld_dir: Path, remote_code: bool = False
+) -> tuple[list[str], list[str]]:
+    """Tokenizer files, generation_config.json, chat template...: every top-level
+    file that is not weights or config.json, copied unchanged into `dest`.
+
+    Remote code (`*.py`) goes to `withheld_dir` instead unless `remote_code`:
+    a pruned model should not carry code that `trust_remote_code` would run.
+    Returns (copied, withheld) file names.
+    """
+    skip = {CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME}
+    copied, withheld = [], []
+    for p in sorted(model_dir.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.name in skip:
+            continue
+        if p.name.endswith(".safetensors") or p.name.endswith(PICKLE_SUFFIXES):
+            continue
+        if p.name.endswith(REMOTE_CODE_SUFFIXES) and not remote_code:
+            withheld_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, withheld_dir / p.name)
+            withheld.append(p.name)
+            continue
+        shutil.copyfile(p, dest / p.name)
+        copied.append(p.name)
+    return copied, withheld
+
+
+def write_metadata(
+    root: Path,
+    job: ApplyJob,
+    ck: CheckpointFacts,
+    resolved: ResolvedPlan,
+    new: Any,
+    plan_path: Path,
+    hasher: Hasher,
+    opts: ApplyOptions,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything in A besides the weights, and the bundles' metadata; the
+    manifest, written last, records the sha256 of every other file."""
+    from compiler.cost import loadability
+
+    a = root / "A"
+    a.mkdir(parents=True, exist_ok=True)
+    fingerprint = ck.facts["fingerprint"]
+    plan_sha = sha256_file(plan_path)
+    write_json(a / CONFIG_NAME, new.config)
+    side_files, withheld = copy_side_files(
+        ck.model_dir, a, root / WITHHELD_DIR, opts.copy_remote_code
+    )
+
+    shards = [f for f in job.files if f.path.startswith("A/")]
+    if len(shards) > 1:
+        weight_map = {t.name: Path(f.path).name for f in shards for t in f.tensors}
+        total = sum(t.nbytes for f in shards for t in f.tensors)
+        write_json(
+            a / SAFE_WEIGHTS_INDEX_NAME,
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+        )
+
+    orig = a / ORIGINAL_CONFIG_DIR
+    orig.mkdir()
+    shutil.copyfile(ck.model_dir / CONFIG_NAME, orig / CONFIG_NAME)
+    if (ck.model_dir / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        shutil.copyfile(ck.model_dir / SAFE_WEIGHTS_INDEX_NAME, orig / SAFE_WEIGHTS_INDEX_NAME)
+    source_files = sorted({i.file for i in ck.index.values()})
+    write_json(
+        orig / ORIGINAL_HEADERS,
+        {f: read_header_text(ck.model_dir / f) for f in source_files},
+    )
+
+    params_before = sum(int(np.prod(i.shape, dtype=np.int64)) for i in ck.index.values())
+    params_after = sum(t.numel for f in shards for t in f.tensors)
+    added_params = sum(int(np.prod(a["shape"])) for a in job.added)
+    bundle_params: dict[str, dict[str, Any]] = {}
+    for name, layers in job.bundles:
+        tasks = [t for f in job.files if f.path.startswith(f"bundles/{name}/") for t in f.tensors]
+        params = sum(t.numel for t in tasks)
+        bundle_params[name] = {"layers": list(layers), "params": params, "tensors": len(tasks)}
+        meta = {
+            "format": FORMAT,
+            "bundle": name,
+            "layers": list(layers),
+            "files": {str(i): Path(bundle_file(name, i)).name for i in layers},
+            "source_fingerprint": fingerprint,
+            "plan_sha256": plan_sha,
+            "params": params,
+            "tensors": len(tasks),
+        }
+        write_json(root / "bundles" / name / BUNDLE_META, meta)
+    width_tasks = [
+        t for f in job.files if f.path.startswith(f"bundles/{WIDTH_BUNDLE}/") for t in f.tensors
+    ]
+    width_params = sum(t.numel for t in width_tasks)
+    if width_tasks:
+        write_json(
+            root / "bundles" / WIDTH_BUNDLE / WIDTH_META,
+            {
+                "format": FORMAT,
+                "bundle": WIDTH_BUNDLE,
+                "source_fingerprint": fingerprint,
+                "plan_sha256": plan_sha,
+                "params": width_params,
+                "tensors": len(width_tasks),
+                "layers": {
+                    str(i): s.to_json()
+                    for i, s in sorted(job.layer_selections.items())
+                    if s.groups is not None or s.ffn is not None
+                },
+                "selections": {k: [int(x) for x in v] for k, v in sorted(job.selections.items())},
+            },
+        )
+
+    load = loadability(resolved)
+    stock = not new.needs_loader
+    manifest = {
+        "format": FORMAT,
+        "plan": {"file": plan_path.name, "sha256": plan_sha},
+        "source": {
+            "dir": str(ck.model_dir),
+            "name": ck.name,
+            "arch": ck.arch.name,
+            "fingerprint": fingerprint,
+            "files": source_files,
+            **(source or {}),
+        },
+        "params": {"before": params_before, "after": params_after},
+        # Parameters taken out of A (dropped layers, sliced-away channels); a bias that
+        # `compensate` changed is kept whole in _width but is not removed.
+        "removed_total": params_before - params_after + added_params,
+        "removed": {
+            "layers": [layer.index for layer in resolved.dropped],
+            "bundles": bundle_params,
+            "width": {
+                "params": width_params,
+                "tensors": len(width_tasks),
+                "dir": f"bundles/{WIDTH_BUNDLE}" if width_tasks else None,
+            },
+        },
+        "added": list(job.added),
+        "layers": [s.to_json() for s in job.shapes],
+        "uniform": new.uniform,
+        "stock_loadable": stock,
+        "loader": "transformers.AutoModelForCausalLM.from_pretrained" if stock else "executor.load",
+        "loadability": new.reason if not stock else load.reason,
+        "copied_files": side_files,
+        "withheld_files": withheld,
+        "remote_code": opts.copy_remote_code,
+    }
+    write_json(a / PRUNE_LOG, {"format": FORMAT, "tensors": list(job.log)})
+    write_json(
+        a / LAYERS_MAP,
+        {
+            "new_to_original": list(resolved.layers_map),
+            "original_layers": len(resolved.layers),
+        },
+    )
+    written = {f.path for f in job.files}
+    for p in output_files(root):
+        if p.relative_to(root).as_posix() not in written:
+            hasher.add(p)
+    manifest["files"] = hasher.result()
+    write_json(a / MANIFEST, manifest)
+    return manifest
