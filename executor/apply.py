@@ -33,8 +33,10 @@ Output layout (a contract: `executor.restore` and `executor.load` read it)
                                   every other file under OUT (written last)
   OUT/A/prune_log.json            one record per source tensor: source name,
                                   shape, dtype, action (copied | sliced |
-                                  bundled | modified), `output` {file, name,
-                                  shape} in A, `bundle`/`bundle_file`, and
+                                  bundled | modified | removed: a dropped
+                                  expert's tensor, whole in _width),
+                                  `output` {file, name, shape} in A,
+                                  `bundle`/`bundle_file`, and
                                   `removed` {file, shape, axis, selection,
                                   whole} for the part kept in _width
   OUT/A/layers_map.json           {"new_to_original": [...], "original_layers": N}
@@ -55,8 +57,12 @@ Output layout (a contract: `executor.restore` and `executor.load` read it)
                                   output projection `reconstruct` re-solved, is
                                   kept whole); width_meta.json has
                                   `selections` {"L.space": kept positions of
-                                  that axis} and `layers` {"L": {"groups":
-                                  kept KV groups, "ffn": kept channels}}
+                                  that axis; "L.experts", "L.expert_ffn.E",
+                                  "L.shared_ffn" in MoE layers} and `layers`
+                                  {"L": {"groups": kept KV groups, "ffn": kept
+                                  channels; "experts", "expert_ffn",
+                                  "shared_ffn" in MoE layers}}; a dropped
+                                  expert's tensors are kept whole
   OUT/bundles/_files/             the source's remote code (`*.py`), kept out
                                   of A unless --copy-remote-code
   OUT/.plancc-output.json         the marker (`executor.outdir`)

@@ -41,6 +41,8 @@ from compiler.architectures import Architecture, renumber_layer_config
 
 # Width facts a plan can change in a dense layer, in config order.
 WIDTH_FACTS = ("heads", "kv_heads", "ffn")
+# And in a MoE layer (`executor.experts`).
+MOE_WIDTH_FACTS = ("experts", "expert_ffn", "shared_ffn")
 PLANCC_KEY = "plancc"
 PLANCC_FORMAT = 1
 
@@ -54,21 +56,31 @@ class LayerShape:
     kv_heads: int
     ffn: int | None
     added_biases: tuple[str, ...] = ()  # layer-relative names of tensors `compensate` added
+    # A MoE layer's routed experts, their width and the shared expert's (None: dense layer,
+    # or no shared expert).
+    experts: int | None = None
+    expert_ffn: int | None = None
+    shared_ffn: int | None = None
 
     def widths(self) -> dict[str, int]:
         out = {"heads": self.heads, "kv_heads": self.kv_heads}
-        if self.ffn is not None:
-            out["ffn"] = self.ffn
+        for fact in ("ffn", *MOE_WIDTH_FACTS):
+            value = getattr(self, fact)
+            if value is not None:
+                out[fact] = value
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "original": self.original,
             "heads": self.heads,
             "kv_heads": self.kv_heads,
             "ffn": self.ffn,
             "added_biases": list(self.added_biases),
         }
+        if self.experts is not None:
+            out |= {f: getattr(self, f) for f in MOE_WIDTH_FACTS}
+        return out
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> LayerShape:
@@ -78,6 +90,7 @@ class LayerShape:
             int(d["kv_heads"]),
             None if d.get("ffn") is None else int(d["ffn"]),
             tuple(d.get("added_biases") or ()),
+            *(None if d.get(f) is None else int(d[f]) for f in MOE_WIDTH_FACTS),
         )
 
 

@@ -19,6 +19,7 @@ from compiler.checkpoint import (
     CheckpointFacts,
 )
 from compiler.resolve import ResolvedPlan
+from executor.experts import ExpertSelection
 from executor.integrity import Hasher, output_files, sha256_file
 from executor.layout import (
     BUNDLE_META,
@@ -163,11 +164,7 @@ def write_metadata(
                 "plan_sha256": plan_sha,
                 "params": width_params,
                 "tensors": len(width_tasks),
-                "layers": {
-                    str(i): s.to_json()
-                    for i, s in sorted(job.layer_selections.items())
-                    if s.groups is not None or s.ffn is not None
-                },
+                "layers": _width_layers(job),
                 "selections": {k: [int(x) for x in v] for k, v in sorted(job.selections.items())},
             },
         )
@@ -223,3 +220,16 @@ def write_metadata(
     manifest["files"] = hasher.result()
     write_json(a / MANIFEST, manifest)
     return manifest
+
+
+def _width_layers(job: ApplyJob) -> dict[str, dict[str, Any]]:
+    """width_meta.json's `layers`: what every narrowed layer keeps (KV groups, MLP
+    channels; experts and their channels, `executor.experts`)."""
+    out: dict[str, dict[str, Any]] = {}
+    untouched = ExpertSelection()
+    for i, sel in sorted(job.layer_selections.items()):
+        experts = job.expert_selections.get(i, untouched)
+        if sel.groups is None and sel.ffn is None and experts == untouched:
+            continue
+        out[str(i)] = sel.to_json() | (experts.to_json() if experts != untouched else {})
+    return out

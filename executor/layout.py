@@ -192,6 +192,7 @@ _ACTIONS = {
     "bundled": ("bundle", "bundle_file"),
     "sliced": ("output", "removed"),
     "modified": ("output", "removed"),
+    "removed": ("removed",),  # a dropped expert's tensor: whole in _width, not in A
 }
 
 

@@ -82,6 +82,8 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None) -> Any:
             for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
                 state[name] = fh.get_tensor(name)
     own = model.state_dict()
+    if arch.moe:
+        _fuse_experts(arch, state, own, len(layers))
     wrong = [
         f"{n}: checkpoint {list(t.shape)}, model {list(own[n].shape)}"
         for n, t in state.items()
@@ -130,3 +132,45 @@ def _add_missing_biases(model: Any, index: dict[str, Any]) -> None:
         if isinstance(linear, nn.Linear) and linear.bias is None:
             w = linear.weight
             linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+
+
+def _fuse_experts(arch: Any, state: dict[str, Any], own: dict[str, Any], layers: int) -> None:
+    """Checkpoint tensors one per expert, model parameters fused (transformers 5 keeps a
+    layer's experts as `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj`
+    [E, H, I]): stack them as `from_pretrained`'s conversion does, in place.
+
+    The roles come from the architecture table: the two (expert_ffn, hidden) tensors
+    are gate then up (gate_proj/up_proj, Mixtral's w1/w3), the (hidden, expert_ffn)
+    one is down; the router (experts, hidden) moves to the model's own name for it
+    (Mixtral's `block_sparse_moe.gate` is `mlp.gate` in memory).
+    """
+    import torch
+
+    per_expert = [s for s in arch.moe_mlp if s.per_expert]
+    gate_up = [s for s in per_expert if s.dims == ("expert_ffn", "hidden")]
+    down = [s for s in per_expert if s.dims == ("hidden", "expert_ffn")]
+    router = [s for s in arch.moe_mlp if s.dims == ("experts", "hidden")]
+    if len(gate_up) != 2 or len(down) != 1:
+        return
+    for j in range(layers):
+        prefix = arch.layer_prefix.replace("{i}", str(j))
+
+        def disk(spec: Any, e: int, prefix: str = prefix) -> str:
+            return prefix + spec.name.replace("{e}", str(e))
+
+        count = 0
+        while disk(gate_up[0], count) in state:
+            count += 1
+        fused = [k for k in own if k.startswith(prefix) and k.endswith("experts.gate_up_proj")]
+        if not count or len(fused) != 1 or fused[0] in state:
+            continue
+        base = fused[0].removesuffix("gate_up_proj")
+        state[base + "gate_up_proj"] = torch.stack(
+            [torch.cat([state.pop(disk(s, e)) for s in gate_up], dim=0) for e in range(count)]
+        )
+        state[base + "down_proj"] = torch.stack([state.pop(disk(down[0], e)) for e in range(count)])
+        for spec in router:
+            name = prefix + spec.name
+            target = base.removesuffix("experts.") + "gate.weight"
+            if name in state and name not in own and target in own:
+                state[target] = state.pop(name)

@@ -29,6 +29,8 @@ from compiler.resolve import LayerPlan, ResolvedPlan
 from compiler.sidecar import table_name
 from executor import slicing
 from executor.configs import LayerShape
+from executor.experts import ExpertSelection, expert_of, moe_widths, renumbered, selection_key
+from executor.experts import choose as choose_experts
 from executor.layout import WIDTH_BUNDLE
 from executor.safetensors_io import (
     SourceFiles,
@@ -81,37 +83,34 @@ def magnitude_scores(
     device: str,
 ) -> np.ndarray:
     """`magnitude` of every MLP channel of one layer (see `executor.slicing`)."""
-    total = np.zeros(ffn, dtype=np.float64)
-    for spec in arch.dense_mlp:
-        info = tensors.get(spec.name)
+    return channel_magnitude(
+        [(s, s.name) for s in arch.dense_mlp], tensors, model_dir, files, "ffn", ffn, device
+    )
+
+
+def channel_magnitude(
+    named: list[tuple[TensorSpec, str]],
+    tensors: Mapping[str, TensorInfo],
+    model_dir: Path,
+    files: SourceFiles,
+    space: str,
+    size: int,
+    device: str,
+) -> np.ndarray:
+    """The L2 norm of each channel of `space` over the (spec, layer-relative name) tensors
+    given: its rows and columns in every one of them (`gate_up` folded onto `ffn`)."""
+    family = slicing.FFN_PARTS if space == "ffn" else {space: 1}
+    total = np.zeros(size, dtype=np.float64)
+    for spec, rel in named:
+        info = tensors.get(rel)
         if info is None:
             continue
-        for axis, space in enumerate(spec.dims):
-            if space in slicing.FFN_PARTS:
+        for axis, dim in enumerate(spec.dims):
+            if dim in family:
                 raw = read_raw(files, model_dir / info.file, info)
                 sums = slicing.axis_square_sums(raw, info.dtype, axis, device)
-                total += slicing.fold_channels(sums, space, ffn)
+                total += sums.reshape(family[dim], size).sum(axis=0)
     return np.sqrt(total)
-
-
-def _check_moe_supported(resolved: ResolvedPlan) -> None:
-    f = resolved.facts
-    for layer in resolved.kept:
-        if not layer.moe:
-            continue
-        changed = (
-            len(layer.experts_kept) != (f.experts or 0)
-            or (layer.expert_ffn is not None and layer.expert_ffn.width != (f.expert_ffn or 0))
-            or (layer.shared_ffn is not None and layer.shared_ffn.width != (f.shared_ffn or 0))
-        )
-        if changed:
-            raise ApplyError(
-                f"layer {layer.index}: removing experts or narrowing expert MLPs is not "
-                "supported by `plancc apply` yet (depth and attention plans on MoE models are)"
-            )
-
-
-# ---- planning --------------------------------------------------------------------------
 
 
 def plan_job(
@@ -123,7 +122,6 @@ def plan_job(
 ) -> ApplyJob:
     """Decide every output tensor of applying `resolved` to checkpoint `ck`."""
     arch = ck.arch
-    _check_moe_supported(resolved)
     _check_layout(ck)
     model_level, per_layer = _split_by_layer(ck, len(resolved.layers))
     build = _JobBuilder(resolved, ck, Scores(scores_path), device)
@@ -145,6 +143,7 @@ def plan_job(
         files=tuple(files_out),
         selections=build.selections,
         layer_selections=build.layer_sel,
+        expert_selections=build.expert_sel,
         shapes=tuple(build.shapes),
         log=log,
         added=added,
@@ -184,7 +183,7 @@ def _split_by_layer(
 
 
 # What became of a source tensor: (A task name or None, bundle, width-bundle task or
-# None, action: copied | sliced | bundled | modified), the prune log's record.
+# None, action: copied | sliced | bundled | modified | removed), the prune log's record.
 Fate = tuple[str | None, str | None, TensorTask | None, str]
 
 
@@ -197,6 +196,7 @@ class _JobBuilder:
         self.new_index = {layer.index: k for k, layer in enumerate(resolved.kept)}
         self.selections: dict[str, np.ndarray] = {}
         self.layer_sel: dict[int, slicing.LayerSelection] = {}
+        self.expert_sel: dict[int, ExpertSelection] = {}
         self.a_tasks: list[TensorTask] = []
         self.side: dict[int, list[TensorTask]] = {}  # original layer -> width-bundle tasks
         self.bundle_tasks: dict[str, list[TensorTask]] = {}
@@ -225,15 +225,20 @@ class _JobBuilder:
             idx = slicing.space_indices(space, sel, self.geom)
             if idx is not None:
                 self.selections[f"{layer.index}.{space}"] = idx
+        esel = self._expert_selection(layer, tensors, files) if layer.moe else None
+        if esel is not None:
+            self.selections.update(esel.selections(layer.index))
+            self.expert_sel[layer.index] = esel
+        narrowed = sel.groups is not None or sel.ffn is not None or esel != ExpertSelection()
         j = self.new_index[layer.index]
         for rel, info in tensors.items():
             spec = spec_for(arch, layer.moe, rel)
-            if spec is None and (sel.groups is not None or sel.ffn is not None):
+            if spec is None and narrowed:
                 raise ApplyError(
                     f"tensor {info.name} is not in the `{arch.name}` table, so its layer "
                     "cannot be narrowed safely (add it to compiler/architectures.py)"
                 )
-            self._keep_tensor(layer, j, rel, info, spec)
+            self._keep_tensor(layer, j, rel, info, spec, esel)
         new_biases = _compensations(
             layer, arch, facts, tensors, self.selections, ck.model_dir, files, self.scores, j
         )
@@ -246,15 +251,64 @@ class _JobBuilder:
                 kv_heads=len(layer.groups_kept),
                 ffn=layer.ffn.width if layer.ffn else None,
                 added_biases=tuple(rel for rel, _ in new_biases if rel not in tensors),
+                **(moe_widths(layer, facts) if layer.moe else {}),
             )
         )
 
+    def _expert_selection(
+        self, layer: LayerPlan, tensors: Mapping[str, TensorInfo], files: SourceFiles
+    ) -> ExpertSelection:
+        """Which experts and channels a MoE layer keeps (`executor.experts`)."""
+        arch, facts, ck = self.ck.arch, self.resolved.facts, self.ck
+
+        def table(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            t = self.scores.table(name)
+            if t.shape != shape:
+                raise ApplyError(
+                    f"sidecar table {name} has shape {list(t.shape)}, expected {list(shape)}"
+                )
+            return t
+
+        def magnitude(space: str, expert: int | None) -> np.ndarray:
+            named = [
+                (spec, renumbered(spec, expert) if spec.per_expert else spec.name)
+                for spec in arch.moe_mlp
+                if space in spec.dims and spec.per_expert == (expert is not None)
+            ]
+            size = (facts.expert_ffn if expert is not None else facts.shared_ffn) or 0
+            return channel_magnitude(named, tensors, ck.model_dir, files, space, size, self.device)
+
+        return choose_experts(
+            layer,
+            facts.experts or 0,
+            facts.expert_ffn or 0,
+            facts.shared_ffn or 0,
+            table,
+            magnitude,
+        )
+
     def _keep_tensor(
-        self, layer: LayerPlan, j: int, rel: str, info: TensorInfo, spec: TensorSpec | None
+        self,
+        layer: LayerPlan,
+        j: int,
+        rel: str,
+        info: TensorInfo,
+        spec: TensorSpec | None,
+        esel: ExpertSelection | None,
     ) -> None:
-        """One tensor of a kept layer, renamed to its new index `j`: copied, cut (the
-        removed part to the width bundle) or re-solved (`reconstruct`, original whole)."""
-        cuts = _cuts(spec, layer.index, self.selections) if spec else ()
+        """One tensor of a kept layer, renamed to its new index `j` (and a kept expert's
+        to its new number): copied, cut (the removed part to the width bundle),
+        re-solved (`reconstruct`, original whole) or, a dropped expert's, removed whole."""
+        expert = expert_of(spec, rel) if spec is not None else None
+        if expert is not None and esel is not None:
+            if not esel.keeps(expert):
+                removed = TensorTask(info.name, info.dtype, info.shape, info)
+                self.side.setdefault(layer.index, []).append(removed)
+                self.fate[info.name] = (None, None, removed, "removed")
+                return
+            assert spec is not None
+            rel = renumbered(spec, esel.new_index(expert))
+        cuts = _cuts(spec, layer.index, self.selections, expert) if spec else ()
         shape = list(info.shape)
         for c in cuts:
             shape[c.axis] = len(self.selections[c.key])
@@ -372,12 +426,13 @@ class _JobBuilder:
         return tuple(log), added
 
 
-def _cuts(spec: TensorSpec, layer: int, selections: Mapping[str, np.ndarray]) -> tuple[Cut, ...]:
-    return tuple(
-        Cut(axis, f"{layer}.{space}")
-        for axis, space in enumerate(spec.dims)
-        if f"{layer}.{space}" in selections
-    )
+def _cuts(
+    spec: TensorSpec, layer: int, selections: Mapping[str, np.ndarray], expert: int | None = None
+) -> tuple[Cut, ...]:
+    """The cut axes of one tensor: those whose space has a selection in this layer
+    (`expert`: a routed expert's tensor, whose channels are its own)."""
+    keys = [(axis, selection_key(layer, space, expert)) for axis, space in enumerate(spec.dims)]
+    return tuple(Cut(axis, key) for axis, key in keys if key in selections)
 
 
 def _layer_selection(

@@ -398,7 +398,11 @@ def _restore_partial(applied: Applied, restored: tuple[str, ...], dest: Path) ->
     shapes = {s["original"]: LayerShape.from_json(s) for s in applied.manifest["layers"]}
     for i in back:
         kv = facts.get("kv_heads", facts["heads"])
-        shapes[i] = LayerShape(i, facts["heads"], kv, facts.get("ffn"))
+        if arch.moe and i not in facts.get("dense_layers", ()):
+            moe = (facts.get("experts"), facts.get("expert_ffn"), facts.get("shared_ffn") or None)
+            shapes[i] = LayerShape(i, facts["heads"], kv, None, (), *moe)
+        else:
+            shapes[i] = LayerShape(i, facts["heads"], kv, facts.get("ffn"))
     order = sorted(shapes)
     new_of = {orig: j for j, orig in enumerate(order)}
 
@@ -416,10 +420,13 @@ def _restore_partial(applied: Applied, restored: tuple[str, ...], dest: Path) ->
         layer, rel = rename(entry["source"])
         if layer is not None and layer not in shapes:
             continue  # in a bundle that stays out
+        if entry["action"] == "removed":
+            continue  # a dropped expert stays out (restore --upto all brings it back)
         if entry["action"] == "bundled":
             path, info = src.in_file(entry["bundle_file"], entry["source"])
         else:
             path, info = src.in_a(entry["output"]["name"])
+            rel = rename(entry["output"]["name"])[1]  # a kept expert's new number
         if layer is None:
             model_level.append(_copy(info.name, path, info))
         else:

@@ -20,6 +20,7 @@ from compiler.architectures import Architecture, TensorSpec
 from compiler.checkpoint import TensorInfo
 from executor import slicing
 from executor.configs import LayerShape
+from executor.experts import ExpertSelection
 from executor.safetensors_io import (
     nbytes,
     pack_by_size,
@@ -88,6 +89,7 @@ class ApplyJob:
     files: tuple[FileTask, ...]
     selections: Mapping[str, np.ndarray]
     layer_selections: Mapping[int, slicing.LayerSelection]
+    expert_selections: Mapping[int, ExpertSelection]
     shapes: tuple[LayerShape, ...]
     log: tuple[dict[str, Any], ...]
     added: tuple[dict[str, Any], ...]

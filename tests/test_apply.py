@@ -441,15 +441,6 @@ def test_smollm2_examples_apply_generate_restore(
         assert AutoModelForCausalLM.from_pretrained(partial).config.num_hidden_layers == 27
 
 
-def test_refuses_expert_changes_for_now(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model = make_tiny_model(tmp_path, "qwen2_moe", num_hidden_layers=2)
-    plan = write_plan(tmp_path, model, "moe layers 0 drop experts 1")
-    out = tmp_path / "out"
-    _refuses(
-        ["apply", str(plan), "-o", str(out)], capsys, out, "not supported by `plancc apply` yet"
-    )
-
-
 def test_json_lists_stay_on_one_line_and_values_unchanged() -> None:
     from executor.install import dumps
 
