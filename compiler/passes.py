@@ -361,7 +361,33 @@ def check_experts(ctx: Context) -> list[Diagnostic]:
                     f"drop a multiple of {f.expert_groups} experts, spread over the groups",
                 )
             )
+        elif f.expert_groups and f.experts % f.expert_groups == 0:
+            out += _unequal_groups(st, f.experts, f.expert_groups)
     return out
+
+
+def _unequal_groups(st: ir.MoeDropExperts, experts: int, groups: int) -> list[Diagnostic]:
+    """P112 when the drops leave the router's groups unequal: group-limited routing
+    (DeepSeek's `n_group`) views the experts as `groups` consecutive blocks of equal
+    size, so every block must lose the same number."""
+    size = experts // groups
+    gone = set(st.experts.within(experts))
+    lost = [sum(1 for e in range(g * size, (g + 1) * size) if e in gone) for g in range(groups)]
+    if len(set(lost)) == 1:
+        return []
+    per = ", ".join(
+        f"group {g} (experts {g * size}..{(g + 1) * size - 1}) loses {n}"
+        for g, n in enumerate(lost)
+    )
+    return [
+        error(
+            "P112",
+            f"the expert groups the router selects from would become unequal: {per}",
+            st.experts.span,
+            f"drop {len(gone) // groups} {_plural('expert', len(gone) // groups)} "
+            f"from each group of {size}",
+        )
+    ]
 
 
 def check_bundles(ctx: Context) -> list[Diagnostic]:

@@ -58,6 +58,13 @@ CASES: list[tuple[str, str, int, int, str]] = [
     ("P110", SMOL_HEADER + "mlp layers 4 width 2048\n", B, 20, "outside 1..1536"),
     ("P111", MOE_HEADER + "moe layers 0 drop experts 0..14\n", M, 27, "fewer than top_k 2"),
     ("P112", MOE_HEADER + "moe layers 0 drop experts 3\n", M, 27, "not divisible"),
+    (
+        "P112",
+        MOE_HEADER + "moe layers 0 drop experts 0..3\n",
+        M,
+        27,
+        "would become unequal: group 0 (experts 0..3) loses 4, group 1 (experts 4..7) loses 0",
+    ),
     ("P113", SMOL_HEADER + "drop layers 5\nbundle B layers 5, 6\n", B + 1, 17, "not dropped"),
     (
         "P114",
