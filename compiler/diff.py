@@ -48,6 +48,8 @@ def layer_changes(old: LayerPlan, new: LayerPlan) -> list[str]:
         out.append(f"mlp reconstruct {old.ffn_reconstruct} → {new.ffn_reconstruct}")
     if old.experts_kept != new.experts_kept:
         out.append(f"experts kept {_sel(old.experts_kept)} → {_sel(new.experts_kept)}")
+    if old.experts_rescale != new.experts_rescale:
+        out.append(f"experts rescale {old.experts_rescale} → {new.experts_rescale}")
     if old.expert_ffn != new.expert_ffn:
         out.append(f"expert width {_ch(old.expert_ffn)} → {_ch(new.expert_ffn)}")
     if old.shared_ffn != new.shared_ffn:

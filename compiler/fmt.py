@@ -71,8 +71,8 @@ def statement_text(st: ir.Statement) -> str:
             return f"attn {layers} drop groups {groups}" + _options(comp, rec)
         case ir.MlpWidth(width=w, compensate=comp, reconstruct=rec):
             return f"mlp {layers} {_width(w)}" + _options(comp, rec)
-        case ir.MoeDropExperts(experts=experts):
-            return f"moe {layers} drop experts {experts}"
+        case ir.MoeDropExperts(experts=experts, rescale=rescale):
+            return f"moe {layers} drop experts {experts}" + (" rescale" if rescale else "")
         case ir.MoeExpertsWidth(width=w):
             return f"moe {layers} experts {_width(w)}"
         case ir.MoeSharedWidth(width=w):

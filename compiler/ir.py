@@ -252,6 +252,11 @@ class MlpWidth(Statement):
 @dataclass(frozen=True)
 class MoeDropExperts(Statement):
     experts: Selection = field(default_factory=lambda: Selection(()))
+    # The kept experts' down projections scaled by 1 - the dropped experts' mean router
+    # probability (sidecar `router_prob.L.experts`): routing renormalized over fewer
+    # experts gives each survivor that much more weight, on average.
+    rescale: bool = False
+    rescale_span: Span = field(default=NOWHERE, compare=False)
     kind = "moe drop experts"
     order = 5
 

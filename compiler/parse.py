@@ -466,7 +466,15 @@ class _Builder:
         layers, action = node.children
         sel = _selection(layers)
         if action.data == "moe_drop_experts":
-            return ir.MoeDropExperts(sel, _span(node), _selection(action.children[0]))
+            experts, *rest = action.children
+            rescale = rest[0] if rest else None
+            return ir.MoeDropExperts(
+                sel,
+                _span(node),
+                _selection(experts),
+                rescale is not None,
+                _span(rescale) if rescale is not None else ir.NOWHERE,
+            )
         width = _width(action.children[0], action.children[1] if len(action.children) > 1 else None)
         if action.data == "moe_experts_width":
             return ir.MoeExpertsWidth(sel, _span(node), width)

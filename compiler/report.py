@@ -69,6 +69,8 @@ def layer_row(layer: LayerPlan, new_index: int | None, resolved: ResolvedPlan) -
         notes.append("compensated")
     if layer.attn_reconstruct or layer.ffn_reconstruct:
         notes.append("reconstructed")
+    if layer.experts_rescale:
+        notes.append("experts rescaled")
     if notes:
         cells.append("  " + ", ".join(notes))
     return "  ".join(cells).rstrip()

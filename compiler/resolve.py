@@ -38,6 +38,7 @@ class LayerPlan:
     ffn_compensate: bool = False
     ffn_reconstruct: bool = False  # down_proj's kept columns likewise
     experts_kept: tuple[int, ...] = ()
+    experts_rescale: bool = False  # kept experts' down projections scaled (`rescale`)
     expert_ffn: Channels | None = None
     shared_ffn: Channels | None = None
 
@@ -137,10 +138,10 @@ def resolve(plan: ir.Plan, facts: ModelFacts) -> ResolvedPlan:
                     "ffn_compensate": comp,
                     "ffn_reconstruct": rec,
                 }
-            case ir.MoeDropExperts(experts=experts):
+            case ir.MoeDropExperts(experts=experts, rescale=rescale):
                 gone = set(experts.within(facts.experts or 0))
                 kept = tuple(e for e in range(facts.experts or 0) if e not in gone)
-                decided = {"experts_kept": kept}
+                decided = {"experts_kept": kept, "experts_rescale": rescale}
             case ir.MoeExpertsWidth(width=w):
                 decided = {"expert_ffn": _channels(w, facts.expert_ffn)}
             case ir.MoeSharedWidth(width=w):
@@ -176,6 +177,7 @@ def resolve(plan: ir.Plan, facts: ModelFacts) -> ResolvedPlan:
                 experts_kept=rec.get("experts_kept", all_experts)  # type: ignore[arg-type]
                 if moe
                 else (),
+                experts_rescale=bool(rec.get("experts_rescale")) and moe,
                 expert_ffn=rec.get("expert_ffn", Channels(facts.expert_ffn or 0))  # type: ignore[arg-type]
                 if moe
                 else None,

@@ -110,6 +110,16 @@ def required_tables(plan: ir.Plan, facts: ModelFacts) -> list[NeededTable]:
                         )
                         for i in layers
                     ]
+            case ir.MoeDropExperts(rescale=True) if facts.experts:
+                out += [
+                    NeededTable(
+                        table_name("router_prob", i, "experts"),
+                        (facts.experts,),
+                        st.rescale_span,
+                        "rescale",
+                    )
+                    for i in layers
+                ]
             case ir.MoeExpertsWidth(width=w) if w.metric != "magnitude":
                 if facts.experts and facts.expert_ffn:
                     shape = (facts.experts, facts.expert_ffn)

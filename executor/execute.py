@@ -18,12 +18,12 @@ from executor.integrity import Hasher
 from executor.safetensors_io import (
     OutEntry,
     SourceFiles,
+    decode,
+    encode,
     order_for_alignment,
     read_raw,
     write_file,
 )
-
-# ---- execution -------------------------------------------------------------------------
 from executor.tasks import ApplyJob, TensorTask
 
 
@@ -42,6 +42,8 @@ def _produce(
             out = files.array(f"cut{k % 2}", slicing.cut_shape(raw.shape, c.axis, len(idx)))
             raw = slicing.take(raw, c.axis, idx, out=out)
         assert raw.shape[:-1] == task.shape, (task.name, raw.shape, task.shape)
+        if task.scale is not None:  # `rescale`: in float64, rounded once to the dtype
+            return encode(decode(raw, task.dtype).double() * task.scale, task.dtype)
         return raw
 
     return run
@@ -56,7 +58,7 @@ def entries_for(
     """Output entries of one file, in data order."""
     out = []
     for t in tasks:
-        if t.source is not None and not t.cuts and t.data is None:
+        if t.source is not None and not t.cuts and t.data is None and t.scale is None:
             begin, end = t.source.byte_range
             out.append(
                 OutEntry(t.name, t.dtype, t.shape, copy=(model_dir / t.source.file, begin, end))

@@ -29,7 +29,14 @@ from compiler.resolve import LayerPlan, ResolvedPlan
 from compiler.sidecar import table_name
 from executor import slicing
 from executor.configs import LayerShape
-from executor.experts import ExpertSelection, expert_of, moe_widths, renumbered, selection_key
+from executor.experts import (
+    EXPERT_FFN,
+    ExpertSelection,
+    expert_of,
+    moe_widths,
+    renumbered,
+    selection_key,
+)
 from executor.experts import choose as choose_experts
 from executor.layout import WIDTH_BUNDLE
 from executor.safetensors_io import (
@@ -255,6 +262,22 @@ class _JobBuilder:
             )
         )
 
+    def _alpha(self, layer: LayerPlan) -> float:
+        """`rescale`'s factor: 1 - the dropped experts' mean router probability."""
+        n = self.resolved.facts.experts or 0
+        name = table_name("router_prob", layer.index, "experts")
+        prob = self.scores.table(name)
+        if prob.shape != (n,):
+            raise ApplyError(f"sidecar table {name} has shape {list(prob.shape)}, expected [{n}]")
+        gone = [e for e in range(n) if e not in set(layer.experts_kept)]
+        alpha = 1.0 - float(prob[gone].sum())
+        if not 0.0 < alpha <= 1.0:
+            raise ApplyError(
+                f"layer {layer.index}: `rescale` would scale the kept experts by {alpha:.4g}; "
+                f"sidecar table {name} is not a probability per expert"
+            )
+        return alpha
+
     def _expert_selection(
         self, layer: LayerPlan, tensors: Mapping[str, TensorInfo], files: SourceFiles
     ) -> ExpertSelection:
@@ -314,6 +337,14 @@ class _JobBuilder:
             shape[c.axis] = len(self.selections[c.key])
         name = layer_name(self.ck.arch, j, rel)
         task = TensorTask(name, info.dtype, tuple(shape), info, cuts)
+        down = spec is not None and spec.dims == ("hidden", EXPERT_FFN)
+        if expert is not None and layer.experts_rescale and down:  # a kept expert's down_proj
+            scale = self._alpha(layer)
+            self.a_tasks.append(TensorTask(name, info.dtype, task.shape, info, cuts, scale=scale))
+            keep = TensorTask(info.name, info.dtype, info.shape, info)
+            self.side.setdefault(layer.index, []).append(keep)
+            self.fate[info.name] = (name, None, keep, "modified")
+            return
         rebuilt = _reconstructed(layer, spec, info, tuple(shape), self.scores) if spec else None
         if rebuilt is not None:  # re-solved columns from the sidecar; original kept whole
             self.a_tasks.append(TensorTask(name, info.dtype, task.shape, data=rebuilt))

@@ -56,7 +56,8 @@ class TensorTask:
 
     `source` with no cuts: a byte-range copy. With cuts: read, cut, write.
     `data`: bytes computed while planning (a `compensate` bias, a `reconstruct`
-    projection from the sidecar).
+    projection from the sidecar). `scale`: the values multiplied by it after the
+    cuts (a kept expert's down projection under `rescale`).
     """
 
     name: str
@@ -65,6 +66,7 @@ class TensorTask:
     source: TensorInfo | None = None
     cuts: tuple[Cut, ...] = ()
     data: bytes | None = field(default=None, repr=False)
+    scale: float | None = None
 
     @property
     def nbytes(self) -> int:

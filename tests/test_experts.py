@@ -225,3 +225,39 @@ def test_apply_cli_reports_expert_drops(tmp_path: Path, capsys: pytest.CaptureFi
     m = read_json(tmp_path / "out" / "A" / "manifest.json")
     assert m["removed"]["width"]["tensors"] > 0
     assert all(s["experts"] == 3 for s in m["layers"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_rescale_scales_the_kept_experts(family: str, tmp_path: Path) -> None:
+    """`drop experts ... rescale`: the kept experts' down projections times 1 - the
+    dropped experts' mean router probability (from the sidecar), the rest as a drop."""
+    import numpy as np
+    import torch
+
+    from plangen.scores import ScoreTables, write_sidecar
+
+    model = make_tiny_model(tmp_path, family)
+    prob = {0: np.array([0.1, 0.2, 0.3, 0.4]), 1: np.array([0.25, 0.25, 0.25, 0.25])}
+    sidecar = tmp_path / "plan.scores.safetensors"
+    sha = write_sidecar(
+        sidecar, ScoreTables({f"router_prob.{i}.experts": p for i, p in prob.items()}, {})
+    )
+    body = (
+        f'scores "{sidecar.name}" sha256 "{sha}"\n'
+        "moe layers 0 drop experts 1, 2 rescale\nmoe layers 1 drop experts 0, 3 rescale"
+    )
+    out = tmp_path / "out"
+    apply_plan(write_plan(tmp_path, model, body), out)
+    ref = load_original(model)
+    alpha = {0: 1 - 0.5, 1: 1 - 0.5}
+    with torch.no_grad():
+        for i, layer in enumerate(_moe_layers(ref)):
+            _fused_down(layer, 32 if family == "qwen2_moe" else 96).mul_(alpha[i])
+    ids = tokens()
+    with masked_experts(ref, {0: [1, 2], 1: [0, 3]}, 4):
+        want = logits(ref, ids)
+    torch.testing.assert_close(logits(load_original(out / "A"), ids), want, atol=1e-5, rtol=0)
+    log = read_json(out / "A" / "prune_log.json")["tensors"]
+    modified = {e["source"] for e in log if e["action"] == "modified"}
+    assert modified and all("down" in n for n in modified)
+    _restored_exactly(out, model, tmp_path)

@@ -1,0 +1,297 @@
+"""Router statistics of mixture-of-experts layers, and NAEE's per-layer expert search.
+
+One forward pass over the calibration windows, with a hook on every MoE
+layer's router and one on its experts, measures per expert (higher = keep):
+
+* `frequency`: the fraction of tokens that route to it (among their top-k);
+* `routing_weight`: its mean routing weight over all tokens (0 where it is not
+  chosen): how much of the layer's output it carries;
+* `router_prob`: its mean router probability (softmax over all experts);
+* `reap`: REAP's saliency, the mean over the tokens routed to it of routing
+  weight x the norm of its output.
+
+`naee` (Lu et al., "Not All Experts are Equal") is a search, not a statistic:
+per layer, the experts are removed greedily, each time the one whose removal
+(tokens re-routed among the others, as the executor's result will route them)
+changes the MoE block's output least on the calibration inputs; the score is
+the removal order. It runs layer by layer over cached states
+(`plangen.reconstruct.LayerWalk`), each layer seeing the layers before it
+already pruned at the candidate count.
+
+The router and the experts are found in the loaded model, not named: the
+decoder layer's submodule whose `weight` is (experts, hidden) and that has a
+`top_k` is the router, its sibling with 3-D `gate_up_proj` and `down_proj` the
+experts (transformers 5 keeps every family's experts fused in memory, whatever
+the checkpoint's form). A dropped expert is simulated by setting its router
+logit to -inf (`masked_experts`), so each family's own softmax, top-k and
+renormalization decide the rest: exactly what the pruned model computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+ROUTER_METRICS = ("frequency", "routing_weight", "router_prob", "reap")
+NAEE = "naee"
+EXPERT_METRICS = (*ROUTER_METRICS, NAEE)
+
+
+@dataclass
+class MoeModules:
+    """One MoE layer's router, experts and the block holding them (in memory)."""
+
+    block: Any
+    router: Any
+    experts: Any
+
+
+def moe_modules(layer: Any, experts: int) -> MoeModules | None:
+    """The MoE modules of a decoder layer, or None for a dense layer."""
+    router = None
+    path = ""
+    for name, module in layer.named_modules():
+        w = getattr(module, "weight", None)
+        if hasattr(module, "top_k") and isinstance(w, torch.Tensor) and w.shape[0] == experts:
+            router, path = module, name
+            break
+    if router is None:
+        return None
+    block = layer.get_submodule(path.rpartition(".")[0]) if "." in path else layer
+    found = [
+        m
+        for m in block.children()
+        if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
+        and isinstance(getattr(m, "down_proj", None), torch.Tensor)
+    ]
+    if len(found) != 1:
+        raise ValueError(f"{type(block).__name__}: no fused experts module beside the router")
+    return MoeModules(block, router, found[0])
+
+
+@dataclass
+class RouterStats:
+    """Running per-expert sums of one MoE layer (float64)."""
+
+    experts: int
+    tokens: int = 0
+    chosen: np.ndarray | None = None  # times routed to
+    weight: np.ndarray | None = None  # sum of routing weights
+    prob: np.ndarray | None = None  # sum of router probabilities
+    saliency: np.ndarray | None = None  # sum over routed tokens of weight x output norm
+
+    def __post_init__(self) -> None:
+        for name in ("chosen", "weight", "prob", "saliency"):
+            setattr(self, name, np.zeros(self.experts, dtype=np.float64))
+
+    def tables(self) -> dict[str, np.ndarray]:
+        assert self.chosen is not None and self.weight is not None
+        assert self.prob is not None and self.saliency is not None
+        t = max(self.tokens, 1)
+        return {
+            "frequency": self.chosen / t,
+            "routing_weight": self.weight / t,
+            "router_prob": self.prob / t,
+            "reap": np.divide(
+                self.saliency, self.chosen, out=np.zeros_like(self.saliency), where=self.chosen > 0
+            ),
+        }
+
+
+def _router_hook(stats: RouterStats) -> Any:
+    def hook(_m: Any, _args: Any, out: Any) -> None:
+        logits, weights, index = out[0], out[1], out[2]
+        logits = logits.detach().reshape(-1, stats.experts).float()
+        idx = index.detach().reshape(logits.shape[0], -1).cpu()
+        w = weights.detach().reshape(idx.shape).double().cpu()
+        stats.tokens += logits.shape[0]
+        stats.prob += torch.softmax(logits, dim=-1).double().sum(0).cpu().numpy()
+        flat = idx.reshape(-1).numpy()
+        stats.chosen += np.bincount(flat, minlength=stats.experts)[: stats.experts]
+        stats.weight += np.bincount(flat, weights=w.reshape(-1).numpy(), minlength=stats.experts)[
+            : stats.experts
+        ]
+
+    return hook
+
+
+def _experts_hook(stats: RouterStats) -> Any:
+    """REAP: each routed expert's output norm, recomputed by the experts module itself
+    on its own tokens (one expert, weight 1), times the token's routing weight."""
+
+    busy = False  # the hook calls the module it is on: not again from inside
+
+    def hook(module: Any, args: tuple[Any, ...], _out: Any) -> None:
+        nonlocal busy
+        if busy:
+            return
+        hidden, index, weights = args[0], args[1], args[2]
+        busy = True
+        with torch.no_grad():
+            for e in torch.unique(index).tolist():
+                if not 0 <= e < stats.experts:
+                    continue
+                rows, pos = torch.where(index == e)
+                x = hidden[rows]
+                one = torch.full((len(rows), 1), e, dtype=index.dtype, device=index.device)
+                out = module(x, one, torch.ones(len(rows), 1, dtype=x.dtype, device=x.device))
+                norms = out.float().norm(dim=-1).double()
+                stats.saliency[e] += float((weights[rows, pos].double() * norms).sum())
+        busy = False
+
+    return hook
+
+
+def collect_router(
+    model: Any,
+    layers: Sequence[Any],
+    moe_layers: Sequence[int],
+    experts: int,
+    windows: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[int, RouterStats]:
+    """One forward over `windows`: every MoE layer's router statistics (no LM head)."""
+    from tqdm import tqdm
+
+    stats = {k: RouterStats(experts) for k in moe_layers}
+    handles = []
+    try:
+        for k in moe_layers:
+            mods = moe_modules(layers[k], experts)
+            if mods is None:
+                raise ValueError(f"layer {k} is a MoE layer but has no router the model shows")
+            handles.append(mods.router.register_forward_hook(_router_hook(stats[k])))
+            handles.append(mods.experts.register_forward_hook(_experts_hook(stats[k])))
+        starts = range(0, len(windows), batch_size)
+        for i in tqdm(starts, desc="router", unit="batch", disable=not progress, leave=False):
+            ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
+            with torch.no_grad():
+                model.base_model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@contextlib.contextmanager
+def masked_experts(
+    layers: Sequence[Any], dropped: Mapping[int, Sequence[int]], experts: int
+) -> Iterator[None]:
+    """Inside the block, the `dropped` experts of each layer get a router logit of -inf:
+    the model routes as the pruned one will. Every family computes its router logits
+    with `F.linear(hidden, router.weight)`; that call is what is intercepted."""
+    import torch.nn.functional as F
+
+    masks: dict[int, list[int]] = {}
+    for k, gone in dropped.items():
+        mods = moe_modules(layers[k], experts)
+        if gone and mods is not None:
+            masks[id(mods.router.weight)] = sorted(gone)
+    if not masks:
+        yield
+        return
+    real = F.linear
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: Any = None) -> torch.Tensor:
+        out = real(x, weight, bias)
+        gone = masks.get(id(weight))
+        if gone is not None:
+            out = out.clone()
+            out[..., gone] = -torch.inf
+        return out
+
+    F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = real
+
+
+def naee_orders(
+    model: Any,
+    arch: Any,
+    moe_layers: Sequence[int],
+    experts: int,
+    drop: int,
+    windows: Sequence[Sequence[int]],
+    *,
+    tokens: int | None = None,
+    sequential: bool = True,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[int, np.ndarray]:
+    """NAEE's greedy elimination, per MoE layer in order: remove `drop` experts one at a
+    time, each time the one whose removal changes the block's output least (squared
+    error over the block's calibration inputs, the first `tokens` of them if set:
+    fewer were measured worse). Layer l is searched
+    on inputs from the model with layers < l already pruned. Returns per layer a score
+    per expert, higher = kept longer (the removed ones get their removal step)."""
+    from tqdm import tqdm
+
+    from plangen.reconstruct import LayerWalk, _Stop
+
+    batches = [
+        torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
+        for i in range(0, len(windows), batch_size)
+    ]
+    walk = LayerWalk(model, arch, batches)
+    layers = walk.layers
+    chosen: dict[int, list[int]] = {}
+    orders: dict[int, np.ndarray] = {}
+    for k in tqdm(range(len(layers)), desc="naee", unit="layer", disable=not progress):
+        if k in moe_layers:
+            mods = moe_modules(layers[k], experts)
+            assert mods is not None
+            x = _block_inputs(walk, k, mods.block, tokens, _Stop)
+            with torch.no_grad():
+                ref = mods.block(x)
+            removed: list[int] = []
+            for _ in range(drop):
+                best, best_err = -1, float("inf")
+                for e in range(experts):
+                    if e in removed:
+                        continue
+                    with masked_experts(layers, {k: [*removed, e]}, experts), torch.no_grad():
+                        err = float((mods.block(x) - ref).double().pow(2).sum())
+                    if err < best_err:
+                        best, best_err = e, err
+                removed.append(best)
+            chosen[k] = removed
+            score = np.full(experts, float(drop), dtype=np.float64)
+            for step, e in enumerate(removed):
+                score[e] = step
+            orders[k] = score
+        with masked_experts(layers, chosen if sequential else {}, experts):
+            walk.run(k)
+    return orders
+
+
+def _block_inputs(
+    walk: Any, k: int, block: Any, tokens: int | None, stop: type[Exception]
+) -> Any:
+    """The first `tokens` (None: all) inputs of layer k's MoE block, as one (1, tokens, hidden) batch."""
+    got: list[torch.Tensor] = []
+
+    def hook(_m: Any, args: tuple[Any, ...]) -> None:
+        got.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        raise stop
+
+    handle = block.register_forward_pre_hook(hook)
+    try:
+        for b in range(len(walk.states)):
+            if tokens is not None and sum(len(g) for g in got) >= tokens:
+                break
+            with contextlib.suppress(stop):
+                walk.forward(k, b)
+    finally:
+        handle.remove()
+    return torch.cat(got)[:tokens].unsqueeze(0)  # [:None] is everything
