@@ -66,6 +66,7 @@ class Options:
     drop: int | None = None
     drop_frac: float | None = None
     ratio: float | None = None
+    drop_experts: float | None = None  # MoE: the fraction of routed experts to remove
     strategy: str = "auto"
     metric: str | None = None
     calib: str = "builtin"
@@ -386,6 +387,84 @@ def removal_losses(
     return out
 
 
+def calibration_windows(opts: Options) -> tuple[TokenPools, list, list]:
+    """The corpus split into pools (`compiler.corpus`), and the calibration pool's first
+    `nsamples` windows and the `heldout` ones after them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(opts.model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # windows are unpadded; kept for safety
+    text = load_text(opts.calib, opts.data_files)
+    pools = TokenPools.split(tokenize(text, tokenizer), text)
+    pool = windows(pools.calibration, opts.seqlen, opts.nsamples + opts.heldout)
+    if len(pool) < opts.nsamples + opts.heldout:
+        raise AnalyzeError(
+            f"the calibration pool of {opts.calib} holds {len(pool)} windows of {opts.seqlen} "
+            f"tokens; {opts.nsamples} + {opts.heldout} held out were asked: lower --nsamples or "
+            "--seqlen, or use a larger corpus"
+        )
+    return pools, pool[: opts.nsamples], pool[opts.nsamples :]
+
+
+def scores_metadata(opts: Options, facts: ModelFacts, text_sha: str, metrics: list[str]) -> dict:
+    """The sidecar's metadata: what was measured, on what, how."""
+    return metadata_json(
+        {
+            "format": "plancc scores 1",
+            "model_fingerprint": facts.fingerprint or "",
+            "calibration": {
+                "data": opts.calib,
+                "text_sha256": text_sha,
+                "samples": opts.nsamples,
+                "seqlen": opts.seqlen,
+                "heldout": opts.heldout,
+                "seed": opts.seed,
+                "dtype": opts.dtype,
+            },
+            "metrics": metrics,
+        }
+    )
+
+
+def write_outputs(
+    opts: Options,
+    ckpt: CheckpointFacts,
+    facts: ModelFacts,
+    scores: ScoreTables,
+    chosen: Candidate,
+    provenance: list[str],
+) -> tuple[Path, Path]:
+    """The plan and its sidecar, each written to a temporary name, checked, then renamed
+    into place: a failure leaves neither half-written."""
+    plan_path = opts.output
+    sidecar = scores_path_for(plan_path)
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_sidecar = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
+    tmp_plan = plan_path.with_name(f".{plan_path.name}.tmp-{os.getpid()}")
+    try:
+        sha = write_sidecar(tmp_sidecar, scores)
+        header = emit.Header(
+            model_block=ckpt.model_block(),
+            source=str(opts.model_dir),
+            scores_file=sidecar.name,
+            scores_sha256=sha,
+            calibration=_calibration_line(opts),
+            provenance=provenance,
+        )
+        text = emit.plan_text(chosen, header, scores, facts.ffn or 0)
+        os.replace(tmp_sidecar, sidecar)
+        result = check_text(text, base_dir=plan_path.parent)
+        if not result.ok:  # pragma: no cover - an emitter bug; tests check every strategy
+            raise AnalyzeError(f"the generated plan does not check: {result.errors[0]}")
+        tmp_plan.write_text(text, encoding="utf-8")
+        os.replace(tmp_plan, plan_path)
+    finally:
+        for tmp in (tmp_sidecar, tmp_plan):
+            tmp.unlink(missing_ok=True)
+    return plan_path, sidecar
+
+
 def run(opts: Options) -> Outcome:
     import torch
 
@@ -407,10 +486,9 @@ def run(opts: Options) -> Outcome:
     ckpt = load_checkpoint_facts(opts.model_dir)
     facts = model_facts(ckpt)
     if facts.is_moe:
-        raise AnalyzeError(
-            "mixture-of-experts models are not analyzed yet (expert scores come with MoE "
-            "support); depth plans for them can be written by hand"
-        )
+        from plangen.analyze_moe import run_moe
+
+        return run_moe(opts, ckpt, facts, started)
     metrics = needed_metrics(opts)
     for m in metrics:
         if m not in WIDTH_METRICS:
@@ -419,21 +497,7 @@ def run(opts: Options) -> Outcome:
     params = original_params(facts)
     check_memory(params, opts, gradients and opts.scores is None)
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(opts.model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # windows are unpadded; kept for safety
-    text = load_text(opts.calib, opts.data_files)
-    pools = TokenPools.split(tokenize(text, tokenizer), text)
-    pool = windows(pools.calibration, opts.seqlen, opts.nsamples + opts.heldout)
-    if len(pool) < opts.nsamples + opts.heldout:
-        raise AnalyzeError(
-            f"the calibration pool of {opts.calib} holds {len(pool)} windows of {opts.seqlen} "
-            f"tokens; {opts.nsamples} + {opts.heldout} held out were asked: lower --nsamples or "
-            "--seqlen, or use a larger corpus"
-        )
-    calib_windows, held = pool[: opts.nsamples], pool[opts.nsamples :]
+    pools, calib_windows, held = calibration_windows(opts)
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
     model = load(opts.model_dir, opts.device, dtype)
@@ -472,22 +536,7 @@ def run(opts: Options) -> Outcome:
                 removal_losses(model, ckpt, facts, scores, held, opts)
             )
             passes += (facts.layers or 0) * len(held) / len(calib_windows)
-        scores.metadata = metadata_json(
-            {
-                "format": "plancc scores 1",
-                "model_fingerprint": facts.fingerprint or "",
-                "calibration": {
-                    "data": opts.calib,
-                    "text_sha256": pools.text_sha256,
-                    "samples": opts.nsamples,
-                    "seqlen": opts.seqlen,
-                    "heldout": opts.heldout,
-                    "seed": opts.seed,
-                    "dtype": opts.dtype,
-                },
-                "metrics": metrics,
-            }
-        )
+        scores.metadata = scores_metadata(opts, facts, pools.text_sha256, metrics)
     try:
         cands = candidates(opts, facts, scores)
     except StrategyError as exc:
@@ -517,31 +566,14 @@ def run(opts: Options) -> Outcome:
         phases["reconstruct"] = solver.seconds
         passes += solver.passes
 
-    plan_path = opts.output
-    sidecar = scores_path_for(plan_path)
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_sidecar = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
-    tmp_plan = plan_path.with_name(f".{plan_path.name}.tmp-{os.getpid()}")
-    try:
-        sha = write_sidecar(tmp_sidecar, scores)
-        header = emit.Header(
-            model_block=ckpt.model_block(),
-            source=str(opts.model_dir),
-            scores_file=sidecar.name,
-            scores_sha256=sha,
-            calibration=_calibration_line(opts),
-            provenance=_provenance(opts, facts, pools.text_sha256, why, measured, loss_before),
-        )
-        text = emit.plan_text(chosen.candidate, header, scores, facts.ffn or 0)
-        os.replace(tmp_sidecar, sidecar)
-        result = check_text(text, base_dir=plan_path.parent)
-        if not result.ok:  # pragma: no cover - an emitter bug; tests check every strategy
-            raise AnalyzeError(f"the generated plan does not check: {result.errors[0]}")
-        tmp_plan.write_text(text, encoding="utf-8")
-        os.replace(tmp_plan, plan_path)
-    finally:
-        for tmp in (tmp_sidecar, tmp_plan):
-            tmp.unlink(missing_ok=True)
+    plan_path, sidecar = write_outputs(
+        opts,
+        ckpt,
+        facts,
+        scores,
+        chosen.candidate,
+        _provenance(opts, facts, pools.text_sha256, why, measured, loss_before),
+    )
     if opts.csv is not None:
         _write_csv(opts.csv, facts, scores, chosen.candidate)
     if opts.plot:

@@ -40,6 +40,10 @@ class Candidate:
     notes: Mapping[str, str] = field(default_factory=dict)  # statement key -> comment
     bundles: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     keep: tuple[int, ...] = ()
+    # MoE layers: the routed experts removed (original indices), and whether the kept
+    # ones are rescaled for the router probability the dropped ones took (`rescale`).
+    experts_dropped: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    experts_rescale: bool = False
 
     def resolved(self, facts: ModelFacts) -> ResolvedPlan:
         base = cost.original(facts)
@@ -52,6 +56,7 @@ class Candidate:
                 continue
             gone = set(self.groups_dropped.get(i, ()))
             width = self.mlp_width.get(i)
+            experts_gone = set(self.experts_dropped.get(i, ()))
             layers.append(
                 dataclasses.replace(
                     lp,
@@ -61,6 +66,8 @@ class Candidate:
                     ffn=Channels(width, self.metric) if width is not None else lp.ffn,
                     ffn_compensate=self.compensate and width is not None,
                     ffn_reconstruct=self.reconstruct and width is not None,
+                    experts_kept=tuple(e for e in lp.experts_kept if e not in experts_gone),
+                    experts_rescale=self.experts_rescale and bool(experts_gone),
                 )
             )
         return dataclasses.replace(base, layers=tuple(layers))

@@ -217,7 +217,10 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
         metavar="PLAN.prn",
         help="the plan to write; PLAN.scores.safetensors is written beside it",
     )
-    size = parser.add_argument_group("how much to remove (one of; default --target-params 0.75)")
+    size = parser.add_argument_group(
+        "how much to remove (one of; default --target-params 0.75, on a mixture-of-experts "
+        "model --drop-experts 0.25)"
+    )
     one = size.add_mutually_exclusive_group()
     one.add_argument(
         "--target-params",
@@ -226,6 +229,14 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
         help="keep this fraction of all parameters, embeddings counted",
     )
     one.add_argument("--drop", type=int, metavar="N", help="depth: drop N layers")
+    one.add_argument(
+        "--drop-experts",
+        type=_fraction,
+        metavar="F",
+        help="mixture of experts: remove this fraction of the routed experts of every MoE "
+        "layer (never below top_k); candidates by frequency, routing weight, router "
+        "probability, REAP and NAEE, each with and without `rescale`, judged on held-out loss",
+    )
     one.add_argument(
         "--drop-frac", type=_fraction, metavar="F", help="depth: drop this fraction of the layers"
     )
@@ -422,6 +433,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         model_dir=args.model_dir,
         output=args.output,
         target_params=args.target_params,
+        drop_experts=args.drop_experts,
         drop=args.drop,
         drop_frac=args.drop_frac,
         ratio=args.ratio,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from compiler.fmt import format_source, quote
 from compiler.ir import Selection
+from compiler.sidecar import table_name
 from plangen.candidate import Candidate
 from plangen.scores import ScoreTables
 
@@ -34,6 +35,10 @@ def _scores_comment(values: Sequence[float]) -> str:
     return "  ".join(f"g{g} {v:.4g}" for g, v in enumerate(values))
 
 
+def _experts_comment(values: Sequence[float]) -> str:
+    return "  ".join(f"e{e} {v:.3g}" for e, v in enumerate(values))
+
+
 def statements(cand: Candidate, scores: ScoreTables, ffn: int) -> list[str]:
     out: list[str] = []
     if cand.keep:
@@ -50,6 +55,13 @@ def statements(cand: Candidate, scores: ScoreTables, ffn: int) -> list[str]:
             f"attn layers {layer} drop groups {Selection.from_ints(list(groups))}{comp}"
             f"  # {cand.metric}: {_scores_comment(table)}"
         )
+    rescale = " rescale" if cand.experts_rescale else ""
+    for layer, experts in sorted(cand.experts_dropped.items()):
+        if experts:
+            table = scores.tables.get(table_name(cand.metric, layer, "experts"))
+            note = f"  # {cand.metric}: {_experts_comment(table)}" if table is not None else ""
+            gone = Selection.from_ints(list(experts))
+            out.append(f"moe layers {layer} drop experts {gone}{rescale}{note}")
     by_width: dict[int, list[int]] = defaultdict(list)
     for layer, width in cand.mlp_width.items():
         by_width[width].append(layer)

@@ -87,13 +87,34 @@ def applied(
                         )
                         handles.append(module.register_forward_hook(_add(bias)))
                     w[:, cols] = 0
-        yield
+        with _experts_removed(model, arch, facts, cand, scores):
+            yield
     finally:
         with torch.no_grad():
             for w, cols, values in saved:
                 w[:, cols] = values
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def _experts_removed(
+    model: Any, arch: Architecture, facts: ModelFacts, cand: Candidate, scores: ScoreTables
+) -> Iterator[None]:
+    """The candidate's expert drops (`plangen.metrics.router.experts_removed`)."""
+    from plangen.metrics.router import experts_removed
+
+    if not cand.experts_dropped:
+        yield
+        return
+    layers = model.get_submodule(arch.layers_module)
+    prob = None
+    if cand.experts_rescale:
+        prob = {
+            k: scores.tables[table_name("router_prob", k, "experts")] for k in cand.experts_dropped
+        }
+    with experts_removed(layers, cand.experts_dropped, facts.experts or 0, prob):
+        yield
 
 
 def _add(bias: torch.Tensor) -> Any:

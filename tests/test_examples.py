@@ -90,11 +90,43 @@ def moe_tiny_expected() -> tuple[int, int, int]:
     return vocab * h + h + 6 * layer, 2 * (vocab * h + 6 * active), 6 * 2 * k * 2
 
 
+def moe_expected(
+    vocab: int,
+    h: int,
+    heads: int,
+    kv: int,
+    hd: int,
+    top_k: int,
+    layers: list[tuple[int, int]],  # per layer: (experts kept, expert width)
+    qk_norms: int = 0,  # per layer: q/k norm parameters
+) -> tuple[int, int, int]:
+    """A MoE model without a shared expert or biases (Mixtral, Qwen3-MoE, OLMoE)."""
+    q, k = heads * hd, kv * hd
+    attn_w = h * q + 2 * h * k + q * h
+    params = 2 * vocab * h + h  # untied embed + LM head, final norm
+    active = vocab * h
+    for experts, width in layers:
+        expert = 3 * h * width
+        params += 2 * h + qk_norms + attn_w + experts * h + experts * expert
+        active += attn_w + experts * h + top_k * expert
+    return params, 2 * active, len(layers) * 2 * k * 2
+
+
 EXPECTED = {
     **{n: smol_expected(n) for n in ("smollm2-depth.prn", "smollm2-attention.prn")},
     **{n: smol_expected(n) for n in ("smollm2-mlp.prn", "smollm2-mixed.prn")},
     "qwen2-tiny-gqa7.prn": qwen2_tiny_expected(),
     "qwen2moe-tiny.prn": moe_tiny_expected(),
+    # Mixtral-8x7B: one of 8 experts dropped everywhere.
+    "mixtral-8x7b.prn": moe_expected(32000, 4096, 32, 8, 128, 2, [(7, 14336)] * 32),
+    # Qwen3-30B-A3B: per-head q/k norms (128 each); layers 24..47 keep 96 experts of 512.
+    "qwen3-30b-a3b.prn": moe_expected(
+        151936, 2048, 32, 4, 128, 8, [(128, 768)] * 24 + [(96, 512)] * 24, qk_norms=2 * 128
+    ),
+    # OLMoE-1B-7B: q/k norms over the whole projections (2048 each); 48 of 64 experts.
+    "olmoe-1b-7b.prn": moe_expected(
+        50304, 2048, 16, 16, 128, 8, [(48, 1024)] * 16, qk_norms=2 * 2048
+    ),
 }
 STOCK_LOADABLE = {
     "smollm2-depth.prn": True,
@@ -103,6 +135,9 @@ STOCK_LOADABLE = {
     "smollm2-mixed.prn": False,
     "qwen2-tiny-gqa7.prn": False,
     "qwen2moe-tiny.prn": True,
+    "mixtral-8x7b.prn": True,
+    "qwen3-30b-a3b.prn": False,
+    "olmoe-1b-7b.prn": True,
 }
 
 

@@ -215,6 +215,34 @@ def masked_experts(
         F.linear = real
 
 
+@contextlib.contextmanager
+def experts_removed(
+    layers: Sequence[Any],
+    dropped: Mapping[int, Sequence[int]],
+    experts: int,
+    prob: Mapping[int, np.ndarray] | None = None,
+) -> Iterator[None]:
+    """The model as the result of dropping these experts: their router logits masked
+    (`masked_experts`) and, given each layer's mean router probabilities `prob`
+    (`rescale`), the layer's experts scaled by 1 - what the dropped ones took."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for k, gone in dropped.items() if prob is not None else ():
+                mods = moe_modules(layers[k], experts)
+                if mods is None or not len(gone):
+                    continue
+                down = mods.experts.down_proj
+                saved.append((down, down.detach().clone()))
+                down.mul_(1.0 - float(prob[k][list(gone)].sum()))
+        with masked_experts(layers, dropped, experts):
+            yield
+    finally:
+        with torch.no_grad():
+            for w, before in saved:
+                w.copy_(before)
+
+
 def naee_orders(
     model: Any,
     arch: Any,
@@ -225,6 +253,7 @@ def naee_orders(
     *,
     tokens: int | None = None,
     sequential: bool = True,
+    prob: Mapping[int, np.ndarray] | None = None,
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
@@ -233,8 +262,10 @@ def naee_orders(
     time, each time the one whose removal changes the block's output least (squared
     error over the block's calibration inputs, the first `tokens` of them if set:
     fewer were measured worse). Layer l is searched
-    on inputs from the model with layers < l already pruned. Returns per layer a score
-    per expert, higher = kept longer (the removed ones get their removal step)."""
+    on inputs from the model with layers < l already pruned. With `prob` (each layer's
+    mean router probabilities) the error is that of the `rescale`d result. Returns
+    per layer a score per expert, higher = kept longer (the removed ones get their
+    removal step)."""
     from tqdm import tqdm
 
     from plangen.reconstruct import LayerWalk, _Stop
@@ -260,7 +291,8 @@ def naee_orders(
                 for e in range(experts):
                     if e in removed:
                         continue
-                    with masked_experts(layers, {k: [*removed, e]}, experts), torch.no_grad():
+                    trial = {k: [*removed, e]}
+                    with experts_removed(layers, trial, experts, prob), torch.no_grad():
                         err = float((mods.block(x) - ref).double().pow(2).sum())
                     if err < best_err:
                         best, best_err = e, err
@@ -270,15 +302,14 @@ def naee_orders(
             for step, e in enumerate(removed):
                 score[e] = step
             orders[k] = score
-        with masked_experts(layers, chosen if sequential else {}, experts):
+        with experts_removed(layers, chosen if sequential else {}, experts, prob):
             walk.run(k)
     return orders
 
 
-def _block_inputs(
-    walk: Any, k: int, block: Any, tokens: int | None, stop: type[Exception]
-) -> Any:
-    """The first `tokens` (None: all) inputs of layer k's MoE block, as one (1, tokens, hidden) batch."""
+def _block_inputs(walk: Any, k: int, block: Any, tokens: int | None, stop: type[Exception]) -> Any:
+    """The first `tokens` (None: all) inputs of layer k's MoE block, as one batch
+    (1, tokens, hidden)."""
     got: list[torch.Tensor] = []
 
     def hook(_m: Any, args: tuple[Any, ...]) -> None:

@@ -1,0 +1,200 @@
+"""`plangen analyze` on a mixture-of-experts model: which experts to drop.
+
+The same protocol as dense models (`plangen.analyze`): the calibration pool's
+first windows measure, the held-out windows after them judge, the evaluation
+pool is never seen. One forward pass collects every MoE layer's router
+statistics (`plangen.metrics.router`); NAEE's greedy search runs layer by
+layer over cached states for the asked drop count, once plain and once with
+`rescale` in its error. Each score gives a candidate (the same count dropped in
+every MoE layer, `plangen.strategies.experts`), with and without `rescale`;
+all are judged on held-out loss and the best is written, the others listed in
+the plan's comments.
+
+Measured on the trained Qwen2-MoE fixture (16 experts, top-2; builtin corpus,
+24 evaluation windows of 512, original 21.11): dropping 4 / 8 experts per
+layer by mean routing weight gives 21.86 / 25.29, and 21.61 / 23.78 rescaled;
+NAEE 21.70 / 25.55, rescaled 21.46 / 23.95 (see benchmarks/moe_peers.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from compiler.checkpoint import CheckpointFacts
+from compiler.facts import ModelFacts
+from compiler.sidecar import table_name
+from plangen.candidate import original_params
+from plangen.metrics.router import NAEE, ROUTER_METRICS, collect_router, naee_orders
+from plangen.scores import ScoreTables, read_sidecar
+from plangen.strategies import StrategyError
+from plangen.strategies.experts import DEFAULT_DROP_EXPERTS, experts_to_drop, keep_experts
+
+# NAEE's search with `rescale` in its error is its own ranking.
+NAEE_RESCALED = "naee_rescaled"
+EXPERT_SCORES = (*ROUTER_METRICS, NAEE, NAEE_RESCALED)
+# The default candidates: the router statistics of one forward pass. NAEE (`--metric
+# naee` / `naee_rescaled`) costs about 50 forward passes per search on the fixture
+# (every expert tried at every step of every layer) and did not win there.
+DEFAULT_SCORES = ROUTER_METRICS
+
+
+def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float) -> Any:
+    """Analyze a MoE model and write its plan (the `plangen.analyze.run` of MoE models)."""
+    import torch
+
+    from executor.loader import load
+    from plangen.analyze import (
+        AnalyzeError,
+        Measured,
+        Outcome,
+        _finite,
+        _provenance,
+        _say,
+        calibration_windows,
+        scores_metadata,
+        write_outputs,
+    )
+    from plangen.heldout import judge, mean_loss
+
+    fraction = _fraction(opts, AnalyzeError)
+    try:
+        drop = experts_to_drop(facts, fraction)
+    except StrategyError as exc:
+        raise AnalyzeError(str(exc)) from None
+    metrics = _metrics(opts, AnalyzeError)
+    phases: dict[str, float] = {}
+    pools, calib_windows, held = calibration_windows(opts)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
+    model = load(opts.model_dir, opts.device, dtype)
+    layers = model.get_submodule(ckpt.arch.layers_module)
+    moe_layers = [i for i in range(facts.layers or 0) if facts.is_moe_layer(i)]
+    experts = facts.experts or 0
+    phases["load"] = time.perf_counter() - started
+    passes = 0.0
+    if opts.scores is not None:
+        scores = read_sidecar(opts.scores)
+        _say(opts, f"plangen: scores from {opts.scores} (no calibration)")
+    else:
+        _say(
+            opts,
+            f"plangen: router statistics on {len(calib_windows)} x {opts.seqlen} tokens of "
+            f"{opts.calib}; {drop} of {experts} experts to drop per MoE layer",
+        )
+        mark = time.perf_counter()
+        stats = collect_router(
+            model,
+            layers,
+            moe_layers,
+            experts,
+            calib_windows,
+            batch_size=opts.batch_size,
+            device=opts.device,
+            progress=opts.progress,
+        )
+        forward = time.perf_counter() - mark
+        passes += 1.0
+        phases["calibrate"] = forward
+        tables = {
+            table_name(m, k, "experts"): v
+            for k, st in stats.items()
+            for m, v in st.tables().items()
+        }
+        mark = time.perf_counter()
+        prob = {k: tables[table_name("router_prob", k, "experts")] for k in moe_layers}
+        for name, rescaled in ((NAEE, None), (NAEE_RESCALED, prob)):
+            if name in metrics:
+                orders = naee_orders(
+                    model,
+                    ckpt.arch,
+                    moe_layers,
+                    experts,
+                    drop,
+                    calib_windows,
+                    prob=rescaled,
+                    batch_size=opts.batch_size,
+                    device=opts.device,
+                    progress=opts.progress,
+                )
+                tables |= {table_name(name, k, "experts"): v for k, v in orders.items()}
+        if any(m in metrics for m in (NAEE, NAEE_RESCALED)):
+            phases["naee"] = time.perf_counter() - mark
+            passes += phases["naee"] / max(forward, 1e-9)
+        scores = ScoreTables(tables, scores_metadata(opts, facts, pools.text_sha256, metrics))
+
+    cands: list[Any] = []
+    try:
+        for m in metrics:
+            for rescale in (False, True) if m != NAEE_RESCALED else (True,):
+                if m == NAEE and rescale:
+                    continue  # NAEE's rescaled form is its own search (NAEE_RESCALED)
+                cands.append(keep_experts(facts, scores.tables, m, drop, rescale))
+    except StrategyError as exc:
+        raise AnalyzeError(f"{exc}; re-run without --scores to measure it") from None
+    cands = _distinct(cands)
+    mark = time.perf_counter()
+    arch = ckpt.arch
+    loss_before = mean_loss(model, held, opts.batch_size, opts.device)
+    judged = judge(model, arch, facts, scores, cands, held, opts.batch_size, opts.device)
+    phases["judge"] = time.perf_counter() - mark
+    passes += (len(held) + sum(j.windows for j in judged)) / len(calib_windows)
+    measured = [Measured(j.candidate, j.candidate.params(facts), j.first, j.loss) for j in judged]
+    finalists = [m for m in measured if m.loss is not None]
+    chosen = min(finalists, key=lambda m: _finite(m.loss))
+    why = f"lowest held-out loss of {len(measured)} candidates ({len(finalists)} finalists)"
+    provenance = _provenance(opts, facts, pools.text_sha256, why, measured, loss_before)
+    plan_path, sidecar = write_outputs(opts, ckpt, facts, scores, chosen.candidate, provenance)
+    return Outcome(
+        plan_path,
+        sidecar,
+        chosen,
+        measured,
+        original_params(facts),
+        loss_before,
+        why,
+        time.perf_counter() - started,
+        passes,
+        phases,
+    )
+
+
+def _distinct(cands: list[Any]) -> list[Any]:
+    """Candidates that drop different experts or rescale differently (the first kept)."""
+    seen, out = set(), []
+    for c in cands:
+        key = (tuple(sorted(c.experts_dropped.items())), c.experts_rescale)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def _fraction(opts: Any, error: type[Exception]) -> float:
+    """`--drop-experts`, the one size option a MoE model takes today."""
+    others = [
+        flag
+        for flag, value in (
+            ("--target-params", opts.target_params),
+            ("--drop", opts.drop),
+            ("--drop-frac", opts.drop_frac),
+            ("--ratio", opts.ratio),
+        )
+        if value is not None
+    ]
+    if others:
+        raise error(
+            f"{others[0]} on a mixture-of-experts model: budgeting experts together with "
+            "attention and MLP width is not built yet; use --drop-experts F (the fraction "
+            "of routed experts to remove from every MoE layer)"
+        )
+    return opts.drop_experts if opts.drop_experts is not None else DEFAULT_DROP_EXPERTS
+
+
+def _metrics(opts: Any, error: type[Exception]) -> list[str]:
+    if opts.metric is None:
+        return list(DEFAULT_SCORES)
+    if opts.metric not in EXPERT_SCORES:
+        raise error(
+            f"--metric {opts.metric!r} does not score experts (one of {', '.join(EXPERT_SCORES)})"
+        )
+    return [opts.metric]
