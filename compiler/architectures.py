@@ -16,6 +16,7 @@ Spaces (symbolic dimensions of a tensor):
   gate_up     2 * ffn fused (Phi-3 `gate_up_proj`)
   experts     routed experts (router rows)
   expert_ffn  channels of one routed expert
+  expert_gate_up  2 * expert_ffn fused (experts stored fused: `experts.gate_up_proj`)
   shared_ffn  channels of the shared expert
   vocab       embedding rows                           (never sliced)
   one         a literal 1 (Qwen2-MoE `shared_expert_gate`)
@@ -23,6 +24,7 @@ Spaces (symbolic dimensions of a tensor):
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ SPACES = (
     "gate_up",
     "experts",
     "expert_ffn",
+    "expert_gate_up",
     "shared_ffn",
     "vocab",
     "one",
@@ -174,6 +177,27 @@ _EXPERTS = (
     _t("mlp.experts.{e}.up_proj.weight", "expert_ffn", "hidden"),
     _t("mlp.experts.{e}.down_proj.weight", "hidden", "expert_ffn"),
 )
+
+
+# The other on-disk form of routed experts, transformers 5's own in-memory layout:
+# per layer one [experts, 2 * expert_ffn, hidden] gate_up (gate rows, then up) and
+# one [experts, hidden, expert_ffn] down, the router as `mlp.gate`. Some checkpoints
+# ship it; `checkpoint_form` picks it from the tensor names.
+_FUSED_EXPERTS = (
+    _t("mlp.gate.weight", "experts", "hidden"),
+    _t("mlp.experts.gate_up_proj", "experts", "expert_gate_up", "hidden"),
+    _t("mlp.experts.down_proj", "experts", "hidden", "expert_ffn"),
+)
+FUSED_GATE_UP = _FUSED_EXPERTS[1].name
+
+
+def fused_experts_form(arch: Architecture) -> Architecture | None:
+    """The family with its routed experts (and router) in the fused form, or None for a
+    dense family. The shared expert and everything else stay as they are."""
+    if not arch.moe:
+        return None
+    rest = tuple(s for s in arch.moe_mlp if not s.per_expert and s.dims != ("experts", "hidden"))
+    return dataclasses.replace(arch, moe_mlp=_FUSED_EXPERTS + rest)
 
 
 def _bool_key(*keys: str, default: bool = False) -> ConfigKey:

@@ -587,6 +587,7 @@ def load_checkpoint_facts(model_dir: str | Path, allow_pickle: bool = False) -> 
     config = read_config(model_dir)
     arch = architecture_of(config, str(model_dir / CONFIG_NAME))
     index = tensor_index(model_dir, allow_pickle=allow_pickle)
+    arch = checkpoint_form(arch, index)
     facts = read_facts(arch, config)
     if isinstance(facts.get("layers"), int):
         problem = layer_extent_problem(arch, facts["layers"], index)
@@ -598,6 +599,22 @@ def load_checkpoint_facts(model_dir: str | Path, allow_pickle: bool = False) -> 
             )
     facts["fingerprint"] = fingerprint(config, index)
     return CheckpointFacts(model_dir=model_dir, config=config, arch=arch, facts=facts, index=index)
+
+
+def checkpoint_form(arch: Architecture, index: Mapping[str, TensorInfo]) -> Architecture:
+    """The table entry as this checkpoint stores it: a MoE family whose routed experts
+    are fused on disk (`experts.gate_up_proj`) gets `fused_experts_form`."""
+    from compiler.architectures import FUSED_GATE_UP, fused_experts_form
+
+    fused = fused_experts_form(arch)
+    if fused is None:
+        return arch
+    pattern = arch.layer_pattern()
+    for name in index:
+        m = pattern.match(name)
+        if m and m.group(2) == FUSED_GATE_UP:
+            return fused
+    return arch
 
 
 # ---- expected tensors -----------------------------------------------------------
@@ -642,6 +659,7 @@ def _space_sizes(facts: Mapping[str, Any]) -> dict[str, int | None]:
         return v if isinstance(v, int) and not isinstance(v, bool) else None
 
     heads, kv_heads, head_dim, ffn = get("heads"), get("kv_heads"), get("head_dim"), get("ffn")
+    expert_ffn = get("expert_ffn")
     q = heads * head_dim if heads is not None and head_dim is not None else None
     kv = kv_heads * head_dim if kv_heads is not None and head_dim is not None else None
     return {
@@ -654,6 +672,7 @@ def _space_sizes(facts: Mapping[str, Any]) -> dict[str, int | None]:
         "gate_up": 2 * ffn if ffn is not None else None,
         "experts": get("experts"),
         "expert_ffn": get("expert_ffn"),
+        "expert_gate_up": 2 * expert_ffn if expert_ffn is not None else None,
         "shared_ffn": get("shared_ffn"),
         "vocab": get("vocab"),
         "one": 1,

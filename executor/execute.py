@@ -24,7 +24,7 @@ from executor.safetensors_io import (
     read_raw,
     write_file,
 )
-from executor.tasks import ApplyJob, TensorTask
+from executor.tasks import ApplyJob, Cut, TensorTask
 
 
 def _produce(
@@ -36,6 +36,9 @@ def _produce(
         assert task.source is not None
         raw = read_raw(files, model_dir / task.source.file, task.source)
         for k, c in enumerate(task.cuts):
+            if c.experts:  # per expert (fused experts; the experts axis is cut first)
+                raw = _per_expert(raw, c, selections)
+                continue
             idx = selections[c.key]
             if c.removed:
                 idx = slicing.complement(idx, raw.shape[c.axis])
@@ -47,6 +50,19 @@ def _produce(
         return raw
 
     return run
+
+
+def _per_expert(raw: np.ndarray, cut: Cut, selections: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Slice j of axis 0 keeps its own expert's channels along `cut.axis`, in each of
+    the `cut.parts` blocks (gate rows, then up rows)."""
+    assert raw.shape[0] == len(cut.experts), (raw.shape, cut.experts)
+    block = raw.shape[cut.axis] // cut.parts
+    out = []
+    for j, e in enumerate(cut.experts):
+        ch = np.asarray(selections[f"{cut.key}.{e}"], dtype=np.int64)
+        idx = np.concatenate([p * block + ch for p in range(cut.parts)])
+        out.append(np.take(raw[j], idx, axis=cut.axis - 1))
+    return np.stack(out)
 
 
 def entries_for(

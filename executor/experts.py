@@ -31,6 +31,7 @@ from compiler.resolve import Channels, LayerPlan
 
 EXPERTS = "experts"
 EXPERT_FFN = "expert_ffn"
+EXPERT_GATE_UP = "expert_gate_up"  # the fused form's gate and up rows, 2 x expert_ffn
 SHARED_FFN = "shared_ffn"
 
 

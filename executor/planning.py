@@ -31,6 +31,8 @@ from executor import slicing
 from executor.configs import LayerShape
 from executor.experts import (
     EXPERT_FFN,
+    EXPERT_GATE_UP,
+    EXPERTS,
     ExpertSelection,
     expert_of,
     moe_widths,
@@ -299,7 +301,13 @@ class _JobBuilder:
                 if space in spec.dims and spec.per_expert == (expert is not None)
             ]
             size = (facts.expert_ffn if expert is not None else facts.shared_ffn) or 0
-            return channel_magnitude(named, tensors, ck.model_dir, files, space, size, self.device)
+            total = channel_magnitude(named, tensors, ck.model_dir, files, space, size, self.device)
+            if expert is not None:  # the fused form: the expert's slice of each tensor
+                fused = [s for s in arch.moe_mlp if s.dims[0] == EXPERTS and len(s.dims) == 3]
+                total = np.sqrt(
+                    total**2 + _fused_square_sums(fused, tensors, ck.model_dir, files, expert, size)
+                )
+            return total
 
         return choose_experts(
             layer,
@@ -331,14 +339,17 @@ class _JobBuilder:
                 return
             assert spec is not None
             rel = renumbered(spec, esel.new_index(expert))
-        cuts = _cuts(spec, layer.index, self.selections, expert) if spec else ()
+        cuts = _cuts(spec, layer.index, self.selections, expert, esel) if spec else ()
         shape = list(info.shape)
         for c in cuts:
-            shape[c.axis] = len(self.selections[c.key])
+            shape[c.axis] = c.kept(self.selections)
         name = layer_name(self.ck.arch, j, rel)
         task = TensorTask(name, info.dtype, tuple(shape), info, cuts)
-        down = spec is not None and spec.dims == ("hidden", EXPERT_FFN)
-        if expert is not None and layer.experts_rescale and down:  # a kept expert's down_proj
+        down = spec is not None and spec.dims in (
+            ("hidden", EXPERT_FFN),
+            (EXPERTS, "hidden", EXPERT_FFN),  # the fused form: every expert's down at once
+        )
+        if layer.experts_rescale and down:  # a kept expert's down_proj
             scale = self._alpha(layer)
             self.a_tasks.append(TensorTask(name, info.dtype, task.shape, info, cuts, scale=scale))
             keep = TensorTask(info.name, info.dtype, info.shape, info)
@@ -356,14 +367,14 @@ class _JobBuilder:
         if not cuts:
             self.fate[info.name] = (name, None, None, "copied")
             return
-        if len(cuts) == 1:
+        if len(cuts) == 1 and not cuts[0].experts:
             c = cuts[0]
             rshape = list(info.shape)
             rshape[c.axis] -= len(self.selections[c.key])
             removed = TensorTask(
                 info.name, info.dtype, tuple(rshape), info, (Cut(c.axis, c.key, removed=True),)
             )
-        else:  # cut along two axes: keep the whole original
+        else:  # cut along two axes, or per expert: keep the whole original
             removed = TensorTask(info.name, info.dtype, info.shape, info)
         self.side.setdefault(layer.index, []).append(removed)
         self.fate[info.name] = (name, None, removed, "sliced")
@@ -457,13 +468,55 @@ class _JobBuilder:
         return tuple(log), added
 
 
+def _fused_square_sums(
+    specs: list[TensorSpec],
+    tensors: Mapping[str, TensorInfo],
+    model_dir: Path,
+    files: SourceFiles,
+    expert: int,
+    size: int,
+) -> np.ndarray:
+    """Per channel of one expert, the sum of squares of its rows and columns in the
+    fused [experts, ...] tensors (gate and up blocks folded onto one channel)."""
+    total = np.zeros(size, dtype=np.float64)
+    for spec in specs:
+        info = tensors.get(spec.name)
+        if info is None:
+            continue
+        t = decode(read_raw(files, model_dir / info.file, info), info.dtype)[expert].double()
+        for axis, dim in enumerate(spec.dims[1:]):
+            if dim in (EXPERT_FFN, EXPERT_GATE_UP):
+                other = 1 - axis
+                sums = (t * t).sum(dim=other).numpy()
+                total += sums.reshape(-1, size).sum(axis=0)
+    return total
+
+
 def _cuts(
-    spec: TensorSpec, layer: int, selections: Mapping[str, np.ndarray], expert: int | None = None
+    spec: TensorSpec,
+    layer: int,
+    selections: Mapping[str, np.ndarray],
+    expert: int | None = None,
+    esel: ExpertSelection | None = None,
 ) -> tuple[Cut, ...]:
     """The cut axes of one tensor: those whose space has a selection in this layer
-    (`expert`: a routed expert's tensor, whose channels are its own)."""
-    keys = [(axis, selection_key(layer, space, expert)) for axis, space in enumerate(spec.dims)]
-    return tuple(Cut(axis, key) for axis, key in keys if key in selections)
+    (`expert`: a routed expert's tensor, whose channels are its own). A fused expert
+    tensor (axis 0 = experts) is cut along experts first, then per expert along its
+    channel axis (`Cut.experts`, one selection per kept expert)."""
+    out = []
+    for axis, space in enumerate(spec.dims):
+        fused = axis > 0 and spec.dims[0] == EXPERTS and space in (EXPERT_FFN, EXPERT_GATE_UP)
+        if fused:
+            if esel is None or esel.expert_ffn is None:
+                continue
+            kept = tuple(sorted(esel.expert_ffn))
+            parts = 2 if space == EXPERT_GATE_UP else 1
+            out.append(Cut(axis, f"{layer}.{EXPERT_FFN}", experts=kept, parts=parts))
+            continue
+        key = selection_key(layer, space, expert)
+        if key in selections:
+            out.append(Cut(axis, key))
+    return tuple(out)
 
 
 def _layer_selection(

@@ -43,11 +43,24 @@ class ApplyError(Exception):
 
 @dataclass(frozen=True)
 class Cut:
-    """Keep the positions `selections[key]` along `axis` (or, `removed`, the others)."""
+    """Keep the positions `selections[key]` along `axis` (or, `removed`, the others).
+
+    `experts` (fused expert tensors, axis 0 = experts): a per-expert cut. Slice j of
+    axis 0 keeps, in each of its `parts` blocks along `axis`, the channels
+    `selections[f"{key}.{experts[j]}"]` of its own (original) expert.
+    """
 
     axis: int
     key: str
     removed: bool = False
+    experts: tuple[int, ...] = ()
+    parts: int = 1
+
+    def kept(self, selections: Mapping[str, np.ndarray]) -> int:
+        """The length of the cut axis afterwards."""
+        if self.experts:
+            return self.parts * len(selections[f"{self.key}.{self.experts[0]}"])
+        return len(selections[self.key])
 
 
 @dataclass(frozen=True)

@@ -261,3 +261,82 @@ def test_rescale_scales_the_kept_experts(family: str, tmp_path: Path) -> None:
     modified = {e["source"] for e in log if e["action"] == "modified"}
     assert modified and all("down" in n for n in modified)
     _restored_exactly(out, model, tmp_path)
+
+
+# ---- the fused on-disk form -------------------------------------------------------------
+
+
+def _fused_copy(model: Path, tmp_path: Path) -> Path:
+    """The same checkpoint with its experts stored fused, as transformers 5 holds them
+    in memory (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I])."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    ref = load_original(model)
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    out = tmp_path / f"{model.name}-fused"
+    shutil.copytree(model, out)
+    (out / "model.safetensors").unlink()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_fused_experts_drop_narrow_and_rescale(family: str, tmp_path: Path) -> None:
+    """Both on-disk forms are one plan: on fused tensors, experts are cut along axis 0
+    and each kept expert keeps its own channels; logits equal the masked, zeroed,
+    rescaled original; restore gives the fused files back bit for bit."""
+    import numpy as np
+    import torch
+
+    from compiler.checkpoint import load_checkpoint_facts
+    from plangen.scores import ScoreTables, write_sidecar
+
+    model = _fused_copy(make_tiny_model(tmp_path, family), tmp_path)
+    ck = load_checkpoint_facts(model)
+    assert any(s.name == "mlp.experts.gate_up_proj" for s in ck.arch.moe_mlp)
+    expert_ffn = 32 if family == "qwen2_moe" else 96
+    prob = np.array([0.1, 0.2, 0.3, 0.4])
+    sidecar = tmp_path / "plan.scores.safetensors"
+    sha = write_sidecar(
+        sidecar, ScoreTables({f"router_prob.{i}.experts": prob.copy() for i in (0, 1)}, {})
+    )
+    body = (
+        f'scores "{sidecar.name}" sha256 "{sha}"\n'
+        "moe layers 0..1 drop experts 1 rescale\n"
+        f"moe layers 0..1 experts width {expert_ffn // 2}"
+    )
+    out = tmp_path / "out"
+    apply_plan(write_plan(tmp_path, model, body), out)
+    sel = read_json(out / "bundles" / "_width" / "width_meta.json")["selections"]
+    ref = load_original(model)
+    with torch.no_grad():
+        for i, layer in enumerate(_moe_layers(ref)):
+            down = _fused_down(layer, expert_ffn)
+            down.mul_(1 - 0.2)
+            for e in (0, 2, 3):
+                gone = sorted(set(range(expert_ffn)) - set(sel[f"{i}.expert_ffn.{e}"]))
+                down[e][:, gone] = 0.0
+    ids = tokens()
+    with masked_experts(ref, {0: [1], 1: [1]}, 4):
+        want = logits(ref, ids)
+    torch.testing.assert_close(logits(load_original(out / "A"), ids), want, atol=1e-5, rtol=0)
+    # channels were chosen by each expert's own magnitude, read from the fused slices
+    assert len({tuple(sel[f"0.expert_ffn.{e}"]) for e in (0, 2, 3)}) > 1
+    _restored_exactly(out, model, tmp_path)
+
+
+def test_fused_experts_of_different_sizes_load_with_executor_load(tmp_path: Path) -> None:
+    import torch
+
+    model = _fused_copy(make_tiny_model(tmp_path, "qwen2_moe"), tmp_path)
+    out = tmp_path / "out"
+    apply_plan(write_plan(tmp_path, model, "moe layers 0 drop experts 0, 3"), out)
+    assert read_json(out / "A" / "manifest.json")["loader"] == "executor.load"
+    ref = load_original(model)
+    ids = tokens()
+    with masked_experts(ref, {0: [0, 3]}, 4):
+        want = logits(ref, ids)
+    torch.testing.assert_close(logits(load(out / "A"), ids), want, atol=1e-5, rtol=0)
+    _restored_exactly(out, model, tmp_path)
