@@ -75,6 +75,36 @@ class ModelGraph:
             seen.add(node)
         raise GraphError(f"walk bound ({g.number_of_nodes()} steps) reached at {node}")
 
+    def expert_tensors(self, expert: str, bound: int | None = None) -> list[str]:
+        """Every tensor cut with one expert (its own, its router row, its slices of fused
+        tensors), by a walk over `contains` and `slice` edges from the expert node.
+
+        Bounded and cycle-safe: each node is visited once, `bound` (default: every node
+        of the graph) steps at most; past it the walk reports where it stopped. Routed
+        experts have no edge to each other, so the walk never reaches another expert."""
+        g = self.graph
+        if g.nodes[expert].get("kind") != "expert":
+            raise GraphError(f"{expert} is not an expert node")
+        limit = g.number_of_nodes() if bound is None else bound
+        todo, seen, found = [expert], {expert}, []
+        steps = 0
+        while todo:
+            steps += 1
+            if steps > limit:
+                raise GraphError(f"walk bound ({limit} steps) reached from {expert} at {todo[0]}")
+            node = todo.pop()
+            for _, nxt, d in g.out_edges(node, data=True):
+                if d["kind"] not in ("contains", "slice") or nxt in seen:
+                    continue
+                seen.add(nxt)
+                if g.nodes[nxt]["kind"] == "expert":  # pragma: no cover - a graph bug
+                    raise GraphError(f"{expert} reaches another expert, {nxt}")
+                if g.nodes[nxt]["kind"] == "tensor":
+                    found.append(g.nodes[nxt]["rel"])
+                else:
+                    todo.append(nxt)
+        return sorted(set(found))
+
     def summary(self) -> str:
         """What `plangen graph` prints."""
         f = self.checkpoint.facts
@@ -97,8 +127,11 @@ class ModelGraph:
             + ", ".join(f"`{g.nodes[n]['tensor']}` {g.nodes[n]['shape']}" for n in embed)
             + ("; lm_head tied to them" if tied else "; separate lm_head")
         )
-        for unit in ("kv_group", "mlp"):
-            node = next((n for n, d in g.nodes(data=True) if d["kind"] == unit), None)
+        for unit in ("kv_group", "mlp", "shared_expert"):
+            node = next(
+                (n for n, d in g.nodes(data=True) if d["kind"] == unit and not d.get("moe")),
+                None,
+            )
             if node is None:
                 continue
             cuts = [
@@ -106,8 +139,12 @@ class ModelGraph:
                 for _, t, d in g.out_edges(node, data=True)
                 if d["kind"] == "slice"
             ]
-            what = "each KV group" if unit == "kv_group" else "MLP channels"
+            what = {"kv_group": "each KV group", "mlp": "MLP channels"}.get(unit, unit)
             lines.append(f"  sliced together ({what}): " + ", ".join(cuts))
+        expert = next((n for n, d in g.nodes(data=True) if d["kind"] == "expert"), None)
+        if expert is not None:
+            own = ", ".join(self.expert_tensors(expert))
+            lines.append(f"  removed with one expert (`{expert}`; the router: its row): {own}")
         if f.get("kv_heads") == 1:
             lines.append("  one KV group: attention cannot be narrowed (depth and MLP plans only)")
         lines.append(f"graph: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges")
@@ -128,6 +165,54 @@ class ModelGraph:
                 out.append(f'  "{a}" -> "{b}" [label="{d["kind"]}"];')
         out.append("}")
         return "\n".join(out) + "\n"
+
+
+def _add_experts(g: nx.DiGraph, mlp: str, f: dict[str, Any]) -> list[str]:
+    """A MoE block's router, routed experts and shared expert, each its own node: the
+    router `routes` to every expert, the shared expert `joins` every expert (their
+    outputs are summed), and experts have no edge between them, so what is cut with one
+    expert never reaches another."""
+    router = f"{mlp}.router"
+    g.add_node(router, kind="router", experts=f.get("experts"), top_k=f.get("top_k"))
+    g.add_edge(mlp, router, kind="contains")
+    shared = None
+    if f.get("shared_ffn"):
+        shared = f"{mlp}.shared_expert"
+        g.add_node(shared, kind="shared_expert", ffn=f["shared_ffn"])
+        g.add_edge(mlp, shared, kind="contains")
+    experts = []
+    for e in range(f.get("experts") or 0):
+        node = f"{mlp}.expert.{e}"
+        g.add_node(node, kind="expert", expert=e, ffn=f.get("expert_ffn"))
+        g.add_edge(mlp, node, kind="contains")
+        g.add_edge(router, node, kind="routes")
+        if shared is not None:
+            g.add_edge(shared, node, kind="joins")
+        experts.append(node)
+    return experts
+
+
+def _add_expert_tensors(
+    g: nx.DiGraph,
+    ck: CheckpointFacts,
+    arch: Architecture,
+    layer: int,
+    spec: Any,
+    experts: list[str],
+) -> None:
+    """One tensor per expert (`experts.{e}.…`): contained by, and sliced with, its expert."""
+    for e, node in enumerate(experts):
+        name = arch.layer_prefix.replace("{i}", str(layer)) + spec.name.replace("{e}", str(e))
+        if name not in ck.index:
+            continue
+        tensor = f"tensor:{name}"
+        rel = spec.name.replace("{e}", str(e))
+        shape = list(ck.index[name].shape)
+        g.add_node(tensor, kind="tensor", rel=rel, shape=shape, spaces=list(spec.dims))
+        g.add_edge(node, tensor, kind="contains")
+        for axis, space in enumerate(spec.dims):
+            if space == "expert_ffn":
+                g.add_edge(node, tensor, kind="slice", axis=axis, space=space)
 
 
 def _mlp_text(f: dict[str, Any]) -> str:
@@ -261,9 +346,13 @@ def _assemble(ck: CheckpointFacts, prefix: str) -> nx.DiGraph:
             q = list(range(k * ratio, (k + 1) * ratio))
             g.add_node(grp, kind="kv_group", group=k, kv_head=k, query_heads=q)
             g.add_edge(attn, grp, kind="contains")
+        experts = _add_experts(g, mlp, f) if moe else []
         for spec in arch.layer_tensors(moe):
+            if spec.per_expert:
+                _add_expert_tensors(g, ck, arch, i, spec, experts)
+                continue
             name = arch.layer_prefix.replace("{i}", str(i)) + spec.name
-            if spec.per_expert or name not in ck.index:
+            if name not in ck.index:
                 continue
             node = f"tensor:{name}"
             g.add_node(
@@ -280,6 +369,14 @@ def _assemble(ck: CheckpointFacts, prefix: str) -> nx.DiGraph:
                         g.add_edge(grp, node, kind="slice", axis=axis, space=space)
                 elif space in ("ffn", "gate_up"):
                     g.add_edge(mlp, node, kind="slice", axis=axis, space=space)
+                elif space == "experts":  # the router's rows, or fused experts' slices
+                    for e in experts:
+                        g.add_edge(e, node, kind="slice", axis=axis, space=space)
+                elif space in ("expert_ffn", "expert_gate_up"):
+                    for e in experts:  # each expert's own channels of the fused tensor
+                        g.add_edge(e, node, kind="slice", axis=axis, space=space)
+                elif space == "shared_ffn":
+                    g.add_edge(f"{mlp}.shared_expert", node, kind="slice", axis=axis, space=space)
     for n in final + head:
         g.add_edge(previous, n, kind="residual")
         previous = n

@@ -122,3 +122,41 @@ def test_residual_walk_reports_a_loop_instead_of_hanging(tmp_path: Path) -> None
     mg.graph.remove_edge("model.layers.1", "model.norm")
     with pytest.raises(GraphError, match=r"branches or loops at model\.layers\.1"):
         mg.residual_path()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_expert_is_its_own_boundary(fused: bool, tmp_path: Path) -> None:
+    """Qwen2-MoE: the router routes to every expert, the shared expert joins every
+    expert, no edge joins two experts, and the tensors cut with expert 2 are its own
+    (per-expert form) or its slices of the fused tensors, plus its router row."""
+    from conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path, "qwen2_moe")
+    if fused:
+        from test_experts import _fused_copy
+
+        model_dir = _fused_copy(model_dir, tmp_path)
+    mg = build_graph(model_dir)
+    g = mg.graph
+    mlp = "model.layers.0.mlp"
+    experts = [f"{mlp}.expert.{e}" for e in range(4)]
+    assert {
+        b for _, b, d in g.out_edges(f"{mlp}.router", data=True) if d["kind"] == "routes"
+    } == set(experts)
+    joins = {
+        b for _, b, d in g.out_edges(f"{mlp}.shared_expert", data=True) if d["kind"] == "joins"
+    }
+    assert joins == set(experts)
+    assert not any(g.has_edge(a, b) for a in experts for b in experts)
+    own = mg.expert_tensors(f"{mlp}.expert.2")
+    if fused:
+        assert own == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight"]
+    else:
+        assert own == [
+            "mlp.experts.2.down_proj.weight",
+            "mlp.experts.2.gate_proj.weight",
+            "mlp.experts.2.up_proj.weight",
+            "mlp.gate.weight",
+        ]
+    with pytest.raises(GraphError, match="walk bound \\(0 steps\\) reached"):
+        mg.expert_tensors(f"{mlp}.expert.2", bound=0)
