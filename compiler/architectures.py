@@ -20,6 +20,13 @@ Spaces (symbolic dimensions of a tensor):
   shared_ffn  channels of the shared expert
   vocab       embedding rows                           (never sliced)
   one         a literal 1 (Qwen2-MoE `shared_expert_gate`)
+  Multi-head latent attention (DeepSeek-V3, Kimi-K2; kept whole, never sliced):
+  q_lora      the query's low-rank width                (q_a_proj / q_a_layernorm)
+  kv_lora     the key-value latent width                (kv_a_layernorm, kv_b_proj input)
+  kv_a        kv_lora + rope_dim                        (kv_a_proj_with_mqa)
+  mla_q       heads * (nope_dim + rope_dim)             (q_b_proj)
+  mla_kv      heads * (nope_dim + v_dim)                (kv_b_proj)
+  mla_o       heads * v_dim                             (o_proj input)
 """
 
 from __future__ import annotations
@@ -44,7 +51,16 @@ SPACES = (
     "shared_ffn",
     "vocab",
     "one",
+    "q_lora",
+    "kv_lora",
+    "kv_a",
+    "mla_q",
+    "mla_kv",
+    "mla_o",
 )
+# Spaces a plan can narrow attention by; a family with none of them (MLA) keeps
+# attention whole.
+ATTENTION_SLICE_SPACES = ("q", "kv", "qkv")
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,9 @@ class ConfigKey:
     keys: tuple[str, ...]
     default: Any = None
     convert: Callable[[Any], Any] | None = None
+    # When no key holds it: computed from the whole config (DeepSeek's shared expert
+    # width is n_shared_experts x moe_intermediate_size).
+    derive: Callable[[Mapping[str, Any]], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,11 @@ class Architecture:
     moe: bool = False
     notes: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def attention_sliceable(self) -> bool:
+        """Whether KV groups can be dropped (not for multi-head latent attention)."""
+        return any(d in ATTENTION_SLICE_SPACES for s in self.attention for d in s.dims)
 
     def layer_tensors(self, moe_layer: bool) -> tuple[TensorSpec, ...]:
         mlp = self.moe_mlp if moe_layer else self.dense_mlp
@@ -263,6 +287,46 @@ _MOE_FACTS = {
     "expert_ffn": ConfigKey(("moe_intermediate_size",)),
 }
 
+# DeepSeek-V3 / Kimi-K2: multi-head latent attention (kept whole), 256 routed
+# experts with a sigmoid router, its `e_score_correction_bias` and group-limited
+# selection (`n_group`), shared experts summed in, the first
+# `first_k_dense_replace` layers dense.
+_MLA_ATTENTION = (
+    _t("self_attn.q_a_proj.weight", "q_lora", "hidden"),
+    _t("self_attn.q_a_proj.bias", "q_lora", when="qkv_bias"),
+    _t("self_attn.q_a_layernorm.weight", "q_lora"),
+    _t("self_attn.q_b_proj.weight", "mla_q", "q_lora"),
+    _t("self_attn.kv_a_proj_with_mqa.weight", "kv_a", "hidden"),
+    _t("self_attn.kv_a_proj_with_mqa.bias", "kv_a", when="qkv_bias"),
+    _t("self_attn.kv_a_layernorm.weight", "kv_lora"),
+    _t("self_attn.kv_b_proj.weight", "mla_kv", "kv_lora"),
+    _t("self_attn.o_proj.weight", "hidden", "mla_o"),
+    _t("self_attn.o_proj.bias", "hidden", when="o_bias"),
+)
+_DEEPSEEK_MOE = (
+    _t("mlp.gate.weight", "experts", "hidden"),
+    _t("mlp.gate.e_score_correction_bias", "experts"),
+    _t("mlp.experts.{e}.gate_proj.weight", "expert_ffn", "hidden"),
+    _t("mlp.experts.{e}.up_proj.weight", "expert_ffn", "hidden"),
+    _t("mlp.experts.{e}.down_proj.weight", "hidden", "expert_ffn"),
+    _t("mlp.shared_experts.gate_proj.weight", "shared_ffn", "hidden"),
+    _t("mlp.shared_experts.up_proj.weight", "shared_ffn", "hidden"),
+    _t("mlp.shared_experts.down_proj.weight", "hidden", "shared_ffn"),
+)
+
+
+def _deepseek_shared_ffn(config: Mapping[str, Any]) -> int | None:
+    shared, width = config.get("n_shared_experts"), config.get("moe_intermediate_size")
+    return shared * width if isinstance(shared, int) and isinstance(width, int) else None
+
+
+def _deepseek_dense_layers(config: Mapping[str, Any], layers: int) -> list[int]:
+    """The first `first_k_dense_replace` layers, and those off `moe_layer_freq`."""
+    first = int(config.get("first_k_dense_replace") or 0)
+    freq = int(config.get("moe_layer_freq") or 1)
+    return [i for i in range(layers) if i < first or i % freq != 0]
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
@@ -347,6 +411,26 @@ ARCHITECTURES: dict[str, Architecture] = {
             dense_layers=lambda config, layers: [],
         ),
         _llama_like(
+            "deepseek_v3",
+            ("deepseek_v3", "kimi_k2"),
+            moe=True,
+            attention=_MLA_ATTENTION,
+            facts={
+                **_MOE_FACTS,
+                **_NO_MLP_BIAS,  # `attention_bias` gives q_a, kv_a and o biases
+                "shared_ffn": ConfigKey((), default=0, derive=_deepseek_shared_ffn),
+                "expert_groups": ConfigKey(("n_group",)),
+                "q_lora": ConfigKey(("q_lora_rank",)),
+                "kv_lora": ConfigKey(("kv_lora_rank",)),
+                "rope_dim": ConfigKey(("qk_rope_head_dim",)),
+                "nope_dim": ConfigKey(("qk_nope_head_dim",)),
+                "v_dim": ConfigKey(("v_head_dim",)),
+            },
+            moe_mlp=_DEEPSEEK_MOE,
+            dense_layers=_deepseek_dense_layers,
+            notes="multi-head latent attention is kept whole: plans drop layers and experts",
+        ),
+        _llama_like(
             "olmoe",
             ("olmoe",),
             moe=True,
@@ -418,6 +502,8 @@ def read_facts(arch: Architecture, config: Mapping[str, Any]) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     for fact, key in arch.facts.items():
         value = next((config[k] for k in key.keys if config.get(k) is not None), None)
+        if value is None and key.derive is not None:
+            value = key.derive(config)
         if value is None:
             value = key.default(facts) if callable(key.default) else key.default
         elif key.convert is not None:
@@ -468,3 +554,18 @@ def renumber_layer_config(
         if "decoder_sparse_step" in config:
             out["decoder_sparse_step"] = 1
     return out
+
+
+def mla_sizes(facts: Mapping[str, Any], heads: int | None) -> dict[str, int | None]:
+    """The multi-head latent attention spaces (see compiler.architectures), or None."""
+    v = {k: facts.get(k) for k in ("q_lora", "kv_lora", "rope_dim", "nope_dim", "v_dim")}
+    if heads is None or any(not isinstance(x, int) or isinstance(x, bool) for x in v.values()):
+        return {s: None for s in ("q_lora", "kv_lora", "kv_a", "mla_q", "mla_kv", "mla_o")}
+    return {
+        "q_lora": v["q_lora"],
+        "kv_lora": v["kv_lora"],
+        "kv_a": v["kv_lora"] + v["rope_dim"],
+        "mla_q": heads * (v["nope_dim"] + v["rope_dim"]),
+        "mla_kv": heads * (v["nope_dim"] + v["v_dim"]),
+        "mla_o": heads * v["v_dim"],
+    }

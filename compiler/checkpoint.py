@@ -26,6 +26,7 @@ from compiler.architectures import (
     Architecture,
     TensorSpec,
     architecture_for_model_type,
+    mla_sizes,
     read_facts,
 )
 
@@ -676,6 +677,7 @@ def _space_sizes(facts: Mapping[str, Any]) -> dict[str, int | None]:
         "shared_ffn": get("shared_ffn"),
         "vocab": get("vocab"),
         "one": 1,
+        **mla_sizes(facts, get("heads")),
     }
 
 

@@ -17,7 +17,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from compiler.architectures import Architecture, TensorSpec
+from compiler.architectures import Architecture, TensorSpec, mla_sizes
 from compiler.cache import read_json, write_json
 from compiler.facts import ModelFacts
 from compiler.ir import Plan
@@ -49,6 +49,7 @@ def space_sizes(facts: ModelFacts, layer: LayerPlan | None = None) -> dict[str, 
         else facts.shared_ffn or 0,
         "vocab": facts.vocab or 0,
         "one": 1,
+        **{k: v or 0 for k, v in mla_sizes(facts.as_dict(), facts.heads).items()},
     }
 
 

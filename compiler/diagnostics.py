@@ -60,6 +60,7 @@ CODES: dict[str, str] = {
     "P123": "sidecar file cannot be read",
     "P124": "reconstructed weights were solved for a different plan",
     "P125": "`compensate` and `reconstruct` on one statement",
+    "P126": "attention that cannot be narrowed (multi-head latent attention)",
     # the checkpoint (check --model, apply)
     "P130": "model fact disagrees with the checkpoint",
     "P131": "fingerprint disagrees with the checkpoint",

@@ -26,6 +26,13 @@ INT_FACTS = (
     "expert_ffn",
     "shared_ffn",
     "expert_groups",
+    # multi-head latent attention (DeepSeek-V3): q and kv low ranks, rope / nope / v
+    # widths per head
+    "q_lora",
+    "kv_lora",
+    "rope_dim",
+    "nope_dim",
+    "v_dim",
 )
 BOOL_FACTS = ("tied", "qkv_bias", "o_bias", "mlp_bias")
 STR_FACTS = ("arch", "fingerprint")
@@ -57,6 +64,11 @@ class ModelFacts:
     expert_ffn: int | None = None
     shared_ffn: int | None = None
     expert_groups: int | None = None
+    q_lora: int | None = None
+    kv_lora: int | None = None
+    rope_dim: int | None = None
+    nope_dim: int | None = None
+    v_dim: int | None = None
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -210,6 +222,7 @@ FACT_LINES: tuple[tuple[str, ...], ...] = (
     ("arch",),
     ("layers", "hidden", "ffn", "vocab", "tied"),
     ("heads", "kv_heads", "head_dim"),
+    ("q_lora", "kv_lora", "rope_dim", "nope_dim", "v_dim"),
     ("experts", "top_k", "expert_ffn", "shared_ffn", "expert_groups"),
     ("qkv_bias", "o_bias", "mlp_bias"),
     ("dense_layers",),

@@ -270,11 +270,24 @@ def check_layer_kinds(ctx: Context) -> list[Diagnostic]:
 
 
 def check_groups(ctx: Context) -> list[Diagnostic]:
-    """P109: every KV group of a layer dropped (the layer would have no attention)."""
+    """P109: every KV group of a layer dropped (the layer would have no attention);
+    P126: KV groups dropped in a family whose attention cannot be narrowed (MLA)."""
     kv = ctx.facts.kv_heads
+    arch = ctx.facts.arch
     out = []
     for st in ctx.of(ir.AttnDropGroups):
         assert isinstance(st, ir.AttnDropGroups)
+        if arch is not None and not arch.attention_sliceable:
+            out.append(
+                error(
+                    "P126",
+                    f"`{arch.name}` has multi-head latent attention, which is kept whole: "
+                    "KV groups cannot be dropped",
+                    st.span,
+                    "drop layers or experts instead (`drop layers`, `moe ... drop experts`)",
+                )
+            )
+            continue
         if kv and len(set(st.groups.within(kv))) >= kv:
             out.append(
                 error(

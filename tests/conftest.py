@@ -51,6 +51,23 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3_moe": {**_MOE, "head_dim": 16},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    # Multi-head latent attention, 8 experts in 2 routing groups, one shared expert,
+    # layer 0 dense.
+    "deepseek_v3": {
+        "num_key_value_heads": 4,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+    },
 }
 TINY_ARCHS = tuple(TINY_CONFIGS)
 

@@ -27,7 +27,7 @@ def _model(tmp_path: Path, arch: str) -> Path:
     return add_char_tokenizer(make_tiny_model(tmp_path, arch))
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3"])
 def test_drop_experts_plan_checks_applies_and_restores(arch: str, tmp_path: Path, capsys) -> None:
     from conftest import apply_and_restore
 
@@ -40,11 +40,15 @@ def test_drop_experts_plan_checks_applies_and_restores(arch: str, tmp_path: Path
     result = check_file(plan)
     assert result.ok, result.errors
     assert result.resolved is not None
-    kept = [len(lp.experts_kept) for lp in result.resolved.kept if lp.moe]
-    assert kept == [2, 2]  # 4 experts, half dropped, top_k 2 kept
+    kept = [lp.experts_kept for lp in result.resolved.kept if lp.moe]
+    if arch == "deepseek_v3":  # 8 experts in 2 routing groups, layer 0 dense
+        assert len(kept) == 1 and len(kept[0]) == 4
+        assert sum(e < 4 for e in kept[0]) == 2  # two from each group
+    else:
+        assert [len(k) for k in kept] == [2, 2]  # 4 experts, half dropped, top_k 2 kept
     text = plan.read_text()
     assert "# held-out loss of the original" in text
-    assert text.count("\nmoe layers ") == 2
+    assert text.count("\nmoe layers ") == len(kept)
     apply_and_restore(plan, model, tmp_path)
 
 

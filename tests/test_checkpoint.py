@@ -92,7 +92,7 @@ def test_table_predicts_exactly_the_saved_tensors(
     assert {n: i.shape for n, i in ckpt.index.items()} == on_disk
     # The bias flags the header prints say what is on disk.
     biases = {n.rsplit(".", 2)[-2] for n in on_disk if n.endswith(".bias")}
-    assert ckpt.facts.get("qkv_bias", False) == bool(biases & {"q_proj", "qkv_proj"})
+    assert ckpt.facts.get("qkv_bias", False) == bool(biases & {"q_proj", "qkv_proj", "q_a_proj"})
     assert ckpt.facts.get("o_bias", False) == ("o_proj" in biases)
     assert ckpt.facts.get("mlp_bias", False) == bool(biases & {"gate_proj", "down_proj"})
     assert ckpt.facts["tied"] == ("lm_head.weight" not in on_disk)

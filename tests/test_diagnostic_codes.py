@@ -14,6 +14,20 @@ from tests.plans import FIRST_BODY_LINE as B
 from tests.plans import FIRST_MOE_LINE as M
 from tests.plans import MOE_HEADER, SMOL_HEADER
 
+# DeepSeek-V3's real shape (671B parameters; statements start on line 11).
+DEEPSEEK_HEADER = """\
+plan 1
+model "DeepSeek-V3" {
+  arch deepseek_v3
+  layers 61  hidden 7168  ffn 18432  vocab 129280  tied false
+  heads 128  kv_heads 128  head_dim 56
+  q_lora 1536  kv_lora 512  rope_dim 64  nope_dim 128  v_dim 128
+  experts 256  top_k 8  expert_ffn 2048  shared_ffn 2048  expert_groups 8
+  dense_layers 0..2
+  fingerprint "sha256:0000"
+}
+"""
+
 # (code, plan text, line, column, words the message must contain)
 CASES: list[tuple[str, str, int, int, str]] = [
     ("P001", SMOL_HEADER + "drop layers 3..\n", B, 16, "expected an integer"),
@@ -96,6 +110,13 @@ CASES: list[tuple[str, str, int, int, str]] = [
         B,
         25,
         "already fits",
+    ),
+    (
+        "P126",
+        DEEPSEEK_HEADER + "attn layers 3 drop groups 1\n",
+        11,
+        1,
+        "multi-head latent attention, which is kept whole",
     ),
     ("W001", SMOL_HEADER + "drop layers 29\n", B, 13, "last layer"),
     ("W002", SMOL_HEADER + "mlp layers 4..6 width 1024\n", B, 12, "heterogeneous"),

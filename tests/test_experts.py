@@ -340,3 +340,97 @@ def test_fused_experts_of_different_sizes_load_with_executor_load(tmp_path: Path
         want = logits(ref, ids)
     torch.testing.assert_close(logits(load(out / "A"), ids), want, atol=1e-5, rtol=0)
     _restored_exactly(out, model, tmp_path)
+
+
+# ---- DeepSeek-V3 / Kimi-K2 ------------------------------------------------------------
+
+DEEPSEEK = {
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "n_group": 2,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+}
+
+
+def _deepseek(tmp_path: Path) -> Path:
+    """A tiny DeepSeek-V3 with a non-zero routing correction bias (so masking the
+    router's logits alone would not exclude an expert)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = make_tiny_model(tmp_path, "deepseek_v3", **DEEPSEEK)
+    state = load_file(str(model / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    for name in state:
+        if name.endswith("e_score_correction_bias"):
+            state[name] = torch.rand(state[name].shape, generator=g) * 0.5
+    save_file(state, str(model / "model.safetensors"), metadata={"format": "pt"})
+    return model
+
+
+def test_deepseek_facts_and_tensors_match_the_table(tmp_path: Path) -> None:
+    from compiler.checkpoint import expected_tensors, load_checkpoint_facts, tensor_mismatches
+
+    ck = load_checkpoint_facts(_deepseek(tmp_path))
+    f = ck.facts
+    assert (f["experts"], f["top_k"], f["expert_ffn"], f["shared_ffn"]) == (8, 2, 32, 32)
+    assert (f["expert_groups"], f["dense_layers"]) == (2, (0,))
+    assert (f["q_lora"], f["kv_lora"], f["rope_dim"], f["nope_dim"], f["v_dim"]) == (
+        32,
+        16,
+        8,
+        8,
+        16,
+    )
+    assert tensor_mismatches(expected_tensors(ck.arch, f), ck.index) == []
+
+
+def test_deepseek_drops_experts_group_by_group(tmp_path: Path) -> None:
+    """One expert from each routing group: router rows and correction-bias entries
+    follow the survivors; logits equal the original's with those experts excluded
+    from selection; restore is bit-exact."""
+    import torch
+
+    from plangen.metrics.router import masked_experts as excluded
+
+    model = _deepseek(tmp_path)
+    out = tmp_path / "out"
+    apply_plan(write_plan(tmp_path, model, "moe layers 1..2 drop experts 1, 6"), out)
+    pruned = load_original(out / "A")
+    assert pruned.config.n_routed_experts == 6 and pruned.config.n_group == 2
+    ref = load_original(model)
+    ids = tokens()
+    with excluded(list(ref.model.layers), {1: [1, 6], 2: [1, 6]}, 8):
+        want = logits(ref, ids)
+    torch.testing.assert_close(logits(pruned, ids), want, atol=1e-5, rtol=0)
+    bias = pruned.model.layers[1].mlp.gate.e_score_correction_bias
+    orig = ref.model.layers[1].mlp.gate.e_score_correction_bias
+    torch.testing.assert_close(bias, orig[[0, 2, 3, 4, 5, 7]], atol=0, rtol=0)
+    _restored_exactly(out, model, tmp_path)
+
+
+def test_deepseek_plans_are_checked_for_mla_and_routing_groups(tmp_path: Path) -> None:
+    from compiler.check import check_file
+
+    model = _deepseek(tmp_path)
+    attn = check_file(write_plan(tmp_path, model, "attn layers 1 drop groups 0", "a.prn"))
+    assert [d.code for d in attn.errors] == ["P126"]
+    assert "multi-head latent attention" in attn.errors[0].message
+    groups = check_file(write_plan(tmp_path, model, "moe layers 1 drop experts 0, 1", "g.prn"))
+    assert [d.code for d in groups.errors] == ["P112"]
+    assert (
+        "group 0 (experts 0..3) loses 2, group 1 (experts 4..7) loses 0" in groups.errors[0].message
+    )

@@ -131,7 +131,9 @@ def test_header_every_arch(
     assert lines[0] == f'model "{model_type}" {{' and lines[-1] == "}"
     assert lines[1] == f"  arch {model_type}"
     assert lines[-2] == f'  fingerprint "{_fingerprint_by_hand(d)}"'
-    assert ("experts" in out) == (model_type in {"qwen2_moe", "qwen3_moe", "mixtral", "olmoe"})
+    moe = {"qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3"}
+    assert ("experts" in out) == (model_type in moe)
+    assert ("q_lora" in out) == (model_type == "deepseek_v3")
 
 
 def test_header_name_is_quoted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

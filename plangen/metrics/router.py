@@ -191,12 +191,27 @@ def masked_experts(
     import torch.nn.functional as F
 
     masks: dict[int, list[int]] = {}
+    biased: list[tuple[torch.Tensor, torch.Tensor]] = []
     for k, gone in dropped.items():
         mods = moe_modules(layers[k], experts)
-        if gone and mods is not None:
+        if not gone or mods is None:
+            continue
+        bias = getattr(mods.router, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):
+            # DeepSeek-V3 selects by sigmoid(logit) + this bias: -inf there is never
+            # chosen, in any dtype (its logits are computed from a float32 copy).
+            biased.append((bias, bias.detach().clone()))
+            with torch.no_grad():
+                bias[sorted(gone)] = -torch.inf
+        else:
             masks[id(mods.router.weight)] = sorted(gone)
     if not masks:
-        yield
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, before in biased:
+                    b.copy_(before)
         return
     real = F.linear
 
@@ -213,6 +228,9 @@ def masked_experts(
         yield
     finally:
         F.linear = real
+        with torch.no_grad():
+            for b, before in biased:
+                b.copy_(before)
 
 
 @contextlib.contextmanager

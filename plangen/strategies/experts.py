@@ -27,10 +27,13 @@ def experts_to_drop(facts: ModelFacts, fraction: float) -> int:
     n, top_k = facts.experts or 0, facts.top_k or 1
     if not 0.0 < fraction < 1.0:
         raise StrategyError(f"--drop-experts must be between 0 and 1, got {fraction}")
-    k = round(fraction * n)
+    groups = facts.expert_groups or 1
+    k = round(fraction * n / groups) * groups  # group-limited routing: as many per group
     if k < 1:
         raise StrategyError(
-            f"--drop-experts {fraction} of {n} experts rounds to none: drop at least {1 / n:.3g}"
+            f"--drop-experts {fraction} of {n} experts rounds to none: drop at least "
+            f"{groups / n:.3g}"
+            + (f" (the same number from each of {groups} groups)" if groups > 1 else "")
         )
     if n - k < top_k:
         raise StrategyError(
@@ -48,16 +51,23 @@ def keep_experts(
     rescale: bool = False,
 ) -> Candidate:
     """Drop the `drop` lowest-scoring experts of every MoE layer (ties: the higher index
-    goes first, as with KV groups)."""
+    goes first, as with KV groups); with group-limited routing (`expert_groups`), the
+    same number from each group, which the router needs (P112)."""
     moe_layers = [i for i in range(facts.layers or 0) if facts.is_moe_layer(i)]
+    groups = facts.expert_groups or 1
     dropped = {}
     for i in moe_layers:
         name = table_name(metric, i, "experts")
         if name not in tables:
             raise StrategyError(f"no `{metric}` expert scores for layer {i} (table {name})")
         score = np.asarray(tables[name], dtype=np.float64)
-        order = np.argsort(-score, kind="stable")
-        dropped[i] = tuple(sorted(int(e) for e in order[len(order) - drop :]))
+        size = len(score) // groups
+        gone: list[int] = []
+        for g in range(groups):
+            block = score[g * size : (g + 1) * size]
+            order = np.argsort(-block, kind="stable")
+            gone += [g * size + int(e) for e in order[size - drop // groups :]]
+        dropped[i] = tuple(sorted(gone))
     label = f"experts: {drop} of {facts.experts} dropped per MoE layer by {metric}" + (
         ", rescaled" if rescale else ""
     )
