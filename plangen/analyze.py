@@ -67,6 +67,7 @@ class Options:
     drop_frac: float | None = None
     ratio: float | None = None
     drop_experts: float | None = None  # MoE: the fraction of routed experts to remove
+    shrink_experts: float | None = None  # MoE: the fraction of each expert's channels
     strategy: str = "auto"
     metric: str | None = None
     calib: str = "builtin"

@@ -28,7 +28,12 @@ from plangen.candidate import original_params
 from plangen.metrics.router import NAEE, ROUTER_METRICS, collect_router, naee_orders
 from plangen.scores import ScoreTables, read_sidecar
 from plangen.strategies import StrategyError
-from plangen.strategies.experts import DEFAULT_DROP_EXPERTS, experts_to_drop, keep_experts
+from plangen.strategies.experts import (
+    DEFAULT_DROP_EXPERTS,
+    experts_to_drop,
+    keep_experts,
+    shrink_experts,
+)
 
 # NAEE's search with `rescale` in its error is its own ranking.
 NAEE_RESCALED = "naee_rescaled"
@@ -37,6 +42,8 @@ EXPERT_SCORES = (*ROUTER_METRICS, NAEE, NAEE_RESCALED)
 # naee` / `naee_rescaled`) costs about 50 forward passes per search on the fixture
 # (every expert tried at every step of every layer) and did not win there.
 DEFAULT_SCORES = ROUTER_METRICS
+# Channels inside the experts: Wanda's structured score, routed (`RouterStats`).
+WIDTH_SCORE = "wanda"
 
 
 def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float) -> Any:
@@ -59,7 +66,7 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
 
     fraction = _fraction(opts, AnalyzeError)
     try:
-        drop = experts_to_drop(facts, fraction)
+        drop = experts_to_drop(facts, fraction) if opts.shrink_experts is None else 0
     except StrategyError as exc:
         raise AnalyzeError(str(exc)) from None
     metrics = _metrics(opts, AnalyzeError)
@@ -97,9 +104,14 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
         phases["calibrate"] = forward
         tables = {
             table_name(m, k, "experts"): v
-            for k, st in stats.items()
-            for m, v in st.tables().items()
+            for k, layer_stats in stats.items()
+            for m, v in layer_stats.tables().items()
         }
+        for k, layer_stats in stats.items():  # channel scores inside the experts
+            if layer_stats.expert_channels is not None:
+                tables[table_name(WIDTH_SCORE, k, "experts_ffn")] = layer_stats.expert_channels
+            if layer_stats.shared_channels is not None:
+                tables[table_name(WIDTH_SCORE, k, "shared")] = layer_stats.shared_channels
         mark = time.perf_counter()
         prob = {k: tables[table_name("router_prob", k, "experts")] for k in moe_layers}
         for name, rescaled in ((NAEE, None), (NAEE_RESCALED, prob)):
@@ -124,6 +136,11 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
 
     cands: list[Any] = []
     try:
+        if opts.shrink_experts is not None:
+            # The routed experts only (their parameters are the bulk; the shared expert's
+            # width is a hand edit away, `moe ... shared width N by wanda`).
+            cands += [shrink_experts(facts, WIDTH_SCORE, opts.shrink_experts, shared=False)]
+            metrics = []
         for m in metrics:
             for rescale in (False, True) if m != NAEE_RESCALED else (True,):
                 if m == NAEE and rescale:
@@ -162,7 +179,12 @@ def _distinct(cands: list[Any]) -> list[Any]:
     """Candidates that drop different experts or rescale differently (the first kept)."""
     seen, out = set(), []
     for c in cands:
-        key = (tuple(sorted(c.experts_dropped.items())), c.experts_rescale)
+        key = (
+            tuple(sorted(c.experts_dropped.items())),
+            c.experts_rescale,
+            c.expert_width,
+            c.shared_width,
+        )
         if key not in seen:
             seen.add(key)
             out.append(c)
@@ -186,6 +208,11 @@ def _fraction(opts: Any, error: type[Exception]) -> float:
             f"{others[0]} on a mixture-of-experts model: budgeting experts together with "
             "attention and MLP width is not built yet; use --drop-experts F (the fraction "
             "of routed experts to remove from every MoE layer)"
+        )
+    if opts.shrink_experts is not None and opts.drop_experts is not None:
+        raise error(
+            "--drop-experts and --shrink-experts: one at a time for now (plan one, then "
+            "edit the plan to add the other)"
         )
     return opts.drop_experts if opts.drop_experts is not None else DEFAULT_DROP_EXPERTS
 

@@ -44,6 +44,10 @@ class Candidate:
     # ones are rescaled for the router probability the dropped ones took (`rescale`).
     experts_dropped: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     experts_rescale: bool = False
+    # MoE layers: every routed expert's / the shared expert's kept channels (`metric`).
+    expert_width: int | None = None
+    shared_width: int | None = None
+    moe_layers: tuple[int, ...] = ()  # where the widths apply: every MoE layer
 
     def resolved(self, facts: ModelFacts) -> ResolvedPlan:
         base = cost.original(facts)
@@ -68,6 +72,12 @@ class Candidate:
                     ffn_reconstruct=self.reconstruct and width is not None,
                     experts_kept=tuple(e for e in lp.experts_kept if e not in experts_gone),
                     experts_rescale=self.experts_rescale and bool(experts_gone),
+                    expert_ffn=Channels(self.expert_width, self.metric)
+                    if i in self.moe_layers and self.expert_width is not None
+                    else lp.expert_ffn,
+                    shared_ffn=Channels(self.shared_width, self.metric)
+                    if i in self.moe_layers and self.shared_width is not None
+                    else lp.shared_ffn,
                 )
             )
         return dataclasses.replace(base, layers=tuple(layers))

@@ -238,6 +238,14 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
         "probability, REAP and NAEE, each with and without `rescale`, judged on held-out loss",
     )
     one.add_argument(
+        "--shrink-experts",
+        type=_fraction,
+        metavar="F",
+        help="mixture of experts: remove this fraction of every routed expert's channels, "
+        "each expert its own, by Wanda scores of its routed activations (the sidecar also "
+        "scores the shared expert's channels, `wanda.L.shared`, for hand edits)",
+    )
+    one.add_argument(
         "--drop-frac", type=_fraction, metavar="F", help="depth: drop this fraction of the layers"
     )
     one.add_argument(
@@ -434,6 +442,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         output=args.output,
         target_params=args.target_params,
         drop_experts=args.drop_experts,
+        shrink_experts=args.shrink_experts,
         drop=args.drop,
         drop_frac=args.drop_frac,
         ratio=args.ratio,

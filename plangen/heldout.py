@@ -104,6 +104,10 @@ def _experts_removed(
     """The candidate's expert drops (`plangen.metrics.router.experts_removed`)."""
     from plangen.metrics.router import experts_removed
 
+    if cand.expert_width is not None or cand.shared_width is not None:
+        with _experts_narrowed(model, arch, facts, cand, scores):
+            yield
+        return
     if not cand.experts_dropped:
         yield
         return
@@ -115,6 +119,43 @@ def _experts_removed(
         }
     with experts_removed(layers, cand.experts_dropped, facts.experts or 0, prob):
         yield
+
+
+@contextlib.contextmanager
+def _experts_narrowed(
+    model: Any, arch: Architecture, facts: ModelFacts, cand: Candidate, scores: ScoreTables
+) -> Iterator[None]:
+    """A `shrink` candidate: the removed channels' down-projection columns zeroed in
+    every routed expert (each by its own row of `METRIC.L.experts_ffn`) and in the
+    shared expert (`METRIC.L.shared`), as `top_channels` picks them for apply."""
+    from executor.slicing import top_channels
+    from plangen.metrics.router import moe_modules
+
+    layers = model.get_submodule(arch.layers_module)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for k in cand.moe_layers:
+                mods = moe_modules(layers[k], facts.experts or 0)
+                assert mods is not None
+                if cand.expert_width is not None:
+                    table = scores.tables[table_name(cand.metric, k, "experts_ffn")]
+                    down = mods.experts.down_proj
+                    saved.append((down, down.detach().clone()))
+                    for e in range(down.shape[0]):
+                        kept = top_channels(table[e], cand.expert_width)
+                        down[e][:, complement(np.asarray(kept), down.shape[-1])] = 0
+                if cand.shared_width is not None and mods.shared is not None:
+                    table = scores.tables[table_name(cand.metric, k, "shared")]
+                    w = mods.shared.weight
+                    saved.append((w, w.detach().clone()))
+                    kept = top_channels(table, cand.shared_width)
+                    w[:, complement(np.asarray(kept), w.shape[-1])] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            for w, before in saved:
+                w.copy_(before)
 
 
 def _add(bias: torch.Tensor) -> Any:

@@ -124,3 +124,41 @@ def test_fixture_default_beats_every_single_score(tmp_path: Path, capsys) -> Non
 
     ppl = json.loads(capsys.readouterr().out)["results"][0]["perplexity"]
     assert ppl < 25.29
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_shrink_experts_plan_checks_applies_and_restores(arch: str, tmp_path: Path) -> None:
+    """`--shrink-experts`: every expert keeps its own best channels by routed Wanda
+    scores; the measured candidate is the model apply writes."""
+    import torch
+    from conftest import apply_and_restore
+
+    from compiler.checkpoint import load_checkpoint_facts
+    from executor.apply import apply_plan
+    from executor.loader import load
+    from plangen.analyze import model_facts
+    from plangen.heldout import applied
+    from plangen.scores import read_sidecar
+    from plangen.strategies.experts import shrink_experts
+
+    model = _model(tmp_path, arch)
+    plan = tmp_path / "plan.prn"
+    assert plangen(["analyze", str(model), "-o", str(plan), *SMALL, "--shrink-experts", "0.5"]) == 0
+    text = plan.read_text()
+    width = 16 if arch == "qwen2_moe" else 48
+    assert f"experts width {width} by wanda" in text
+    assert check_file(plan).ok
+    scores = read_sidecar(tmp_path / "plan.scores.safetensors")
+    assert scores.tables["wanda.0.experts_ffn"].shape == (4, width * 2)
+    ck = load_checkpoint_facts(model)
+    facts = model_facts(ck)
+    out = tmp_path / "o"
+    apply_plan(plan, out)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    ref = load(model, "cpu", torch.float32)
+    cand = shrink_experts(facts, "wanda", 0.5, shared=False)
+    with torch.no_grad(), applied(ref, ck.arch, facts, cand, scores):
+        want = ref(input_ids=ids).logits
+    got = load(out / "A", "cpu", torch.float32)(input_ids=ids).logits.detach()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    apply_and_restore(plan, model, tmp_path)

@@ -49,6 +49,7 @@ class MoeModules:
     block: Any
     router: Any
     experts: Any
+    shared: Any = None  # the shared expert's down projection (an nn.Linear), if any
 
 
 def moe_modules(layer: Any, experts: int) -> MoeModules | None:
@@ -71,7 +72,11 @@ def moe_modules(layer: Any, experts: int) -> MoeModules | None:
     ]
     if len(found) != 1:
         raise ValueError(f"{type(block).__name__}: no fused experts module beside the router")
-    return MoeModules(block, router, found[0])
+    shared = None
+    for name, module in block.named_children():
+        if name.startswith("shared_expert") and hasattr(module, "down_proj"):
+            shared = module.down_proj  # Qwen2-MoE `shared_expert`, DeepSeek `shared_experts`
+    return MoeModules(block, router, found[0], shared)
 
 
 @dataclass
@@ -84,10 +89,29 @@ class RouterStats:
     weight: np.ndarray | None = None  # sum of routing weights
     prob: np.ndarray | None = None  # sum of router probabilities
     saliency: np.ndarray | None = None  # sum over routed tokens of weight x output norm
+    channel_energy: np.ndarray | None = None  # (experts, expert_ffn): sum of (w x h)^2
+    expert_ffn: int = 0
+    shared_energy: np.ndarray | None = None  # (shared_ffn,): sum of the shared input^2
 
     def __post_init__(self) -> None:
         for name in ("chosen", "weight", "prob", "saliency"):
             setattr(self, name, np.zeros(self.experts, dtype=np.float64))
+        self.channel_energy = np.zeros((self.experts, self.expert_ffn), dtype=np.float64)
+
+    expert_channels: np.ndarray | None = None  # (experts, expert_ffn) Wanda-style scores
+    shared_channels: np.ndarray | None = None  # (shared_ffn,)
+
+    def score_channels(self, mods: MoeModules) -> None:
+        """Wanda's structured score of every expert channel: the norm of its down-
+        projection column times the root of its routed activation energy (what the
+        channel can add to the layer's output), and the same for the shared expert."""
+        with torch.no_grad():
+            cols = mods.experts.down_proj.detach().double().norm(dim=1).cpu().numpy()  # (E, I)
+            assert self.channel_energy is not None
+            self.expert_channels = cols * np.sqrt(self.channel_energy)
+            if mods.shared is not None and self.shared_energy is not None:
+                w = mods.shared.weight.detach().double().norm(dim=0).cpu().numpy()
+                self.shared_channels = w * np.sqrt(self.shared_energy)
 
     def tables(self) -> dict[str, np.ndarray]:
         assert self.chosen is not None and self.weight is not None
@@ -122,7 +146,11 @@ def _router_hook(stats: RouterStats) -> Any:
 
 def _experts_hook(stats: RouterStats) -> Any:
     """REAP: each routed expert's output norm, recomputed by the experts module itself
-    on its own tokens (one expert, weight 1), times the token's routing weight."""
+    on its own tokens (one expert, weight 1), times the token's routing weight; and
+    each expert channel's routed activation energy, sum of (weight x act(gate) x up)^2,
+    for the width scores. The activation is computed from the fused weights (gate
+    rows, then up rows) and checked against the module's own output, so a layout this
+    reading gets wrong is an error, not a silent score."""
 
     busy = False  # the hook calls the module it is on: not again from inside
 
@@ -141,8 +169,31 @@ def _experts_hook(stats: RouterStats) -> Any:
                 one = torch.full((len(rows), 1), e, dtype=index.dtype, device=index.device)
                 out = module(x, one, torch.ones(len(rows), 1, dtype=x.dtype, device=x.device))
                 norms = out.float().norm(dim=-1).double()
-                stats.saliency[e] += float((weights[rows, pos].double() * norms).sum())
+                w = weights[rows, pos].double()
+                stats.saliency[e] += float((w * norms).sum())
+                gate, up = torch.nn.functional.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
+                h = module.act_fn(gate) * up
+                mine = torch.nn.functional.linear(h, module.down_proj[e])
+                if not torch.allclose(mine.float(), out.float(), rtol=1e-3, atol=1e-4):
+                    raise ValueError(
+                        f"{type(module).__name__}: its experts do not compute "
+                        "down(act(gate) * up) from gate_up_proj's gate and up halves; "
+                        "plangen cannot score their channels"
+                    )
+                energy = (h.double() * w[:, None]).pow(2).sum(0).cpu().numpy()
+                stats.channel_energy[e] += energy
         busy = False
+
+    return hook
+
+
+def _shared_hook(stats: RouterStats) -> Any:
+    """The shared expert's channel energy: the sum of its down projection's input^2."""
+
+    def hook(_m: Any, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        s = x.pow(2).sum(0).cpu().numpy()
+        stats.shared_energy = s if stats.shared_energy is None else stats.shared_energy + s
 
     return hook
 
@@ -161,15 +212,18 @@ def collect_router(
     """One forward over `windows`: every MoE layer's router statistics (no LM head)."""
     from tqdm import tqdm
 
-    stats = {k: RouterStats(experts) for k in moe_layers}
+    stats: dict[int, RouterStats] = {}
     handles = []
     try:
         for k in moe_layers:
             mods = moe_modules(layers[k], experts)
             if mods is None:
                 raise ValueError(f"layer {k} is a MoE layer but has no router the model shows")
+            stats[k] = RouterStats(experts, expert_ffn=int(mods.experts.down_proj.shape[-1]))
             handles.append(mods.router.register_forward_hook(_router_hook(stats[k])))
             handles.append(mods.experts.register_forward_hook(_experts_hook(stats[k])))
+            if mods.shared is not None:
+                handles.append(mods.shared.register_forward_pre_hook(_shared_hook(stats[k])))
         starts = range(0, len(windows), batch_size)
         for i in tqdm(starts, desc="router", unit="batch", disable=not progress, leave=False):
             ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
@@ -178,6 +232,10 @@ def collect_router(
     finally:
         for h in handles:
             h.remove()
+    for k in moe_layers:
+        mods = moe_modules(layers[k], experts)
+        assert mods is not None
+        stats[k].score_channels(mods)
     return stats
 
 

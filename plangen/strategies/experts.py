@@ -78,3 +78,30 @@ def keep_experts(
         experts_dropped=dropped,
         experts_rescale=rescale,
     )
+
+
+def shrink_experts(
+    facts: ModelFacts, metric: str, fraction: float, shared: bool, experts: bool = True
+) -> Candidate:
+    """Remove `fraction` of every routed expert's channels (and, `shared`, of the shared
+    expert's) in every MoE layer, each expert keeping its own best ones by `metric`
+    (sidecar `METRIC.L.experts_ffn`, `METRIC.L.shared`). Widths are rounded to a
+    multiple of 8 when that leaves at least 8."""
+    if not 0.0 < fraction < 1.0:
+        raise StrategyError(f"--shrink-experts must be between 0 and 1, got {fraction}")
+
+    def width(n: int) -> int:
+        keep = (1.0 - fraction) * n
+        rounded = int(round(keep / 8) * 8)
+        return max(1, rounded if rounded >= 8 else round(keep))
+
+    ew = width(facts.expert_ffn or 0) if experts and facts.expert_ffn else None
+    sw = width(facts.shared_ffn) if shared and facts.shared_ffn else None
+    parts = [p for p, w in (("experts", ew), ("shared expert", sw)) if w is not None]
+    if not parts:
+        raise StrategyError("this model has no expert channels to shrink")
+    label = f"shrink: {fraction:.0%} of the channels of " + " and ".join(parts) + f" by {metric}"
+    moe = tuple(i for i in range(facts.layers or 0) if facts.is_moe_layer(i))
+    return Candidate(
+        "shrink", label, metric=metric, expert_width=ew, shared_width=sw, moe_layers=moe
+    )
