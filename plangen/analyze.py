@@ -428,6 +428,14 @@ def scores_metadata(opts: Options, facts: ModelFacts, text_sha: str, metrics: li
     )
 
 
+def plan_source(model_dir: Path, plan_path: Path) -> str:
+    """The plan's `source`: as given when absolute; a relative one is rewritten relative
+    to the plan's directory, which is how `plancc apply` reads it."""
+    if model_dir.is_absolute() or str(model_dir).startswith("~"):
+        return str(model_dir)
+    return os.path.relpath(model_dir.resolve(), plan_path.parent.resolve())
+
+
 def write_outputs(
     opts: Options,
     ckpt: CheckpointFacts,
@@ -447,7 +455,7 @@ def write_outputs(
         sha = write_sidecar(tmp_sidecar, scores)
         header = emit.Header(
             model_block=ckpt.model_block(),
-            source=str(opts.model_dir),
+            source=plan_source(opts.model_dir, plan_path),
             scores_file=sidecar.name,
             scores_sha256=sha,
             calibration=_calibration_line(opts),

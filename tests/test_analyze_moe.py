@@ -162,3 +162,19 @@ def test_shrink_experts_plan_checks_applies_and_restores(arch: str, tmp_path: Pa
     got = load(out / "A", "cpu", torch.float32)(input_ids=ids).logits.detach()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     apply_and_restore(plan, model, tmp_path)
+
+
+def test_allocation_follows_the_measured_curves_and_keeps_groups_equal() -> None:
+    """Layer 1's probed loss rises slowly, layer 0's fast: layer 1 takes more of the
+    drops; with two routing groups every layer drops a multiple of two, one per group."""
+    from compiler.facts import ModelFacts
+    from plangen.strategies.experts import allocate_experts, probe_counts
+
+    facts = ModelFacts("m", None, layers=2, experts=8, top_k=2, expert_groups=2)
+    tables = {f"routing_weight.{k}.experts": np.arange(8, dtype=float) for k in (0, 1)}
+    counts = probe_counts(facts, 2)
+    assert counts == [0, 2, 4]
+    curves = {0: np.array([0.0, 1.0, 3.0]), 1: np.array([0.0, 0.1, 0.3])}
+    cand = allocate_experts(facts, tables, "routing_weight", 2, counts, curves, rescale=True)
+    assert cand.experts_dropped == {0: (), 1: (0, 1, 4, 5)}  # the lowest two of each group
+    assert cand.experts_rescale and "allocated over layers by measured loss" in cand.label

@@ -402,3 +402,40 @@ def _block_inputs(walk: Any, k: int, block: Any, tokens: int | None, stop: type[
     finally:
         handle.remove()
     return torch.cat(got)[:tokens].unsqueeze(0)  # [:None] is everything
+
+
+def removal_curves(
+    model: Any,
+    layers: Sequence[Any],
+    moe_layers: Sequence[int],
+    experts: int,
+    order: Mapping[int, Sequence[int]],
+    counts: Sequence[int],
+    windows: Sequence[Sequence[int]],
+    prob: Mapping[int, np.ndarray] | None,
+    *,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[int, np.ndarray]:
+    """Per MoE layer, the next-token loss on `windows` with only that layer's first
+    `c` experts of `order` dropped (and, `prob` given, rescaled), for every c in
+    `counts`, minus the loss of the original: what each layer's drops cost, measured
+    (the allocator's input). Returns {layer: losses aligned with `counts`}."""
+    from tqdm import tqdm
+
+    from plangen.heldout import mean_loss
+
+    base = mean_loss(model, windows, batch_size, device)
+    out: dict[int, np.ndarray] = {}
+    steps = [(k, c) for k in moe_layers for c in counts]
+    curves: dict[int, list[float]] = {k: [] for k in moe_layers}
+    for k, c in tqdm(steps, desc="probe", unit="probe", disable=not progress, leave=False):
+        if c == 0:
+            curves[k].append(0.0)
+            continue
+        with experts_removed(layers, {k: list(order[k][:c])}, experts, prob):
+            curves[k].append(mean_loss(model, windows, batch_size, device) - base)
+    for k, values in curves.items():
+        out[k] = np.asarray(values, dtype=np.float64)
+    return out

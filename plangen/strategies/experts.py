@@ -43,6 +43,25 @@ def experts_to_drop(facts: ModelFacts, fraction: float) -> int:
     return k
 
 
+def drop_order(
+    facts: ModelFacts, tables: dict[str, np.ndarray], metric: str, layer: int
+) -> list[int]:
+    """The layer's experts in the order they go, lowest `metric` first (ties: the higher
+    index first, as with KV groups). With group-limited routing (`expert_groups`) the
+    groups take turns, so any prefix of G x m drops m from every group (P112)."""
+    name = table_name(metric, layer, "experts")
+    if name not in tables:
+        raise StrategyError(f"no `{metric}` expert scores for layer {layer} (table {name})")
+    score = np.asarray(tables[name], dtype=np.float64)
+    groups = facts.expert_groups or 1
+    size = len(score) // groups
+    per_group = []
+    for g in range(groups):
+        order = np.argsort(-score[g * size : (g + 1) * size], kind="stable")[::-1]
+        per_group.append([g * size + int(e) for e in order])
+    return [per_group[g][t] for t in range(size) for g in range(groups)]
+
+
 def keep_experts(
     facts: ModelFacts,
     tables: dict[str, np.ndarray],
@@ -54,20 +73,7 @@ def keep_experts(
     goes first, as with KV groups); with group-limited routing (`expert_groups`), the
     same number from each group, which the router needs (P112)."""
     moe_layers = [i for i in range(facts.layers or 0) if facts.is_moe_layer(i)]
-    groups = facts.expert_groups or 1
-    dropped = {}
-    for i in moe_layers:
-        name = table_name(metric, i, "experts")
-        if name not in tables:
-            raise StrategyError(f"no `{metric}` expert scores for layer {i} (table {name})")
-        score = np.asarray(tables[name], dtype=np.float64)
-        size = len(score) // groups
-        gone: list[int] = []
-        for g in range(groups):
-            block = score[g * size : (g + 1) * size]
-            order = np.argsort(-block, kind="stable")
-            gone += [g * size + int(e) for e in order[size - drop // groups :]]
-        dropped[i] = tuple(sorted(gone))
+    dropped = {i: tuple(sorted(drop_order(facts, tables, metric, i)[:drop])) for i in moe_layers}
     label = f"experts: {drop} of {facts.experts} dropped per MoE layer by {metric}" + (
         ", rescaled" if rescale else ""
     )
@@ -104,4 +110,56 @@ def shrink_experts(
     moe = tuple(i for i in range(facts.layers or 0) if facts.is_moe_layer(i))
     return Candidate(
         "shrink", label, metric=metric, expert_width=ew, shared_width=sw, moe_layers=moe
+    )
+
+
+def probe_counts(facts: ModelFacts, drop: int) -> list[int]:
+    """The drop counts each layer is probed at for `allocate_experts`: 0 up to twice the
+    uniform count (never below top_k left), in steps of an eighth of it, multiples of
+    the routing groups: at most about 16 probes per layer whatever the expert count.
+    (Steps of a quarter, interpolated, allocated worse on the fixture: 23.54 against
+    23.10 at 8 of 16 experts.)"""
+    n, top_k, groups = facts.experts or 0, facts.top_k or 1, facts.expert_groups or 1
+    most = min(n - top_k, 2 * drop)
+    most -= most % groups
+    step = max(groups, (drop // 8) // groups * groups)
+    return list(range(0, most + 1, step))
+
+
+def allocate_experts(
+    facts: ModelFacts,
+    tables: dict[str, np.ndarray],
+    metric: str,
+    drop: int,
+    counts: list[int],
+    curves: dict[int, np.ndarray],
+    rescale: bool,
+) -> Candidate:
+    """The same total as `keep_experts` (drop x MoE layers), spread over the layers by
+    measured loss: greedily, the next unit of drops (one routing group's worth) goes
+    where the probed loss curve, interpolated between its probes, rises least. Each
+    layer drops its lowest-scoring experts by `metric`."""
+    groups = facts.expert_groups or 1
+    layers = sorted(curves)
+    cnt = dict.fromkeys(layers, 0)
+    most = counts[-1]
+
+    def cost(k: int, c: int) -> float:
+        return float(np.interp(c, counts, curves[k]))
+
+    for _ in range(drop * len(layers) // groups):
+        open_ = [k for k in layers if cnt[k] + groups <= most]
+        if not open_:
+            raise StrategyError("the probed range cannot hold the drops; probe further")
+        k = min(open_, key=lambda k: (cost(k, cnt[k] + groups) - cost(k, cnt[k]), k))
+        cnt[k] += groups
+    dropped = {k: tuple(sorted(drop_order(facts, tables, metric, k)[: cnt[k]])) for k in layers}
+    total = sum(cnt.values())
+    label = (
+        f"experts: {total} of {facts.experts * len(layers)} dropped by {metric}, "
+        f"allocated over layers by measured loss ({min(cnt.values())}..{max(cnt.values())} "
+        "per layer)" + (", rescaled" if rescale else "")
+    )
+    return Candidate(
+        "experts", label, metric=metric, experts_dropped=dropped, experts_rescale=rescale
     )
