@@ -12,7 +12,8 @@ the plan's comments.
 
 Measured on the trained Qwen2-MoE fixture (16 experts, top-2; builtin corpus,
 24 evaluation windows of 512, original 21.11): dropping 4 / 8 experts per
-layer by mean routing weight gives 21.86 / 25.29, and 21.61 / 23.78 rescaled;
+layer by mean routing weight gives 21.86 / 25.29, 21.61 / 23.78 rescaled, and
+21.30 / 23.10 rescaled and allocated over layers by measured loss (the default);
 NAEE 21.70 / 25.55, rescaled 21.46 / 23.95 (see benchmarks/moe_peers.py).
 """
 
