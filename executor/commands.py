@@ -195,6 +195,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", type=Path, metavar="OUT", help="the -o directory of `plancc apply`")
     p.set_defaults(func=cmd_verify)
     _add_eval(sub)
+    from executor.heal.cli import add_heal
+
+    add_heal(sub)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

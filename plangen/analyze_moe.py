@@ -19,7 +19,9 @@ NAEE 21.70 / 25.55, rescaled 21.46 / 23.95 (see benchmarks/moe_peers.py).
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from compiler.checkpoint import CheckpointFacts
@@ -38,6 +40,7 @@ from plangen.strategies.experts import (
     probe_counts,
     shrink_experts,
 )
+from plangen.strategies.moe_budget import drops_for, moe_budget
 
 # NAEE's search with `rescale` in its error is its own ranking.
 NAEE_RESCALED = "naee_rescaled"
@@ -74,11 +77,8 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
     )
     from plangen.heldout import judge, mean_loss
 
-    fraction = _fraction(opts, AnalyzeError)
-    try:
-        drop = experts_to_drop(facts, fraction) if opts.shrink_experts is None else 0
-    except StrategyError as exc:
-        raise AnalyzeError(str(exc)) from None
+    size = _size(opts, facts, AnalyzeError)
+    drop = size.drop
     metrics = _metrics(opts, AnalyzeError)
     phases: dict[str, float] = {}
     pools, calib_windows, held = calibration_windows(opts)
@@ -96,7 +96,7 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
         _say(
             opts,
             f"plangen: router statistics on {len(calib_windows)} x {opts.seqlen} tokens of "
-            f"{opts.calib}; {drop} of {experts} experts to drop per MoE layer",
+            f"{opts.calib}; {size.describe(experts)}",
         )
         mark = time.perf_counter()
         stats = collect_router(
@@ -146,27 +146,19 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
     allocated = None
     if drop and ALLOCATE_BY in metrics and len(moe_layers) > 1:
         mark = time.perf_counter()
-        allocated = _allocated(model, layers, moe_layers, facts, scores, drop, calib_windows, opts)
+        allocated = _curves(model, layers, moe_layers, facts, scores, drop, calib_windows, opts)
         phases["probe"] = time.perf_counter() - mark
         probes = len(moe_layers) * (len(probe_counts(facts, drop)) - 1) + 1
         passes += probes * min(PROBE_WINDOWS, len(calib_windows)) / len(calib_windows)
 
     cands: list[Any] = []
     try:
-        if opts.shrink_experts is not None:
-            # The routed experts only (their parameters are the bulk; the shared expert's
-            # width is a hand edit away, `moe ... shared width N by wanda`).
-            cands += [shrink_experts(facts, WIDTH_SCORE, opts.shrink_experts, shared=False)]
-            metrics = []
-        for m in metrics:
-            for rescale in (False, True) if m != NAEE_RESCALED else (True,):
-                if m == NAEE and rescale:
-                    continue  # NAEE's rescaled form is its own search (NAEE_RESCALED)
-                cands.append(keep_experts(facts, scores.tables, m, drop, rescale))
+        if size.keep_params is not None:
+            cands += _budgeted(facts, scores, metrics, size.keep_params, allocated)
+        else:
+            cands += _sized(facts, scores, metrics, drop, opts.shrink_experts, allocated)
     except StrategyError as exc:
         raise AnalyzeError(f"{exc}; re-run without --scores to measure it") from None
-    if allocated is not None:
-        cands.append(allocated)
     cands = _distinct(cands)
     mark = time.perf_counter()
     arch = ckpt.arch
@@ -194,7 +186,29 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
     )
 
 
-def _allocated(
+@dataclass(frozen=True)
+class Size:
+    """What the size options ask of a MoE model: experts dropped per layer (`drop`,
+    the count the probes and NAEE's search aim at), each expert's channels removed
+    (`shrink`), or a parameter budget over both (`keep_params`)."""
+
+    drop: int
+    shrink: float | None = None
+    keep_params: int | None = None
+
+    def describe(self, experts: int) -> str:
+        if self.keep_params is not None:
+            return (
+                f"a budget of {self.keep_params:,} parameters over expert drops (up to "
+                f"{self.drop} of {experts} per MoE layer) and expert width"
+            )
+        parts = [f"{self.drop} of {experts} experts to drop per MoE layer"] if self.drop else []
+        if self.shrink is not None:
+            parts.append(f"{self.shrink:.0%} of every expert's channels to remove")
+        return " and ".join(parts)
+
+
+def _curves(
     model: Any,
     layers: Any,
     moe_layers: list[int],
@@ -203,10 +217,10 @@ def _allocated(
     drop: int,
     windows: list,
     opts: Any,
-) -> Any:
-    """The candidate that spreads the drops over the layers by measured loss: each layer
-    probed alone at a few counts (its lowest experts by ALLOCATE_BY dropped, rescaled)
-    on the first PROBE_WINDOWS calibration windows, then `allocate_experts`."""
+) -> tuple[list[int], dict[int, Any]]:
+    """Each layer's loss when its lowest experts by ALLOCATE_BY are dropped alone, at
+    the counts of `probe_counts(drop)`, rescaled, on the first PROBE_WINDOWS
+    calibration windows: what `allocate_experts` spreads the drops by."""
     from plangen.metrics.router import removal_curves
 
     metric = ALLOCATE_BY
@@ -226,7 +240,65 @@ def _allocated(
         device=opts.device,
         progress=opts.progress,
     )
-    return allocate_experts(facts, scores.tables, metric, drop, counts, curves, rescale=True)
+    return counts, curves
+
+
+def _sized(
+    facts: ModelFacts,
+    scores: ScoreTables,
+    metrics: list[str],
+    drop: int,
+    shrink: float | None,
+    allocation: tuple[list[int], dict[int, Any]] | None,
+) -> list[Any]:
+    """`--drop-experts` and/or `--shrink-experts`: every score's drops, plain and
+    rescaled, and the allocated drops, each narrowed by `shrink` when asked; the
+    routed experts only (their parameters are the bulk; the shared expert's width is
+    a hand edit away, `moe ... shared width N by wanda`)."""
+    width = shrink_experts(facts, WIDTH_SCORE, shrink, shared=False) if shrink else None
+    cands = []
+    for m in metrics if drop else ():
+        for rescale in (False, True) if m != NAEE_RESCALED else (True,):
+            if m == NAEE and rescale:
+                continue  # NAEE's rescaled form is its own search (NAEE_RESCALED)
+            cands.append(keep_experts(facts, scores.tables, m, drop, rescale))
+    if allocation is not None:
+        counts, curves = allocation
+        cands.append(
+            allocate_experts(facts, scores.tables, ALLOCATE_BY, drop, counts, curves, True)
+        )
+    if width is None:
+        return cands
+    if not cands:
+        return [width]
+    return [
+        dataclasses.replace(
+            c,
+            label=f"{c.label} + {width.label}",
+            expert_width=width.expert_width,
+            moe_layers=width.moe_layers,
+            width_metric=WIDTH_SCORE,
+        )
+        for c in cands
+    ]
+
+
+def _budgeted(
+    facts: ModelFacts,
+    scores: ScoreTables,
+    metrics: list[str],
+    keep_params: int,
+    allocation: tuple[list[int], dict[int, Any]] | None,
+) -> list[Any]:
+    """`--target-params` on a MoE model: the splits of `moe_budget` for every score;
+    ALLOCATE_BY's also allocated over layers and with the shared expert narrowed too
+    (one score's worth: on the fixture, narrowing the shared expert lost every time)."""
+    cands = []
+    for m in metrics:
+        main = m == ALLOCATE_BY
+        use = allocation if main else None
+        cands += moe_budget(facts, scores.tables, keep_params, m, WIDTH_SCORE, use, shared=main)
+    return cands
 
 
 def _distinct(cands: list[Any]) -> list[Any]:
@@ -245,12 +317,12 @@ def _distinct(cands: list[Any]) -> list[Any]:
     return out
 
 
-def _fraction(opts: Any, error: type[Exception]) -> float:
-    """`--drop-experts`, the one size option a MoE model takes today."""
+def _size(opts: Any, facts: ModelFacts, error: type[Exception]) -> Size:
+    """The MoE size options: `--drop-experts F`, `--shrink-experts F` (either or both),
+    or `--target-params F` (a budget over both); `--drop-experts 0.25` by default."""
     others = [
         flag
         for flag, value in (
-            ("--target-params", opts.target_params),
             ("--drop", opts.drop),
             ("--drop-frac", opts.drop_frac),
             ("--ratio", opts.ratio),
@@ -259,16 +331,32 @@ def _fraction(opts: Any, error: type[Exception]) -> float:
     ]
     if others:
         raise error(
-            f"{others[0]} on a mixture-of-experts model: budgeting experts together with "
-            "attention and MLP width is not built yet; use --drop-experts F (the fraction "
-            "of routed experts to remove from every MoE layer)"
+            f"{others[0]} on a mixture-of-experts model: its size options are "
+            "--drop-experts F (the fraction of routed experts to remove from every MoE "
+            "layer), --shrink-experts F (of every expert's channels) or --target-params F "
+            "(the fraction of parameters kept, spent on both)"
         )
-    if opts.shrink_experts is not None and opts.drop_experts is not None:
-        raise error(
-            "--drop-experts and --shrink-experts: one at a time for now (plan one, then "
-            "edit the plan to add the other)"
-        )
-    return opts.drop_experts if opts.drop_experts is not None else DEFAULT_DROP_EXPERTS
+    try:
+        if opts.target_params is not None:
+            if opts.drop_experts is not None or opts.shrink_experts is not None:
+                raise error(
+                    "--target-params with --drop-experts or --shrink-experts: give the "
+                    "budget alone (it picks the split between drops and width) or the "
+                    "sizes alone"
+                )
+            if not 0.0 < opts.target_params < 1.0:
+                raise StrategyError(
+                    "--target-params must be between 0 and 1 (the fraction kept), got "
+                    f"{opts.target_params}"
+                )
+            keep = round(original_params(facts) * opts.target_params)
+            return Size(drops_for(facts, keep), keep_params=keep)
+        if opts.shrink_experts is not None and opts.drop_experts is None:
+            return Size(0, shrink=opts.shrink_experts)
+        fraction = opts.drop_experts if opts.drop_experts is not None else DEFAULT_DROP_EXPERTS
+        return Size(experts_to_drop(facts, fraction), shrink=opts.shrink_experts)
+    except StrategyError as exc:
+        raise error(str(exc)) from None
 
 
 def _metrics(opts: Any, error: type[Exception]) -> list[str]:

@@ -48,6 +48,14 @@ class Candidate:
     expert_width: int | None = None
     shared_width: int | None = None
     moe_layers: tuple[int, ...] = ()  # where the widths apply: every MoE layer
+    # The table that picks the experts' channels when it is not `metric` (a candidate
+    # that drops experts by a router score and narrows the rest by a channel score).
+    width_metric: str | None = None
+
+    @property
+    def expert_width_metric(self) -> str:
+        """The table the expert and shared-expert widths keep channels by."""
+        return self.width_metric or self.metric
 
     def resolved(self, facts: ModelFacts) -> ResolvedPlan:
         base = cost.original(facts)
@@ -72,10 +80,10 @@ class Candidate:
                     ffn_reconstruct=self.reconstruct and width is not None,
                     experts_kept=tuple(e for e in lp.experts_kept if e not in experts_gone),
                     experts_rescale=self.experts_rescale and bool(experts_gone),
-                    expert_ffn=Channels(self.expert_width, self.metric)
+                    expert_ffn=Channels(self.expert_width, self.expert_width_metric)
                     if i in self.moe_layers and self.expert_width is not None
                     else lp.expert_ffn,
-                    shared_ffn=Channels(self.shared_width, self.metric)
+                    shared_ffn=Channels(self.shared_width, self.expert_width_metric)
                     if i in self.moe_layers and self.shared_width is not None
                     else lp.shared_ffn,
                 )

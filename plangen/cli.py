@@ -226,7 +226,9 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
         "--target-params",
         type=_fraction,
         metavar="F",
-        help="keep this fraction of all parameters, embeddings counted",
+        help="keep this fraction of all parameters, embeddings counted (on a "
+        "mixture-of-experts model: spent on expert drops and expert width together, the "
+        "split judged on held-out loss)",
     )
     one.add_argument("--drop", type=int, metavar="N", help="depth: drop N layers")
     one.add_argument(
@@ -237,13 +239,14 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
         "layer (never below top_k); candidates by frequency, routing weight, router "
         "probability, REAP and NAEE, each with and without `rescale`, judged on held-out loss",
     )
-    one.add_argument(
+    size.add_argument(
         "--shrink-experts",
         type=_fraction,
         metavar="F",
         help="mixture of experts: remove this fraction of every routed expert's channels, "
         "each expert its own, by Wanda scores of its routed activations (the sidecar also "
-        "scores the shared expert's channels, `wanda.L.shared`, for hand edits)",
+        "scores the shared expert's channels, `wanda.L.shared`, for hand edits); with "
+        "--drop-experts, both",
     )
     one.add_argument(
         "--drop-frac", type=_fraction, metavar="F", help="depth: drop this fraction of the layers"

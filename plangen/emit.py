@@ -65,7 +65,7 @@ def statements(cand: Candidate, scores: ScoreTables, ffn: int) -> list[str]:
     for what, width in (("experts", cand.expert_width), ("shared", cand.shared_width)):
         if width is not None and cand.moe_layers:
             layers = Selection.from_ints(list(cand.moe_layers))
-            out.append(f"moe layers {layers} {what} width {width} by {cand.metric}")
+            out.append(f"moe layers {layers} {what} width {width} by {cand.expert_width_metric}")
     by_width: dict[int, list[int]] = defaultdict(list)
     for layer, width in cand.mlp_width.items():
         by_width[width].append(layer)

@@ -101,23 +101,24 @@ def applied(
 def _experts_removed(
     model: Any, arch: Architecture, facts: ModelFacts, cand: Candidate, scores: ScoreTables
 ) -> Iterator[None]:
-    """The candidate's expert drops (`plangen.metrics.router.experts_removed`)."""
+    """The candidate's expert widths (`_experts_narrowed`) and expert drops
+    (`plangen.metrics.router.experts_removed`), together when it has both."""
     from plangen.metrics.router import experts_removed
 
-    if cand.expert_width is not None or cand.shared_width is not None:
-        with _experts_narrowed(model, arch, facts, cand, scores):
-            yield
-        return
-    if not cand.experts_dropped:
-        yield
-        return
-    layers = model.get_submodule(arch.layers_module)
-    prob = None
-    if cand.experts_rescale:
-        prob = {
-            k: scores.tables[table_name("router_prob", k, "experts")] for k in cand.experts_dropped
-        }
-    with experts_removed(layers, cand.experts_dropped, facts.experts or 0, prob):
+    with contextlib.ExitStack() as stack:
+        if cand.expert_width is not None or cand.shared_width is not None:
+            stack.enter_context(_experts_narrowed(model, arch, facts, cand, scores))
+        if cand.experts_dropped:
+            layers = model.get_submodule(arch.layers_module)
+            prob = None
+            if cand.experts_rescale:
+                prob = {
+                    k: scores.tables[table_name("router_prob", k, "experts")]
+                    for k in cand.experts_dropped
+                }
+            stack.enter_context(
+                experts_removed(layers, cand.experts_dropped, facts.experts or 0, prob)
+            )
         yield
 
 
@@ -139,14 +140,14 @@ def _experts_narrowed(
                 mods = moe_modules(layers[k], facts.experts or 0)
                 assert mods is not None
                 if cand.expert_width is not None:
-                    table = scores.tables[table_name(cand.metric, k, "experts_ffn")]
+                    table = scores.tables[table_name(cand.expert_width_metric, k, "experts_ffn")]
                     down = mods.experts.down_proj
                     saved.append((down, down.detach().clone()))
                     for e in range(down.shape[0]):
                         kept = top_channels(table[e], cand.expert_width)
                         down[e][:, complement(np.asarray(kept), down.shape[-1])] = 0
                 if cand.shared_width is not None and mods.shared is not None:
-                    table = scores.tables[table_name(cand.metric, k, "shared")]
+                    table = scores.tables[table_name(cand.expert_width_metric, k, "shared")]
                     w = mods.shared.weight
                     saved.append((w, w.detach().clone()))
                     kept = top_channels(table, cand.shared_width)

@@ -96,10 +96,120 @@ def test_router_statistics_are_exact_on_a_hand_checked_case(tmp_path: Path) -> N
 def test_moe_refuses_dense_size_options(tmp_path: Path, capsys) -> None:
     model = _model(tmp_path, "qwen2_moe")
     plan = tmp_path / "p.prn"
-    code = plangen(["analyze", str(model), "-o", str(plan), *SMALL, "--target-params", "0.8"])
+    code = plangen(["analyze", str(model), "-o", str(plan), *SMALL, "--ratio", "0.2"])
     assert code == 2
-    assert "use --drop-experts F" in capsys.readouterr().err
+    assert "--ratio on a mixture-of-experts model" in capsys.readouterr().err
+    both = ["--target-params", "0.8", "--shrink-experts", "0.25"]
+    assert plangen(["analyze", str(model), "-o", str(plan), *SMALL, *both]) == 2
+    assert "give the budget alone" in capsys.readouterr().err
     assert not plan.exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
+def test_target_params_budgets_expert_drops_and_width(arch: str, tmp_path: Path, capsys) -> None:
+    """`--target-params` on a MoE model: candidates along the split between expert drops
+    and expert width, every one within the budget; the plan checks at that size, applies
+    and restores."""
+    from conftest import apply_and_restore
+
+    from compiler.checkpoint import load_checkpoint_facts
+    from compiler.cost import cost
+    from plangen.analyze import model_facts
+    from plangen.candidate import original_params
+
+    model = _model(tmp_path, arch)
+    plan = tmp_path / "plan.prn"
+    assert plangen(["analyze", str(model), "-o", str(plan), *SMALL, "--target-params", "0.8"]) == 0
+    capsys.readouterr()
+    text = plan.read_text()
+    listed = [line for line in text.splitlines() if line.startswith("#   ")]
+    assert len([line for line in listed if "budget:" in line]) >= 3, text
+    assert any("experts width" in line and "dropped" in line for line in listed), text
+    result = check_file(plan)
+    assert result.ok, result.errors
+    facts = model_facts(load_checkpoint_facts(model))
+    assert result.resolved is not None
+    assert cost(result.resolved).params <= round(0.8 * original_params(facts))
+    apply_and_restore(plan, model, tmp_path)
+
+
+def test_moe_budget_candidates_are_the_widest_at_the_target(tmp_path: Path) -> None:
+    """Every split is within the budget and one width step wider would not be; the ends
+    are width only (no drops) and drops only (no width)."""
+    import dataclasses
+
+    from compiler.checkpoint import load_checkpoint_facts
+    from plangen.analyze import model_facts
+    from plangen.candidate import Candidate, original_params
+    from plangen.strategies.moe_budget import drops_for, moe_budget
+
+    facts = model_facts(load_checkpoint_facts(_model(tmp_path, "qwen2_moe")))
+    one_each = Candidate("experts", "", experts_dropped={0: (0,), 1: (0,)})
+    keep = one_each.params(facts) + 10  # a budget one drop per layer just reaches
+    assert keep < original_params(facts)
+    tables = {f"routing_weight.{k}.experts": np.array([4.0, 1.0, 3.0, 2.0]) for k in (0, 1)}
+    cands = moe_budget(facts, tables, keep, "routing_weight", "wanda")
+    assert drops_for(facts, keep) == 1
+    drops = sorted({len(c.experts_dropped.get(0, ())) for c in cands})
+    assert drops == [0, 1]
+    for c in cands:
+        assert c.params(facts) <= keep
+        if c.expert_width is not None:
+            wider = dataclasses.replace(c, expert_width=c.expert_width + 1)
+            assert wider.params(facts) > keep, c.label
+            assert c.expert_width_metric == "wanda"
+    only_drops = [c for c in cands if c.expert_width is None]
+    assert [c.experts_dropped for c in only_drops] == [{0: (1,), 1: (1,)}]
+    assert only_drops[0].experts_rescale
+
+
+def test_drops_and_width_together_equal_the_applied_model(tmp_path: Path) -> None:
+    """A candidate that drops experts (rescaled) and narrows the survivors is measured as
+    the model `plancc apply` writes from its plan."""
+    import torch
+
+    from compiler.checkpoint import load_checkpoint_facts
+    from executor.apply import apply_plan
+    from executor.loader import load
+    from plangen.analyze import model_facts
+    from plangen.candidate import Candidate
+    from plangen.heldout import applied
+    from plangen.scores import read_sidecar
+
+    model = _model(tmp_path, "qwen2_moe")
+    first = tmp_path / "first.prn"
+    assert plangen(["analyze", str(model), "-o", str(first), *SMALL, "--drop-experts", "0.25"]) == 0
+    header = first.read_text().split("\nmoe layers", 1)[0]
+    plan = tmp_path / "plan.prn"
+    plan.write_text(
+        header + "\nmoe layers 0 drop experts 1 rescale\nmoe layers 1 drop experts 0, 2 rescale"
+        "\nmoe layers 0..1 experts width 20 by wanda\n"
+    )
+    assert check_file(plan).ok
+    ck = load_checkpoint_facts(model)
+    facts = model_facts(ck)
+    scores = read_sidecar(tmp_path / "first.scores.safetensors")
+    cand = Candidate(
+        "moe_budget",
+        "",
+        metric="routing_weight",
+        experts_dropped={0: (1,), 1: (0, 2)},
+        experts_rescale=True,
+        expert_width=20,
+        moe_layers=(0, 1),
+        width_metric="wanda",
+    )
+    out = tmp_path / "o"
+    apply_plan(plan, out)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    ref = load(model, "cpu", torch.float32)
+    before = ref(input_ids=ids).logits.detach()
+    with torch.no_grad(), applied(ref, ck.arch, facts, cand, scores):
+        want = ref(input_ids=ids).logits
+    got = load(out / "A", "cpu", torch.float32)(input_ids=ids).logits.detach()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, before, atol=1e-3)
+    torch.testing.assert_close(ref(input_ids=ids).logits.detach(), before)  # restored
 
 
 @pytest.mark.slow

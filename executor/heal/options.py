@@ -1,0 +1,101 @@
+"""What `plancc heal` is asked to do, validated before anything is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("lora", "full")
+TEACHERS = ("none", "original")
+TARGET_PARTS = ("attn", "mlp")
+
+
+class HealError(Exception):
+    """Healing cannot run as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class HealOptions:
+    out: Path  # the `plancc apply` output directory
+    dest: Path  # HEALED
+    stages: tuple[str, ...] = ("A",)
+    data: str = "builtin"
+    data_files: tuple[str, ...] = ()
+    method: str = "lora"
+    teacher: str = "none"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = TARGET_PARTS
+    lr: float = 2e-4
+    epochs: float = 2.0
+    seqlen: int = 512
+    batch: int = 1
+    grad_accum: int = 8
+    max_grad_norm: float = 1.0
+    warmup: int = 3
+    seed: int = 0
+    device: str = "cpu"
+    temperature: float = 2.0  # distillation: both distributions at this temperature
+    kd_weight: float = 1.0  # distillation: loss = w * KL + (1 - w) * LM loss
+    teacher_topk: int = 0  # distillation: KL over the teacher's top k tokens (0: all)
+    max_windows: int | None = None  # train on at most this many windows (tests, smoke runs)
+    checkpointing: bool = False  # gradient checkpointing
+    save_every: int = 25  # optimizer steps between resumable checkpoints
+    resume: bool = False
+    force: bool = False
+    eval_limit: int = 24  # evaluation windows of the report (0: no report)
+    progress: bool = True
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def validate(self, bundles: tuple[str, ...]) -> None:
+        """HealError naming the option and the fix for anything that cannot run."""
+        if self.method not in METHODS:
+            raise HealError(f"--method {self.method!r}: one of {', '.join(METHODS)}")
+        if self.teacher not in TEACHERS:
+            raise HealError(f"--teacher {self.teacher!r}: one of {', '.join(TEACHERS)}")
+        unknown = [t for t in self.targets if t not in TARGET_PARTS]
+        if unknown or not self.targets:
+            raise HealError(
+                f"--targets {','.join(self.targets)}: a comma-separated subset of "
+                f"{','.join(TARGET_PARTS)}"
+            )
+        for name, value in (
+            ("--r", self.r),
+            ("--batch", self.batch),
+            ("--grad-accum", self.grad_accum),
+        ):
+            if value < 1:
+                raise HealError(f"{name} must be at least 1, got {value}")
+        if self.seqlen < 2:
+            raise HealError(f"--seqlen must be at least 2, got {self.seqlen}")
+        if not self.lr > 0 or not self.epochs > 0:
+            raise HealError("--lr and --epochs must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise HealError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise HealError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
+        if self.temperature <= 0:
+            raise HealError(f"--temperature must be positive, got {self.temperature}")
+        stages_ok(self.stages, bundles)
+
+
+def depth_bundles(bundles: tuple[str, ...]) -> tuple[str, ...]:
+    """The bundles that hold whole layers, in restore order (`_width` is not a stage)."""
+    return tuple(b for b in bundles if not b.startswith("_"))
+
+
+def stages_ok(stages: tuple[str, ...], bundles: tuple[str, ...]) -> None:
+    """Stages are A, then bundles in the order restore puts them back, none skipped."""
+    layers = depth_bundles(bundles)
+    want = ("A", *layers)
+    if not stages or stages != want[: len(stages)]:
+        have = ",".join(want)
+        raise HealError(
+            f"--stages {','.join(stages)}: stages start at A and follow the bundles in order "
+            f"without gaps (this output allows a prefix of {have})"
+        )
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())

@@ -1,0 +1,363 @@
+"""Staged recovery: A, then A with bundle B's layers back, then with C's, one adapter each.
+
+Stage A trains on the pruned model A and merges. Stage B starts from the
+restore machinery's `restore --upto B` (A's layers, unhealed, with B's
+original layers back at their original positions), puts the healed weights of
+every layer the previous stage had back in, trains a new adapter on the whole
+and merges; C likewise. The result is one network usable at three depths.
+
+Each stage is written as `HEALED/STAGE`: the unhealed counterpart's files
+(config.json and its `plancc` block, tokenizer, layers map) with its weight
+files rewritten tensor for tensor, so it loads the way the unhealed model does
+(stock `from_pretrained` or `executor.load`); its adapter in peft's own format
+in `adapter/`, its loss curve (`loss.json`, `loss.png`) and `heal.json`. The
+stage's base (what `PeftModel.from_pretrained` takes) is `OUT/A` for stage A;
+for a later stage it is the previous healed stage with the bundle's layers put
+back, which `stage_base` rebuilds.
+
+`HEALED/` appears only when every stage is done (a staging directory beside
+it, `executor.outdir`); finished stages and resumable training state wait in
+`HEALED.work/` meanwhile, which `--resume` picks up and success removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compiler.checkpoint import architecture_of, read_config, tensor_index
+from executor.heal.data import TrainingText, training_windows
+from executor.heal.lora import merged, trainable
+from executor.heal.options import HealError, HealOptions, depth_bundles
+from executor.heal.train import TrainLog, train
+from executor.layout import LAYERS_MAP, MANIFEST, PRUNE_LOG
+
+HEAL_MANIFEST = "heal.json"
+ADAPTER_DIR = "adapter"
+APPLY_METADATA = (MANIFEST, PRUNE_LOG)  # an apply output's records, not a model's files
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    path: Path  # where it is installed: HEALED/NAME
+    unhealed: Path  # its unhealed counterpart
+    layers: tuple[int, ...]  # original index of each of its layers
+    log: TrainLog
+
+
+@dataclass(frozen=True)
+class HealResult:
+    dest: Path
+    stages: tuple[StageResult, ...]
+    seconds: float
+    report: str | None  # the markdown table (None: --eval-limit 0)
+
+
+def work_dir(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".work")
+
+
+def unhealed_stage(root: Path, stage: str, work: Path) -> tuple[Path, tuple[int, ...]]:
+    """The stage's unhealed model directory and the original index of each layer."""
+    if stage == "A":
+        layers = json.loads((root / "A" / LAYERS_MAP).read_text(encoding="utf-8"))
+        return root / "A", tuple(layers["new_to_original"])
+    from executor.restore import restore
+
+    where = work / f"unhealed-{stage}"
+    record = work / f"unhealed-{stage}.layers.json"
+    if not (where / "config.json").is_file() or not record.is_file():
+        result = restore(root, stage, where, force=True)
+        record.write_text(json.dumps(list(result.layers)), encoding="utf-8")
+    return where, tuple(json.loads(record.read_text(encoding="utf-8")))
+
+
+def carry_over(
+    model: Any,
+    arch: Any,
+    layers: tuple[int, ...],
+    previous: dict[str, Any],
+    previous_layers: tuple[int, ...],
+) -> None:
+    """Load the previous stage's weights into `model`: every non-layer tensor, and every
+    layer the previous stage had, found by its original index."""
+    import torch
+
+    where = {orig: j for j, orig in enumerate(layers)}
+    renamed: dict[str, torch.Tensor] = {}
+    prefixes = [(arch.layer_prefix.format(i=j), j) for j in range(len(previous_layers))]
+    for name, value in previous.items():
+        for prefix, j in prefixes:
+            if name.startswith(prefix):
+                new = arch.layer_prefix.format(i=where[previous_layers[j]])
+                renamed[new + name[len(prefix) :]] = value
+                break
+        else:
+            renamed[name] = value
+    own = model.state_dict()
+    missing = [n for n in renamed if n not in own or own[n].shape != renamed[n].shape]
+    if missing:
+        raise HealError(f"the previous stage's weights do not fit this stage: {missing[:3]}")
+    model.load_state_dict(renamed, strict=False)
+
+
+def stage_base(healed: Path, root: Path, stage: str, device: str = "cpu", dtype: Any = None) -> Any:
+    """The model a stage's adapter was trained on (`PeftModel.from_pretrained` takes it):
+    OUT/A for stage A; otherwise the previous healed stage with this stage's bundle back."""
+    from executor.loader import load
+
+    if stage == "A":
+        return load(root / "A", device, dtype)
+    stages = ("A", *depth_bundles(_bundles(root)))
+    previous = stages[stages.index(stage) - 1]
+    work = work_dir(healed)
+    work.mkdir(parents=True, exist_ok=True)
+    where, layers = unhealed_stage(root, stage, work)
+    model = load(where, device, dtype)
+    before = load(healed / previous, device, dtype)
+    prev_layers = tuple(json.loads((healed / previous / HEAL_MANIFEST).read_text())["layers"])
+    arch = architecture_of(read_config(where), str(where / "config.json"))
+    carry_over(model, arch, layers, before.state_dict(), prev_layers)
+    return model
+
+
+def write_stage(model: Any, unhealed: Path, dest: Path) -> None:
+    """`unhealed`'s files with every weight tensor taken from `model` (same names and
+    shapes, the file's dtype); tensors the model does not hold by that name (tied, or
+    fused in memory) are copied. Refuses a trained weight that would not be written."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    weights = {info.file for info in tensor_index(unhealed).values()}
+    for item in unhealed.iterdir():
+        if item.is_file() and item.name not in weights and item.name not in APPLY_METADATA:
+            shutil.copyfile(item, dest / item.name)
+    state = model.state_dict()
+    written: set[str] = set()
+    for file in sorted(weights):
+        tensors = {}
+        with safe_open(str(unhealed / file), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                old = fh.get_tensor(name)
+                new = state.get(name)
+                if new is not None and tuple(new.shape) == tuple(old.shape):
+                    tensors[name] = new.detach().to("cpu", old.dtype).contiguous()
+                    written.add(name)
+                else:
+                    tensors[name] = old
+        save_file(tensors, str(dest / file), metadata={"format": "pt", **meta})
+    lost = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and n not in written and not _tied(model, n)
+    ]
+    if lost:
+        raise HealError(
+            f"trained weights with no tensor of that name on disk: {lost[:3]} (fused "
+            "experts?); use --method lora, which leaves routed experts alone"
+        )
+
+
+def _tied(model: Any, name: str) -> bool:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return (
+        name.endswith("lm_head.weight")
+        and out is not None
+        and inp is not None
+        and out.weight is inp.weight
+    )
+
+
+def _bundles(root: Path) -> tuple[str, ...]:
+    from executor.restore import Applied
+
+    return Applied.read(root).bundle_names
+
+
+def _stage_manifest(
+    opts: HealOptions,
+    stage: str,
+    base: str,
+    layers: tuple[int, ...],
+    text: TrainingText,
+    log: TrainLog,
+) -> dict[str, Any]:
+    return {
+        "tool": "plancc heal",
+        "stage": stage,
+        "base": base,
+        "adapter": ADAPTER_DIR if opts.method == "lora" else None,
+        "layers": list(layers),
+        "method": opts.method,
+        "teacher": opts.teacher,
+        "data": {
+            "name": text.name,
+            "text_sha256": text.text_sha256,
+            "windows": len(text.windows),
+            "windows_sha256": data_hash(text.windows),
+        },
+        "steps": log.steps,
+        "batches": log.batches,
+        "tokens": log.tokens,
+        "seconds": round(log.seconds, 3),
+        "tokens_per_second": round(log.tokens_per_second, 1),
+        "resumed_at_batch": log.resumed_at,
+        "options": {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in vars(opts).items()
+            if k not in ("out", "dest", "progress", "force", "resume", "extra")
+        },
+        "loss_curve": "loss.json",
+    }
+
+
+def _write_curve(log: TrainLog, dest: Path, title: str) -> None:
+    (dest / "loss.json").write_text(json.dumps(log.curve, indent=1) + "\n", encoding="utf-8")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [c["step"] for c in log.curve]
+    ax.plot(steps, [c["loss"] for c in log.curve], label="training loss")
+    if any(c["loss"] != c["lm_loss"] for c in log.curve):
+        ax.plot(steps, [c["lm_loss"] for c in log.curve], label="LM loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats per token")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def heal(opts: HealOptions) -> HealResult:
+    """Run every stage; install HEALED/ when all are done."""
+    import torch
+
+    from executor.loader import load
+    from executor.outdir import OutputError, check_destination, staged_output
+    from executor.restore import RestoreError
+
+    started = time.perf_counter()
+    try:
+        bundles = _bundles(opts.out)
+    except RestoreError as exc:
+        raise HealError(str(exc)) from None
+    opts.validate(bundles)
+    try:
+        check_destination(opts.dest, opts.force, [opts.out])
+    except OutputError as exc:
+        raise HealError(str(exc)) from None
+    work = work_dir(opts.dest)
+    if work.exists() and not opts.resume:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(opts.out / "A")
+    text = training_windows(opts.data, tokenizer, opts.seqlen, opts.data_files, opts.max_windows)
+    teacher = None
+    if opts.teacher == "original":
+        teacher = load(original_model(opts.out, work), opts.device, torch.float32)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    results: list[StageResult] = []
+    previous: tuple[dict[str, Any], tuple[int, ...]] | None = None
+    for stage in opts.stages:
+        finished = work / f"stage-{stage}"
+        unhealed, layers = unhealed_stage(opts.out, stage, work)
+        if opts.resume and (finished / HEAL_MANIFEST).is_file():
+            record = json.loads((finished / HEAL_MANIFEST).read_text(encoding="utf-8"))
+            log = TrainLog(record["steps"], record["batches"], record["tokens"], record["seconds"])
+            log.curve = json.loads((finished / "loss.json").read_text(encoding="utf-8"))
+            done = load(finished, opts.device, torch.float32)
+            previous = ({k: v.clone() for k, v in done.state_dict().items()}, layers)
+            results.append(StageResult(stage, opts.dest / stage, unhealed, layers, log))
+            continue
+        model = load(unhealed, opts.device, torch.float32)
+        arch = architecture_of(read_config(unhealed), str(unhealed / "config.json"))
+        if previous is not None:
+            carry_over(model, arch, layers, previous[0], previous[1])
+        if opts.checkpointing:
+            _checkpointing(model)
+        torch.manual_seed(opts.seed)  # LoRA's initial A matrices: one seed, one result
+        model = trainable(model, arch, opts)
+        log = train(model, text.windows, opts, teacher, work / f"train-{stage}.pt", f"heal {stage}")
+        if finished.exists():
+            shutil.rmtree(finished)
+        finished.mkdir(parents=True)
+        if opts.method == "lora":
+            model.save_pretrained(str(finished / ADAPTER_DIR))
+            _point_adapter_at_base(finished / ADAPTER_DIR, stage, opts.out)
+        model = merged(model, opts)
+        write_stage(model, unhealed, finished)
+        base = "OUT/A"
+        if stage != "A":
+            base = f"HEALED/{opts.stages[opts.stages.index(stage) - 1]} with bundle {stage} back"
+        manifest = _stage_manifest(opts, stage, base, layers, text, log)
+        _write_curve(log, finished, f"plancc heal: stage {stage}")
+        (finished / HEAL_MANIFEST).write_text(
+            json.dumps(manifest, indent=2) + "\n", encoding="utf-8"
+        )
+        previous = ({k: v.detach().clone() for k, v in model.state_dict().items()}, layers)
+        results.append(StageResult(stage, opts.dest / stage, unhealed, layers, log))
+        del model
+    report = None
+    if opts.eval_limit:
+        from executor.heal.report import report_tables
+
+        report = report_tables(opts, results, work)
+    try:
+        with staged_output(opts.dest, "heal", True, inputs=[opts.out]) as tmp:
+            for r in results:
+                shutil.move(str(work / f"stage-{r.name}"), str(tmp / r.name))
+            if report is not None:
+                (tmp / "report.md").write_text(report[0] + "\n", encoding="utf-8")
+                (tmp / "report.json").write_text(report[1] + "\n", encoding="utf-8")
+    except OutputError as exc:
+        raise HealError(str(exc)) from None
+    shutil.rmtree(work, ignore_errors=True)
+    return HealResult(
+        opts.dest, tuple(results), time.perf_counter() - started, report[0] if report else None
+    )
+
+
+def original_model(root: Path, work: Path) -> Path:
+    """The original model, rebuilt from A and every bundle (the teacher, the report's
+    first row), once per run."""
+    from executor.restore import restore
+
+    where = work / "original"
+    if not (where / "config.json").is_file():
+        restore(root, "all", where, force=True)
+    return where
+
+
+def _point_adapter_at_base(adapter: Path, stage: str, root: Path) -> None:
+    """peft records the base model's path; stage A's is OUT/A."""
+    config = adapter / "adapter_config.json"
+    data = json.loads(config.read_text(encoding="utf-8"))
+    data["base_model_name_or_path"] = str((root / "A").resolve()) if stage == "A" else None
+    config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _checkpointing(model: Any) -> None:
+    """Gradient checkpointing (transformers 5 calls it activation checkpointing)."""
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def data_hash(windows: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps(windows).encode()).hexdigest()
