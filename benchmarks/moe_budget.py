@@ -61,7 +61,8 @@ def main() -> None:
         kept = outcome.chosen.params / total
         return name, kept, got, took, outcome.chosen.candidate.label
 
-    rows = []
+    head = f"{'target':>6}  {'plan':<44} {'kept':>6} {'ppl':>7}"
+    print(head + (f" {'unseen':>8}" if args.unseen else "") + f" {'time':>6}  chosen", flush=True)
     for target in (float(t) for t in args.targets.split(",")):
         keep = round(total * target)
         drops = drops_for(facts, keep)
@@ -76,14 +77,10 @@ def main() -> None:
         ]
         for i, (name, kw) in enumerate(cases):
             opts = Options(args.model, plan.with_name(f"{plan.name}-{i}.prn"), progress=False, **kw)
-            rows.append((target, *measured(name, opts)))
-
-    head = f"{'target':>6}  {'plan':<44} {'kept':>6} {'ppl':>7}"
-    print(head + (f" {'unseen':>8}" if args.unseen else "") + f" {'time':>6}  chosen")
-    for target, name, kept, got, took, label in rows:
-        cells = f"{target:>6}  {name:<44} {kept:>6.1%} {got[0]:>7.2f}"
-        cells += f" {got[1]:>8.2f}" if args.unseen else ""
-        print(cells + f" {took:>5.0f}s  {label}")
+            name, kept, got, took, label = measured(name, opts)
+            cells = f"{target:>6}  {name:<44} {kept:>6.1%} {got[0]:>7.2f}"
+            cells += f" {got[1]:>8.2f}" if args.unseen else ""
+            print(cells + f" {took:>5.0f}s  {label}", flush=True)
 
 
 if __name__ == "__main__":

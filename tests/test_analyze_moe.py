@@ -134,7 +134,7 @@ def test_target_params_budgets_expert_drops_and_width(arch: str, tmp_path: Path,
 
 
 def test_moe_budget_candidates_are_the_widest_at_the_target(tmp_path: Path) -> None:
-    """Every split is within the budget and one width step wider would not be; the ends
+    """Every split is within the budget and one width step (8) wider would not be; the ends
     are width only (no drops) and drops only (no width)."""
     import dataclasses
 
@@ -155,7 +155,7 @@ def test_moe_budget_candidates_are_the_widest_at_the_target(tmp_path: Path) -> N
     for c in cands:
         assert c.params(facts) <= keep
         if c.expert_width is not None:
-            wider = dataclasses.replace(c, expert_width=c.expert_width + 1)
+            wider = dataclasses.replace(c, expert_width=c.expert_width + 8)  # one step
             assert wider.params(facts) > keep, c.label
             assert c.expert_width_metric == "wanda"
     only_drops = [c for c in cands if c.expert_width is None]
@@ -288,3 +288,16 @@ def test_allocation_follows_the_measured_curves_and_keeps_groups_equal() -> None
     cand = allocate_experts(facts, tables, "routing_weight", 2, counts, curves, rescale=True)
     assert cand.experts_dropped == {0: (), 1: (0, 1, 4, 5)}  # the lowest two of each group
     assert cand.experts_rescale and "allocated over layers by measured loss" in cand.label
+
+
+def test_drop_and_shrink_experts_together(tmp_path: Path) -> None:
+    """`--drop-experts` with `--shrink-experts`: every candidate drops and narrows."""
+    model = _model(tmp_path, "mixtral")
+    plan = tmp_path / "plan.prn"
+    both = ["--drop-experts", "0.25", "--shrink-experts", "0.5"]
+    assert plangen(["analyze", str(model), "-o", str(plan), *SMALL, *both]) == 0
+    text = plan.read_text()
+    listed = [line for line in text.splitlines() if line.startswith("#   ")]
+    assert listed and all("+ shrink: 50% of the channels of experts" in line for line in listed)
+    assert "drop experts" in text and "experts width 48 by wanda" in text
+    assert check_file(plan).ok
