@@ -202,3 +202,28 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(
     assert result.stages[0].log.resumed_at == 6
     for f in files:
         assert (dest / f).read_bytes() == (full / f).read_bytes()
+
+
+def test_lora_on_a_heterogeneous_moe_result_trains_attention_and_shared_expert(
+    tmp_path: Path,
+) -> None:
+    """Layers with different expert counts (the plancc loader): LoRA reaches attention and
+    the shared expert; the fused routed experts are left as they were, and are written."""
+    from safetensors.torch import load_file
+
+    from executor.apply import apply_plan
+    from executor.heal.stages import heal
+
+    model = add_char_tokenizer(make_tiny_model(tmp_path, "qwen2_moe"))
+    plan = "moe layers 0 drop experts 1\nmoe layers 1 drop experts 0, 2\n"
+    apply_plan(write_plan(tmp_path, model, plan), tmp_path / "out")
+    heal(_opts(tmp_path / "out", tmp_path / "healed", lr=5e-3))
+    before = load_file(tmp_path / "out" / "A" / "model.safetensors")
+    after = load_file(tmp_path / "healed" / "A" / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert "model.layers.1.self_attn.q_proj.weight" in changed
+    assert "model.layers.0.mlp.shared_expert.down_proj.weight" in changed
+    assert not any(".experts." in n for n in changed)
+    ids = torch.tensor(_windows(tmp_path / "out", 2))
+    assert _logits(tmp_path / "healed" / "A", ids).shape[-1] == 128

@@ -136,7 +136,9 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--resume", action="store_true", help="continue a killed run from HEALED.work/")
     tr.add_argument("--device", help="cpu or cuda (default: cuda when available; bf16 autocast)")
     kd = p.add_argument_group("distillation (--teacher original)")
-    kd.add_argument("--temperature", type=float, default=2.0, help="softmax temperature (2)")
+    kd.add_argument(
+        "--temperature", type=float, default=1.0, help="softmax temperature (default 1)"
+    )
     kd.add_argument(
         "--kd-weight", type=float, default=1.0, help="loss = w·KL + (1 − w)·LM loss (default 1)"
     )

@@ -36,7 +36,7 @@ class HealOptions:
     warmup: int = 3
     seed: int = 0
     device: str = "cpu"
-    temperature: float = 2.0  # distillation: both distributions at this temperature
+    temperature: float = 1.0  # distillation: both at this temperature (Minitron: 1)
     kd_weight: float = 1.0  # distillation: loss = w * KL + (1 - w) * LM loss
     teacher_topk: int = 0  # distillation: KL over the teacher's top k tokens (0: all)
     max_windows: int | None = None  # train on at most this many windows (tests, smoke runs)

@@ -269,7 +269,10 @@ def heal(opts: HealOptions) -> HealResult:
     text = training_windows(opts.data, tokenizer, opts.seqlen, opts.data_files, opts.max_windows)
     teacher = None
     if opts.teacher == "original":
-        teacher = load(original_model(opts.out, work), opts.device, torch.float32)
+        # bf16 on a GPU: the teacher only runs forward, and an 8B one then takes 16 GB
+        cuda = str(opts.device).startswith("cuda")
+        dtype = torch.bfloat16 if cuda else torch.float32
+        teacher = load(original_model(opts.out, work), opts.device, dtype)
         for p in teacher.parameters():
             p.requires_grad_(False)
     results: list[StageResult] = []
