@@ -19,13 +19,10 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
+    from executor.commands import _default_device
     from executor.heal.stages import heal
 
-    device = args.device
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device or _default_device()
     opts = HealOptions(
         out=args.out_dir,
         dest=args.output,

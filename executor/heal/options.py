@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 METHODS = ("lora", "full")
@@ -46,7 +46,6 @@ class HealOptions:
     force: bool = False
     eval_limit: int = 24  # evaluation windows of the report (0: no report)
     progress: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
 
     def validate(self, bundles: tuple[str, ...]) -> None:
         """HealError naming the option and the fix for anything that cannot run."""

@@ -214,7 +214,7 @@ def _stage_manifest(
         "options": {
             k: (list(v) if isinstance(v, tuple) else v)
             for k, v in vars(opts).items()
-            if k not in ("out", "dest", "progress", "force", "resume", "extra")
+            if k not in ("out", "dest", "progress", "force", "resume")
         },
         "loss_curve": "loss.json",
     }
