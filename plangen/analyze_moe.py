@@ -27,9 +27,10 @@ from typing import Any
 from compiler.checkpoint import CheckpointFacts
 from compiler.facts import ModelFacts
 from compiler.sidecar import table_name
+from plangen.calibrate import LayerStats, watch_inputs
 from plangen.candidate import original_params
 from plangen.metrics.router import NAEE, ROUTER_METRICS, collect_router, naee_orders
-from plangen.scores import ScoreTables, read_sidecar
+from plangen.scores import ScoreTables, read_sidecar, unit_tables
 from plangen.strategies import StrategyError
 from plangen.strategies.experts import (
     DEFAULT_DROP_EXPERTS,
@@ -40,7 +41,7 @@ from plangen.strategies.experts import (
     probe_counts,
     shrink_experts,
 )
-from plangen.strategies.moe_budget import drops_for, moe_budget
+from plangen.strategies.moe_budget import drops_for, group_counts, moe_budget
 
 # NAEE's search with `rescale` in its error is its own ranking.
 NAEE_RESCALED = "naee_rescaled"
@@ -99,6 +100,12 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
             f"{opts.calib}; {size.describe(experts)}",
         )
         mark = time.perf_counter()
+        # A budget also weighs the dense axes: the same pass measures the inputs of
+        # every layer's o_proj and dense down_proj (KV groups, dense MLP channels).
+        unit_stats = [LayerStats() for _ in range(facts.layers or 0)]
+        watch = None
+        if size.keep_params is not None:
+            watch = lambda: watch_inputs(model, ckpt.arch, unit_stats)  # noqa: E731
         stats = collect_router(
             model,
             layers,
@@ -108,6 +115,7 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
             batch_size=opts.batch_size,
             device=opts.device,
             progress=opts.progress,
+            also=watch,
         )
         forward = time.perf_counter() - mark
         passes += 1.0
@@ -122,6 +130,8 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
                 tables[table_name(WIDTH_SCORE, k, "experts_ffn")] = layer_stats.expert_channels
             if layer_stats.shared_channels is not None:
                 tables[table_name(WIDTH_SCORE, k, "shared")] = layer_stats.shared_channels
+        if watch is not None:
+            tables |= unit_tables(model, ckpt.arch, facts, unit_stats, WIDTH_SCORE)
         mark = time.perf_counter()
         prob = {k: tables[table_name("router_prob", k, "experts")] for k in moe_layers}
         for name, rescaled in ((NAEE, None), (NAEE_RESCALED, prob)):
@@ -200,7 +210,7 @@ class Size:
         if self.keep_params is not None:
             return (
                 f"a budget of {self.keep_params:,} parameters over expert drops (up to "
-                f"{self.drop} of {experts} per MoE layer) and expert width"
+                f"{self.drop} of {experts} per MoE layer), expert width and KV groups"
             )
         parts = [f"{self.drop} of {experts} experts to drop per MoE layer"] if self.drop else []
         if self.shrink is not None:
@@ -291,13 +301,20 @@ def _budgeted(
     allocation: tuple[list[int], dict[int, Any]] | None,
 ) -> list[Any]:
     """`--target-params` on a MoE model: the splits of `moe_budget` for every score;
-    ALLOCATE_BY's also allocated over layers and with the shared expert narrowed too
-    (one score's worth: on the fixture, narrowing the shared expert lost every time)."""
+    ALLOCATE_BY's also allocated over layers, with the shared expert narrowed too and
+    with KV groups dropped (one score's worth of each: on the fixture, narrowing the
+    shared expert lost every time). KV groups only where every layer's were scored
+    (a sidecar of `--drop-experts` has no attention tables)."""
+    n = facts.layers or 0
+    scored = all(scores.has(table_name(WIDTH_SCORE, i, "attn")) for i in range(n))
     cands = []
     for m in metrics:
         main = m == ALLOCATE_BY
         use = allocation if main else None
-        cands += moe_budget(facts, scores.tables, keep_params, m, WIDTH_SCORE, use, shared=main)
+        groups = group_counts(facts) if main and scored else [0]
+        cands += moe_budget(
+            facts, scores.tables, keep_params, m, WIDTH_SCORE, use, shared=main, groups=groups
+        )
     return cands
 
 
@@ -310,6 +327,8 @@ def _distinct(cands: list[Any]) -> list[Any]:
             c.experts_rescale,
             c.expert_width,
             c.shared_width,
+            tuple(sorted(c.groups_dropped.items())),
+            tuple(sorted(c.mlp_width.items())),
         )
         if key not in seen:
             seen.add(key)

@@ -148,22 +148,7 @@ def collect(
     states: dict[int, torch.Tensor] = {}
     handles = watch_residual(layers_mod, states)
 
-    def moments(target: InputMoments) -> Any:
-        def hook(_module: Any, args: tuple[Any, ...]) -> None:
-            target.update(args[0])
-
-        return hook
-
-    for k in range(n):
-        for space, target in (("q", stats[k].attn_in), ("ffn", stats[k].mlp_in)):
-            spec = output_projection(arch.attention + arch.dense_mlp, space)
-            if spec is None:
-                continue
-            try:
-                module = model.get_submodule(module_path(arch, k, spec))
-            except AttributeError:
-                continue  # a MoE layer has no dense down_proj
-            handles.append(module.register_forward_pre_hook(moments(target)))
+    handles += watch_inputs(model, arch, stats)
 
     params = dict(model.named_parameters())
     watched = {k: _layer_parameters(params, arch, k) for k in range(n)} if gradients else {}
@@ -228,6 +213,31 @@ def collect(
         for name, p in model.named_parameters():
             p.requires_grad_(was_grad[name])
     return Calibration(depth, stats, batches, tokens, loss_sum / max(tokens, 1), gradients)
+
+
+def watch_inputs(model: Any, arch: Architecture, stats: Sequence[LayerStats]) -> list[Any]:
+    """Hooks that feed every layer's o_proj and dense down_proj inputs into its
+    `LayerStats` (`attn_in`, `mlp_in`); a MoE layer has no dense down_proj, so only
+    its attention is watched. The caller removes the handles."""
+
+    def moments(target: InputMoments) -> Any:
+        def hook(_module: Any, args: tuple[Any, ...]) -> None:
+            target.update(args[0])
+
+        return hook
+
+    handles = []
+    for k, layer_stats in enumerate(stats):
+        for space, target in (("q", layer_stats.attn_in), ("ffn", layer_stats.mlp_in)):
+            spec = output_projection(arch.attention + arch.dense_mlp, space)
+            if spec is None:
+                continue
+            try:
+                module = model.get_submodule(module_path(arch, k, spec))
+            except AttributeError:
+                continue  # a MoE layer has no dense down_proj
+            handles.append(module.register_forward_pre_hook(moments(target)))
+    return handles
 
 
 def _checkpointing(model: Any, on: bool) -> None:

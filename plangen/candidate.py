@@ -48,13 +48,14 @@ class Candidate:
     expert_width: int | None = None
     shared_width: int | None = None
     moe_layers: tuple[int, ...] = ()  # where the widths apply: every MoE layer
-    # The table that picks the experts' channels when it is not `metric` (a candidate
-    # that drops experts by a router score and narrows the rest by a channel score).
+    # The table that picks channels and KV groups when it is not `metric`: a MoE
+    # candidate drops experts by a router score (`metric`) and narrows experts, the
+    # shared expert and dense MLPs and drops KV groups by a channel score.
     width_metric: str | None = None
 
     @property
-    def expert_width_metric(self) -> str:
-        """The table the expert and shared-expert widths keep channels by."""
+    def unit_metric(self) -> str:
+        """The table every width (`by METRIC`) and KV-group choice is made by."""
         return self.width_metric or self.metric
 
     def resolved(self, facts: ModelFacts) -> ResolvedPlan:
@@ -75,15 +76,15 @@ class Candidate:
                     groups_kept=tuple(g for g in lp.groups_kept if g not in gone),
                     attn_compensate=self.compensate and bool(gone),
                     attn_reconstruct=self.reconstruct and bool(gone),
-                    ffn=Channels(width, self.metric) if width is not None else lp.ffn,
+                    ffn=Channels(width, self.unit_metric) if width is not None else lp.ffn,
                     ffn_compensate=self.compensate and width is not None,
                     ffn_reconstruct=self.reconstruct and width is not None,
                     experts_kept=tuple(e for e in lp.experts_kept if e not in experts_gone),
                     experts_rescale=self.experts_rescale and bool(experts_gone),
-                    expert_ffn=Channels(self.expert_width, self.expert_width_metric)
+                    expert_ffn=Channels(self.expert_width, self.unit_metric)
                     if i in self.moe_layers and self.expert_width is not None
                     else lp.expert_ffn,
-                    shared_ffn=Channels(self.shared_width, self.expert_width_metric)
+                    shared_ffn=Channels(self.shared_width, self.unit_metric)
                     if i in self.moe_layers and self.shared_width is not None
                     else lp.shared_ffn,
                 )
@@ -95,9 +96,9 @@ class Candidate:
 
     def kept_channels(self, scores: ScoreTables, layer: int) -> tuple[int, ...]:
         """The channels apply keeps in a narrowed layer (ties to the lower index)."""
-        table = scores.tables.get(table_name(self.metric, layer, "mlp"))
+        table = scores.tables.get(table_name(self.unit_metric, layer, "mlp"))
         if table is None:  # the error names the metrics that were measured
-            table = scores.width(self.metric, layer).channels
+            table = scores.width(self.unit_metric, layer).channels
         return top_channels(np.asarray(table), self.mlp_width[layer])
 
     def kept_inputs(

@@ -50,10 +50,13 @@ def statements(cand: Candidate, scores: ScoreTables, ffn: int) -> list[str]:
             out.append(f"bundle {name} layers {Selection.from_ints(list(layers))}")
     comp = (" compensate" if cand.compensate else "") + (" reconstruct" if cand.reconstruct else "")
     for layer, groups in sorted(cand.groups_dropped.items()):
-        table = scores.width(cand.metric, layer).groups
+        metric = cand.unit_metric
+        table = scores.tables.get(table_name(metric, layer, "attn"))
+        if table is None:  # the error names the metrics that were measured
+            table = scores.width(metric, layer).groups
         out.append(
             f"attn layers {layer} drop groups {Selection.from_ints(list(groups))}{comp}"
-            f"  # {cand.metric}: {_scores_comment(table)}"
+            f"  # {metric}: {_scores_comment(table)}"
         )
     rescale = " rescale" if cand.experts_rescale else ""
     for layer, experts in sorted(cand.experts_dropped.items()):
@@ -65,13 +68,13 @@ def statements(cand: Candidate, scores: ScoreTables, ffn: int) -> list[str]:
     for what, width in (("experts", cand.expert_width), ("shared", cand.shared_width)):
         if width is not None and cand.moe_layers:
             layers = Selection.from_ints(list(cand.moe_layers))
-            out.append(f"moe layers {layers} {what} width {width} by {cand.expert_width_metric}")
+            out.append(f"moe layers {layers} {what} width {width} by {cand.unit_metric}")
     by_width: dict[int, list[int]] = defaultdict(list)
     for layer, width in cand.mlp_width.items():
         by_width[width].append(layer)
     for width, layers in sorted(by_width.items(), key=lambda kv: (min(kv[1]), kv[0])):
         out.append(
-            f"mlp layers {Selection.from_ints(layers)} width {width} by {cand.metric}{comp}"
+            f"mlp layers {Selection.from_ints(layers)} width {width} by {cand.unit_metric}{comp}"
             f"  # keeps {width / ffn:.1%} of {ffn} channels"
         )
     return out

@@ -140,14 +140,14 @@ def _experts_narrowed(
                 mods = moe_modules(layers[k], facts.experts or 0)
                 assert mods is not None
                 if cand.expert_width is not None:
-                    table = scores.tables[table_name(cand.expert_width_metric, k, "experts_ffn")]
+                    table = scores.tables[table_name(cand.unit_metric, k, "experts_ffn")]
                     down = mods.experts.down_proj
                     saved.append((down, down.detach().clone()))
                     for e in range(down.shape[0]):
                         kept = top_channels(table[e], cand.expert_width)
                         down[e][:, complement(np.asarray(kept), down.shape[-1])] = 0
                 if cand.shared_width is not None and mods.shared is not None:
-                    table = scores.tables[table_name(cand.expert_width_metric, k, "shared")]
+                    table = scores.tables[table_name(cand.unit_metric, k, "shared")]
                     w = mods.shared.weight
                     saved.append((w, w.detach().clone()))
                     kept = top_channels(table, cand.shared_width)

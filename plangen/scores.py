@@ -32,7 +32,7 @@ from plangen.metrics import OBS, LayerScores
 RECONSTRUCT = "reconstruct"  # tables `reconstruct.L.attn|mlp`: re-solved weights (float32)
 
 if TYPE_CHECKING:
-    from plangen.calibrate import Calibration
+    from plangen.calibrate import Calibration, LayerStats
     from plangen.metrics.inputs import LayerInputs
 
 
@@ -98,20 +98,48 @@ def geometry(facts: ModelFacts) -> Geometry:
 
 
 def layer_inputs(
-    model: Any, arch: Architecture, facts: ModelFacts, calib: Calibration, seed: int
+    model: Any,
+    arch: Architecture,
+    facts: ModelFacts,
+    stats: Sequence[LayerStats],
+    seed: int,
+    layers: Sequence[int] | None = None,
 ) -> Iterator[LayerInputs]:
+    """What the width metrics read of each of `layers` (default: the dense ones); a
+    MoE layer's holds its attention only."""
     from plangen.metrics.inputs import LayerInputs
 
     params = dict(model.named_parameters())
     specs = arch.attention + arch.dense_mlp
     geom = geometry(facts)
-    for i in dense_layers(facts):
+    for i in dense_layers(facts) if layers is None else layers:
         prefix = arch.layer_prefix.format(i=i)
         weights = {
             s.name: params[prefix + s.name].detach() for s in specs if prefix + s.name in params
         }
         present = tuple(s for s in specs if s.name in weights)
-        yield LayerInputs(i, weights, present, calib.layers[i], geom, seed)
+        yield LayerInputs(i, weights, present, stats[i], geom, seed)
+
+
+def unit_tables(
+    model: Any, arch: Architecture, facts: ModelFacts, stats: Sequence[LayerStats], metric: str
+) -> dict[str, np.ndarray]:
+    """A forward-only width metric's KV-group table of every layer and MLP-channel table
+    of every dense layer, on a MoE model: what its parameter budget drops groups and
+    narrows dense MLPs by (`plangen.strategies.moe_budget`). `stats` come from
+    `calibrate.watch_inputs` hooked into the router pass."""
+    from plangen.metrics.registry import WIDTH_METRICS
+
+    tables: dict[str, np.ndarray] = {}
+    every = range(facts.layers or 0)
+    for layer in layer_inputs(model, arch, facts, stats, 0, layers=every):
+        if not layer.stats.attn_in.count:
+            continue
+        scores = WIDTH_METRICS[metric].score(layer)
+        tables[table_name(metric, layer.index, "attn")] = scores.groups
+        if not facts.is_moe_layer(layer.index) and layer.stats.mlp_in.count:
+            tables[table_name(metric, layer.index, "mlp")] = scores.channels
+    return tables
 
 
 def compute_tables(
@@ -127,7 +155,7 @@ def compute_tables(
     from plangen.metrics.registry import WIDTH_METRICS
 
     tables: dict[str, np.ndarray] = {}
-    for layer in layer_inputs(model, arch, facts, calib, seed):
+    for layer in layer_inputs(model, arch, facts, calib.layers, seed):
         for name in metrics:
             scores = WIDTH_METRICS[name].score(layer)
             tables[table_name(name, layer.index, "attn")] = scores.groups

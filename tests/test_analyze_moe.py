@@ -21,6 +21,10 @@ SMALL = ["--nsamples", "3", "--seqlen", "24", "--heldout", "2", "--batch-size", 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen2moe-tiny"
 
 
+# 8 query heads in 4 KV groups of 8 dims: enough groups for the budget to try dropping one.
+FOUR_GROUPS = {"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8}
+
+
 def _model(tmp_path: Path, arch: str) -> Path:
     from conftest import add_char_tokenizer, make_tiny_model
 
@@ -157,7 +161,7 @@ def test_moe_budget_candidates_are_the_widest_at_the_target(tmp_path: Path) -> N
         if c.expert_width is not None:
             wider = dataclasses.replace(c, expert_width=c.expert_width + 8)  # one step
             assert wider.params(facts) > keep, c.label
-            assert c.expert_width_metric == "wanda"
+            assert c.unit_metric == "wanda"
     only_drops = [c for c in cands if c.expert_width is None]
     assert [c.experts_dropped for c in only_drops] == [{0: (1,), 1: (1,)}]
     assert only_drops[0].experts_rescale
@@ -301,3 +305,105 @@ def test_drop_and_shrink_experts_together(tmp_path: Path) -> None:
     assert listed and all("+ shrink: 50% of the channels of experts" in line for line in listed)
     assert "drop experts" in text and "experts width 48 by wanda" in text
     assert check_file(plan).ok
+
+
+def test_moe_budget_weighs_kv_groups_and_dense_mlps(tmp_path: Path) -> None:
+    """The dense axes of a MoE budget: candidates that drop the lowest KV group of every
+    layer by `wanda.L.attn` (the attention tables of the router pass), and a dense MLP
+    layer (Qwen's `mlp_only_layers`) narrowed by the experts' fraction, all within the
+    budget; without attention tables (a `--drop-experts` sidecar) no groups are tried."""
+    from conftest import add_char_tokenizer, make_tiny_model
+
+    from compiler.checkpoint import load_checkpoint_facts
+    from plangen.analyze import model_facts
+    from plangen.candidate import original_params
+    from plangen.strategies.moe_budget import group_counts, groups_dropped, moe_budget
+
+    model = add_char_tokenizer(
+        make_tiny_model(tmp_path, "qwen2_moe", mlp_only_layers=[0], **FOUR_GROUPS)
+    )
+    facts = model_facts(load_checkpoint_facts(model))
+    assert [facts.is_moe_layer(i) for i in (0, 1)] == [False, True]
+    assert group_counts(facts) == [0, 1]  # a quarter of 4 KV groups
+    two = model_facts(load_checkpoint_facts(make_tiny_model(tmp_path, "qwen2_moe", name="two")))
+    assert group_counts(two) == [0]  # 1 of 2 would be half the attention
+    keep = round(0.8 * original_params(facts))
+    tables = {
+        "routing_weight.1.experts": np.array([4.0, 1.0, 3.0, 2.0]),
+        "wanda.1.experts_ffn": np.tile(np.arange(32.0), (4, 1)),
+        "wanda.0.attn": np.array([2.0, 1.0, 3.0, 4.0]),
+        "wanda.1.attn": np.array([1.0, 2.0, 3.0, 4.0]),
+        "wanda.0.mlp": np.arange(96.0),
+    }
+    assert groups_dropped(facts, tables, 1, "wanda") == {0: (1,), 1: (0,)}
+    cands = moe_budget(facts, tables, keep, "routing_weight", "wanda", groups=[0, 1])
+    with_groups = [c for c in cands if c.groups_dropped]
+    assert with_groups and len(with_groups) < len(cands)
+    for c in cands:
+        assert c.params(facts) <= keep, c.label
+        if c.expert_width is not None:  # the dense layer narrowed by the same fraction
+            assert c.mlp_width == {0: round(96 * c.expert_width / 32 / 8) * 8}, c.label
+            assert "dense MLP width" in c.label
+        if c.groups_dropped:
+            assert c.groups_dropped == {0: (1,), 1: (0,)}
+            assert c.unit_metric == "wanda" and "1 of 4 KV groups dropped" in c.label
+
+    # Attention alone costs a share of the budget, so those candidates drop fewer experts.
+    def most(cs: list) -> int:
+        return max(len(c.experts_dropped.get(1, ())) for c in cs)
+
+    assert most(with_groups) <= most([c for c in cands if not c.groups_dropped])
+
+
+def test_target_params_plan_with_kv_groups_equals_its_measurement(tmp_path: Path) -> None:
+    """`--target-params` on a MoE model measures its KV-group candidates as `plancc
+    apply` writes them: the plan's `attn ... drop groups` statements (scored by wanda in
+    the router pass) applied give the logits of `heldout.applied` on the candidate."""
+    import torch
+    from conftest import add_char_tokenizer, make_tiny_model
+
+    from compiler.checkpoint import load_checkpoint_facts
+    from executor.apply import apply_plan
+    from executor.loader import load
+    from plangen.analyze import model_facts
+    from plangen.candidate import Candidate
+    from plangen.heldout import applied
+    from plangen.scores import read_sidecar
+
+    model = add_char_tokenizer(make_tiny_model(tmp_path, "qwen2_moe", **FOUR_GROUPS))
+    budget = tmp_path / "budget.prn"
+    assert (
+        plangen(["analyze", str(model), "-o", str(budget), *SMALL, "--target-params", "0.8"]) == 0
+    )
+    text = budget.read_text()
+    assert "KV groups dropped per layer by wanda" in text  # among the candidates listed
+    scores = read_sidecar(tmp_path / "budget.scores.safetensors")
+    assert scores.has("wanda.0.attn") and scores.has("wanda.1.attn")
+    header = text.split("\nmoe layers", 1)[0].split("\nattn layers", 1)[0]
+    low = {i: int(np.argmin(scores.tables[f"wanda.{i}.attn"])) for i in (0, 1)}
+    plan = tmp_path / "plan.prn"
+    plan.write_text(
+        header + f"\nattn layers 0 drop groups {low[0]}\nattn layers 1 drop groups {low[1]}"
+        "\nmoe layers 0..1 drop experts 3 rescale\n"
+    )
+    result = check_file(plan)
+    assert result.ok, result.errors
+    ck = load_checkpoint_facts(model)
+    facts = model_facts(ck)
+    cand = Candidate(
+        "moe_budget",
+        "",
+        metric="routing_weight",
+        groups_dropped={0: (low[0],), 1: (low[1],)},
+        experts_dropped={0: (3,), 1: (3,)},
+        experts_rescale=True,
+        width_metric="wanda",
+    )
+    out = tmp_path / "o"
+    apply_plan(plan, out)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    ref = load(model, "cpu", torch.float32)
+    with torch.no_grad(), applied(ref, ck.arch, facts, cand, scores):
+        want = ref(input_ids=ids).logits
+    got = load(out / "A", "cpu", torch.float32)(input_ids=ids).logits.detach()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

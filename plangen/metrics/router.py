@@ -30,7 +30,7 @@ renormalization decide the rest: exactly what the pruned model computes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,12 +208,15 @@ def collect_router(
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
+    also: Callable[[], list[Any]] | None = None,
 ) -> dict[int, RouterStats]:
-    """One forward over `windows`: every MoE layer's router statistics (no LM head)."""
+    """One forward over `windows`: every MoE layer's router statistics (no LM head).
+    `also` registers more hooks for the same pass (`calibrate.watch_inputs`: the
+    attention and dense-MLP statistics a parameter budget needs) and returns them."""
     from tqdm import tqdm
 
     stats: dict[int, RouterStats] = {}
-    handles = []
+    handles = list(also()) if also is not None else []
     try:
         for k in moe_layers:
             mods = moe_modules(layers[k], experts)
