@@ -108,6 +108,10 @@ RECONSTRUCTION = [
         "plancc global OBS channels, MLP, bounded + reconstruction",
         {"strategy": "global", "parts": "mlp", "metric": "obs"},
     ),
+    (
+        "... residual (down_proj fitted to the original model's layer output)",
+        {"strategy": "global", "parts": "mlp", "metric": "obs", "residual": True, "at_12_5": False},
+    ),
 ]
 KEEP = {"12.5": 0.875, "25": 0.75}
 

@@ -95,6 +95,7 @@ class Options:
     reconstruct: bool = False  # re-solve the narrowed output projections (plangen.reconstruct)
     damp: float = DAMP  # reconstruction's damping toward the kept weights (x mean diag G_KK)
     one_shot: bool = False  # reconstruction on the unpruned model's inputs (a measured variant)
+    residual: bool = False  # reconstruction toward the original's residual stream
     round_groups: str = "nearest"
     remove_empty_layers: bool = False
     max_layer_cut: float | None = None  # global: bound on one layer's cut (fraction)
@@ -629,6 +630,7 @@ class _Solver:
                 self.windows,
                 damp=self.opts.damp,
                 one_shot=self.opts.one_shot,
+                residual=self.opts.residual,
                 batch_size=self.opts.batch_size,
                 device=self.opts.device,
                 progress=self.opts.progress,
@@ -666,6 +668,7 @@ def _attach_reconstruction(
         facts,
         damp=opts.damp,
         one_shot=opts.one_shot,
+        residual=opts.residual,
         samples=opts.nsamples,
         seqlen=opts.seqlen,
     )

@@ -313,10 +313,11 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
     )
     how.add_argument(
         "--reconstruct-mode",
-        choices=("sequential", "one-shot"),
+        choices=("sequential", "one-shot", "residual"),
         default="sequential",
         help="sequential (default): each layer solved on the outputs of the pruned layers "
-        "before it; one-shot: on the unpruned model's (measured worse)",
+        "before it; one-shot: on the unpruned model's (measured worse); residual: down_proj "
+        "fitted to the original model's layer output (better in-domain, worse on unseen text)",
     )
     how.add_argument(
         "--keep-last-layer",
@@ -476,6 +477,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         reconstruct=args.reconstruct,
         damp=args.damp,
         one_shot=args.reconstruct_mode == "one-shot",
+        residual=args.reconstruct_mode == "residual",
         round_groups=args.round_groups,
         remove_empty_layers=args.remove_empty_layers,
         max_layer_cut=max_cut,

@@ -46,10 +46,16 @@ from plangen.scores import ScoreTables
 
 
 def solve(
-    weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    kept: torch.Tensor,
+    damp: float,
+    cross: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kept columns re-solved: (W G[:, K] + lam W_K)(G[K, K] + lam I)^-1, float64 inside,
-    returned in the weight's dtype. `gram` is X^T X of the projection's inputs."""
+    returned in the weight's dtype. `gram` is X^T X of the projection's inputs; `cross`
+    (in x out), when given, is X^T T for another target T than the projection's own
+    full-width output X W^T (the residual target of `residual_targets`)."""
     w = weight.detach().to(torch.float64)
     g = gram.to(device=w.device, dtype=torch.float64)
     gkk = g[kept][:, kept]
@@ -57,7 +63,8 @@ def solve(
     if lam <= 0.0:
         lam = 1e-8  # an all-zero input (a dead channel set): stay at the kept weights
     a = gkk + lam * torch.eye(len(kept), dtype=torch.float64, device=w.device)
-    b = g[kept] @ w.T + lam * w[:, kept].T  # (K, out)
+    fit = g[kept] @ w.T if cross is None else cross.to(device=w.device, dtype=torch.float64)[kept]
+    b = fit + lam * w[:, kept].T  # (K, out)
     chol, info = torch.linalg.cholesky_ex(a)
     # Not positive definite even in float64 (a degenerate input): least squares instead.
     solved = torch.cholesky_solve(b, chol) if int(info) == 0 else torch.linalg.lstsq(a, b).solution
@@ -179,6 +186,56 @@ class GramHook:
         return self.gram
 
 
+class ResidualHook:
+    """X^T X and X^T T of `down_proj`, with T the output that would put the residual
+    stream back on the original model's: T = H_orig - (layer output - down_proj's own
+    output), so the MLP also absorbs the error of everything pruned before it."""
+
+    def __init__(self, module: Any):
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, _module: Any, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        self._x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+        self._y = out.detach().reshape(-1, out.shape[-1]).to(torch.float64)
+
+    def add(self, layer_out: torch.Tensor, original: torch.Tensor) -> None:
+        """One batch: the pruned layer's output and the original model's, same tokens."""
+        assert self._x is not None and self._y is not None
+        width = layer_out.shape[-1]
+        target = (
+            original.reshape(-1, width).to(torch.float64)
+            - layer_out.reshape(-1, width).to(torch.float64)
+            + self._y
+        )
+        g, c = self._x.T @ self._x, self._x.T @ target
+        self.gram = g if self.gram is None else self.gram + g
+        self.cross = c if self.cross is None else self.cross + c
+        self._x = self._y = None
+
+    def remove(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.handle.remove()
+        if self.gram is None or self.cross is None:
+            raise RuntimeError("the projection never ran: nothing to reconstruct from")
+        return self.gram, self.cross
+
+
+def residual_targets(
+    model: Any, arch: Architecture, batches: Sequence[torch.Tensor]
+) -> list[list[torch.Tensor]]:
+    """Every layer's output on every batch, of the model as it is (the original):
+    [layer][batch]. One forward pass; held in memory (layers x tokens x hidden)."""
+    walk = LayerWalk(model, arch, batches)
+    outs = []
+    for k in range(len(walk.layers)):
+        walk.run(k)
+        outs.append(list(walk.states))
+    return outs
+
+
 @dataclass(frozen=True)
 class Solved:
     """A re-solved projection: the layer, the part (`attn` o_proj / `mlp` down_proj),
@@ -249,6 +306,7 @@ def sequential(
     targets: Collection[tuple[int, str]] | None = None,
     damp: float = DAMP,
     one_shot: bool = False,
+    residual: bool = False,
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
@@ -280,19 +338,23 @@ def sequential(
         groups_dropped={k: g for k, g in cand.groups_dropped.items() if (k, "attn") not in chosen},
         mlp_width={k: w for k, w in cand.mlp_width.items() if (k, "mlp") not in chosen},
     )
+    batches = [
+        torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
+        for i in range(0, len(windows), batch_size)
+    ]
+    originals = residual_targets(model, arch, batches) if residual else None
     with applied(model, arch, facts, rest, scores):
         return _walk(
             model,
             arch,
-            windows,
+            batches,
+            originals,
             chosen,
             cand,
             scores,
             facts,
             damp,
             one_shot,
-            batch_size,
-            device,
             progress,
         )
 
@@ -309,25 +371,20 @@ def _projections(arch: Architecture) -> list[tuple[str, str, Any]]:
 def _walk(
     model: Any,
     arch: Architecture,
-    windows: Sequence[Sequence[int]],
+    batches: Sequence[torch.Tensor],
+    originals: list[list[torch.Tensor]] | None,
     chosen: set[tuple[int, str]],
     cand: Candidate,
     scores: ScoreTables,
     facts: ModelFacts,
     damp: float,
     one_shot: bool,
-    batch_size: int,
-    device: str,
     progress: bool,
 ) -> list[Solved]:
     from tqdm import tqdm
 
     from executor.slicing import top_channels
 
-    batches = [
-        torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
-        for i in range(0, len(windows), batch_size)
-    ]
     walk = LayerWalk(model, arch, batches)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     solved: list[Solved] = []
@@ -342,11 +399,20 @@ def _walk(
                 if (k, part) not in chosen or spec is None:
                     continue
                 module = model.get_submodule(module_path(arch, k, spec))
-                hook = GramHook(module, stop=True)
-                try:
-                    walk.observe(k)
-                finally:
-                    gram = hook.remove()
+                cross = None
+                if originals is not None and part == "mlp":
+                    rhook = ResidualHook(module)
+                    try:
+                        for b in range(len(batches)):
+                            rhook.add(walk.forward(k, b), originals[k][b])
+                    finally:
+                        gram, cross = rhook.remove()
+                else:
+                    hook = GramHook(module, stop=True)
+                    try:
+                        walk.observe(k)
+                    finally:
+                        gram = hook.remove()
                 w = module.weight
                 ranking = None
                 if part == "mlp" and cand.metric == OBS:
@@ -356,7 +422,7 @@ def _walk(
                     kept = cand.kept_inputs(k, space, facts, scores)
                 assert kept is not None
                 cols = torch.from_numpy(kept).to(w.device)
-                new = solve(w, gram, cols, damp)
+                new = solve(w, gram, cols, damp, cross)
                 solved.append(Solved(k, part, kept, new, ranking))
                 pending.append((w, cols, new))
                 if not one_shot:  # the layer's next projection sees this one pruned
@@ -407,6 +473,7 @@ def attach(
     damp: float,
     one_shot: bool,
     samples: int,
+    residual: bool = False,
     seqlen: int,
 ) -> None:
     """Put a reconstruction into the sidecar's tables, and into its metadata the plan it
@@ -419,7 +486,7 @@ def attach(
     meta["reconstruction"] = {
         "for": layer_decisions(plan, facts),
         "damp": damp,
-        "mode": "one-shot" if one_shot else "sequential",
+        "mode": "one-shot" if one_shot else "residual" if residual else "sequential",
         "samples": samples,
         "seqlen": seqlen,
     }

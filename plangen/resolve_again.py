@@ -149,6 +149,7 @@ def refresh(
     recorded = meta.get("reconstruction", {})
     damp = damp if damp is not None else recorded.get("damp", DAMP)
     one_shot = recorded.get("mode") == "one-shot"
+    residual = recorded.get("mode") == "residual"
 
     ck = load_checkpoint_facts(model_dir)
     if model_facts(ck).fingerprint != facts.fingerprint and facts.fingerprint:
@@ -177,6 +178,7 @@ def refresh(
         targets=targets,
         damp=damp,
         one_shot=one_shot,
+        residual=residual,
         batch_size=batch_size,
         device=device,
         progress=progress,
@@ -188,6 +190,7 @@ def refresh(
         facts,
         damp=damp,
         one_shot=one_shot,
+        residual=residual,
         samples=samples,
         seqlen=seqlen,
     )

@@ -38,14 +38,18 @@ def _scores(facts, seed: int = 0) -> ScoreTables:
     return ScoreTables(tables, {})
 
 
-def _direct(x: torch.Tensor, w: torch.Tensor, kept: np.ndarray) -> torch.Tensor:
-    """argmin ||X_K W'^T - X W^T||^2 + lam ||W' - W_K||^2 as one stacked least-squares problem."""
+def _direct(
+    x: torch.Tensor, w: torch.Tensor, kept: np.ndarray, target: torch.Tensor | None = None
+) -> torch.Tensor:
+    """argmin ||X_K W'^T - T||^2 + lam ||W' - W_K||^2 as one stacked least-squares problem,
+    T = X W^T (the projection's own output) unless given."""
     x, w = x.double(), w.double()
     k = torch.from_numpy(kept)
     xk = x[:, k]
     lam = DAMP * float((xk * xk).sum(0).mean())
+    t = x @ w.T if target is None else target.double()
     a = torch.cat([xk, lam**0.5 * torch.eye(len(k), dtype=torch.float64)])
-    b = torch.cat([x @ w.T, lam**0.5 * w[:, k].T])
+    b = torch.cat([t, lam**0.5 * w[:, k].T])
     return torch.linalg.lstsq(a, b).solution.T
 
 
@@ -352,6 +356,63 @@ def test_one_shot_solves_every_layer_on_the_unpruned_models_inputs(tiny):
         x = _inputs(model, windows, name)
         expected = _direct(x, model.get_submodule(name).weight.detach(), s.kept)
         torch.testing.assert_close(s.weight.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def _recorded(model, windows, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Inputs and outputs of the named modules over the windows, flattened to rows."""
+    seen: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {n: ([], []) for n in names}
+
+    def hook(name):
+        def record(_m, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            seen[name][0].append(args[0].reshape(-1, args[0].shape[-1]))
+            seen[name][1].append(out.reshape(-1, out.shape[-1]))
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    with torch.no_grad():
+        for i in range(0, len(windows), 4):
+            model(input_ids=torch.tensor(windows[i : i + 4]), use_cache=False)
+    for h in handles:
+        h.remove()
+    return {n: (torch.cat(x), torch.cat(y)) for n, (x, y) in seen.items()}
+
+
+def test_residual_solves_toward_the_original_models_layer_outputs(tiny):
+    """Residual mode: down_proj of layer l is fitted to T = H_orig(l) - (layer output -
+    down_proj output) on the model with layers < l pruned, so the MLP also absorbs
+    the error pruned before it. Layer 0 (nothing pruned before) equals the local fit."""
+    model, ck, facts, windows = tiny
+    scores = _scores(facts)
+    cand = Candidate(
+        "uniform", "test", mlp_width={0: 40, 1: 64, 2: 50}, metric="s", reconstruct=True
+    )
+    kw = dict(progress=False)
+    solved = sequential(model, ck.arch, facts, cand, scores, windows, residual=True, **kw)
+    local = sequential(model, ck.arch, facts, cand, scores, windows, **kw)
+    torch.testing.assert_close(solved[0].weight, local[0].weight, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(solved[2].weight, local[2].weight, atol=1e-3)
+    layers = [f"model.layers.{k}" for k in range(L)]
+    original = _recorded(model, windows, layers)
+    saved = {}
+    try:
+        for s in solved:
+            name = f"model.layers.{s.layer}.mlp.down_proj"
+            module = model.get_submodule(name)
+            now = _recorded(model, windows, [name, layers[s.layer]])
+            (x, y), layer_out = now[name], now[layers[s.layer]][1]
+            target = original[layers[s.layer]][1] - layer_out + y
+            expected = _direct(x, module.weight.detach(), s.kept, target)
+            torch.testing.assert_close(s.weight.double(), expected, rtol=1e-4, atol=1e-6)
+            saved[name] = module.weight.detach().clone()
+            with torch.no_grad():
+                module.weight.zero_()
+                module.weight[:, torch.from_numpy(s.kept)] = s.weight
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                model.get_submodule(name).weight.copy_(w)
 
 
 @pytest.mark.slow
