@@ -1,18 +1,21 @@
 """`plancc heal` on SmolLM2-135M-Instruct against the peers' healed figures (issue 14).
 
-Protocol (the peers'): LoRA r=8, alpha 16, dropout 0.05 on q/k/v/o/gate/up/down;
-AdamW 2e-4, 3 warm-up steps then linear decay; batch 1 x 8 accumulation; 2
-epochs over the 132 windows of 512 of the builtin calibration pool (135,168
-tokens); fp32; perplexity on the first 24 evaluation windows of 512 (and of a
-text never seen, `--unseen`). Rows:
+Protocol (the peers' budget): LoRA r=8, alpha 16, dropout 0.05 on q/k/v/o/gate/
+up/down; AdamW (the peers: 2e-4; `--lr`, default plancc's 1e-3), 3 warm-up steps
+then linear decay; batch 1 x 8 accumulation; 2 epochs over the 132 windows of
+512 of the builtin calibration pool (135,168 tokens); fp32; perplexity on the
+first 24 evaluation windows of 512 (and of a text never seen, `--unseen`). Rows:
 
 * `default`: `plangen analyze --target-params 0.75` (the default plan), applied,
-  healed with LoRA, and with `--teacher original` (distillation) at equal steps;
+  healed with LoRA; `teacher`: the same with `--teacher original`
+  (distillation mixed with the LM loss by the default `--kd-weight`) at equal steps;
+* `peer`: the issue's best peer, Wanda-sp MLP-only -25% with least-squares
+  `down_proj` reconstruction (damp 1e-2), reproduced and healed at the same `--lr`;
 * `depth`: 9 layers dropped by block influence in two bundles (`--strategy
   depth --drop 9 --split half`), healed staged A -> A+B -> A+B+C.
 
-Usage: python benchmarks/heal_peers.py [--unseen FILE] [--parts default,teacher,depth]
-       [--epochs 2] [--max-windows N] [--device cpu]
+Usage: python benchmarks/heal_peers.py [--unseen FILE] [--parts default,teacher,peer,depth]
+       [--lr 1e-3] [--epochs 2] [--max-windows N] [--device cpu]
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=demo_model_dir())
     parser.add_argument("--out", type=Path, default=Path("/tmp/plancc-heal"))
     parser.add_argument("--unseen", type=Path, help="a UTF-8 text never trained or planned on")
-    parser.add_argument("--parts", default="default,teacher,depth")
+    parser.add_argument("--parts", default="default,teacher,peer,depth")
+    parser.add_argument("--lr", type=float, default=HealOptions.lr)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--max-windows", type=int)
     parser.add_argument("--device", default="cpu")
@@ -78,6 +82,7 @@ def main() -> None:
                 out,
                 dest,
                 epochs=args.epochs,
+                lr=args.lr,
                 max_windows=args.max_windows,
                 device=args.device,
                 eval_limit=0,
@@ -107,6 +112,24 @@ def main() -> None:
                     _info(dest, "A", took),
                 )
             )
+    if "peer" in parts:
+        out = pruned(
+            "peer",
+            strategy="uniform",
+            parts="mlp",
+            metric="wanda",
+            reconstruct=True,
+            damp=1e-2,
+        )
+        dest, took = healed(out, "peer-lora")
+        rows.append(
+            (
+                "Wanda-sp MLP -25% + reconstruction (reproduced), LoRA",
+                ppl(out / "A"),
+                ppl(dest / "A"),
+                _info(dest, "A", took),
+            )
+        )
     if "depth" in parts:
         out = pruned("depth", strategy="depth", drop=9, split=0.5)
         dest, took = healed(out, "depth-staged", stages=("A", "B", "C"))
@@ -127,7 +150,7 @@ def main() -> None:
                 )
             )
 
-    print(f"{args.model.name}: 24 evaluation windows of 512; epochs {args.epochs}")
+    print(f"{args.model.name}: 24 evaluation windows of 512; epochs {args.epochs}, lr {args.lr:g}")
     head = f"{'model':<52} {'before':>8} {'healed':>8}"
     if args.unseen:
         head += f" {'unseen':>8} {'healed':>8}"

@@ -144,10 +144,34 @@ def test_distillation_from_an_equal_model_is_zero_and_from_the_original_trains(
     assert float(kd_loss(logits, logits.clone(), 1.0, topk=3)) == pytest.approx(0.0, abs=1e-6)
     assert float(kd_loss(logits, torch.randn(2, 5, 11), 2.0)) > 0.01
     dest = tmp_path / "distilled"
-    heal(_opts(out, dest, teacher="original", lr=5e-3, epochs=2.0))
+    heal(_opts(out, dest, teacher="original", kd_weight=1.0, lr=5e-3, epochs=2.0))
     curve = json.loads((dest / "A" / "loss.json").read_text())
     assert curve[-1]["loss"] < curve[0]["loss"]  # the KL to the original falls
     assert json.loads((dest / "A" / "heal.json").read_text())["teacher"] == "original"
+
+
+def test_the_objective_mixes_kl_and_lm_loss_by_the_kd_weight() -> None:
+    from executor.heal.loss import kd_loss, lm_loss, objective
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (2, 6))
+    student_logits, teacher_logits = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+
+    class Fixed:  # a model whose forward returns given logits
+        def __init__(self, logits: torch.Tensor) -> None:
+            self.logits = logits
+
+        def __call__(self, **_: object) -> Fixed:
+            return self
+
+    student, teacher = Fixed(student_logits), Fixed(teacher_logits)
+    lm = lm_loss(student_logits, ids)
+    kd = kd_loss(student_logits, teacher_logits, 2.0)
+    loss, lm_part = objective(student, ids, teacher, 0.25, 2.0)
+    assert float(loss) == pytest.approx(float(0.25 * kd + 0.75 * lm), rel=1e-6)
+    assert lm_part == pytest.approx(float(lm), rel=1e-6)
+    assert float(objective(student, ids, teacher, 0.0, 2.0)[0]) == pytest.approx(float(lm))
+    assert float(objective(student, ids, None, 0.25, 2.0)[0]) == pytest.approx(float(lm))
 
 
 def test_a_poisoned_learning_rate_stops_with_the_fix_and_writes_nothing(

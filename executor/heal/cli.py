@@ -84,7 +84,8 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
         "counterpart, its adapter in adapter/, loss.json/.png, heal.json); report.md/.json "
         "compare perplexity, parameters and tokens/s. The bundles are never modified.",
         epilog="example: plancc heal out -o healed --stages A --epochs 2 "
-        "(peers' protocol: r 8, alpha 16, dropout 0.05, lr 2e-4, batch 1 x 8)",
+        "(r 8, alpha 16, dropout 0.05, batch 1 x 8 as the peers; lr 1e-3, "
+        "measured better than their 2e-4)",
     )
     p.add_argument("out_dir", type=Path, metavar="OUT", help="the -o directory of `plancc apply`")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="HEALED")
@@ -115,7 +116,12 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
         "--targets", default="attn,mlp", help="attn, mlp or attn,mlp (default attn,mlp)"
     )
     tr = p.add_argument_group("training")
-    tr.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    tr.add_argument(
+        "--lr",
+        type=float,
+        default=HealOptions.lr,
+        help="AdamW learning rate (default 1e-3; the peers use 2e-4)",
+    )
     tr.add_argument("--epochs", type=float, default=2.0, help="passes over the windows (default 2)")
     tr.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     tr.add_argument("--batch", type=int, default=1, help="windows per batch (default 1)")
@@ -137,7 +143,10 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
         "--temperature", type=float, default=1.0, help="softmax temperature (default 1)"
     )
     kd.add_argument(
-        "--kd-weight", type=float, default=1.0, help="loss = w·KL + (1 − w)·LM loss (default 1)"
+        "--kd-weight",
+        type=float,
+        default=HealOptions.kd_weight,
+        help="loss = w·KL + (1 − w)·LM loss (default 0.25; 1: distillation only)",
     )
     kd.add_argument(
         "--teacher-topk", type=_positive_int, default=0, help="KL over the teacher's top k tokens"

@@ -27,7 +27,7 @@ class HealOptions:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: tuple[str, ...] = TARGET_PARTS
-    lr: float = 2e-4
+    lr: float = 1e-3  # measured: better than the peers' 2e-4 on both texts at 33 steps
     epochs: float = 2.0
     seqlen: int = 512
     batch: int = 1
@@ -37,7 +37,8 @@ class HealOptions:
     seed: int = 0
     device: str = "cpu"
     temperature: float = 1.0  # distillation: both at this temperature (Minitron: 1)
-    kd_weight: float = 1.0  # distillation: loss = w * KL + (1 - w) * LM loss
+    # distillation: loss = w * KL + (1 - w) * LM loss; measured: 0.25 beats 0.5 and 1 unseen
+    kd_weight: float = 0.25
     teacher_topk: int = 0  # distillation: KL over the teacher's top k tokens (0: all)
     max_windows: int | None = None  # train on at most this many windows (tests, smoke runs)
     checkpointing: bool = False  # gradient checkpointing
