@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -133,8 +135,7 @@ def test_sequential_equals_direct_solves_layer_by_layer(tiny):
         (2, "mlp"),
     ]
     # The reference: prune and re-solve one projection at a time on the full model.
-    saved = {}
-    try:
+    with _installing(model) as install:
         for s in solved:
             name = f"model.layers.{s.layer}." + (
                 "self_attn.o_proj" if s.part == "attn" else "mlp.down_proj"
@@ -143,10 +144,25 @@ def test_sequential_equals_direct_solves_layer_by_layer(tiny):
             x = _inputs(model, windows, name)
             expected = _direct(x, module.weight.detach(), s.kept)
             torch.testing.assert_close(s.weight.double(), expected, rtol=1e-4, atol=1e-6)
-            saved[name] = module.weight.detach().clone()
-            with torch.no_grad():
-                module.weight.zero_()
-                module.weight[:, torch.from_numpy(s.kept)] = s.weight
+            install(name, s)
+
+
+@contextmanager
+def _installing(model):
+    """Yield install(name, solved): the projection keeps only the solved columns (the
+    rest zero), as the sequential solver's later layers see it; every weight is put
+    back on exit."""
+    saved: dict[str, torch.Tensor] = {}
+
+    def install(name: str, solved) -> None:
+        module = model.get_submodule(name)
+        saved.setdefault(name, module.weight.detach().clone())
+        with torch.no_grad():
+            module.weight.zero_()
+            module.weight[:, torch.from_numpy(solved.kept)] = solved.weight
+
+    try:
+        yield install
     finally:
         with torch.no_grad():
             for name, w in saved.items():
@@ -395,8 +411,7 @@ def test_residual_solves_toward_the_original_models_layer_outputs(tiny):
     assert not torch.allclose(solved[2].weight, local[2].weight, atol=1e-3)
     layers = [f"model.layers.{k}" for k in range(L)]
     original = _recorded(model, windows, layers)
-    saved = {}
-    try:
+    with _installing(model) as install:
         for s in solved:
             name = f"model.layers.{s.layer}.mlp.down_proj"
             module = model.get_submodule(name)
@@ -405,14 +420,7 @@ def test_residual_solves_toward_the_original_models_layer_outputs(tiny):
             target = original[layers[s.layer]][1] - layer_out + y
             expected = _direct(x, module.weight.detach(), s.kept, target)
             torch.testing.assert_close(s.weight.double(), expected, rtol=1e-4, atol=1e-6)
-            saved[name] = module.weight.detach().clone()
-            with torch.no_grad():
-                module.weight.zero_()
-                module.weight[:, torch.from_numpy(s.kept)] = s.weight
-    finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                model.get_submodule(name).weight.copy_(w)
+            install(name, s)
 
 
 @pytest.mark.slow
