@@ -146,7 +146,7 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
         "--kd-weight",
         type=float,
         default=HealOptions.kd_weight,
-        help="loss = w·KL + (1 − w)·LM loss (default 0.25; 1: distillation only)",
+        help="loss = w·KL + (1 − w)·LM loss (default 0.1; 1: distillation only)",
     )
     kd.add_argument(
         "--teacher-topk", type=_positive_int, default=0, help="KL over the teacher's top k tokens"
