@@ -26,6 +26,10 @@ import shutil
 import time
 from pathlib import Path
 
+from planner_peers import RECONSTRUCTION  # the peers' planner settings, one place
+
+PEER = "Wanda-sp, MLP only + reconstruction"  # issue 14's best healed peer
+
 PEERS = {  # model -> (before healing, after LoRA), issue 14
     "original": (13.86, 11.62),
     "FLAP -25%": (31.39, 22.72),
@@ -93,43 +97,29 @@ def main() -> None:
         return dest, time.perf_counter() - t0
 
     rows: list[tuple[str, list[float], list[float], str]] = []
+
+    def healed_a(label: str, out: Path, before: list[float], name: str, **kw) -> None:
+        """Heal stage A of `out` as `name` and add its row."""
+        dest, took = healed(out, name, **kw)
+        rows.append((label, before, ppl(dest / "A"), _info(dest, "A", took)))
+
     rows.append(("original", ppl(args.model), [], ""))
     if parts & {"default", "teacher"}:
         out = pruned("default")
         before = ppl(out / "A")
         if "default" in parts:
-            dest, took = healed(out, "default-lora")
-            rows.append(
-                ("plancc default -25%, LoRA", before, ppl(dest / "A"), _info(dest, "A", took))
-            )
+            healed_a("plancc default -25%, LoRA", out, before, "default-lora")
         if "teacher" in parts:
-            dest, took = healed(out, "default-kd", teacher="original")
-            rows.append(
-                (
-                    "plancc default -25%, LoRA + --teacher original",
-                    before,
-                    ppl(dest / "A"),
-                    _info(dest, "A", took),
-                )
+            healed_a(
+                "plancc default -25%, LoRA + --teacher original",
+                out,
+                before,
+                "default-kd",
+                teacher="original",
             )
     if "peer" in parts:
-        out = pruned(
-            "peer",
-            strategy="uniform",
-            parts="mlp",
-            metric="wanda",
-            reconstruct=True,
-            damp=1e-2,
-        )
-        dest, took = healed(out, "peer-lora")
-        rows.append(
-            (
-                "Wanda-sp MLP -25% + reconstruction (reproduced), LoRA",
-                ppl(out / "A"),
-                ppl(dest / "A"),
-                _info(dest, "A", took),
-            )
-        )
+        out = pruned("peer", **dict(RECONSTRUCTION)[PEER])
+        healed_a(f"{PEER} -25% (reproduced), LoRA", out, ppl(out / "A"), "peer-lora")
     if "depth" in parts:
         out = pruned("depth", strategy="depth", drop=9, split=0.5)
         dest, took = healed(out, "depth-staged", stages=("A", "B", "C"))

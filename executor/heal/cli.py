@@ -120,7 +120,7 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
         "--lr",
         type=float,
         default=HealOptions.lr,
-        help="AdamW learning rate (default 1e-3; the peers use 2e-4)",
+        help="AdamW learning rate (default %(default)g; the peers use 2e-4)",
     )
     tr.add_argument("--epochs", type=float, default=2.0, help="passes over the windows (default 2)")
     tr.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
@@ -146,7 +146,7 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
         "--kd-weight",
         type=float,
         default=HealOptions.kd_weight,
-        help="loss = w·KL + (1 − w)·LM loss (default 0.1; 1: distillation only)",
+        help="loss = w·KL + (1 − w)·LM loss (default %(default)g; 1: distillation only)",
     )
     kd.add_argument(
         "--teacher-topk", type=_positive_int, default=0, help="KL over the teacher's top k tokens"
