@@ -13,6 +13,7 @@ set: the wall time of `plangen analyze` (forward-only and gradient metrics)
 divided by the time of one plain forward pass over the same windows.
 
 Usage: python benchmarks/planner_peers.py [--model DIR] [--out /tmp/plancc-planner]
+       [--unseen /tmp/licenses.txt /tmp/wheels.txt]   (built by benchmarks/unseen_texts.py)
 """
 
 from __future__ import annotations
@@ -200,8 +201,12 @@ def main() -> None:
     parser.add_argument(
         "--unseen",
         type=Path,
-        help="a UTF-8 text file the planner never saw (e.g. /usr/share/common-licenses/* "
-        "concatenated): every row is also evaluated on it (its last 40%%, 24 windows)",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="UTF-8 text files the planner never saw (benchmarks/unseen_texts.py builds "
+        "licenses.txt and wheels.txt): every row is also evaluated on each (its last 40%%, "
+        "24 windows), one column per file",
     )
     parser.add_argument(
         "--cost-only", action="store_true", help="only measure what analyze costs (4 minutes)"
@@ -288,16 +293,16 @@ def main() -> None:
 
     base = evaluate(args.model, limit=24, progress=False, new_tokens=1).perplexity
     print(f"SmolLM2-135M-Instruct, original perplexity {base:.2f} (first 24 evaluation windows)")
-    if args.unseen:
-        un = evaluate(args.model, data=str(args.unseen), limit=24, progress=False, new_tokens=1)
-        print(f"on {args.unseen} (never seen by the planner): original {un.perplexity:.2f}")
+    for text_path in args.unseen:
+        un = evaluate(args.model, data=str(text_path), limit=24, progress=False, new_tokens=1)
+        print(f"on {text_path} (never seen by the planner): original {un.perplexity:.2f}")
     print(
         f"one forward pass over 32 x 512 calibration tokens: {forward_s:.1f} s; "
         f"peak RSS {rss_mb:.0f} MB\n"
     )
     print(
         f"{'method':<46} {'size':>6} {'params':>7} {'ppl':>9} {'peer':>9} {'ratio':>6} "
-        f"{'apply s':>7}" + (f" {'unseen':>9}" if args.unseen else "")
+        f"{'apply s':>7}" + "".join(f" {p.stem[:9]:>9}" for p in args.unseen)
     )
     for (method, size), (path, _label) in sorted(
         results.items(), key=lambda kv: (kv[0][1], kv[0][0])
@@ -308,15 +313,15 @@ def main() -> None:
         applied_s = time.perf_counter() - t0
         ev = evaluate(out, limit=24, progress=False, new_tokens=1)
         unseen = ""
-        if args.unseen:
-            un = evaluate(out, data=str(args.unseen), limit=24, progress=False, new_tokens=1)
-            unseen = f"{un.perplexity:>9.2f}"
+        for text_path in args.unseen:
+            un = evaluate(out, data=str(text_path), limit=24, progress=False, new_tokens=1)
+            unseen += f" {un.perplexity:>9.2f}"
         peer = PEERS.get((method, size))
         ratio = f"{ev.perplexity / peer:6.2f}" if peer else ""
         print(
             f"{method:<46} {'-' + size + '%':>6} {ev.params / 134_515_008:>7.1%} "
             f"{ev.perplexity:>9.2f} "
-            f"{(f'{peer:,.2f}' if peer else ''):>9} {ratio:>6} {applied_s:>7.1f} {unseen}"
+            f"{(f'{peer:,.2f}' if peer else ''):>9} {ratio:>6} {applied_s:>7.1f}{unseen}"
         )
         shutil.rmtree(out)
     _print_cost(forward_s, cost_rows, rss_mb)
