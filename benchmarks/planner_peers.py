@@ -293,9 +293,9 @@ def main() -> None:
 
     base = evaluate(args.model, limit=24, progress=False, new_tokens=1).perplexity
     print(f"SmolLM2-135M-Instruct, original perplexity {base:.2f} (first 24 evaluation windows)")
-    for text_path in args.unseen:
-        un = evaluate(args.model, data=str(text_path), limit=24, progress=False, new_tokens=1)
-        print(f"on {text_path} (never seen by the planner): original {un.perplexity:.2f}")
+    originals = _unseen_perplexities(args.model, args.unseen)
+    for text_path, ppl in zip(args.unseen, originals, strict=True):
+        print(f"on {text_path} (never seen by the planner): original {ppl:.2f}")
     print(
         f"one forward pass over 32 x 512 calibration tokens: {forward_s:.1f} s; "
         f"peak RSS {rss_mb:.0f} MB\n"
@@ -312,10 +312,7 @@ def main() -> None:
         apply_plan(path, out)
         applied_s = time.perf_counter() - t0
         ev = evaluate(out, limit=24, progress=False, new_tokens=1)
-        unseen = ""
-        for text_path in args.unseen:
-            un = evaluate(out, data=str(text_path), limit=24, progress=False, new_tokens=1)
-            unseen += f" {un.perplexity:>9.2f}"
+        unseen = "".join(f" {ppl:>9.2f}" for ppl in _unseen_perplexities(out, args.unseen))
         peer = PEERS.get((method, size))
         ratio = f"{ev.perplexity / peer:6.2f}" if peer else ""
         print(
@@ -328,6 +325,16 @@ def main() -> None:
     print("\nre-planning from the sidecar with one reconstruction walk (no calibration):")
     for what, took in walk_rows:
         print(f"  {what:<64} {took:6.1f} s  {took / forward_s:4.2f} passes")
+
+
+def _unseen_perplexities(model: Path, texts: list[Path]) -> list[float]:
+    """The benchmark's 24-window perplexity of one model on each unseen text."""
+    from executor.evaluate import evaluate
+
+    return [
+        evaluate(model, data=str(t), limit=24, progress=False, new_tokens=1).perplexity
+        for t in texts
+    ]
 
 
 def _print_cost(forward_s: float, rows: list[tuple[str, float, float]], rss_mb: float) -> None:

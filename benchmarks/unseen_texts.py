@@ -51,10 +51,10 @@ def main() -> int:
     parser.add_argument("outdir", nargs="?", type=Path, default=Path("/tmp"))
     args = parser.parse_args()
     args.outdir.mkdir(parents=True, exist_ok=True)
-    purelib = Path(sysconfig.get_paths()["purelib"])
     if not LICENSES.is_dir():
         print(f"error: {LICENSES} is missing (a Debian-family system has it)", file=sys.stderr)
         return 1
+    purelib = Path(sysconfig.get_paths()["purelib"])
     written = {
         "licenses.txt": licenses_text(),
         "wheels.txt": wheels_text(purelib).encode("utf-8"),
