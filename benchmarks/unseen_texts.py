@@ -10,7 +10,8 @@ on any machine:
   body (after the first blank line) of every `*.dist-info/METADATA` of this
   interpreter's site-packages that is over 2,000 characters, in path order,
   joined by a blank line: technical English, Markdown and reStructuredText,
-  never used to choose anything in plancc.
+  never used to choose anything in plancc. plancc's own distribution is left
+  out: its description is this project's README, which changes every commit.
 
 Both depend on what the machine has installed, so the script prints each
 file's size and sha256: compare them before comparing perplexities.
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import sys
 import sysconfig
 from pathlib import Path
 
 LICENSES = Path("/usr/share/common-licenses")
 MIN_BODY = 2000  # characters: shorter descriptions are mostly boilerplate
+OWN = "plancc"  # this project's distribution: its description is the README
 
 
 def licenses_text(root: Path = LICENSES) -> bytes:
@@ -36,14 +39,24 @@ def licenses_text(root: Path = LICENSES) -> bytes:
 
 
 def wheels_text(site_packages: Path) -> str:
-    """The long descriptions over MIN_BODY characters of every installed distribution."""
+    """The long descriptions over MIN_BODY characters of every installed distribution
+    but plancc's own."""
     bodies = []
     for meta in sorted(site_packages.glob("*.dist-info/METADATA")):
         text = meta.read_text(encoding="utf-8", errors="replace")
-        _headers, _sep, body = text.partition("\n\n")
-        if len(body) > MIN_BODY:
+        headers, _sep, body = text.partition("\n\n")
+        if _name(headers) != OWN and len(body) > MIN_BODY:
             bodies.append(body)
     return "\n\n".join(bodies)
+
+
+def _name(headers: str) -> str:
+    """The distribution's `Name:` header, normalized as PEP 503 does (lower case, `-`)."""
+    for line in headers.splitlines():
+        key, _sep, value = line.partition(":")
+        if key.strip().lower() == "name":
+            return re.sub(r"[-_.]+", "-", value.strip()).lower()
+    return ""
 
 
 def main() -> int:

@@ -32,3 +32,12 @@ def test_wheels_keep_long_bodies_in_path_order(tmp_path: Path) -> None:
     dist("alpha", long_a)
     dist("short", "x" * unseen_texts.MIN_BODY)  # not over the bound: left out
     assert unseen_texts.wheels_text(tmp_path) == long_a + "\n\n" + long_b
+
+
+def test_wheels_leave_out_plancc_whose_description_is_the_changing_readme(tmp_path: Path) -> None:
+    for name, dist in (("plancc", "plancc-0.1.0"), ("Other_Pkg", "other_pkg-2.0")):
+        d = tmp_path / f"{dist}.dist-info"
+        d.mkdir()
+        body = name[0] * (unseen_texts.MIN_BODY + 1)
+        (d / "METADATA").write_text(f"Metadata-Version: 2.4\nName: {name}\n\n{body}", "utf-8")
+    assert unseen_texts.wheels_text(tmp_path) == "O" * (unseen_texts.MIN_BODY + 1)
