@@ -26,6 +26,7 @@ import hashlib
 import re
 import sys
 import sysconfig
+from email.parser import HeaderParser
 from pathlib import Path
 
 LICENSES = Path("/usr/share/common-licenses")
@@ -51,12 +52,10 @@ def wheels_text(site_packages: Path) -> str:
 
 
 def _name(headers: str) -> str:
-    """The distribution's `Name:` header, normalized as PEP 503 does (lower case, `-`)."""
-    for line in headers.splitlines():
-        key, _sep, value = line.partition(":")
-        if key.strip().lower() == "name":
-            return re.sub(r"[-_.]+", "-", value.strip()).lower()
-    return ""
+    """The distribution's `Name:` header (METADATA headers are RFC 822), normalized as
+    PEP 503 does: lower case, runs of `-_.` as one `-`."""
+    name = HeaderParser().parsestr(headers).get("Name", "")
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
 def main() -> int:
