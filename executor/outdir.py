@@ -11,9 +11,14 @@ goes through `staged_output`:
 - the output is written into `.NAME.tmp-XXXXXXXX` beside it, created with the
   mode a plain `mkdir` gives (the umask decides, not 0700), marked with the
   marker and locked with `flock` for as long as the run lives;
-- on success it is renamed into place (an old output is first moved into
-  `.NAME.old-XXXXXXXX`, then removed); on any failure the staging directory is
-  removed;
+- the run holds a lock on the destination (`destination_lock`), so a second
+  run writing the same `-o` is refused with a message naming the first;
+- on success it is renamed into place with a rename that never replaces
+  anything (`rename_noreplace`); the destination is checked again at that
+  moment, so a directory that appeared meanwhile is never replaced unless it
+  is a plancc output and `--force` was given (the old output is first moved
+  into `.NAME.old-XXXXXXXX`, checked there, then removed); on any failure the
+  staging directory is removed;
 - a run killed with `kill -9` cannot clean up, so each new run to the same
   destination removes the staging directories beside it that carry the marker
   and whose lock nobody holds (their owner is dead; the kernel drops a dead
@@ -26,6 +31,8 @@ what to do (`describe_os_error`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -34,6 +41,7 @@ import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from compiler.cli import describe_os_error
 from executor.layout import FORMAT, MANIFEST, MARKER
@@ -169,19 +177,137 @@ def remove_stale(dest: Path) -> list[Path]:
     return removed
 
 
-def install(staged: Path, dest: Path, kind: str) -> None:
-    """Rename a complete staging directory into place, replacing an old plancc output."""
-    if not (dest.exists() or dest.is_symlink()):
-        os.replace(staged, dest)
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`, failing with FileExistsError when `dst` exists.
+
+    A plain rename(2) silently replaces an empty directory (and a file with a
+    file), so a directory that appears at `dst` between a check and the rename
+    would be lost; Linux's renameat2(RENAME_NOREPLACE) makes the check and the
+    rename one step. Where it is unavailable (another kernel or filesystem),
+    the check is made just before a plain rename.
+    """
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), 1) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dst))
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def _load_renameat2() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_AT_FDCWD = -100
+_renameat2 = _load_renameat2()
+
+
+def install(staged: Path, dest: Path, kind: str, force: bool) -> None:
+    """Rename a complete staging directory into place.
+
+    The destination is checked again here, at the last moment, because it may
+    have appeared or changed since the run began: it is replaced only with
+    `force` and only when it is a plancc output, and the old output is first
+    moved aside and checked there (so nothing changes it between check and
+    removal); anything else is put back untouched and the run fails.
+    """
+    try:
+        rename_noreplace(staged, dest)
         return
+    except FileExistsError:
+        pass
+    if not force:
+        raise OutputError(
+            f"{dest} appeared while this run was writing; it was left untouched and this "
+            "run's output was discarded; pass --force to replace a plancc output, or choose "
+            "another -o"
+        )
     with staging_dir(dest, "old", kind) as old:
-        os.replace(dest, old / dest.name)
+        aside = old / dest.name
+        os.rename(dest, aside)  # `aside` is new inside a directory of ours
+        if aside.is_symlink() or not aside.is_dir() or not is_plancc_output(aside):
+            rename_noreplace(aside, dest)  # not ours: put it back as it was
+            raise OutputError(
+                f"{dest} was replaced while this run was writing by something that is not a "
+                "plancc output; it was left untouched and this run's output was discarded; "
+                "choose another -o"
+            )
         try:
-            os.replace(staged, dest)
+            rename_noreplace(staged, dest)
         except OSError:
-            os.replace(old / dest.name, dest)  # put the old output back
+            rename_noreplace(aside, dest)  # put the old output back
             raise
         shutil.rmtree(old, ignore_errors=True)
+
+
+LOCK_SUFFIX = "lock"
+
+
+def _lock_path(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.{LOCK_SUFFIX}"
+
+
+def _holder(path: Path) -> str:
+    """Who holds a destination lock, from the record its holder wrote."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return f"pid {data['pid']}, `{data['command']}`, started {data['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not yet said who it is"
+
+
+@contextlib.contextmanager
+def destination_lock(dest: Path, kind: str) -> Iterator[None]:
+    """Hold an exclusive lock on `dest` for one run: a second writer is refused.
+
+    The lock is `flock` on `.NAME.lock` beside `dest`, which records the
+    holder's pid, command and start time so the refusal can name it. The
+    kernel releases it when its process dies, so a killed run never blocks
+    the next one. The file is removed by its holder; an opener that finds it
+    replaced after locking (the holder removed it meanwhile) tries again.
+    """
+    path = _lock_path(dest)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(
+                f"{dest}: another plancc run is writing it ({_holder(path)}); wait for it "
+                "to finish or choose another -o"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        record = {
+            "tool": "plancc",
+            "kind": kind,
+            "pid": os.getpid(),
+            "command": f"plancc {kind}",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -200,9 +326,11 @@ def staged_output(
     check_destination(dest, force, inputs)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(dest)
-        with staging_dir(dest, "tmp", kind) as tmp:
-            yield tmp
-            install(tmp, dest, kind)
+        with destination_lock(dest, kind):
+            check_destination(dest, force, inputs)  # another run may have just finished
+            remove_stale(dest)
+            with staging_dir(dest, "tmp", kind) as tmp:
+                yield tmp
+                install(tmp, dest, kind, force)
     except OSError as exc:
         raise OutputError(describe_os_error(what, exc, dest)) from None

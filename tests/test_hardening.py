@@ -12,7 +12,9 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import make_tiny_model
@@ -400,3 +402,105 @@ def test_remote_code_is_withheld_unless_asked(
     assert main(["apply", str(plan), "-o", str(kept), "--copy-remote-code"]) == 0
     assert (kept / "A" / "modeling_x.py").is_file()
     assert "auto_map" in read_json(kept / "A" / "config.json")
+
+
+# ---- the destination at the final rename, and one writer per destination ----------
+
+
+def _appears_mid_run(monkeypatch: pytest.MonkeyPatch, make: Callable[[], None]) -> None:
+    """Run `make` while apply is writing its staging directory (after every check)."""
+    import executor.apply
+
+    real = executor.apply.execute
+
+    def execute_then_make(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        make()
+        return result
+
+    monkeypatch.setattr(executor.apply, "execute", execute_then_make)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_user_directory_appearing_at_o_mid_run_is_never_replaced(
+    llama5: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    force: bool,
+) -> None:
+    plan = write_plan(tmp_path, llama5, BODY)
+    out = tmp_path / "thesis"
+
+    def user_writes() -> None:
+        out.mkdir()
+        (out / "chapter1.tex").write_text("years of work")
+
+    _appears_mid_run(monkeypatch, user_writes)
+    args = ["apply", str(plan), "-o", str(out)] + (["--force"] if force else [])
+    _refused(args, capsys, str(out), "left untouched")
+    assert sorted(p.name for p in out.iterdir()) == ["chapter1.tex"]
+    assert (out / "chapter1.tex").read_text() == "years of work"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".thesis.")]
+
+
+def test_an_empty_directory_appearing_at_o_mid_run_is_not_replaced(
+    llama5: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plain rename(2) silently replaces an empty directory; the install must not."""
+    plan = write_plan(tmp_path, llama5, BODY)
+    out = tmp_path / "out"
+    _appears_mid_run(monkeypatch, out.mkdir)
+    _refused(["apply", str(plan), "-o", str(out)], capsys, "appeared while this run")
+    assert out.is_dir() and not list(out.iterdir())
+
+
+def test_force_still_replaces_a_plancc_output_that_appeared_mid_run(
+    llama5: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = write_plan(tmp_path, llama5, BODY)
+    out = tmp_path / "out"
+    earlier = tmp_path / "earlier"
+    assert main(["apply", str(plan), "-o", str(earlier)]) == 0
+    _appears_mid_run(monkeypatch, lambda: earlier.rename(out))
+    assert main(["apply", str(plan), "-o", str(out), "--force"]) == 0
+    assert (out / "A" / "manifest.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+_HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from executor.outdir import destination_lock
+with destination_lock(Path(sys.argv[1]), "apply"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_writer_to_one_destination_is_refused_naming_the_first(
+    llama5: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = write_plan(tmp_path, llama5, BODY)
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "locked"
+        err = _refused(["apply", str(plan), "-o", str(out)], capsys, "another plancc run")
+        assert f"pid {first.pid}" in err and "plancc apply" in err
+        assert not out.exists()
+        os.kill(first.pid, signal.SIGKILL)  # a killed holder never blocks the next run
+        first.wait()
+        assert main(["apply", str(plan), "-o", str(out)]) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert not (tmp_path / ".out.lock").exists()  # the holder removes its lock file
+    # A second apply to the same -o after the first finished: refused, not both exit 0.
+    _refused(["apply", str(plan), "-o", str(out)], capsys, "already exists", "--force")
