@@ -33,6 +33,7 @@ from executor.layout import (
     WIDTH_META,
     WITHHELD_DIR,
 )
+from executor.outdir import write_marker
 from executor.safetensors_io import read_header_text
 from executor.tasks import ApplyJob, ApplyOptions, bundle_file
 
@@ -219,6 +220,9 @@ def write_metadata(
             hasher.add(p)
     manifest["files"] = hasher.result()
     write_json(a / MANIFEST, manifest)
+    # The manifest's own sha256 goes into the output's marker, so restore and verify
+    # notice an edited file list (a removed entry would otherwise skip a file's check).
+    write_marker(root, "apply", manifest_sha256=sha256_file(a / MANIFEST))
     return manifest
 
 

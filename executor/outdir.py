@@ -60,13 +60,8 @@ def absolute(path: Path) -> Path:
 
 def is_plancc_output(path: Path) -> bool:
     """A directory plancc wrote: the marker, or an older apply output's manifest."""
-    marker = path / MARKER
-    if marker.is_file():
-        try:
-            data = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return False
-        return isinstance(data, dict) and data.get("tool") == "plancc"
+    if (path / MARKER).is_file():
+        return read_marker(path).get("tool") == "plancc"
     return (path / "A" / MANIFEST).is_file()
 
 
@@ -118,10 +113,20 @@ def _lock(path: Path) -> int | None:
     return fd
 
 
-def write_marker(root: Path, kind: str) -> None:
+def write_marker(root: Path, kind: str, **record: Any) -> None:
+    """Mark `root` as plancc's; `record` adds fields (apply: the manifest's sha256)."""
     data = {"tool": "plancc", "kind": kind, "format": FORMAT, "pid": os.getpid()}
     data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    (root / MARKER).write_text(json.dumps(data) + "\n", encoding="utf-8")
+    (root / MARKER).write_text(json.dumps({**data, **record}) + "\n", encoding="utf-8")
+
+
+def read_marker(root: Path) -> dict[str, Any]:
+    """The marker's record, or {} when absent or unreadable."""
+    try:
+        data = json.loads((root / MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ from executor import slicing
 from executor.configs import LayerShape, build_config
 from executor.execute import progress_bar
 from executor.install import write_json
-from executor.integrity import Hasher, output_files, verify_files
+from executor.integrity import Hasher, output_files, sha256_file, verify_files
 from executor.layout import (
     BUNDLE_META,
     BUNDLE_META_SCHEMA,
@@ -62,6 +62,7 @@ from executor.layout import (
     LAYERS_MAP_SCHEMA,
     MANIFEST,
     MANIFEST_SCHEMA,
+    MARKER,
     ORIGINAL_CONFIG_DIR,
     ORIGINAL_HEADERS,
     PRUNE_LOG,
@@ -73,7 +74,7 @@ from executor.layout import (
     MetadataError,
     read_metadata,
 )
-from executor.outdir import staged_output
+from executor.outdir import read_marker, staged_output
 from executor.safetensors_io import (
     OutEntry,
     SourceFiles,
@@ -149,22 +150,53 @@ class Applied:
         return Applied(root, manifest, log, config, names, selections, headers)
 
     def files_for(self, bundles: tuple[str, ...] | None) -> list[str]:
-        """The recorded files a restore of `bundles` (None: all) reads."""
+        """The files a restore of `bundles` (None: all) reads: those recorded under its
+        folders and those present there, so an entry removed from the manifest's list
+        cannot exempt a file from its check."""
+        present = [p.relative_to(self.root).as_posix() for p in output_files(self.root)]
+        names = {*self.recorded, *present} - {f"A/{MANIFEST}"}
         if bundles is None:
-            return sorted(self.recorded)
+            return sorted(names)
         prefixes = ("A/", *(f"bundles/{b}/" for b in bundles))
-        return sorted(r for r in self.recorded if r.startswith(prefixes))
+        return sorted(r for r in names if r.startswith(prefixes))
 
     def verify(self, bundles: tuple[str, ...] | None = None) -> int:
-        """Hash the files a restore of `bundles` reads; RestoreError on any difference.
+        """Hash the files a restore of `bundles` reads; RestoreError on any difference
+        (a changed manifest, a file apply did not record, a different sha256).
 
         Returns how many files were checked.
         """
         which = self.files_for(bundles)
-        problems = verify_files(self.root, self.recorded, which)
+        problems = _manifest_problems(self.root)
+        recorded = [r for r in which if r in self.recorded]
+        problems += verify_files(self.root, self.recorded, recorded)
+        problems += [_unrecorded(self.root / r) for r in which if r not in self.recorded]
         if problems:
-            raise RestoreError(_problems_text(self.root, problems))
+            raise RestoreError(_problems_text(self.root, sorted(problems)))
         return len(which)
+
+
+def _unrecorded(path: Path) -> str:
+    return (
+        f"{path}: not written by `plancc apply` (absent from the manifest's file list: "
+        "the list was edited, or the file was added)"
+    )
+
+
+def _manifest_problems(root: Path) -> list[str]:
+    """A/manifest.json against the sha256 apply recorded in the output's marker.
+
+    Outputs written before the marker recorded it have nothing to compare."""
+    want = read_marker(root).get("manifest_sha256")
+    if not isinstance(want, str):
+        return []
+    got = sha256_file(root / "A" / MANIFEST)
+    if got == want:
+        return []
+    return [
+        f"{root / 'A' / MANIFEST}: sha256 {got[:16]}… differs from the {want[:16]}… apply "
+        f"recorded in {MARKER} (the manifest was edited)"
+    ]
 
 
 def _problems_text(root: Path, problems: list[str]) -> str:
@@ -188,17 +220,9 @@ def verify(root: Path) -> VerifyResult:
     Also refuses files under OUT that apply did not write (besides the marker).
     """
     applied = Applied.read(root)
-    problems = verify_files(root, applied.recorded, applied.recorded)
-    recorded = set(applied.recorded) | {f"A/{MANIFEST}"}
-    problems += [
-        f"{p}: not written by `plancc apply`"
-        for p in output_files(root)
-        if p.relative_to(root).as_posix() not in recorded
-    ]
-    if problems:
-        raise RestoreError(_problems_text(root, sorted(problems)))
+    files = applied.verify()
     _Sources(applied)  # A's shards have valid headers
-    return VerifyResult(root, len(applied.recorded))
+    return VerifyResult(root, files)
 
 
 class _Sources:

@@ -174,7 +174,13 @@ def test_hash_source_is_checked_by_full_restore(
     manifest["source"]["sha256"]["model.safetensors"] = "0" * 64
     (out / "A" / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
-    _refused(["restore", str(out), "-o", str(tmp_path / "again")], capsys, "the source's was")
+    again = ["restore", str(out), "-o", str(tmp_path / "again")]
+    _refused(again, capsys, "the manifest was edited")
+    # With the marker agreeing (edited too), the rebuilt file's own check still refuses.
+    marker = read_json(out / MARKER)
+    marker["manifest_sha256"] = file_hashes(out)["A/manifest.json"]
+    (out / MARKER).write_text(json.dumps(marker))
+    _refused(again, capsys, "the source's was")
     _nothing_beside(tmp_path / "again")
 
 
@@ -504,3 +510,35 @@ def test_a_second_writer_to_one_destination_is_refused_naming_the_first(
     assert not (tmp_path / ".out.lock").exists()  # the holder removes its lock file
     # A second apply to the same -o after the first finished: refused, not both exit 0.
     _refused(["apply", str(plan), "-o", str(out)], capsys, "already exists", "--force")
+
+
+@pytest.mark.parametrize("marker_records_manifest", [True, False])
+def test_restore_is_not_silenced_by_removing_a_file_from_the_manifest(
+    applied: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    marker_records_manifest: bool,
+) -> None:
+    """Dropping a bundle's entries from A/manifest.json must not exempt its files from
+    the check (an older output's marker has no manifest sha256: the file rule holds)."""
+    manifest_path = applied / "A" / "manifest.json"
+    manifest = read_json(manifest_path)
+    bundle = sorted(r for r in manifest["files"] if r.startswith("bundles/B/"))
+    shard = next(r for r in bundle if r.endswith(".safetensors"))
+    manifest["files"] = {r: h for r, h in manifest["files"].items() if r not in bundle}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    _flip_data_byte(applied / shard)
+    if not marker_records_manifest:
+        marker = read_json(applied / MARKER)
+        del marker["manifest_sha256"]
+        (applied / MARKER).write_text(json.dumps(marker))
+    dest = tmp_path / "back"
+    for args in (["restore", str(applied), "-o", str(dest)], ["verify", str(applied)]):
+        err = _refused(args, capsys, f"{shard}: not written by `plancc apply`")
+        assert ("the manifest was edited" in err) == marker_records_manifest, err
+    _nothing_beside(dest)
+
+
+def test_the_marker_records_the_manifest_sha256(applied: Path) -> None:
+    marker = read_json(applied / MARKER)
+    assert marker["manifest_sha256"] == file_hashes(applied)["A/manifest.json"]
