@@ -78,7 +78,10 @@ class SourceFiles:
     def fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise source_read_error(str(path), exc) from None
             self._fds[path] = fd
         return fd
 
@@ -115,7 +118,10 @@ def read_range(fd: int, begin: int, end: int, where: str, into: memoryview) -> N
     assert into.nbytes == end - begin
     done = 0
     while done < into.nbytes:
-        n = os.preadv(fd, [into[done:]], begin + done)
+        try:
+            n = os.preadv(fd, [into[done:]], begin + done)
+        except OSError as exc:
+            raise source_read_error(where, exc) from None
         if n == 0:
             raise TensorIOError(
                 f"{where}: the file ends {into.nbytes - done} bytes early (truncated?); "
@@ -199,11 +205,13 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, where: str) ->
             elif mode == "sendfile":
                 n = os.sendfile(dst_fd, src_fd, offset + done, want)
             else:
-                chunk = os.pread(src_fd, min(want, READ_CHUNK), offset + done)
+                chunk = _pread(src_fd, min(want, READ_CHUNK), offset + done, where)
                 n = len(chunk)
                 _write_all(dst_fd, chunk)
         except OSError as exc:
-            fallback = exc.errno in (
+            if mode == "buffered":
+                raise
+            unsupported = exc.errno in (
                 errno.EXDEV,
                 errno.ENOSYS,
                 errno.EOPNOTSUPP,
@@ -211,9 +219,9 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, where: str) ->
                 errno.EPERM,
                 errno.EBADF,
             )
-            if mode == "buffered" or not fallback:
-                raise
-            mode = "sendfile" if mode == "copy_file_range" else "buffered"
+            # Another error (EIO, ENOSPC, ...) may be the source's or the output's; the
+            # kernel does not say which. Plain reads and writes find out.
+            mode = "sendfile" if mode == "copy_file_range" and unsupported else "buffered"
             continue
         if n == 0:
             raise TensorIOError(
@@ -221,6 +229,22 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, where: str) ->
                 "re-download or re-save the checkpoint"
             )
         done += n
+
+
+def _pread(fd: int, size: int, offset: int, where: str) -> bytes:
+    try:
+        return os.pread(fd, size, offset)
+    except OSError as exc:
+        raise source_read_error(where, exc) from None
+
+
+def source_read_error(where: str, exc: OSError) -> TensorIOError:
+    """A failed read of an input file: said as a read, never as a failure to write."""
+    return TensorIOError(
+        f"{where}: cannot read it: {exc.strerror or exc}; the file or its disk is damaged "
+        "or was removed: check it, re-download or re-save the checkpoint, then run again "
+        "(nothing was written)"
+    )
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

@@ -281,6 +281,51 @@ def test_full_disk_midway(
     _nothing_beside(out)
 
 
+@pytest.mark.parametrize("how", ["copied", "sliced"])
+def test_a_read_failure_of_the_source_is_said_as_a_read_failure(
+    llama5: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """EIO while reading the checkpoint mid-apply names the source file, not the output.
+
+    copy_file_range fails alike for either side, so the copy retries with plain reads
+    and writes, which tell them apart; preadv reads the tensors that are sliced."""
+    import executor.safetensors_io as io
+
+    source = str(llama5 / "model.safetensors")
+    sources: set[int] = set()
+    real_open = io.os.open
+
+    def tracking_open(path: object, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, *args, **kwargs)
+        if str(path) == source:
+            sources.add(fd)
+        return fd
+
+    def failing(real: Callable[..., Any], fd_arg: int) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if args[fd_arg] in sources:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return real(*args)
+
+        return call
+
+    monkeypatch.setattr(io.os, "open", tracking_open)
+    if how == "copied":  # every way of copying a byte range fails on the source
+        for name, fd_arg in (("copy_file_range", 0), ("sendfile", 1), ("pread", 0)):
+            monkeypatch.setattr(io.os, name, failing(getattr(io.os, name), fd_arg))
+    else:  # reading a tensor to slice it
+        monkeypatch.setattr(io.os, "preadv", failing(io.os.preadv, 0))
+    plan = write_plan(tmp_path, llama5, BODY)
+    out = tmp_path / "out"
+    err = _refused(["apply", str(plan), "-o", str(out)], capsys, source, "cannot read it")
+    assert "Input/output error" in err and "cannot write" not in err
+    _nothing_beside(out)
+
+
 def test_read_only_location(
     llama5: Path,
     tmp_path: Path,
