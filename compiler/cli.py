@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from compiler.check import CheckResult, check_file
 from compiler.diagnostics import render_json, render_text, summary_line
@@ -23,6 +24,17 @@ from compiler.diff import diff_plans
 from compiler.fmt import format_source
 
 EXIT_OK, EXIT_PLAN, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without abbreviated options: `--data` must never silently mean
+    `--data-files`, and an option added later must not change what an old command
+    line means. Subcommand parsers inherit the class (`add_subparsers`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
 
 class UsageError(Exception):
@@ -215,6 +227,9 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:  # `plancc check x | head`
         return EXIT_OK
+    except KeyboardInterrupt:  # every command's staging is removed on the way out
+        print(f"{parser.prog}: interrupted; no partial output was left", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except OSError as exc:  # the boundary: an I/O failure is exit 2 with a message
         print(f"{parser.prog}: error: {describe_os_error('I/O error', exc)}", file=sys.stderr)
         return EXIT_USAGE

@@ -10,7 +10,7 @@ from executor import commands as executor_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = compiler_cli.ArgumentParser(
         prog="plancc",
         description="plancc: compile, check and apply declarative pruning plans (.prn) for "
         "large language models.",

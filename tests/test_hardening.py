@@ -587,3 +587,44 @@ def test_restore_is_not_silenced_by_removing_a_file_from_the_manifest(
 def test_the_marker_records_the_manifest_sha256(applied: Path) -> None:
     marker = read_json(applied / MARKER)
     assert marker["manifest_sha256"] == file_hashes(applied)["A/manifest.json"]
+
+
+# ---- Ctrl-C and the command line ------------------------------------------------------
+
+
+def test_ctrl_c_mid_apply_exits_130_with_one_line_and_leaves_nothing(
+    llama5: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    _appears_mid_run(monkeypatch, interrupted)
+    out = tmp_path / "out"
+    assert main(["apply", str(write_plan(tmp_path, llama5, BODY)), "-o", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "plancc: interrupted; no partial output was left"
+    assert "Traceback" not in err
+    _nothing_beside(out)  # no staging directory, no lock file
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["apply", "plan.prn", "-o", "out", "--forc"],
+        ["eval", "m", "--data-f", "x"],
+        ["restore", "out", "--up", "B", "-o", "back"],
+        ["heal", "out", "-o", "healed", "--resu"],
+    ],
+)
+def test_abbreviated_options_are_refused(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An abbreviation silently taken for a longer option (`--data` for `--data-files`)
+    changes a command's meaning; every plancc parser refuses them."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
