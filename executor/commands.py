@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from compiler.cli import EXIT_OK, UsageError
-from compiler.corpus import DATA_CHOICES, CorpusError
+from compiler.corpus import DATA_CHOICES, CorpusError, load_text
 
 
 def parse_size(text: str) -> int:
@@ -201,27 +201,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from executor.evaluate import evaluate, render_table, results_json
+    from executor.evaluate import check_inputs, evaluate, render_table, results_json
 
+    try:  # every argument first: a bad last one must not cost the first evaluation
+        check_inputs(args.models, args.seqlen, args.limit, args.new_tokens)
+        text = load_text(args.data, args.data_files)
+    except (ValueError, FileNotFoundError, CorpusError) as exc:
+        raise UsageError(str(exc)) from None
     device = args.device or _default_device()
     results = []
     for path in args.models:
         print(f"plancc: evaluating {path} on {device}", file=sys.stderr)
-        try:
-            results.append(
-                evaluate(
-                    path,
-                    data=args.data,
-                    seqlen=args.seqlen,
-                    device=device,
-                    limit=args.limit,
-                    new_tokens=args.new_tokens,
-                    data_files=args.data_files,
-                    progress=not args.json,
-                )
+        results.append(
+            evaluate(
+                path,
+                data=args.data,
+                seqlen=args.seqlen,
+                device=device,
+                limit=args.limit,
+                new_tokens=args.new_tokens,
+                data_files=args.data_files,
+                progress=not args.json,
+                text=text,
             )
-        except (FileNotFoundError, CorpusError) as exc:
-            raise UsageError(str(exc)) from None
+        )
     print(results_json(results) if args.json else render_table(results))
     return EXIT_OK
 

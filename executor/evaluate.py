@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,14 +84,24 @@ def perplexity(model: Any, chunks: list[list[int]], device: str, progress: bool 
     return math.exp(total_nll / predicted) if predicted else float("nan")
 
 
-def greedy_sample(model: Any, tokenizer: Any, device: str, new_tokens: int) -> tuple[str, float]:
-    """A greedy continuation of a fixed prompt, and decode speed in tokens/s."""
+SPEED_REPEATS = 3
+
+
+def greedy_sample(
+    model: Any, tokenizer: Any, device: str, new_tokens: int, repeats: int = SPEED_REPEATS
+) -> tuple[str, float]:
+    """A greedy continuation of a fixed prompt, and decode speed in tokens/s.
+
+    The first generate warms up (lazy initialization, allocator, kernel
+    selection) and is not timed; the speed is the median of `repeats` timed
+    runs, so one slow run (a page fault, another process) does not decide.
+    """
     import torch
 
     prompt = tokenizer(DEFAULT_PROMPT, return_tensors="pt").to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        start = time.perf_counter()
+
+    def generate() -> Any:
         out = model.generate(
             **prompt,
             max_new_tokens=new_tokens,
@@ -98,9 +109,38 @@ def greedy_sample(model: Any, tokenizer: Any, device: str, new_tokens: int) -> t
             do_sample=False,
             pad_token_id=pad,
         )
-        elapsed = time.perf_counter() - start
-    generated = out[0, prompt["input_ids"].shape[1] :]
-    return tokenizer.decode(generated, skip_special_tokens=True), len(generated) / elapsed
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    speeds = []
+    with torch.no_grad():
+        out = generate()  # warm-up, untimed
+        generated = out[0, prompt["input_ids"].shape[1] :]
+        for _ in range(repeats):
+            start = time.perf_counter()
+            generate()
+            speeds.append(len(generated) / (time.perf_counter() - start))
+    return tokenizer.decode(generated, skip_special_tokens=True), statistics.median(speeds)
+
+
+def check_inputs(paths: list[Path], seqlen: int, limit: int | None, new_tokens: int) -> None:
+    """Every argument of `plancc eval`, checked before the first model is loaded:
+    a typo in the last model must not cost an evaluation of the first."""
+    if seqlen < 2:
+        raise ValueError(f"--seqlen {seqlen}: a window needs at least 2 tokens")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: evaluate at least 1 window, or leave --limit out")
+    if new_tokens < 1:
+        raise ValueError(f"--new-tokens {new_tokens}: generate at least 1 token")
+    problems = []
+    for path in paths:
+        try:
+            model_dir(path)
+        except FileNotFoundError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise FileNotFoundError("; ".join(problems))
 
 
 def evaluate(
@@ -112,9 +152,12 @@ def evaluate(
     new_tokens: int = 32,
     data_files: list[str] | None = None,
     progress: bool = True,
+    text: str | None = None,
 ) -> EvalResult:
+    """Evaluate one model; `text` is the corpus already read (else it is loaded)."""
     model, tokenizer = load_model(path, device)
-    text = load_text(data, data_files)
+    if text is None:
+        text = load_text(data, data_files)
     pools = TokenPools.split(tokenize(text, tokenizer), text)
     chunks = windows(pools.evaluation, seqlen, limit)
     ppl = perplexity(model, chunks, device, progress)
@@ -145,7 +188,8 @@ def render_table(results: list[EvalResult]) -> str:
     head = f"{'model':<40}{'params':>14}{'Δ':>9}{'ppl':>13}{'Δ':>12}{'tok/s':>8}{'Δ':>9}"
     lines = [
         f"perplexity on {base.data} (sha256 {base.text_sha256[:12]}), last 40% of tokens, "
-        f"{base.windows} windows of {base.seqlen}, {base.eval_tokens:,} predicted tokens",
+        f"{base.windows} windows of {base.seqlen}, {base.eval_tokens:,} predicted tokens; "
+        f"tok/s: greedy decoding, median of {SPEED_REPEATS} runs after a warm-up",
         head,
     ]
     for r in results:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,3 +124,74 @@ def test_eval_compares_original_and_pruned_smollm2(
     assert (original["params"], pruned["params"]) == (134_515_008, 113_274_432)
     assert pruned["model"] == str(out) and pruned["windows"] == original["windows"] == 1
     assert math.isfinite(pruned["perplexity"]) and pruned["perplexity"] > original["perplexity"]
+
+
+def test_eval_checks_every_argument_before_evaluating(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo in the last model (or a bad option) is refused before the first model is
+    loaded: nothing is evaluated, and every bad path is named at once."""
+    from conftest import make_tiny_model
+
+    import executor.evaluate
+    from executor.cli import main
+
+    def must_not_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(executor.evaluate, "load_model", must_not_load)
+    model = make_tiny_model(tmp_path, "llama")
+    assert main(["eval", str(model), str(tmp_path / "typo"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'typo'} holds no config.json" in err
+    assert f"{tmp_path / 'out'} holds no config.json" in err
+    for bad, why in [
+        (["--limit", "0"], "--limit 0"),
+        (["--seqlen", "1"], "--seqlen 1"),
+        (["--new-tokens", "0"], "--new-tokens 0"),
+        (["--data", str(tmp_path / "nope.txt")], "neither a built-in corpus"),
+    ]:
+        assert main(["eval", str(model), *bad]) == 2
+        assert why in capsys.readouterr().err
+
+
+def test_decode_speed_is_the_median_of_timed_runs_after_an_untimed_warm_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """tokens/s times `repeats` generates after one untimed warm-up and takes their
+    median: a slow first call (lazy initialization) or one stray slow run does not
+    decide the figure."""
+    import torch
+
+    import executor.evaluate as ev
+
+    durations = iter([100.0, 1.0, 50.0, 2.0])  # warm-up (untimed), then three timed runs
+    clock = {"now": 0.0}
+
+    class Tokenizer:
+        pad_token_id = 0
+        eos_token_id = 2
+
+        def __call__(self, text: str, return_tensors: str) -> Any:
+            class Batch(dict):  # type: ignore[type-arg]
+                def to(self, device: str) -> Any:
+                    return self
+
+            return Batch(input_ids=torch.tensor([[5, 6, 7]]))
+
+        def decode(self, ids: Any, skip_special_tokens: bool) -> str:
+            return " ".join(str(int(i)) for i in ids)
+
+    class Model:
+        calls = 0
+
+        def generate(self, input_ids: Any, max_new_tokens: int, **kwargs: Any) -> Any:
+            Model.calls += 1
+            clock["now"] += next(durations)
+            return torch.cat([input_ids, torch.full((1, max_new_tokens), 9)], dim=1)
+
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: clock["now"])
+    sample, speed = ev.greedy_sample(Model(), Tokenizer(), "cpu", new_tokens=4)
+    assert Model.calls == 4
+    assert sample == "9 9 9 9"
+    assert speed == pytest.approx(4 / 2.0)  # median of 4/1, 4/50, 4/2
