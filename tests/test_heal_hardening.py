@@ -8,6 +8,10 @@ import fcntl
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -394,6 +398,7 @@ def test_ctrl_c_in_training_leaves_a_resumable_work_dir_and_no_staging(
     assert "pass --resume to continue such a run instead" in err
     heal_json = json.loads((tmp_path / "healed" / "A" / "heal.json").read_text())
     assert heal_json["resumed_at_batch"] is None and not work.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".healed.")]
 
 
 def test_ctrl_c_while_installing_removes_the_staging_and_keeps_the_stages(
@@ -455,3 +460,37 @@ def test_bad_options_are_refused_with_the_values_allowed(
     _refused(_heal(out, dest, *args), capsys, text)
     _nothing_beside(dest)
     assert not (tmp_path / "healed.work").exists()
+
+
+def test_sigint_from_outside_leaves_a_resumable_work_dir(
+    out: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A real Ctrl-C (SIGINT to the process) once the first training state is on disk."""
+    dest = tmp_path / "healed"
+    work = tmp_path / "healed.work"
+    args = [*_heal(out, dest), "--epochs", "200"]  # long enough to be caught training
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "executor.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (work / "train-A.json").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "never started training"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (130, -signal.SIGINT), err  # 130 once main turns it into one line
+    assert _marker(work)["kind"] == "heal-work" and _lock_is_free(work)
+    assert json.loads((work / "train-A.json").read_text())["next_batch"] > 0
+    assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]
+    _nothing_beside(dest)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -177,7 +178,7 @@ def _claim(work: Path, resume: bool, note: Callable[[str], None]) -> HeldWorkDir
             "finish; pass --resume to continue such a run instead"
         )
         try:
-            shutil.rmtree(work)
+            _discard(work)
         finally:
             os.close(fd)
     raise HealError(f"{work} kept changing while it was checked; try again")
@@ -209,10 +210,21 @@ def held_work_dir(
         os.close(held.fd)
 
 
+def _discard(work: Path) -> None:
+    """Remove a work directory of ours: first renamed out of the way to
+    `.HEALED.old-XXXXXXXX` (marked), so a removal cut short by Ctrl-C never leaves a
+    half-deleted HEALED.work that blocks the next run; `executor.outdir.remove_stale`
+    finishes such a leftover on the next run to HEALED."""
+    dest = work.name[: -len(".work")] if work.name.endswith(".work") else work.name
+    trash = work.parent / f".{dest}.old-{secrets.token_hex(4)}"
+    os.rename(work, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def finish(held: HeldWorkDir, note: Callable[[str], None]) -> None:
     """Remove the work directory after a successful install, if it is still ours."""
     if held.still_ours():
-        shutil.rmtree(held.path, ignore_errors=True)
+        _discard(held.path)
     else:
         note(
             f"left {held.path} alone: during the run it was replaced by a directory "
