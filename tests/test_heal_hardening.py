@@ -401,6 +401,23 @@ def test_ctrl_c_in_training_leaves_a_resumable_work_dir_and_no_staging(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".healed.")]
 
 
+def test_a_refused_run_keeps_a_dead_runs_state(
+    out: Path,  # noqa: F811
+    interrupted: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --resume a dead run's state is discarded only once the new run has passed
+    every check: a run refused for its data (or a damaged input) leaves it resumable."""
+    work = _resumable_copy(interrupted, tmp_path)
+    before = file_hashes(work)
+    _no_training(monkeypatch)
+    missing = tmp_path / "no-such-text.txt"
+    err = _refused(_heal(out, tmp_path / "healed", "--data", str(missing)), capsys, str(missing))
+    assert "removing" not in err and file_hashes(work) == before
+
+
 def test_ctrl_c_while_installing_removes_the_staging_and_keeps_the_stages(
     out: Path,  # noqa: F811
     tmp_path: Path,

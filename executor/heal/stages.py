@@ -39,7 +39,13 @@ from executor.heal.data import TrainingText, training_windows
 from executor.heal.lora import merged, trainable
 from executor.heal.options import HealError, HealOptions, depth_bundles
 from executor.heal.train import TrainLog, read_state, state_fingerprint, train
-from executor.heal.workdir import HeldWorkDir, finish, held_work_dir, work_dir
+from executor.heal.workdir import (
+    HeldWorkDir,
+    check_work_dir,
+    finish,
+    held_work_dir,
+    work_dir,
+)
 from executor.layout import LAYERS_MAP, MANIFEST, PRUNE_LOG
 
 HEAL_MANIFEST = "heal.json"
@@ -249,11 +255,12 @@ def heal(opts: HealOptions) -> HealResult:
     """Run every stage; install HEALED/ when all are done.
 
     Everything that can be checked is checked before any model is loaded or
-    trained: the options, the apply output (metadata, and the sha256 of every
-    file the run reads), -o, the work directory (`workdir`) and the training
-    text. Interrupted (Ctrl-C, a crash, kill -9), the run leaves HEALED.work/
-    marked and unlocked with its finished stages and training state, and no
-    staging directory beside HEALED: `--resume` continues it.
+    trained, and before a dead run's work directory is discarded: the options,
+    the apply output (metadata, and the sha256 of every file the run reads),
+    -o, the work directory (`workdir`) and the training text. Interrupted
+    (Ctrl-C, a crash, kill -9), the run leaves HEALED.work/ marked and unlocked
+    with its finished stages and training state, and no staging directory
+    beside HEALED: `--resume` continues it.
     """
     from executor.outdir import OutputError, check_destination
 
@@ -265,14 +272,14 @@ def heal(opts: HealOptions) -> HealResult:
         check_destination(opts.dest, opts.force, [opts.out])
     except OutputError as exc:
         raise HealError(str(exc)) from None
-    with held_work_dir(work_dir(opts.dest), [opts.out], opts.resume, _note) as held:
-        _verify_inputs(applied, opts)
-        from transformers import AutoTokenizer
+    work = work_dir(opts.dest)
+    check_work_dir(work, [opts.out], opts.resume)
+    _verify_inputs(applied, opts)
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(opts.out / "A")
-        text = training_windows(
-            opts.data, tokenizer, opts.seqlen, opts.data_files, opts.max_windows
-        )
+    tokenizer = AutoTokenizer.from_pretrained(opts.out / "A")
+    text = training_windows(opts.data, tokenizer, opts.seqlen, opts.data_files, opts.max_windows)
+    with held_work_dir(work, [opts.out], opts.resume, _note) as held:
         results = _run_stages(opts, held.path, text)
         report = None
         if opts.eval_limit:

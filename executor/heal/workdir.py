@@ -140,15 +140,46 @@ def _refuse_foreign(work: Path, fd: int, resume: bool) -> dict[str, Any]:
     return marker
 
 
+def _examine(work: Path, resume: bool) -> tuple[int, dict[str, Any]] | None:
+    """None when `work` does not exist; else its lock (held now) and marker. HealError
+    for anything that is not a heal work directory nobody else holds."""
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        raise HealError(
+            f"{work} exists and is not a directory plancc made (a file or a symbolic "
+            "link); nothing was touched; move it away or choose another -o"
+        )
+    if not work.exists():
+        return None
+    try:
+        fd = _lock(work)
+    except FileNotFoundError:  # removed since the look above
+        return None
+    if fd is None:
+        raise HealError(
+            f"{work} is in use by another plancc heal run ({_who(read_marker(work))}); "
+            "wait for it to finish, or choose another -o"
+        )
+    return fd, _refuse_foreign(work, fd, resume)
+
+
+def check_work_dir(work: Path, inputs: Iterable[Path], resume: bool) -> None:
+    """Every refusal `held_work_dir` would make, changing nothing: run before the
+    expensive checks, while a dead run's state is still there to be kept if they fail."""
+    work = absolute(work)
+    refuse_overlap(work, inputs)
+    try:
+        found = _examine(work, resume)
+    except OSError as exc:
+        raise HealError(describe_os_error("cannot use the work directory", exc, work)) from None
+    if found is not None:
+        os.close(found[0])
+
+
 def _claim(work: Path, resume: bool, note: Callable[[str], None]) -> HeldWorkDir:
     """Create or take over `work` under its lock; HealError when it is not ours to use."""
     for _ in range(3):  # the directory may vanish or appear between two looks
-        if work.is_symlink() or (work.exists() and not work.is_dir()):
-            raise HealError(
-                f"{work} exists and is not a directory plancc made (a file or a symbolic "
-                "link); nothing was touched; move it away or choose another -o"
-            )
-        if not work.exists():
+        found = _examine(work, resume)
+        if found is None:
             if resume:
                 note(f"--resume: {work} does not exist; starting from the beginning")
             try:
@@ -160,16 +191,7 @@ def _claim(work: Path, resume: bool, note: Callable[[str], None]) -> HeldWorkDir
                 raise HealError(f"{work} is being used by another plancc heal; choose another -o")
             write_marker(work, WORK_KIND)
             return HeldWorkDir(work, fd, fresh=True)
-        try:
-            fd = _lock(work)
-        except FileNotFoundError:
-            continue
-        if fd is None:
-            raise HealError(
-                f"{work} is in use by another plancc heal run ({_who(read_marker(work))}); "
-                "wait for it to finish, or choose another -o"
-            )
-        marker = _refuse_foreign(work, fd, resume)
+        fd, marker = found
         if resume:
             write_marker(work, WORK_KIND)  # this run's pid and start, for a second writer
             return HeldWorkDir(work, fd, fresh=False)
