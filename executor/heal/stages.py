@@ -37,7 +37,7 @@ from typing import Any
 from compiler.checkpoint import architecture_of, read_config, tensor_index
 from executor.heal.data import TrainingText, training_windows
 from executor.heal.lora import merged, trainable
-from executor.heal.options import HealError, HealOptions, depth_bundles
+from executor.heal.options import HealError, HealOptions, depth_bundles, stages_ok
 from executor.heal.train import TrainLog, read_state, state_fingerprint, train
 from executor.heal.workdir import (
     HeldWorkDir,
@@ -265,9 +265,9 @@ def heal(opts: HealOptions) -> HealResult:
     from executor.outdir import OutputError, check_destination
 
     started = time.perf_counter()
-    opts.validate_values()
+    opts.validate_values()  # before the apply output is even read
     applied = _applied(opts.out)
-    opts.validate(applied.bundle_names)
+    stages_ok(opts.stages, applied.bundle_names)
     try:
         check_destination(opts.dest, opts.force, [opts.out])
     except OutputError as exc:

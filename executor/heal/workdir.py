@@ -102,7 +102,6 @@ class HeldWorkDir:
 
     path: Path
     fd: int
-    fresh: bool  # created by this run (not a resumed one)
 
     def still_ours(self) -> bool:
         """The path still names the directory we locked, and its marker names this run."""
@@ -190,11 +189,11 @@ def _claim(work: Path, resume: bool, note: Callable[[str], None]) -> HeldWorkDir
             if fd is None:  # another run created it in between
                 raise HealError(f"{work} is being used by another plancc heal; choose another -o")
             write_marker(work, WORK_KIND)
-            return HeldWorkDir(work, fd, fresh=True)
+            return HeldWorkDir(work, fd)
         fd, marker = found
         if resume:
             write_marker(work, WORK_KIND)  # this run's pid and start, for a second writer
-            return HeldWorkDir(work, fd, fresh=False)
+            return HeldWorkDir(work, fd)
         note(
             f"removing {work}: the state of an earlier run ({_who(marker)}) that did not "
             "finish; pass --resume to continue such a run instead"
