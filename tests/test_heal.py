@@ -220,7 +220,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(
     monkeypatch.setattr(train_mod, "objective", killed)
     with pytest.raises(KeyboardInterrupt):
         heal(_opts(out, dest, save_every=1, epochs=2.0))
-    assert not dest.exists() and (tmp_path / "resumed.work" / "train-A.pt").is_file()
+    assert not dest.exists() and (tmp_path / "resumed.work" / "train-A.json").is_file()
     monkeypatch.setattr(train_mod, "objective", real)
     result = heal(_opts(out, dest, save_every=1, epochs=2.0, resume=True))
     assert result.stages[0].log.resumed_at == 6

@@ -136,7 +136,11 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
     tr.add_argument(
         "--save-every", type=_positive_int, default=25, help="steps between resumable checkpoints"
     )
-    tr.add_argument("--resume", action="store_true", help="continue a killed run from HEALED.work/")
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stopped run (Ctrl-C, crash, kill) from HEALED.work/",
+    )
     tr.add_argument("--device", help="cpu or cuda (default: cuda when available; bf16 autocast)")
     kd = p.add_argument_group("distillation (--teacher original)")
     kd.add_argument(

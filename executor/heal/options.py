@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,13 @@ class HealOptions:
 
     def validate(self, bundles: tuple[str, ...]) -> None:
         """HealError naming the option and the fix for anything that cannot run."""
+        self.validate_values()
+        stages_ok(self.stages, bundles)
+
+    def validate_values(self) -> None:
+        """Every option that does not depend on the apply output, each with its allowed
+        values: checked before anything is read, so nonsense never reaches training
+        (where `--lr inf` would only show up as a NaN loss)."""
         if self.method not in METHODS:
             raise HealError(f"--method {self.method!r}: one of {', '.join(METHODS)}")
         if self.teacher not in TEACHERS:
@@ -60,24 +68,42 @@ class HealOptions:
                 f"--targets {','.join(self.targets)}: a comma-separated subset of "
                 f"{','.join(TARGET_PARTS)}"
             )
-        for name, value in (
-            ("--r", self.r),
-            ("--batch", self.batch),
-            ("--grad-accum", self.grad_accum),
+        for name, value, least in (
+            ("--r", self.r, 1),
+            ("--batch", self.batch, 1),
+            ("--grad-accum", self.grad_accum, 1),
+            ("--seqlen", self.seqlen, 2),
+            ("--warmup", self.warmup, 0),
+            ("--save-every", self.save_every, 0),
+            ("--teacher-topk", self.teacher_topk, 0),
+            ("--eval-limit", self.eval_limit, 0),
         ):
-            if value < 1:
-                raise HealError(f"{name} must be at least 1, got {value}")
-        if self.seqlen < 2:
-            raise HealError(f"--seqlen must be at least 2, got {self.seqlen}")
-        if not self.lr > 0 or not self.epochs > 0:
-            raise HealError("--lr and --epochs must be positive")
+            if value < least:
+                raise HealError(f"{name} must be a whole number of at least {least}, got {value}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise HealError(
+                f"--max-windows must be at least 1, got {self.max_windows} "
+                "(leave it out to train on every window)"
+            )
+        for name, value, example in (
+            ("--lr", self.lr, "1e-3"),
+            ("--epochs", self.epochs, "2, or 0.5 for half a pass"),
+            ("--alpha", self.alpha, "16"),
+            ("--temperature", self.temperature, "1"),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                raise HealError(
+                    f"{name} must be a positive finite number (e.g. {example}), got {value}"
+                )
+        if not self.max_grad_norm > 0:  # inf is allowed: no clipping
+            raise HealError(
+                f"--max-grad-norm must be positive (inf: no clipping), got {self.max_grad_norm}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise HealError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise HealError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
-        if self.temperature <= 0:
-            raise HealError(f"--temperature must be positive, got {self.temperature}")
-        stages_ok(self.stages, bundles)
+        device_ok(self.device)
 
 
 def depth_bundles(bundles: tuple[str, ...]) -> tuple[str, ...]:
@@ -95,6 +121,19 @@ def stages_ok(stages: tuple[str, ...], bundles: tuple[str, ...]) -> None:
             f"--stages {','.join(stages)}: stages start at A and follow the bundles in order "
             f"without gaps (this output allows a prefix of {have})"
         )
+
+
+def device_ok(device: str) -> None:
+    """A device torch knows and this machine has (`cuda` without a GPU is refused here,
+    not after the teacher and the data are loaded)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise HealError(f"--device {device!r}: use cpu or cuda (cuda:N for one GPU)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise HealError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
 
 
 def parse_list(text: str) -> tuple[str, ...]:

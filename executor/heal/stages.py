@@ -17,14 +17,18 @@ back, which `stage_base` rebuilds.
 
 `HEALED/` appears only when every stage is done (a staging directory beside
 it, `executor.outdir`); finished stages and resumable training state wait in
-`HEALED.work/` meanwhile, which `--resume` picks up and success removes.
+`HEALED.work/` meanwhile (marked and locked: `executor.heal.workdir`), which
+`--resume` picks up and success removes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +37,15 @@ from typing import Any
 from compiler.checkpoint import architecture_of, read_config, tensor_index
 from executor.heal.data import TrainingText, training_windows
 from executor.heal.lora import merged, trainable
-from executor.heal.options import HealError, HealOptions, depth_bundles
-from executor.heal.train import TrainLog, train
+from executor.heal.options import HealError, HealOptions, depth_bundles, stages_ok
+from executor.heal.train import TrainLog, read_state, state_fingerprint, train
+from executor.heal.workdir import (
+    HeldWorkDir,
+    check_work_dir,
+    finish,
+    held_work_dir,
+    work_dir,
+)
 from executor.layout import LAYERS_MAP, MANIFEST, PRUNE_LOG
 
 HEAL_MANIFEST = "heal.json"
@@ -57,10 +68,6 @@ class HealResult:
     stages: tuple[StageResult, ...]
     seconds: float
     report: str | None  # the markdown table (None: --eval-limit 0)
-
-
-def work_dir(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".work")
 
 
 def unhealed_stage(root: Path, stage: str, work: Path) -> tuple[Path, tuple[int, ...]]:
@@ -109,20 +116,23 @@ def carry_over(
 
 def stage_base(healed: Path, root: Path, stage: str, device: str = "cpu", dtype: Any = None) -> Any:
     """The model a stage's adapter was trained on (`PeftModel.from_pretrained` takes it):
-    OUT/A for stage A; otherwise the previous healed stage with this stage's bundle back."""
+    OUT/A for stage A; otherwise the previous healed stage with this stage's bundle back.
+
+    The unhealed stage is rebuilt in a temporary directory beside HEALED, removed
+    once loaded: never in HEALED.work, which belongs to `plancc heal` runs.
+    """
     from executor.loader import load
 
     if stage == "A":
         return load(root / "A", device, dtype)
     stages = ("A", *depth_bundles(_bundles(root)))
     previous = stages[stages.index(stage) - 1]
-    work = work_dir(healed)
-    work.mkdir(parents=True, exist_ok=True)
-    where, layers = unhealed_stage(root, stage, work)
-    model = load(where, device, dtype)
+    with tempfile.TemporaryDirectory(prefix=f".{healed.name}.base-", dir=healed.parent) as tmp:
+        where, layers = unhealed_stage(root, stage, Path(tmp))
+        model = load(where, device, dtype)
+        arch = architecture_of(read_config(where), str(where / "config.json"))
     before = load(healed / previous, device, dtype)
     prev_layers = tuple(json.loads((healed / previous / HEAL_MANIFEST).read_text())["layers"])
-    arch = architecture_of(read_config(where), str(where / "config.json"))
     carry_over(model, arch, layers, before.state_dict(), prev_layers)
     return model
 
@@ -242,31 +252,111 @@ def _write_curve(log: TrainLog, dest: Path, title: str) -> None:
 
 
 def heal(opts: HealOptions) -> HealResult:
-    """Run every stage; install HEALED/ when all are done."""
-    import torch
+    """Run every stage; install HEALED/ when all are done.
 
-    from executor.loader import load
-    from executor.outdir import OutputError, check_destination, staged_output
-    from executor.restore import RestoreError
+    Everything that can be checked is checked before any model is loaded or
+    trained, and before a dead run's work directory is discarded: the options,
+    the apply output (metadata, and the sha256 of every file the run reads),
+    -o, the work directory (`workdir`) and the training text. Interrupted
+    (Ctrl-C, a crash, kill -9), the run leaves HEALED.work/ marked and unlocked
+    with its finished stages and training state, and no staging directory
+    beside HEALED: `--resume` continues it.
+    """
+    from executor.outdir import OutputError, check_destination
 
     started = time.perf_counter()
-    try:
-        bundles = _bundles(opts.out)
-    except RestoreError as exc:
-        raise HealError(str(exc)) from None
-    opts.validate(bundles)
+    opts.validate_values()  # before the apply output is even read
+    applied = _applied(opts.out)
+    stages_ok(opts.stages, applied.bundle_names)
     try:
         check_destination(opts.dest, opts.force, [opts.out])
     except OutputError as exc:
         raise HealError(str(exc)) from None
     work = work_dir(opts.dest)
-    if work.exists() and not opts.resume:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    check_work_dir(work, [opts.out], opts.resume)
+    _verify_inputs(applied, opts)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(opts.out / "A")
     text = training_windows(opts.data, tokenizer, opts.seqlen, opts.data_files, opts.max_windows)
+    with held_work_dir(work, [opts.out], opts.resume, _note) as held:
+        results = _run_stages(opts, held.path, text)
+        report = None
+        if opts.eval_limit:
+            from executor.heal.report import report_tables
+
+            report = report_tables(opts, results, held.path)
+        _install(opts, held, results, report)
+        finish(held, _note)
+    return HealResult(
+        opts.dest, tuple(results), time.perf_counter() - started, report[0] if report else None
+    )
+
+
+def _note(text: str) -> None:
+    print(f"plancc heal: {text}", file=sys.stderr)
+
+
+def _applied(root: Path) -> Any:
+    """The apply output's metadata, read and validated (RestoreError → HealError)."""
+    from executor.restore import Applied, RestoreError
+
+    try:
+        return Applied.read(root)
+    except RestoreError as exc:
+        raise HealError(str(exc)) from None
+
+
+def _verify_inputs(applied: Any, opts: HealOptions) -> None:
+    """Hash every file of the apply output this run will read, before any training.
+
+    The stages read A and their bundles; the teacher and the report's first row
+    (the original) read everything.
+    """
+    from executor.restore import RestoreError
+
+    everything = opts.teacher == "original" or opts.eval_limit > 0
+    try:
+        applied.verify(None if everything else tuple(opts.stages[1:]))
+    except RestoreError as exc:
+        raise HealError(str(exc)) from None
+
+
+def _check_resumable(opts: HealOptions, work: Path, n_windows: int) -> None:
+    """With --resume: every finished stage and training state readable, before training."""
+    if not opts.resume:
+        return
+    for stage in opts.stages:
+        finished = work / f"stage-{stage}"
+        if (finished / HEAL_MANIFEST).is_file():
+            _finished_log(finished)
+        elif (work / f"train-{stage}.json").is_file():
+            read_state(work / f"train-{stage}.json", state_fingerprint(opts, n_windows))
+
+
+def _finished_log(finished: Path) -> TrainLog:
+    """The training log of a stage a previous run finished (HealError if unreadable)."""
+    try:
+        record = json.loads((finished / HEAL_MANIFEST).read_text(encoding="utf-8"))
+        log = TrainLog(record["steps"], record["batches"], record["tokens"], record["seconds"])
+        log.curve = json.loads((finished / "loss.json").read_text(encoding="utf-8"))
+        if not isinstance(log.curve, list) or not log.curve:
+            raise ValueError("loss.json holds no curve")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise HealError(
+            f"--resume: the finished stage {finished} is damaged ({exc}); run without "
+            f"--resume to start over (that removes {finished.parent})"
+        ) from None
+    return log
+
+
+def _run_stages(opts: HealOptions, work: Path, text: TrainingText) -> list[StageResult]:
+    """Train (or, resuming, pick up) every stage in order; each lands in work/stage-NAME."""
+    import torch
+
+    from executor.loader import load
+
+    _check_resumable(opts, work, len(text.windows))
     teacher = None
     if opts.teacher == "original":
         # bf16 on a GPU: the teacher only runs forward, and an 8B one then takes 16 GB
@@ -281,9 +371,7 @@ def heal(opts: HealOptions) -> HealResult:
         finished = work / f"stage-{stage}"
         unhealed, layers = unhealed_stage(opts.out, stage, work)
         if opts.resume and (finished / HEAL_MANIFEST).is_file():
-            record = json.loads((finished / HEAL_MANIFEST).read_text(encoding="utf-8"))
-            log = TrainLog(record["steps"], record["batches"], record["tokens"], record["seconds"])
-            log.curve = json.loads((finished / "loss.json").read_text(encoding="utf-8"))
+            log = _finished_log(finished)
             done = load(finished, opts.device, torch.float32)
             previous = ({k: v.clone() for k, v in done.state_dict().items()}, layers)
             results.append(StageResult(stage, opts.dest / stage, unhealed, layers, log))
@@ -296,7 +384,8 @@ def heal(opts: HealOptions) -> HealResult:
             _checkpointing(model)
         torch.manual_seed(opts.seed)  # LoRA's initial A matrices: one seed, one result
         model = trainable(model, arch, opts)
-        log = train(model, text.windows, opts, teacher, work / f"train-{stage}.pt", f"heal {stage}")
+        state = work / f"train-{stage}.json"
+        log = train(model, text.windows, opts, teacher, state, f"heal {stage}")
         if finished.exists():
             shutil.rmtree(finished)
         finished.mkdir(parents=True)
@@ -316,24 +405,50 @@ def heal(opts: HealOptions) -> HealResult:
         previous = ({k: v.detach().clone() for k, v in model.state_dict().items()}, layers)
         results.append(StageResult(stage, opts.dest / stage, unhealed, layers, log))
         del model
-    report = None
-    if opts.eval_limit:
-        from executor.heal.report import report_tables
+    return results
 
-        report = report_tables(opts, results, work)
+
+def _install(
+    opts: HealOptions,
+    held: HeldWorkDir,
+    results: list[StageResult],
+    report: tuple[str, str] | None,
+) -> None:
+    """Stage HEALED/ from the finished stages (hard links, so the work directory keeps
+    them whatever happens) and rename it into place.
+
+    Refused (the work directory replaced meanwhile, -o taken by someone else):
+    nothing is installed and the finished stages stay in the work directory.
+    """
+    from executor.outdir import OutputError, staged_output
+
+    if not held.still_ours():
+        raise HealError(
+            f"{held.path} was replaced during the run by a directory plancc did not create; "
+            "it was left alone and nothing was installed; move it away and run again"
+        )
     try:
-        with staged_output(opts.dest, "heal", True, inputs=[opts.out]) as tmp:
+        with staged_output(opts.dest, "heal", opts.force, inputs=[opts.out]) as tmp:
             for r in results:
-                shutil.move(str(work / f"stage-{r.name}"), str(tmp / r.name))
+                shutil.copytree(
+                    held.path / f"stage-{r.name}", tmp / r.name, copy_function=_link_or_copy
+                )
             if report is not None:
                 (tmp / "report.md").write_text(report[0] + "\n", encoding="utf-8")
                 (tmp / "report.json").write_text(report[1] + "\n", encoding="utf-8")
     except OutputError as exc:
-        raise HealError(str(exc)) from None
-    shutil.rmtree(work, ignore_errors=True)
-    return HealResult(
-        opts.dest, tuple(results), time.perf_counter() - started, report[0] if report else None
-    )
+        raise HealError(
+            f"{exc}; the healed stages are kept in {held.path}: run again with --resume to "
+            "install them without training"
+        ) from None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (instant, no space) where the filesystem allows, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def original_model(root: Path, work: Path) -> Path:
