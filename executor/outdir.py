@@ -61,8 +61,28 @@ def absolute(path: Path) -> Path:
 def is_plancc_output(path: Path) -> bool:
     """A directory plancc wrote: the marker, or an older apply output's manifest."""
     if (path / MARKER).is_file():
-        return read_marker(path).get("tool") == "plancc"
+        return read_marker(path) is not None
     return (path / "A" / MANIFEST).is_file()
+
+
+def overlap(path: Path, inputs: Iterable[Path]) -> tuple[str, Path | None] | None:
+    """Why a directory a command would replace or delete must not be used, or None:
+    ("cwd", None) it is the current directory or holds it; ("holds", INPUT) it is an
+    input or holds one; ("is inside", INPUT) it lies inside an input. Symbolic links
+    are followed both ways."""
+    path = absolute(path)
+    cwd = absolute(Path.cwd())
+    if cwd == path or cwd.is_relative_to(path):
+        return ("cwd", None)
+    for inp in inputs:
+        inp = absolute(inp)
+        real = inp.resolve()
+        for d in {path, path.resolve()}:
+            if d in (inp, real) or inp.is_relative_to(d) or real.is_relative_to(d):
+                return ("holds", inp)
+            if d.is_relative_to(real):
+                return ("is inside", inp)
+    return None
 
 
 def check_destination(dest: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
@@ -71,19 +91,14 @@ def check_destination(dest: Path, force: bool, inputs: Iterable[Path] = ()) -> N
     for parent in dest.parents:
         if parent.exists() and not parent.is_dir():
             raise OutputError(f"{dest}: {parent} is a file, not a directory; choose another -o")
-    cwd = absolute(Path.cwd())
-    if cwd == dest or cwd.is_relative_to(dest):
+    clash = overlap(dest, inputs)
+    if clash == ("cwd", None):
         raise OutputError(
             f"{dest}: that is the current directory or contains it; choose a new directory for -o"
         )
-    for inp in inputs:
-        inp = absolute(inp)
-        real = inp.resolve()
-        for d in {dest, dest.resolve()}:
-            if d in (inp, real) or inp.is_relative_to(d) or real.is_relative_to(d):
-                raise OutputError(f"{dest}: it holds an input ({inp}); choose another -o")
-            if d.is_relative_to(real):
-                raise OutputError(f"{dest}: it is inside an input ({inp}); choose another -o")
+    if clash is not None:
+        how, inp = clash
+        raise OutputError(f"{dest}: it {how} an input ({inp}); choose another -o")
     if not (dest.exists() or dest.is_symlink()):
         return
     if not force:
@@ -102,7 +117,7 @@ def check_destination(dest: Path, force: bool, inputs: Iterable[Path] = ()) -> N
         )
 
 
-def _lock(path: Path) -> int | None:
+def try_lock(path: Path) -> int | None:
     """An exclusive flock on a directory, or None when another process holds it."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -120,13 +135,14 @@ def write_marker(root: Path, kind: str, **record: Any) -> None:
     (root / MARKER).write_text(json.dumps({**data, **record}) + "\n", encoding="utf-8")
 
 
-def read_marker(root: Path) -> dict[str, Any]:
-    """The marker's record, or {} when absent or unreadable."""
+def read_marker(root: Path) -> dict[str, Any] | None:
+    """The plancc marker's record of directory `root`, or None when it has none
+    (absent, unreadable, or not plancc's)."""
     try:
         data = json.loads((root / MARKER).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return None
+    return data if isinstance(data, dict) and data.get("tool") == "plancc" else None
 
 
 @contextlib.contextmanager
@@ -143,7 +159,7 @@ def staging_dir(dest: Path, tag: str, kind: str) -> Iterator[Path]:
             break
         except FileExistsError:
             continue
-    fd = _lock(path)
+    fd = try_lock(path)
     assert fd is not None, path  # just created, nobody else knows it
     try:
         write_marker(path, kind)
@@ -169,7 +185,7 @@ def remove_stale(dest: Path) -> list[Path]:
         tag, _, token = p.name[len(prefix) :].partition("-")
         if tag not in STAGING_TAGS or len(token) != 8 or not (p / MARKER).is_file():
             continue
-        fd = _lock(p)
+        fd = try_lock(p)
         if fd is None:  # a live run is writing it
             continue
         try:

@@ -187,7 +187,7 @@ def _manifest_problems(root: Path) -> list[str]:
     """A/manifest.json against the sha256 apply recorded in the output's marker.
 
     Outputs written before the marker recorded it have nothing to compare."""
-    want = read_marker(root).get("manifest_sha256")
+    want = (read_marker(root) or {}).get("manifest_sha256")
     if not isinstance(want, str):
         return []
     got = sha256_file(root / "A" / MANIFEST)

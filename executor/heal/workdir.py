@@ -27,7 +27,6 @@ input, bad data) is removed again, so a refused run leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -39,7 +38,7 @@ from typing import Any
 from compiler.cli import describe_os_error
 from executor.heal.options import HealError
 from executor.layout import MARKER
-from executor.outdir import _lock, absolute, write_marker
+from executor.outdir import absolute, overlap, read_marker, try_lock, write_marker
 
 WORK_KIND = "heal-work"
 
@@ -47,17 +46,6 @@ WORK_KIND = "heal-work"
 def work_dir(dest: Path) -> Path:
     """Where a run to `dest` keeps its finished stages and training state."""
     return dest.with_name(dest.name + ".work")
-
-
-def read_marker(path: Path) -> dict[str, Any] | None:
-    """The plancc marker of directory `path`, or None when it has none or it is unreadable."""
-    try:
-        data = json.loads((path / MARKER).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(data, dict) or data.get("tool") != "plancc":
-        return None
-    return data
 
 
 def _who(marker: dict[str, Any] | None) -> str:
@@ -68,32 +56,26 @@ def _who(marker: dict[str, Any] | None) -> str:
 
 
 def refuse_overlap(work: Path, inputs: Iterable[Path]) -> None:
-    """Refuse a work directory that is an input, lies inside one or holds one.
-
-    (The same test `executor.outdir.check_destination` makes for -o, phrased for
-    the work directory; a candidate for a shared helper there.)
-    """
-    work = absolute(work)
-    cwd = absolute(Path.cwd())
-    if cwd == work or cwd.is_relative_to(work):
+    """Refuse a work directory that is the current directory, an input, lies inside
+    one or holds one (`executor.outdir.overlap`, the test -o gets)."""
+    clash = overlap(work, inputs)
+    if clash is None:
+        return
+    how, inp = clash
+    if how == "cwd":
         raise HealError(
             f"{work} (heal's work directory for this -o) is the current directory or "
             "contains it; choose another -o"
         )
-    for inp in inputs:
-        inp = absolute(inp)
-        real = inp.resolve()
-        for w in {work, work.resolve()}:
-            if w in (inp, real) or inp.is_relative_to(w) or real.is_relative_to(w):
-                raise HealError(
-                    f"{w} is where heal keeps its work for this -o, and it holds the input "
-                    f"({inp}); nothing was touched; choose another -o"
-                )
-            if w.is_relative_to(real):
-                raise HealError(
-                    f"{w} (heal's work directory for this -o) would lie inside the input "
-                    f"({inp}); nothing was touched; choose an -o outside it"
-                )
+    if how == "holds":
+        raise HealError(
+            f"{work} is where heal keeps its work for this -o, and it holds the input "
+            f"({inp}); nothing was touched; choose another -o"
+        )
+    raise HealError(
+        f"{work} (heal's work directory for this -o) would lie inside the input "
+        f"({inp}); nothing was touched; choose an -o outside it"
+    )
 
 
 @dataclass
@@ -150,7 +132,7 @@ def _examine(work: Path, resume: bool) -> tuple[int, dict[str, Any]] | None:
     if not work.exists():
         return None
     try:
-        fd = _lock(work)
+        fd = try_lock(work)
     except FileNotFoundError:  # removed since the look above
         return None
     if fd is None:
@@ -185,7 +167,7 @@ def _claim(work: Path, resume: bool, note: Callable[[str], None]) -> HeldWorkDir
                 os.mkdir(work)
             except FileExistsError:
                 continue
-            fd = _lock(work)
+            fd = try_lock(work)
             if fd is None:  # another run created it in between
                 raise HealError(f"{work} is being used by another plancc heal; choose another -o")
             write_marker(work, WORK_KIND)
