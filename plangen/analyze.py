@@ -588,7 +588,7 @@ def calibration_windows(opts: Options) -> tuple[TokenPools, list, list]:
     tokenizer = AutoTokenizer.from_pretrained(opts.model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # windows are unpadded; kept for safety
-    text = load_text(opts.calib, opts.data_files)
+    text = load_text(opts.calib, opts.data_files, option="--calib")
     pools = TokenPools.split(tokenize(text, tokenizer), text)
     pool = windows(pools.calibration, opts.seqlen, opts.nsamples + opts.heldout)
     if len(pool) < opts.nsamples + opts.heldout:
@@ -654,9 +654,10 @@ def write_outputs(
 
     plan_path = opts.output
     sidecar = scores_path_for(plan_path)
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    created = staging.make_parents(plan_path)
     tmp_sidecar = staging.temp_path(sidecar)
     tmp_plan = staging.temp_path(plan_path)
+    done = False
     try:
         sha = write_sidecar(tmp_sidecar, scores)
 
@@ -680,9 +681,12 @@ def write_outputs(
         with staging.uninterruptible():
             staging.commit(tmp_sidecar, sidecar)
             staging.commit(tmp_plan, plan_path)
+        done = True
     finally:
         for tmp in (tmp_sidecar, tmp_plan):
             tmp.unlink(missing_ok=True)
+        if not done:
+            staging.remove_empty(created)
     return plan_path, sidecar
 
 

@@ -46,6 +46,28 @@ def probe(dest: Path) -> None:
     tmp.unlink()
 
 
+def make_parents(dest: Path) -> list[Path]:
+    """Create `dest`'s missing parent directories; return them, deepest first, so a
+    failed run can remove what it created (`remove_empty`)."""
+    created = []
+    parent = dest.parent
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    for d in reversed(created):
+        d.mkdir()
+    return created
+
+
+def remove_empty(directories: list[Path]) -> None:
+    """Remove the directories `make_parents` created, where nothing else was put."""
+    for d in directories:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
 def _owner(dest: Path, candidate: Path) -> tuple[str, int] | None:
     """(tag, pid) when `candidate` is one of plangen's temporary names for `dest`."""
     prefix = f".{dest.name}."
