@@ -96,10 +96,15 @@ def test_same_inputs_give_identical_bytes_and_scores_replan(tmp_path: Path, caps
     model = _model(tmp_path, "llama")
     plan = tmp_path / "p.prn"
     assert _analyze(model, plan, "--strategy", "global", "--plot") == 0
-    first = plan.read_bytes(), (tmp_path / "p.scores.safetensors").read_bytes()
+
+    def outputs() -> tuple[str, bytes]:  # the command line, quoted first, gains --force
+        plan_text = plan.read_text().split("\n", 1)[1]
+        return plan_text, (tmp_path / "p.scores.safetensors").read_bytes()
+
+    first = outputs()
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _analyze(model, plan, "--strategy", "global", "--plot", "--force") == 0
-    assert (plan.read_bytes(), (tmp_path / "p.scores.safetensors").read_bytes()) == first
+    assert outputs() == first
     capsys.readouterr()
     again = tmp_path / "again.prn"
     sidecar = str(tmp_path / "p.scores.safetensors")
