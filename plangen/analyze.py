@@ -318,10 +318,10 @@ def check_options(opts: Options, ckpt: CheckpointFacts, facts: ModelFacts) -> No
         )
 
 
-def load_scores(path: Path, ckpt: CheckpointFacts, facts: ModelFacts, digest: str) -> ScoreTables:
-    """The tables of `--scores FILE`, refused unless they were measured on this model:
-    the same structure (fingerprint, or the layer count of older sidecars) and, where
-    the sidecar records it, the same weights."""
+def load_scores(path: Path, ckpt: CheckpointFacts, facts: ModelFacts) -> ScoreTables:
+    """The tables of `--scores FILE`, refused unless they were measured on a model of
+    this structure (fingerprint, or the layer count of older sidecars); the weights
+    are compared next (`same_weights`), once the cheap checks have passed."""
     from compiler.sidecar import SidecarError
 
     try:
@@ -342,14 +342,19 @@ def load_scores(path: Path, ckpt: CheckpointFacts, facts: ModelFacts, digest: st
             f"--scores {path} holds scores of {len(depth)} layers, {ckpt.model_dir} has "
             f"{facts.layers}: it was measured on another model; {fix}"
         )
-    weights = meta.get(WEIGHTS_KEY)
+    return scores.without_reconstruction()
+
+
+def same_weights(path: Path, scores: ScoreTables, ckpt: CheckpointFacts, digest: str) -> None:
+    """`--scores FILE` measured on the weights of `ckpt`, where the sidecar records them."""
+    weights = sidecar_meta(scores).get(WEIGHTS_KEY)
     if weights and weights != digest:
         raise AnalyzeError(
             f"--scores {path} was measured on other weights ({weights}) than those of "
-            f"{ckpt.model_dir} ({digest}): same shapes, another checkpoint; {fix}, or pass "
-            "the checkpoint the scores were measured on"
+            f"{ckpt.model_dir} ({digest}): same shapes, another checkpoint; re-run without "
+            f"--scores to measure {ckpt.model_dir}, or pass the checkpoint the scores were "
+            "measured on"
         )
-    return scores.without_reconstruction()
 
 
 def adopt_calibration(opts: Options, scores: ScoreTables) -> None:
@@ -711,14 +716,16 @@ def run(opts: Options) -> Outcome:
     check_output(opts)
     ckpt = load_checkpoint_facts(opts.model_dir)
     facts = model_facts(ckpt)
+    given = None
+    if opts.scores is not None:
+        given = load_scores(opts.scores, ckpt, facts)
+        adopt_calibration(opts, given)
     check_options(opts, ckpt, facts)
     # The weights the scores are measured on, bound into the sidecar and the plan; the
     # loader reads the same bytes next (from the page cache) and the digest is memoized.
     weights = weights_digest(ckpt.model_dir, ckpt.index)
-    given = None
-    if opts.scores is not None:
-        given = load_scores(opts.scores, ckpt, facts, weights)
-        adopt_calibration(opts, given)
+    if given is not None and opts.scores is not None:
+        same_weights(opts.scores, given, ckpt, weights)
     if facts.is_moe:
         from plangen.analyze_moe import run_moe
 
