@@ -532,7 +532,7 @@ def fingerprint(config: Mapping[str, Any], index: Mapping[str, TensorInfo]) -> s
 
 WEIGHTS_CACHE = "weights-digests.json"  # compiler.cache: file identity -> digest
 _WEIGHTS_CACHE_ENTRIES = 64  # the newest this many are kept
-_HASH_BLOCK = 1 << 26  # bytes per update: large enough that hashlib releases the GIL
+_HASH_BLOCK = 1 << 24  # bytes per read and update (hashlib releases the GIL for these)
 
 
 def weights_digest(model_dir: str | Path, index: Mapping[str, TensorInfo]) -> str:
@@ -546,8 +546,8 @@ def weights_digest(model_dir: str | Path, index: Mapping[str, TensorInfo]) -> st
     data(t) is the tensor's bytes exactly as stored (its `data_offsets` range
     of its shard's data section). Names, shapes and dtypes are not repeated:
     the fingerprint pins them, so the two together identify the checkpoint.
-    Unlike the fingerprint, it reads every byte (about a second per GB,
-    memory-mapped), so the result is memoized in plancc's cache under the
+    Unlike the fingerprint, it reads every byte (a few seconds per GB, through
+    one 16 MiB buffer), so the result is memoized in plancc's cache under the
     shards' (path, size, mtime_ns, inode): a second command on an unchanged
     checkpoint pays nothing. Pickle checkpoints have no digest (convert them).
     """
@@ -587,34 +587,38 @@ def _weights_cache_key(model_dir: Path, files: list[str]) -> str | None:
 
 
 def _hash_weights(model_dir: Path, index: Mapping[str, TensorInfo], files: list[str]) -> str:
-    """sha256 over the tensors' data bytes in sorted name order (see `weights_digest`)."""
-    import mmap
+    """sha256 over the tensors' data bytes in sorted name order (see `weights_digest`).
 
+    Read into one reused buffer rather than memory-mapped: the process's memory stays
+    at the buffer's size whatever the checkpoint's (a mapping would count every page
+    it touched)."""
     h = hashlib.sha256()
-    maps: dict[str, mmap.mmap] = {}
+    buffer = bytearray(_HASH_BLOCK)
+    view = memoryview(buffer)
+    handles: dict[str, Any] = {}
     try:
         for f in files:
-            path = model_dir / f
-            with path.open("rb") as fh:
-                if path.stat().st_size:
-                    maps[f] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            handles[f] = (model_dir / f).open("rb", buffering=0)
         for name in sorted(index):
             info = index[name]
             begin, end = info.byte_range
-            if end > begin:
-                view = memoryview(maps[info.file])
-                try:
-                    for at in range(begin, end, _HASH_BLOCK):
-                        h.update(view[at : min(end, at + _HASH_BLOCK)])
-                finally:
-                    view.release()
-    except (OSError, ValueError) as exc:
+            fh = handles[info.file]
+            fh.seek(begin)
+            left = end - begin
+            while left:
+                got = fh.readinto(view[: min(left, _HASH_BLOCK)])
+                if not got:
+                    raise OSError(f"{info.file} ends inside tensor {name!r}")
+                h.update(view[:got])
+                left -= got
+    except OSError as exc:
         raise CheckpointError(
             f"{model_dir}: cannot read the weights ({exc}); {CHECKPOINT_FIX}"
         ) from None
     finally:
-        for m in maps.values():
-            m.close()
+        view.release()
+        for fh in handles.values():
+            fh.close()
     return "sha256:" + h.hexdigest()
 
 
