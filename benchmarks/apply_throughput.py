@@ -6,6 +6,10 @@ Builds (once) a random Llama-shaped bf16 checkpoint in shards, then times:
     as byte ranges, never decoded),
   * `plancc apply` of a width plan (every MLP narrowed: gate/up/down decoded
     and sliced, the rest copied),
+  * the same width plan stating the source's `weights` digest (what `plangen
+    analyze` writes), with plancc's cache emptied before each run so apply
+    hashes every weight before writing (a later apply finds the digest
+    memoized and costs what the plain row does), and the digest alone,
 and prints throughput as a ratio to `cp` (same bytes in, best of --runs) and
 peak RSS (from the kernel's accounting of each child process) as a ratio to
 the largest tensor. Everything runs on one machine in one go, files in the
@@ -98,11 +102,11 @@ def build_checkpoint(directory: Path) -> None:
     os.replace(tmp, directory)
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """Wall seconds and the peak RSS (bytes) of the child process tree."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     elapsed = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return elapsed, max(after, before) * 1024  # ru_maxrss is in KiB on Linux
@@ -135,10 +139,20 @@ def main() -> None:
         capture_output=True,
         text=True,
     ).stdout
+    from compiler.checkpoint import _hash_weights
+
+    t0 = time.perf_counter()
+    digest = _hash_weights(src, index, sorted({t.file for t in index.values()}))
+    digest_seconds = time.perf_counter() - t0
+    pinned = header.replace("\n}", f'\n  weights "{digest}"\n}}', 1)
+    width = "mlp layers 0..23 width 4096\n"
     plans = {
-        "depth (drop 6 of 24 layers)": "drop layers 16..21\n",
-        "width (mlp 5632 → 4096, all layers)": "mlp layers 0..23 width 4096\n",
+        "depth (drop 6 of 24 layers)": (header, "drop layers 16..21\n"),
+        "width (mlp 5632 → 4096, all layers)": (header, width),
+        "width + weights check (digest not memoized)": (pinned, width),
     }
+    fresh_cache = args.dir / "cache"
+    env = {**os.environ, "PLANCC_CACHE": str(fresh_cache)}
     plancc = str(Path(sys.executable).parent / "plancc")
     rows = []
     out = args.dir / "out"
@@ -150,15 +164,16 @@ def main() -> None:
     shutil.rmtree(copy, ignore_errors=True)
     cp_best = min(cp_times)
     rows.append(("cp -r", cp_best, 1.0, None))
-    for name, body in plans.items():
+    rows.append(("sha256 of the weights alone (weights_digest)", digest_seconds, 0.0, None))
+    for name, (block, body) in plans.items():
         plan = args.dir / "plan.prn"
-        plan.write_text("plan 1\n" + header + body)
+        plan.write_text("plan 1\n" + block + body)
         times = []
         for _ in range(args.runs):
             shutil.rmtree(out, ignore_errors=True)
-            times.append(
-                timed([plancc, "apply", str(plan), "--model", str(src), "-o", str(out)])[0]
-            )
+            shutil.rmtree(fresh_cache, ignore_errors=True)
+            cmd = [plancc, "apply", str(plan), "--model", str(src), "-o", str(out)]
+            times.append(timed(cmd, env)[0])
         shutil.rmtree(out, ignore_errors=True)
         rss = peak_rss([plancc, "apply", str(plan), "--model", str(src), "-o", str(out)])
         shutil.rmtree(out, ignore_errors=True)
@@ -178,7 +193,7 @@ def main() -> None:
         if rss:
             rss_ratio += f" ({(rss - base) / largest:.1f})"
         print(
-            f"{what:<48}{secs:>9.2f}{total / secs / 1e9:>7.2f}{ratio:>7.2f}"
+            f"{what:<48}{secs:>9.2f}{total / secs / 1e9:>7.2f}{ratio or cp_best / secs:>7.2f}"
             f"{rss_text:>10}{rss_ratio:>14}"
         )
 

@@ -530,6 +530,98 @@ def fingerprint(config: Mapping[str, Any], index: Mapping[str, TensorInfo]) -> s
     return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+WEIGHTS_CACHE = "weights-digests.json"  # compiler.cache: file identity -> digest
+_WEIGHTS_CACHE_ENTRIES = 64  # the newest this many are kept
+_HASH_BLOCK = 1 << 24  # bytes per read and update (hashlib releases the GIL for these)
+
+
+def weights_digest(model_dir: str | Path, index: Mapping[str, TensorInfo]) -> str:
+    """The identity of a checkpoint's weights: what a sidecar was measured on.
+
+    Definition (a contract, next to `fingerprint`, which it complements):
+
+        "sha256:" + sha256(data(t1) + data(t2) + ... ).hexdigest()
+
+    over every tensor of the safetensors checkpoint in sorted name order, where
+    data(t) is the tensor's bytes exactly as stored (its `data_offsets` range
+    of its shard's data section). Names, shapes and dtypes are not repeated:
+    the fingerprint pins them, so the two together identify the checkpoint.
+    Unlike the fingerprint, it reads every byte (a few seconds per GB, through
+    one 16 MiB buffer), so the result is memoized in plancc's cache under the
+    shards' (path, size, mtime_ns, inode): a second command on an unchanged
+    checkpoint pays nothing. Pickle checkpoints have no digest (convert them).
+    """
+    model_dir = Path(model_dir)
+    files = sorted({info.file for info in index.values()})
+    pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickled:
+        raise CheckpointError(
+            f"{model_dir}: the weights digest is defined over safetensors files, and "
+            f"{pickled[0]} is a pickle; convert the checkpoint to safetensors first"
+        )
+    key = _weights_cache_key(model_dir, files)
+    from compiler import cache
+
+    known = cache.read_json(WEIGHTS_CACHE)
+    if key is not None and isinstance(known.get(key), str):
+        return known[key]
+    digest = _hash_weights(model_dir, index, files)
+    if key is not None:
+        kept = dict(list(known.items())[-(_WEIGHTS_CACHE_ENTRIES - 1) :])
+        kept[key] = digest
+        cache.write_json(WEIGHTS_CACHE, kept)
+    return digest
+
+
+def _weights_cache_key(model_dir: Path, files: list[str]) -> str | None:
+    """The shards' identities (a rewrite changes size, mtime or inode); None if unreadable."""
+    try:
+        parts = []
+        for f in files:
+            st = (model_dir / f).stat()
+            real = os.path.realpath(model_dir / f)
+            parts.append([real, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev])
+    except OSError:
+        return None
+    return hashlib.sha256(canonical_json(parts).encode("utf-8")).hexdigest()
+
+
+def _hash_weights(model_dir: Path, index: Mapping[str, TensorInfo], files: list[str]) -> str:
+    """sha256 over the tensors' data bytes in sorted name order (see `weights_digest`).
+
+    Read into one reused buffer rather than memory-mapped: the process's memory stays
+    at the buffer's size whatever the checkpoint's (a mapping would count every page
+    it touched)."""
+    h = hashlib.sha256()
+    buffer = bytearray(_HASH_BLOCK)
+    view = memoryview(buffer)
+    handles: dict[str, Any] = {}
+    try:
+        for f in files:
+            handles[f] = (model_dir / f).open("rb", buffering=0)
+        for name in sorted(index):
+            info = index[name]
+            begin, end = info.byte_range
+            fh = handles[info.file]
+            fh.seek(begin)
+            left = end - begin
+            while left:
+                got = fh.readinto(view[: min(left, _HASH_BLOCK)])
+                if not got:
+                    raise OSError(f"{info.file} ends inside tensor {name!r}")
+                h.update(view[:got])
+                left -= got
+    except OSError as exc:
+        raise CheckpointError(
+            f"{model_dir}: cannot read the weights ({exc}); {CHECKPOINT_FIX}"
+        ) from None
+    finally:
+        view.release()
+        for fh in handles.values():
+            fh.close()
+    return "sha256:" + h.hexdigest()
+
+
 # ---- config and facts ---------------------------------------------------------
 
 

@@ -70,11 +70,13 @@ def load_text(
     data: str,
     data_files: str | Sequence[str] | None = None,
     load_dataset: Callable[..., Any] | None = None,
+    option: str = "--data",
 ) -> str:
     """The whole text of `builtin`, `wikitext2`, `ptb` or a local file path.
 
     `data_files` reads wikitext2/ptb from local files (json, jsonl, parquet,
-    csv or text with the dataset's column) instead of the hub.
+    csv or text with the dataset's column) instead of the hub. `option` is the
+    command's name for `data` (`plangen analyze` says `--calib`), for the messages.
     """
     if data == "builtin":
         return builtin_text()
@@ -103,7 +105,8 @@ def load_text(
     except Exception as exc:  # datasets raises many types: network, missing files, schema
         raise CorpusError(
             f"cannot load {data} through `datasets` ({type(exc).__name__}: {exc}); without "
-            "network access use --data builtin, a local text file, or local data files"
+            f"network access use {option} builtin, a local text file, or local data files "
+            "(--data-files)"
         ) from None
     if spec.column not in rows.column_names:
         raise CorpusError(f"{data}: the data has no column {spec.column!r} ({rows.column_names})")

@@ -72,6 +72,9 @@ CODES: dict[str, str] = {
     "W005": "no fingerprint: the plan is not pinned to a checkpoint",
 }
 
+# Binding scores to the weights they were measured on (issue 33); a block of its own.
+CODES["P127"] = "the sidecar was measured on other weights than the plan's `weights`"
+
 
 @dataclass(frozen=True)
 class Diagnostic:

@@ -35,7 +35,9 @@ INT_FACTS = (
     "v_dim",
 )
 BOOL_FACTS = ("tied", "qkv_bias", "o_bias", "mlp_bias")
-STR_FACTS = ("arch", "fingerprint")
+# `weights`: the sha256 of the weights the plan was measured on (optional; see
+# `compiler.checkpoint.weights_digest`); apply refuses a source with other weights.
+STR_FACTS = ("arch", "fingerprint", "weights")
 SELECTION_FACTS = ("dense_layers",)
 KNOWN_FACTS = STR_FACTS + INT_FACTS + BOOL_FACTS + SELECTION_FACTS
 # Upper bounds that keep a mistyped number from making the checker expand a
@@ -74,6 +76,7 @@ class ModelFacts:
     mlp_bias: bool = False
     dense_layers: frozenset[int] = frozenset()
     fingerprint: str | None = None
+    weights: str | None = None  # the weights digest the plan's scores were measured on
 
     @property
     def is_moe(self) -> bool:
@@ -138,7 +141,7 @@ def validate_facts(block: ir.ModelBlock) -> tuple[ModelFacts, list[Diagnostic]]:
                 value = ir.Selection.from_ints([value])
             if not isinstance(value, ir.Selection):
                 problem = "a list of layers"
-        elif fact.key == "fingerprint":
+        elif fact.key in ("fingerprint", "weights"):
             if not isinstance(value, str):
                 problem = 'a quoted string "sha256:..."'
         elif fact.key == "arch" and not isinstance(value, str):
@@ -227,4 +230,5 @@ FACT_LINES: tuple[tuple[str, ...], ...] = (
     ("qkv_bias", "o_bias", "mlp_bias"),
     ("dense_layers",),
     ("fingerprint",),
+    ("weights",),
 )

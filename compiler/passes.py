@@ -607,6 +607,7 @@ def check_sidecar(ctx: Context) -> list[Diagnostic]:
                 )
             )
     out += _stale_reconstruction(ctx, header)
+    out += _measured_on_other_weights(ctx, header)
     return out
 
 
@@ -657,6 +658,26 @@ def _stale_reconstruction(ctx: Context, header: SidecarHeader) -> list[Diagnosti
             )
         )
     return out
+
+
+def _measured_on_other_weights(ctx: Context, header: SidecarHeader) -> list[Diagnostic]:
+    """P127: the sidecar records the weights digest it was measured on
+    (`compiler.checkpoint.weights_digest`); a plan that states `weights` must
+    agree, or its scores (and reconstructed weights) belong to another model."""
+    stated = ctx.facts.weights
+    recorded = header.weights()
+    if not stated or not recorded or stated == recorded:
+        return []
+    fact = ctx.plan.model.fact("weights") if ctx.plan.model else None
+    return [
+        error(
+            "P127",
+            f"the sidecar was measured on weights {recorded}, the plan states {stated}",
+            fact.value_span if fact else ctx.plan.scores.span,  # type: ignore[union-attr]
+            "the plan and the sidecar come from different checkpoints: re-run "
+            "`plangen analyze` on the checkpoint you mean to apply it to",
+        )
+    ]
 
 
 def check_reconstruct(ctx: Context) -> list[Diagnostic]:

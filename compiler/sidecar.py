@@ -32,6 +32,14 @@ from typing import Any
 from compiler import ir
 from compiler.facts import ModelFacts
 
+# The metadata key holding `compiler.checkpoint.weights_digest` of the model the
+# tables were measured (and reconstructed weights solved) on.
+WEIGHTS_KEY = "model_weights"
+
+
+# What to do about a damaged sidecar (not a checkpoint: nothing to re-download).
+SIDECAR_FIX = "write it again with `plangen analyze` (or restore it from where it was copied)"
+
 
 class SidecarError(Exception):
     """The sidecar cannot be read; the message names the file and the problem."""
@@ -198,6 +206,11 @@ class SidecarHeader:
     shapes: dict[str, tuple[int, ...]]
     metadata: dict[str, Any] = field(default_factory=dict)  # the `plancc` JSON, parsed
 
+    def weights(self) -> str | None:
+        """The weights digest the tables were measured on (`weights_digest`), if recorded."""
+        value = self.metadata.get(WEIGHTS_KEY)
+        return value if isinstance(value, str) else None
+
     def reconstructed_for(self) -> dict[str, dict[str, Any]] | None:
         rec = self.metadata.get("reconstruction")
         return rec.get("for") if isinstance(rec, dict) else None
@@ -212,7 +225,7 @@ def read_sidecar_tables(path: Path) -> SidecarHeader:
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
-        header = read_safetensors_header(path)
+        header = read_safetensors_header(path, SIDECAR_FIX)
     except FileNotFoundError:
         raise SidecarError(f"scores sidecar {path} does not exist") from None
     except (OSError, CheckpointError) as exc:

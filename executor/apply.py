@@ -91,6 +91,7 @@ from compiler.checkpoint import (
     CheckpointFacts,
     load_checkpoint_facts,
     pickle_shards,
+    weights_digest,
 )
 from executor.configs import build_config
 from executor.execute import execute
@@ -229,6 +230,27 @@ def apply_plan(
         raise OutputError(describe_os_error("cannot convert the pickle checkpoint", exc)) from None
 
 
+def verify_weights(ck: CheckpointFacts, stated: str | None, shown: object) -> None:
+    """A plan that states `weights` (plangen writes it: its scores were measured on those
+    weights) applies only to a checkpoint with exactly those weights. Checked before
+    anything is written; the digest (`weights_digest`) reads every weight once, which
+    also warms the page cache for the copy, and is memoized for the next run."""
+    if not stated:
+        return
+    try:
+        have = weights_digest(ck.model_dir, ck.index)
+    except CheckpointError as exc:
+        raise ApplyError(str(exc)) from None
+    if have != stated:
+        raise ApplyError(
+            f"{shown}: its weights ({have}) are not the ones the plan was measured on "
+            f"(`weights` {stated}): same shapes, another checkpoint; nothing was written. "
+            "Apply the plan to the checkpoint it was analyzed on, run `plangen analyze` on "
+            "this one, or delete the plan's `weights` line to apply its decisions to these "
+            "weights anyway"
+        )
+
+
 def _apply_checked(
     plan_path: Path,
     out: Path,
@@ -246,6 +268,7 @@ def _apply_checked(
     converted into a temporary `ck.model_dir`) and records its pickle files.
     """
     resolved = result.resolved
+    verify_weights(ck, result.facts.weights, (source or {}).get("dir", ck.model_dir))
     try:
         job = plan_job(resolved, ck, scores_path, opts.device, opts.max_shard_bytes)
     except TensorIOError as exc:

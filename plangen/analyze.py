@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from compiler.check import check_text
-from compiler.checkpoint import CheckpointFacts, load_checkpoint_facts
+from compiler.checkpoint import CheckpointFacts, load_checkpoint_facts, weights_digest
 from compiler.corpus import TokenPools, load_text, tokenize, windows
 from compiler.facts import ModelFacts, validate_facts
 from compiler.parse import parse
+from compiler.sidecar import WEIGHTS_KEY
 from plangen import emit
 from plangen.candidate import Candidate, original_params
 from plangen.metrics import DAMP, OBS
@@ -104,6 +105,8 @@ class Options:
     plot: bool = False
     progress: bool = True
     command: Sequence[str] = field(default_factory=list)
+    force: bool = False  # replace an existing plan (and its sidecar)
+    memory_check: bool = True  # refuse a model that does not fit (--no-memory-check: don't)
 
 
 @dataclass
@@ -170,10 +173,34 @@ def needs_removal(opts: Options) -> bool:
     )
 
 
+MEMINFO = Path("/proc/meminfo")
+MEMORY_CHECK_ENV = "PLANCC_NO_MEMORY_CHECK"  # set to 1: the same as --no-memory-check
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel could give a new process without swapping: MemAvailable,
+    which counts reclaimable page cache (MemFree does not, and on a machine that has
+    read a few checkpoints it is a small fraction of what is usable). None: unknown."""
+    try:
+        for line in MEMINFO.read_text(encoding="ascii").splitlines():
+            key, _, value = line.partition(":")
+            if key == "MemAvailable":
+                number, _, unit = value.strip().partition(" ")
+                return int(number) * (1024 if unit.strip() == "kB" else 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def check_memory(facts_params: int, opts: Options, gradients: bool) -> None:
-    """Refuse before loading when the model cannot fit the device (weights + gradients)."""
+    """Refuse before loading when the model cannot fit the device (weights + gradients).
+
+    An estimate, so the user can override it: --no-memory-check, or
+    PLANCC_NO_MEMORY_CHECK=1 in the environment."""
     import torch
 
+    if not opts.memory_check or os.environ.get(MEMORY_CHECK_ENV, "") not in ("", "0"):
+        return
     width = 2 if opts.dtype == "bfloat16" else 4
     # Weights; with gradients also their .grad (the first-order sum) and about half
     # as much again for activations (the Fisher term is folded per unit as it comes).
@@ -184,22 +211,191 @@ def check_memory(facts_params: int, opts: Options, gradients: bool) -> None:
         free, _total = torch.cuda.mem_get_info()
         where = "GPU memory free"
     else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):  # pragma: no cover - not POSIX
+        available = available_memory()
+        if available is None:  # not Linux: no estimate worth refusing on
             return
-        where = "memory available"
+        free = available
+        where = "memory available (MemAvailable)"
     if need > free:
+        advice = "--dtype bfloat16, " if opts.dtype == "float32" else ""
+        advice += "a forward-only --metric (such as wanda), " if gradients else ""
         raise AnalyzeError(
             f"the model needs about {_size(need)} on {opts.device} "
             f"({'weights, gradients and activations' if gradients else 'weights'}, "
-            f"{opts.dtype}) but only {_size(free)} {where}; use --dtype bfloat16, "
-            "a larger device, or a forward-only --metric"
+            f"{opts.dtype}) but only {_size(free)} {where}; use {advice}a larger device, "
+            f"or, if the estimate is wrong, --no-memory-check (or {MEMORY_CHECK_ENV}=1)"
         )
 
 
 def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+# ---- inputs and output, checked before any work -----------------------------------------
+
+
+def check_output(opts: Options) -> None:
+    """-o names a plan file that can be written, and replaces one only with --force;
+    the temporary files of a killed earlier run to it are removed. Run first: a bad
+    output location is found in milliseconds, not after the calibration."""
+    from plangen import staging
+
+    plan = opts.output
+    sidecar = scores_path_for(plan)
+    for path in (plan, sidecar):
+        if path.is_dir():
+            raise AnalyzeError(
+                f"-o {plan}: {path} is a directory; -o names the plan file to write, "
+                f"such as {plan / 'plan.prn'}"
+            )
+    existing = [p for p in (plan, sidecar) if p.exists() or p.is_symlink()]
+    if existing and not opts.force:
+        raise AnalyzeError(
+            f"{existing[0]} already exists; pass --force to replace the plan and its "
+            "sidecar, or choose another -o"
+        )
+    if opts.csv is not None and opts.csv.is_dir():
+        raise AnalyzeError(f"--csv {opts.csv} is a directory; name the CSV file to write")
+    ancestor = plan.parent if str(plan.parent) else Path(".")
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise AnalyzeError(f"-o {plan}: {ancestor} is a file, not a directory; choose another -o")
+    if ancestor != plan.parent:  # created when the plan is written
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise AnalyzeError(f"-o {plan}: cannot create directories in {ancestor}")
+        return
+    try:
+        staging.probe(plan)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise AnalyzeError(
+            f"-o {plan}: cannot create files in {ancestor} ({reason}); choose a writable -o"
+        ) from None
+    for path in (plan, sidecar):
+        staging.remove_stale(path)
+
+
+def max_positions(config: dict[str, Any]) -> int | None:
+    """The longest sequence the model's position embeddings cover, when config.json says."""
+    for cfg in (config, config.get("text_config") or {}):
+        value = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_options(opts: Options, ckpt: CheckpointFacts, facts: ModelFacts) -> None:
+    """Option values this model cannot honour, refused before loading it."""
+    n = facts.layers or 0
+    if opts.drop is not None and not 1 <= opts.drop < n:
+        raise AnalyzeError(
+            f"--drop {opts.drop}: the model has {n} layers; drop between 1 and {n - 1}"
+        )
+    if opts.drop_frac is not None:
+        count = round(opts.drop_frac * n)
+        if not 1 <= count < n:
+            raise AnalyzeError(
+                f"--drop-frac {opts.drop_frac:g} of {n} layers is {count} layers; "
+                f"it must come to between 1 and {n - 1} (or use --drop N)"
+            )
+    if not facts.is_moe:
+        for name, value in (
+            ("--drop-experts", opts.drop_experts),
+            ("--shrink-experts", opts.shrink_experts),
+        ):
+            if value is not None:
+                raise AnalyzeError(
+                    f"{name}: {ckpt.model_dir} is a dense model (no routed experts); "
+                    "use --target-params, --ratio or --drop"
+                )
+    longest = max_positions(ckpt.config)
+    if longest is not None and opts.seqlen > longest:
+        raise AnalyzeError(
+            f"--seqlen {opts.seqlen}: the model's positions go up to {longest} "
+            "(max_position_embeddings); use --seqlen "
+            f"{longest} or less"
+        )
+
+
+def load_scores(path: Path, ckpt: CheckpointFacts, facts: ModelFacts) -> ScoreTables:
+    """The tables of `--scores FILE`, refused unless they were measured on a model of
+    this structure (fingerprint, or the layer count of older sidecars); the weights
+    are compared next (`same_weights`), once the cheap checks have passed."""
+    from compiler.sidecar import SidecarError
+
+    try:
+        scores = read_sidecar(path)
+    except SidecarError as exc:
+        raise AnalyzeError(f"--scores: {exc}") from None
+    meta = sidecar_meta(scores)
+    fix = f"re-run without --scores to measure {ckpt.model_dir}"
+    recorded = meta.get("model_fingerprint")
+    if recorded and facts.fingerprint and recorded != facts.fingerprint:
+        raise AnalyzeError(
+            f"--scores {path} was measured on another model (its fingerprint is {recorded}, "
+            f"{ckpt.model_dir} has {facts.fingerprint}); {fix}"
+        )
+    depth = scores.tables.get("block_influence")
+    if depth is not None and len(depth) != (facts.layers or 0):
+        raise AnalyzeError(
+            f"--scores {path} holds scores of {len(depth)} layers, {ckpt.model_dir} has "
+            f"{facts.layers}: it was measured on another model; {fix}"
+        )
+    return scores.without_reconstruction()
+
+
+def same_weights(path: Path, scores: ScoreTables, ckpt: CheckpointFacts, digest: str) -> None:
+    """`--scores FILE` measured on the weights of `ckpt`, where the sidecar records them."""
+    weights = sidecar_meta(scores).get(WEIGHTS_KEY)
+    if weights and weights != digest:
+        raise AnalyzeError(
+            f"--scores {path} was measured on other weights ({weights}) than those of "
+            f"{ckpt.model_dir} ({digest}): same shapes, another checkpoint; re-run without "
+            f"--scores to measure {ckpt.model_dir}, or pass the checkpoint the scores were "
+            "measured on"
+        )
+
+
+def adopt_calibration(opts: Options, scores: ScoreTables) -> None:
+    """With --scores, the calibration the sidecar was measured with is the plan's (its
+    `calibration` line) and decides which windows come after it as held-out ones."""
+    cal = sidecar_meta(scores).get("calibration")
+    if not isinstance(cal, dict):
+        return
+    if isinstance(cal.get("data"), str):
+        opts.calib = cal["data"]
+    for key, name in (("samples", "nsamples"), ("seqlen", "seqlen"), ("seed", "seed")):
+        if isinstance(cal.get(key), int) and not isinstance(cal.get(key), bool):
+            setattr(opts, name, cal[key])
+
+
+def sidecar_meta(scores: ScoreTables) -> dict[str, Any]:
+    """The sidecar's `plancc` metadata as a dict ({} when absent or not JSON)."""
+    try:
+        meta = json.loads(scores.metadata.get("plancc", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def checked_candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Candidate]:
+    """`candidates`, with a table the scores lack (an earlier sidecar measured for
+    another strategy) said as an error that names the fix."""
+    try:
+        return candidates(opts, facts, scores)
+    except StrategyError as exc:
+        raise AnalyzeError(str(exc)) from None
+    except KeyError as exc:
+        if opts.scores is None:  # pragma: no cover - the calibration measured what it needs
+            raise
+        what = exc.args[0] if exc.args and isinstance(exc.args[0], str) else repr(exc)
+        if what in ("block_influence", "angular", "removal"):
+            what = f"the scores have no `{what}` table"
+        raise AnalyzeError(
+            f"--scores {opts.scores}: {what}; re-run without --scores to measure them, "
+            "or choose a --strategy / --metric the sidecar has"
+        ) from None
 
 
 # ---- candidates -----------------------------------------------------------------------
@@ -397,7 +593,7 @@ def calibration_windows(opts: Options) -> tuple[TokenPools, list, list]:
     tokenizer = AutoTokenizer.from_pretrained(opts.model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # windows are unpadded; kept for safety
-    text = load_text(opts.calib, opts.data_files)
+    text = load_text(opts.calib, opts.data_files, option="--calib")
     pools = TokenPools.split(tokenize(text, tokenizer), text)
     pool = windows(pools.calibration, opts.seqlen, opts.nsamples + opts.heldout)
     if len(pool) < opts.nsamples + opts.heldout:
@@ -409,12 +605,15 @@ def calibration_windows(opts: Options) -> tuple[TokenPools, list, list]:
     return pools, pool[: opts.nsamples], pool[opts.nsamples :]
 
 
-def scores_metadata(opts: Options, facts: ModelFacts, text_sha: str, metrics: list[str]) -> dict:
-    """The sidecar's metadata: what was measured, on what, how."""
+def scores_metadata(
+    opts: Options, facts: ModelFacts, text_sha: str, metrics: list[str], weights: str
+) -> dict:
+    """The sidecar's metadata: what was measured, on what (structure and weights), how."""
     return metadata_json(
         {
             "format": "plancc scores 1",
             "model_fingerprint": facts.fingerprint or "",
+            WEIGHTS_KEY: weights,
             "calibration": {
                 "data": opts.calib,
                 "text_sha256": text_sha,
@@ -437,6 +636,13 @@ def plan_source(model_dir: Path, plan_path: Path) -> str:
     return os.path.relpath(model_dir.resolve(), plan_path.parent.resolve())
 
 
+def model_block(ckpt: CheckpointFacts, weights: str) -> str:
+    """The checkpoint's model block with the `weights` digest its scores were measured on."""
+    from compiler.checkpoint import format_model_block
+
+    return format_model_block(ckpt.name, ckpt.arch.name, {**ckpt.facts, "weights": weights})
+
+
 def write_outputs(
     opts: Options,
     ckpt: CheckpointFacts,
@@ -444,34 +650,48 @@ def write_outputs(
     scores: ScoreTables,
     chosen: Candidate,
     provenance: list[str],
+    weights: str,
 ) -> tuple[Path, Path]:
-    """The plan and its sidecar, each written to a temporary name, checked, then renamed
-    into place: a failure leaves neither half-written."""
+    """The plan and its sidecar, each written to a temporary name, the plan checked
+    against the written sidecar, then both renamed into place together (Ctrl-C held
+    back for the two renames): a failure or an interrupt leaves neither half-written."""
+    from plangen import staging
+
     plan_path = opts.output
     sidecar = scores_path_for(plan_path)
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_sidecar = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
-    tmp_plan = plan_path.with_name(f".{plan_path.name}.tmp-{os.getpid()}")
+    created = staging.make_parents(plan_path)
+    tmp_sidecar = staging.temp_path(sidecar)
+    tmp_plan = staging.temp_path(plan_path)
+    done = False
     try:
         sha = write_sidecar(tmp_sidecar, scores)
-        header = emit.Header(
-            model_block=ckpt.model_block(),
-            source=plan_source(opts.model_dir, plan_path),
-            scores_file=sidecar.name,
-            scores_sha256=sha,
-            calibration=_calibration_line(opts),
-            provenance=provenance,
-        )
-        text = emit.plan_text(chosen, header, scores, facts.ffn or 0)
-        os.replace(tmp_sidecar, sidecar)
-        result = check_text(text, base_dir=plan_path.parent)
+
+        def text_naming(sidecar_name: str) -> str:
+            header = emit.Header(
+                model_block=model_block(ckpt, weights),
+                source=plan_source(opts.model_dir, plan_path),
+                scores_file=sidecar_name,
+                scores_sha256=sha,
+                calibration=_calibration_line(opts),
+                provenance=provenance,
+            )
+            return emit.plan_text(chosen, header, scores, facts.ffn or 0)
+
+        # Checked while the sidecar still has its temporary name: nothing is replaced
+        # before the pair is known to be good.
+        result = check_text(text_naming(tmp_sidecar.name), base_dir=plan_path.parent)
         if not result.ok:  # pragma: no cover - an emitter bug; tests check every strategy
-            raise AnalyzeError(f"the generated plan does not check: {result.errors[0]}")
-        tmp_plan.write_text(text, encoding="utf-8")
-        os.replace(tmp_plan, plan_path)
+            raise AnalyzeError(f"the generated plan does not check: {result.errors[0].message}")
+        tmp_plan.write_text(text_naming(sidecar.name), encoding="utf-8")
+        with staging.uninterruptible():
+            staging.commit(tmp_sidecar, sidecar)
+            staging.commit(tmp_plan, plan_path)
+        done = True
     finally:
         for tmp in (tmp_sidecar, tmp_plan):
             tmp.unlink(missing_ok=True)
+        if not done:
+            staging.remove_empty(created)
     return plan_path, sidecar
 
 
@@ -493,12 +713,23 @@ def run(opts: Options) -> Outcome:
         )
     if opts.strategy not in STRATEGIES:
         raise AnalyzeError(f"unknown --strategy {opts.strategy!r} (one of {', '.join(STRATEGIES)})")
+    check_output(opts)
     ckpt = load_checkpoint_facts(opts.model_dir)
     facts = model_facts(ckpt)
+    given = None
+    if opts.scores is not None:
+        given = load_scores(opts.scores, ckpt, facts)
+        adopt_calibration(opts, given)
+    check_options(opts, ckpt, facts)
+    # The weights the scores are measured on, bound into the sidecar and the plan; the
+    # loader reads the same bytes next (from the page cache) and the digest is memoized.
+    weights = weights_digest(ckpt.model_dir, ckpt.index)
+    if given is not None and opts.scores is not None:
+        same_weights(opts.scores, given, ckpt, weights)
     if facts.is_moe:
         from plangen.analyze_moe import run_moe
 
-        return run_moe(opts, ckpt, facts, started)
+        return run_moe(opts, ckpt, facts, started, weights, given)
     metrics = needed_metrics(opts)
     for m in metrics:
         if m not in WIDTH_METRICS:
@@ -506,14 +737,17 @@ def run(opts: Options) -> Outcome:
     gradients = any(WIDTH_METRICS[m].needs == "gradients" for m in metrics)
     params = original_params(facts)
     check_memory(params, opts, gradients and opts.scores is None)
+    cands = checked_candidates(opts, facts, given) if given is not None else None
 
     pools, calib_windows, held = calibration_windows(opts)
+    if given is not None:
+        _same_text(opts, given, pools)
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
     model = load(opts.model_dir, opts.device, dtype)
     passes = 0.0
-    if opts.scores is not None:
-        scores = read_sidecar(opts.scores).without_reconstruction()
+    if given is not None:
+        scores = given
         _say(opts, f"plangen: scores from {opts.scores} (no calibration)")
     else:
         _say(
@@ -546,11 +780,9 @@ def run(opts: Options) -> Outcome:
                 removal_losses(model, ckpt, facts, scores, held, opts)
             )
             passes += (facts.layers or 0) * len(held) / len(calib_windows)
-        scores.metadata = scores_metadata(opts, facts, pools.text_sha256, metrics)
-    try:
-        cands = candidates(opts, facts, scores)
-    except StrategyError as exc:
-        raise AnalyzeError(str(exc)) from None
+        scores.metadata = scores_metadata(opts, facts, pools.text_sha256, metrics, weights)
+    if cands is None:
+        cands = checked_candidates(opts, facts, scores)
 
     solver = _Solver(model, ckpt.arch, facts, scores, calib_windows, opts)
     mark = time.perf_counter()
@@ -583,6 +815,7 @@ def run(opts: Options) -> Outcome:
         scores,
         chosen.candidate,
         _provenance(opts, facts, pools.text_sha256, why, measured, loss_before),
+        weights,
     )
     if opts.csv is not None:
         _write_csv(opts.csv, facts, scores, chosen.candidate)
@@ -674,6 +907,17 @@ def _attach_reconstruction(
     )
 
 
+def _same_text(opts: Options, scores: ScoreTables, pools: TokenPools) -> None:
+    """With --scores, the held-out windows must follow the sidecar's calibration ones
+    in the same text, or the judge would see windows the scores were measured on."""
+    recorded = (sidecar_meta(scores).get("calibration") or {}).get("text_sha256")
+    if recorded and recorded != pools.text_sha256:
+        raise AnalyzeError(
+            f"--scores {opts.scores} was measured on another text than {opts.calib!r} reads "
+            "now (its sha256 differs); pass the same --calib / --data-files it was measured with"
+        )
+
+
 def _finite(loss: float | None) -> float:
     return math.inf if loss is None or math.isnan(loss) else loss
 
@@ -702,7 +946,9 @@ def _provenance(
         f"strategy {opts.strategy}: {why}",
     ]
     if len(measured) > 1:
-        lines.append(f"held-out loss of the original: {loss_before:.4f}; of each candidate:")
+        lines.append(f"held-out loss of the original: {loss_before:.4f}; of each candidate")
+        lines.append("(finalists on every held-out window, the lowest wins; the rest were cut")
+        lines.append("after the first window, whose loss is shown):")
         for m in sorted(measured, key=lambda m: (_finite(m.loss), _finite(m.first))):
             loss = f"{m.loss:.4f}" if m.loss is not None else f"{m.first:.4f} (first window only)"
             lines.append(f"  {loss}  {m.candidate.label}")
@@ -751,16 +997,7 @@ def render(out: Outcome) -> str:
         f"held-out loss {out.loss_before:.4f} (ppl {math.exp(out.loss_before):.2f}) -> "
         f"{c.loss:.4f} (ppl {math.exp(c.loss):.2f})",
         "",
-        f"  {'candidate':<72} {'params':>6} {'ppl, first':>10} {'ppl, all':>8}",
-    ]
-    for m in sorted(out.considered, key=lambda m: (_finite(m.loss), _finite(m.first))):
-        mark = "*" if m is c else " "
-        lines.append(
-            f"{mark} {m.candidate.label[:72]:<72} {m.params / out.params_before:>6.1%} "
-            f"{_ppl(m.first):>10} {_ppl(m.loss):>8}"
-        )
-    lines += [
-        "  (held-out perplexity on the first window, then on all of them for the finalists)",
+        *candidate_table(out),
         "",
         f"{out.seconds:.0f} s ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in out.phases.items())
@@ -768,6 +1005,29 @@ def render(out: Outcome) -> str:
         f"next: plancc check {out.plan_path}  then  plancc apply {out.plan_path} -o OUT",
     ]
     return "\n".join(lines)
+
+
+def candidate_table(out: Outcome) -> list[str]:
+    """Every candidate, labels whole, finalists first: the winner is the finalist with
+    the lowest perplexity on all held-out windows; the others were cut after the first
+    window (their `all windows` column is empty), so the two columns are not compared."""
+    width = max(len("candidate"), *(len(m.candidate.label) for m in out.considered))
+    lines = [f"  {'candidate':<{width}} {'params':>6} {'ppl, first window':>17} {'ppl, all':>8}"]
+    for m in sorted(out.considered, key=lambda m: (_finite(m.loss), _finite(m.first))):
+        mark = "*" if m is out.chosen else " "
+        lines.append(
+            f"{mark} {m.candidate.label:<{width}} {m.params / out.params_before:>6.1%} "
+            f"{_ppl(m.first):>17} {_ppl(m.loss):>8}"
+        )
+    lines.append(
+        "  held-out perplexity: every candidate on the first window; the finalists (with "
+        "`ppl, all`) on every window, and * marks the lowest of those, which wins; a "
+        "candidate without `ppl, all` was cut after the first window"
+        if any(m.loss is None for m in out.considered)
+        else "  held-out perplexity on the first window and on all of them; * marks the "
+        "lowest on all, which wins"
+    )
+    return lines
 
 
 def outcome_json(out: Outcome) -> str:

@@ -30,7 +30,7 @@ from compiler.sidecar import table_name
 from plangen.calibrate import LayerStats, watch_inputs
 from plangen.candidate import original_params
 from plangen.metrics.router import NAEE, ROUTER_METRICS, collect_router, naee_orders
-from plangen.scores import ScoreTables, read_sidecar, unit_tables
+from plangen.scores import ScoreTables, unit_tables
 from plangen.strategies import StrategyError
 from plangen.strategies.experts import (
     DEFAULT_DROP_EXPERTS,
@@ -60,8 +60,18 @@ ALLOCATE_BY = "routing_weight"
 PROBE_WINDOWS = 16
 
 
-def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float) -> Any:
-    """Analyze a MoE model and write its plan (the `plangen.analyze.run` of MoE models)."""
+def run_moe(
+    opts: Any,
+    ckpt: CheckpointFacts,
+    facts: ModelFacts,
+    started: float,
+    weights: str,
+    given: ScoreTables | None = None,
+) -> Any:
+    """Analyze a MoE model and write its plan (the `plangen.analyze.run` of MoE models).
+
+    `weights` is the checkpoint's weights digest; `given` the already checked tables
+    of --scores (`plangen.analyze.load_scores`)."""
     import torch
 
     from executor.loader import load
@@ -71,6 +81,7 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
         Outcome,
         _finite,
         _provenance,
+        _same_text,
         _say,
         calibration_windows,
         scores_metadata,
@@ -83,6 +94,8 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
     metrics = _metrics(opts, AnalyzeError)
     phases: dict[str, float] = {}
     pools, calib_windows, held = calibration_windows(opts)
+    if given is not None:
+        _same_text(opts, given, pools)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
     model = load(opts.model_dir, opts.device, dtype)
     layers = model.get_submodule(ckpt.arch.layers_module)
@@ -90,8 +103,8 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
     experts = facts.experts or 0
     phases["load"] = time.perf_counter() - started
     passes = 0.0
-    if opts.scores is not None:
-        scores = read_sidecar(opts.scores)
+    if given is not None:
+        scores = given
         _say(opts, f"plangen: scores from {opts.scores} (no calibration)")
     else:
         _say(
@@ -152,7 +165,9 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
         if any(m in metrics for m in (NAEE, NAEE_RESCALED)):
             phases["naee"] = time.perf_counter() - mark
             passes += phases["naee"] / max(forward, 1e-9)
-        scores = ScoreTables(tables, scores_metadata(opts, facts, pools.text_sha256, metrics))
+        scores = ScoreTables(
+            tables, scores_metadata(opts, facts, pools.text_sha256, metrics, weights)
+        )
     allocated = None
     if drop and ALLOCATE_BY in metrics and len(moe_layers) > 1:
         mark = time.perf_counter()
@@ -181,7 +196,9 @@ def run_moe(opts: Any, ckpt: CheckpointFacts, facts: ModelFacts, started: float)
     chosen = min(finalists, key=lambda m: _finite(m.loss))
     why = f"lowest held-out loss of {len(measured)} candidates ({len(finalists)} finalists)"
     provenance = _provenance(opts, facts, pools.text_sha256, why, measured, loss_before)
-    plan_path, sidecar = write_outputs(opts, ckpt, facts, scores, chosen.candidate, provenance)
+    plan_path, sidecar = write_outputs(
+        opts, ckpt, facts, scores, chosen.candidate, provenance, weights
+    )
     return Outcome(
         plan_path,
         sidecar,

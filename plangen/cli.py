@@ -27,6 +27,7 @@ from compiler.cli import describe_os_error
 PROG = "plangen"
 EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def _error(message: str) -> int:
@@ -102,6 +103,7 @@ def _configure_reconstruct(parser: argparse.ArgumentParser) -> None:
 
 def _run_reconstruct(args: argparse.Namespace) -> int:
     from compiler.corpus import CorpusError
+    from compiler.sidecar import SidecarError
     from plangen.resolve_again import ReconstructError, refresh
 
     try:
@@ -115,7 +117,7 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             data_files=args.data_files,
         )
-    except (ReconstructError, CheckpointError, CorpusError) as exc:
+    except (ReconstructError, CheckpointError, CorpusError, SidecarError) as exc:
         return _error(str(exc))
     print(
         f"{done.plan}: {done.solved} projections re-solved in {done.seconds:.0f} s; "
@@ -216,6 +218,11 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
         required=True,
         metavar="PLAN.prn",
         help="the plan to write; PLAN.scores.safetensors is written beside it",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing plan and its sidecar (otherwise refused)",
     )
     size = parser.add_argument_group(
         "how much to remove (one of; default --target-params 0.75, on a mixture-of-experts "
@@ -415,7 +422,16 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
         "--scores",
         type=Path,
         metavar="FILE",
-        help="re-plan from an earlier PLAN.scores.safetensors without calibrating",
+        help="re-plan from an earlier PLAN.scores.safetensors without calibrating; it must "
+        "have been measured on this model (structure and weights), and its calibration "
+        "settings (text, samples, seqlen, seed) become the plan's",
+    )
+    data.add_argument(
+        "--no-memory-check",
+        dest="memory_check",
+        action="store_false",
+        help="skip the up-front estimate of whether the model fits in memory (also: "
+        "PLANCC_NO_MEMORY_CHECK=1)",
     )
     outp = parser.add_argument_group("output")
     outp.add_argument(
@@ -429,6 +445,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
     import warnings
 
     from compiler.corpus import CorpusError
+    from compiler.sidecar import SidecarError
     from plangen.analyze import AnalyzeError, Options, outcome_json, render, run
     from plangen.strategies import StrategyError
 
@@ -486,6 +503,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
         plot=args.plot,
         progress=not args.quiet and not args.json,
         command=args.argv,
+        force=args.force,
+        memory_check=args.memory_check,
     )
     if args.ratio is not None and args.strategy in ("auto", "best"):
         opts.strategy = "uniform"
@@ -498,7 +517,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         for w in caught:
             if w.category is UserWarning and "plangen" in str(w.filename):
                 _warning(str(w.message))
-    except (AnalyzeError, StrategyError, CheckpointError, CorpusError) as exc:
+    except (AnalyzeError, StrategyError, CheckpointError, CorpusError, SidecarError) as exc:
         return _error(str(exc))
     print(outcome_json(outcome) if args.json else render(outcome))
     return EXIT_OK
@@ -625,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n".join(c.examples.splitlines()[0] for c in COMMANDS)
         + f"\n\nrun `{PROG} COMMAND --help` for the options of each command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # `--data` must not quietly mean `--data-files`
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
@@ -634,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=_wrap(command.description),
             epilog="examples:\n" + command.examples,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
         )
         command.configure(p)
         p.set_defaults(run=command.run)
@@ -642,15 +663,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `plangen` with these arguments (default: sys.argv[1:]); return the exit status."""
+    from plangen import staging
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the provenance comment of a generated plan quotes it
+    staging.committed.clear()
     try:
         return int(args.run(args))
     except BrokenPipeError:
         return EXIT_OK
     except OSError as exc:  # the boundary: an I/O failure is exit 2 with a message
         return _error(describe_os_error("I/O error", exc))
+    except KeyboardInterrupt:
+        return _interrupted(staging.committed)
+
+
+def _interrupted(written: Sequence[Path]) -> int:
+    """Ctrl-C: one line that says what is on disk (temporary files are already gone)."""
+    if written:
+        done = ", ".join(str(p) for p in written)
+        print(f"{PROG}: interrupted after writing {done}", file=sys.stderr)
+    else:
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -13,18 +13,20 @@ atomically, and only when the result checks.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from compiler import ir
 from compiler.check import check_text
-from compiler.checkpoint import load_checkpoint_facts
+from compiler.checkpoint import load_checkpoint_facts, weights_digest
 from compiler.corpus import TokenPools, load_text, tokenize, windows
+from compiler.fmt import quote
 from compiler.resolve import ResolvedPlan, resolve
+from compiler.sidecar import WEIGHTS_KEY
+from plangen import staging
 from plangen.candidate import Candidate
-from plangen.scores import ScoreTables, read_sidecar, write_sidecar
+from plangen.scores import ScoreTables, metadata_json, read_sidecar, write_sidecar
 
 # What the re-solve itself repairs: stale or missing reconstruction tables.
 _REPAIRABLE = {"P124"}
@@ -112,16 +114,22 @@ def refresh(
     from transformers import AutoTokenizer
 
     from executor.loader import load
-    from plangen.analyze import model_facts
+    from plangen.analyze import model_facts, sidecar_meta
     from plangen.metrics import DAMP
     from plangen.reconstruct import attach, sequential
 
     started = time.perf_counter()
-    text = plan_path.read_text(encoding="utf-8")
+    text = _read_plan(plan_path)
     result = check_text(text, base_dir=plan_path.parent)
     blocking = _blocking(result)
     if blocking:
-        raise ReconstructError(f"{plan_path}: {blocking[0]} (fix it, then re-run)")
+        from compiler.diagnostics import render_text
+
+        raise ReconstructError(
+            f"{plan_path} has {len(blocking)} error(s) a re-solve cannot repair; fix them "
+            f"(`plancc check {plan_path}` lists them), then re-run:\n"
+            + render_text(blocking, str(plan_path), text).rstrip("\n")
+        )
     plan, facts = result.plan, result.facts
     assert plan is not None and facts is not None
     if plan.scores is None:
@@ -136,11 +144,13 @@ def refresh(
     model_dir = model_dir or (Path(plan.source.path) if plan.source else None)
     if model_dir is None:
         raise ReconstructError(f"{plan_path} names no `source`: pass --model DIR")
+    for dest in (plan_path, sidecar):
+        _writable(dest)
     resolved = resolve(plan, facts)
     cand, targets = candidate_of(resolved)
 
     old = read_sidecar(sidecar)
-    meta = json.loads(old.metadata.get("plancc", "{}"))
+    meta = sidecar_meta(old)
     calibration = meta.get("calibration", {})
     options = dict(plan.calibration.options) if plan.calibration else {}
     data = plan.calibration.data if plan.calibration else calibration.get("data", "builtin")
@@ -154,8 +164,11 @@ def refresh(
     ck = load_checkpoint_facts(model_dir)
     if model_facts(ck).fingerprint != facts.fingerprint and facts.fingerprint:
         raise ReconstructError(
-            f"{model_dir} is not the model the plan was written for (fingerprints differ)"
+            f"{model_dir} is not the model the plan was written for (fingerprints differ); "
+            "pass --model with the checkpoint the plan's `source` names"
         )
+    weights = weights_digest(ck.model_dir, ck.index)
+    _same_weights(model_dir, weights, facts.weights, meta.get(WEIGHTS_KEY))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     corpus = load_text(data, data_files)
     pools = TokenPools.split(tokenize(corpus, tokenizer), corpus)
@@ -168,6 +181,7 @@ def refresh(
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = load(model_dir, device, torch_dtype)
     scores = old.without_reconstruction()
+    scores.metadata = metadata_json({**sidecar_meta(scores), WEIGHTS_KEY: weights})
     solved = sequential(
         model,
         ck.arch,
@@ -199,31 +213,83 @@ def refresh(
     return Refreshed(plan_path, sidecar, len(solved), time.perf_counter() - started)
 
 
+def _read_plan(plan_path: Path) -> str:
+    """The plan's text; a missing or unreadable file is a ReconstructError."""
+    try:
+        return plan_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ReconstructError(f"{plan_path}: no such plan file") from None
+    except IsADirectoryError:
+        raise ReconstructError(f"{plan_path} is a directory; pass the plan file") from None
+    except UnicodeDecodeError:
+        raise ReconstructError(f"{plan_path} is not UTF-8 text; pass a .prn plan") from None
+
+
+def _writable(dest: Path) -> None:
+    """The plan and its sidecar are rewritten in place: refuse before any work when
+    their directory cannot take the new files."""
+    try:
+        staging.probe(dest)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ReconstructError(
+            f"cannot rewrite {dest} ({reason}): reconstruct replaces the plan and its sidecar "
+            f"in place; make {dest.parent} writable, or copy both files to a writable "
+            "directory and re-run there"
+        ) from None
+
+
+def _same_weights(model_dir: Path, weights: str, stated: str | None, recorded: object) -> None:
+    """The checkpoint must have the weights the plan and its sidecar were measured on:
+    same shapes with other weights would re-solve on the wrong numbers."""
+    for what, expected in (("the plan's `weights` line", stated), ("the sidecar", recorded)):
+        if expected and expected != weights:
+            raise ReconstructError(
+                f"{model_dir} has other weights ({weights}) than {what} records ({expected}): "
+                "same shapes, another checkpoint; pass --model with the checkpoint the plan "
+                "was analyzed on, or run `plangen analyze` on this one"
+            )
+
+
 def _replace_both(
     plan_path: Path, sidecar: Path, text: str, pin: ir.Scores, scores: ScoreTables
 ) -> None:
-    """Write the new sidecar and the re-pinned plan; on any failure both stay as they were."""
-    pid = os.getpid()
-    tmp_sidecar = sidecar.with_name(f".{sidecar.name}.tmp-{pid}")
-    tmp_plan = plan_path.with_name(f".{plan_path.name}.tmp-{pid}")
-    backup = sidecar.with_name(f".{sidecar.name}.old-{pid}")
+    """Write the new sidecar and the re-pinned plan; on any failure (Ctrl-C included)
+    both stay as they were. The new pair is checked before either is replaced."""
+    for dest in (plan_path, sidecar):
+        staging.remove_stale(dest)
+    tmp_sidecar = staging.temp_path(sidecar)
+    tmp_plan = staging.temp_path(plan_path)
+    backup = staging.temp_path(sidecar, "old")
     try:
-        new_text = _repin(text, pin, write_sidecar(tmp_sidecar, scores))
+        sha = write_sidecar(tmp_sidecar, scores)
+        trial = _rename_scores(_repin(text, pin, sha), pin, tmp_sidecar.name)
+        check = check_text(trial, base_dir=plan_path.parent)
+        if not check.ok:  # pragma: no cover - the re-solve's own output
+            raise ReconstructError(f"the re-solved plan does not check: {check.errors[0].message}")
+        new_text = _repin(text, pin, sha)
         tmp_plan.write_text(new_text, encoding="utf-8")
-        os.replace(sidecar, backup)
-        try:
-            os.replace(tmp_sidecar, sidecar)
-            check = check_text(new_text, base_dir=plan_path.parent)
-            if not check.ok:  # pragma: no cover - the re-solve's own output
-                raise ReconstructError(f"the re-solved plan does not check: {check.errors[0]}")
-            os.replace(tmp_plan, plan_path)
-        except BaseException:
-            os.replace(backup, sidecar)
-            raise
+        with staging.uninterruptible():
+            os.replace(sidecar, backup)
+            try:
+                staging.commit(tmp_sidecar, sidecar)
+                staging.commit(tmp_plan, plan_path)
+            except BaseException:
+                os.replace(backup, sidecar)
+                raise
         backup.unlink()
     finally:
         for tmp in (tmp_sidecar, tmp_plan):
             tmp.unlink(missing_ok=True)
+
+
+def _rename_scores(text: str, pin: ir.Scores, name: str) -> str:
+    """The plan text with its `scores` file name replaced (to check it against the new
+    sidecar while that still has its temporary name)."""
+    lines = text.splitlines(keepends=True)
+    k = pin.span.line - 1
+    lines[k] = lines[k].replace(quote(pin.path), quote(name), 1)
+    return "".join(lines)
 
 
 def _repin(text: str, scores: ir.Scores, sha: str) -> str:

@@ -194,12 +194,23 @@ def write_sidecar(path: Path, scores: ScoreTables) -> str:
 
 
 def read_sidecar(path: Path) -> ScoreTables:
-    """Tables and metadata of an earlier sidecar (`--scores FILE`)."""
+    """Tables and metadata of an earlier sidecar (`--scores FILE`).
+
+    Raises `SidecarError` naming the file and the fix for a missing, truncated or
+    non-safetensors file (its header is validated first, as the checker does)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        tables = {k: fh.get_tensor(k).double().numpy() for k in fh.keys()}  # noqa: SIM118
-        metadata = dict(fh.metadata() or {})
+    from compiler.sidecar import SIDECAR_FIX, SidecarError, read_sidecar_tables
+
+    read_sidecar_tables(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tables = {k: fh.get_tensor(k).double().numpy() for k in fh.keys()}  # noqa: SIM118
+            metadata = dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors and torch raise several types for a bad file
+        raise SidecarError(
+            f"scores sidecar {path} cannot be read ({type(exc).__name__}: {exc}); {SIDECAR_FIX}"
+        ) from None
     return ScoreTables(tables, metadata)
 
 

@@ -96,10 +96,15 @@ def test_same_inputs_give_identical_bytes_and_scores_replan(tmp_path: Path, caps
     model = _model(tmp_path, "llama")
     plan = tmp_path / "p.prn"
     assert _analyze(model, plan, "--strategy", "global", "--plot") == 0
-    first = plan.read_bytes(), (tmp_path / "p.scores.safetensors").read_bytes()
+
+    def outputs() -> tuple[str, bytes]:  # the command line, quoted first, gains --force
+        plan_text = plan.read_text().split("\n", 1)[1]
+        return plan_text, (tmp_path / "p.scores.safetensors").read_bytes()
+
+    first = outputs()
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert _analyze(model, plan, "--strategy", "global", "--plot") == 0
-    assert (plan.read_bytes(), (tmp_path / "p.scores.safetensors").read_bytes()) == first
+    assert _analyze(model, plan, "--strategy", "global", "--plot", "--force") == 0
+    assert outputs() == first
     capsys.readouterr()
     again = tmp_path / "again.prn"
     sidecar = str(tmp_path / "p.scores.safetensors")
@@ -209,12 +214,14 @@ def test_single_kv_group_models_get_no_attention_cut() -> None:
         assert not uniform(b, "taylor", [0, 1], [0, 1], ratio=0.5).groups_dropped
 
 
-def test_a_model_that_does_not_fit_is_refused_before_any_work(monkeypatch) -> None:
-    import os
-
+def test_a_model_that_does_not_fit_is_refused_before_any_work(monkeypatch, tmp_path) -> None:
+    from plangen import analyze
     from plangen.analyze import AnalyzeError, Options, check_memory
 
-    monkeypatch.setattr(os, "sysconf", lambda name: 1024 if name == "SC_AVPHYS_PAGES" else 4096)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 8192 kB\nMemFree: 1024 kB\nMemAvailable: 4096 kB\n")
+    monkeypatch.setattr(analyze, "MEMINFO", meminfo)
+    monkeypatch.delenv(analyze.MEMORY_CHECK_ENV, raising=False)
     opts = Options(Path("m"), Path("p.prn"))
     check_memory(1_000_000, opts, gradients=False)  # 4 MB of weights fit in 4 MiB... barely
     with pytest.raises(AnalyzeError, match=r"needs about 19 MiB on cpu .* only 4 MiB memory"):
