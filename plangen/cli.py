@@ -22,12 +22,15 @@ from compiler.checkpoint import (
     load_checkpoint_facts,
     tensor_mismatches,
 )
-from compiler.cli import describe_os_error
+from compiler.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ArgumentParser,
+    describe_os_error,
+)
 
 PROG = "plangen"
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def _error(message: str) -> int:
@@ -634,7 +637,7 @@ def _wrap(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per row of `COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # no abbreviations: `--data` must not mean `--data-files`
         prog=PROG,
         description=_wrap(
             "Write pruning plans for large language models. A plan (.prn) says which layers, "
@@ -644,7 +647,6 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n".join(c.examples.splitlines()[0] for c in COMMANDS)
         + f"\n\nrun `{PROG} COMMAND --help` for the options of each command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,  # `--data` must not quietly mean `--data-files`
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
@@ -654,7 +656,6 @@ def build_parser() -> argparse.ArgumentParser:
             description=_wrap(command.description),
             epilog="examples:\n" + command.examples,
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            allow_abbrev=False,
         )
         command.configure(p)
         p.set_defaults(run=command.run)
