@@ -15,7 +15,7 @@ from typing import Any
 from compiler import ir
 from compiler.diagnostics import Diagnostic, cap_repeats, error, sort_diagnostics
 from compiler.facts import ModelFacts, validate_facts
-from compiler.parse import parse
+from compiler.parse import gc_paused, parse
 from compiler.passes import PASSES, Context
 from compiler.resolve import ResolvedPlan, resolve
 
@@ -43,6 +43,13 @@ def check_text(
     checkpoint: Mapping[str, Any] | None = None,
 ) -> CheckResult:
     """Check plan text. `checkpoint`: facts read from the real model (`--model`)."""
+    with gc_paused():
+        return _check_text(text, base_dir, checkpoint)
+
+
+def _check_text(
+    text: str, base_dir: Path | None, checkpoint: Mapping[str, Any] | None
+) -> CheckResult:
     parsed = parse(text)
     diags = list(parsed.diagnostics)
     plan = parsed.plan
