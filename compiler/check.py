@@ -70,6 +70,23 @@ def _check_text(
     return CheckResult(text, plan, facts, tuple(diags), resolved)
 
 
+def resolve_anyway(result: CheckResult) -> ResolvedPlan | None:
+    """The per-layer decisions a plan states, even when it has errors (`plancc diff`).
+
+    A reviewer comparing an edited plan needs to see what the edit changed
+    before being told what no longer checks, so this resolves any plan that
+    parsed and whose model block states a valid layer count. What resolving
+    does with a wrong statement is plain: indices outside the model are
+    ignored, a width is taken as written, and of two decisions for one layer
+    the later one counts. Returns None when there is no model to resolve against.
+    """
+    if result.resolved is not None:
+        return result.resolved
+    if result.plan is None or result.facts is None or result.facts.layers is None:
+        return None
+    return resolve(result.plan, result.facts)
+
+
 def _final(diags: list[Diagnostic]) -> list[Diagnostic]:
     """Source order, duplicates dropped, long runs of one code in one statement folded."""
     return cap_repeats(sort_diagnostics(diags))

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.check import CheckResult, check_text
+from compiler.check import CheckResult, check_text, resolve_anyway
 from compiler.diagnostics import Diagnostic
 from compiler.diff import diff_plans
 from compiler.fmt import format_source
@@ -166,7 +166,9 @@ def assert_fmt_keeps_meaning(text: str) -> None:
 
 
 def assert_cli_survives(text: str) -> None:
-    """check, fmt --check, fmt and diff: an exit status, never an exception."""
+    """check, fmt --check, fmt and diff: an exit status, never an exception. diff
+    compares the plan with its formatted self, errors or not (exit 1 when it has
+    errors, listed after `no difference`); 2 only when there is no model to compare."""
     with plan_file(text) as path, plan_file(text, "orig.prn") as orig:
         text = path.read_text(encoding="utf-8")  # as plancc reads it (\r\n, \r → \n)
         code, _, _ = cli("check", str(path))
@@ -178,10 +180,15 @@ def assert_cli_survives(text: str) -> None:
         code, _, err = cli("fmt", str(path))
         assert code == (1 if accepted is None else 0)
         assert path.read_text(encoding="utf-8") == (text if accepted is None else accepted)
-        code, out, _ = cli("diff", str(orig), str(path))
-        clean = check_text(text).resolved is not None
-        assert code == (0 if clean else 2)
-        assert out == ("no difference\n" if clean else "")
+        code, out, err = cli("diff", str(orig), str(path))
+        result = check_text(text)
+        if resolve_anyway(result) is None:  # nothing to compare: a usage error
+            assert (code, out) == (2, "") and "nothing to compare" in err
+        elif result.ok:
+            assert (code, out) == (0, "no difference\n")
+        else:  # fmt kept the meaning: no difference, then what does not check
+            assert code == 1 and out.startswith("no difference\n\n")
+            assert f"{orig} does not check: " in out and f"{path} does not check: " in out
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
