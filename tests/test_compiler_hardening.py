@@ -80,6 +80,37 @@ def test_checking_leaves_the_garbage_collector_as_it_found_it() -> None:
     assert gc.isenabled()
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "drop layers 1, " + "9" * 5000 + "\n",
+        "mlp layers 1 width " + "9" * 5000 + "\n",
+        "calibration builtin samples " + "8" * 5000 + "\n",
+    ],
+)
+def test_a_number_too_long_for_python_is_a_syntax_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str
+) -> None:
+    """int() refuses more than 4,300 digits: that was a traceback in check, fmt, diff."""
+    text = SMOL_HEADER + body
+    plan = _write(tmp_path, "p.prn", text)
+    code, out, _ = _run(capsys, "check", str(plan))
+    assert code == 1
+    assert "error[P001]: number too long (5,000 digits; a plan's numbers have at most 100)" in out
+    assert _run(capsys, "fmt", str(plan))[0] == 1
+    assert plan.read_text(encoding="utf-8") == text  # fmt refused it: untouched
+    old = _write(tmp_path, "old.prn", SMOL_HEADER)
+    code, out, err = _run(capsys, "diff", str(old), str(plan))
+    assert (code, out) == (2, "") and "does not parse" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.prn", "p.prn"]
+
+
+def test_a_long_number_in_a_string_or_comment_is_fine() -> None:
+    digits = "1" * 5000
+    result = check_text(SMOL_HEADER.replace("0000", digits) + f"drop layers 3  # {digits}\n")
+    assert result.ok, result.errors
+
+
 # ---- 11: diff of plans that do not check ---------------------------------------------
 
 ANALYZED_BODY = "mlp layers 4 width 1024 reconstruct\n"
