@@ -4,7 +4,9 @@ Both plans are resolved first, so the difference is between the models they
 describe, not their texts: reordered statements, merged ranges, `by
 magnitude` spelled out or a width equal to the original all compare equal.
 Like `terraform plan`, every changed decision is one line keyed by its layer,
-old → new, followed by the cost delta and a summary line.
+old → new, followed by the cost delta and a summary line. A plan with errors is
+compared as `compiler.check.resolve_anyway` resolves it; `plancc diff` lists its
+errors after the difference.
 """
 
 from __future__ import annotations
