@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.check import CheckResult, check_file, resolve_anyway
+from compiler.check import CheckResult, check_text, resolve_anyway
 from compiler.diagnostics import render_json, render_text, summary_line
 from compiler.diff import diff_plans
 from compiler.fmt import format_source
@@ -58,9 +58,12 @@ def checkpoint_facts(model_dir: Path, allow_pickle: bool = False) -> dict[str, o
 
 
 def run_check(path: Path, model: Path | None, allow_pickle: bool = False) -> CheckResult:
-    read_plan_text(path)  # I/O errors become usage errors, before any diagnostics
+    """Read the plan once (I/O errors become usage errors, before any diagnostics)
+    and check it: a plan given as `<(git show HEAD:plan.prn)` is a pipe, which a
+    second read would find empty."""
+    text = read_plan_text(path)
     real = checkpoint_facts(model, allow_pickle) if model is not None else None
-    return check_file(path, checkpoint=real)
+    return check_text(text, base_dir=path.parent, checkpoint=real)
 
 
 # ---- check ----------------------------------------------------------------------------

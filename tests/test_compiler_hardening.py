@@ -199,6 +199,26 @@ def test_diff_without_a_known_architecture_skips_the_cost_delta(
     assert "error[P010]" in out
 
 
+def test_diff_reads_a_plan_from_a_pipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`plancc diff <(git show HEAD:plan.prn) plan.prn`: the old plan is a pipe
+    (`/dev/fd/N`, as bash passes it), which can be read once; it was read twice
+    and compared as an empty plan (exit 2, "no usable model block")."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, (SMOL_HEADER + "drop layers 3\n").encode())
+    os.close(write_end)
+    new = _write(tmp_path, "new.prn", SMOL_HEADER + "drop layers 4\n")
+    try:
+        code, out, err = _run(capsys, "diff", f"/dev/fd/{read_end}", str(new))
+    finally:
+        os.close(read_end)
+    assert (code, err) == (1, "")
+    assert out.startswith(
+        "layer 3: dropped (bundle B) → kept\nlayer 4: kept → dropped (bundle B)\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "what"),
     [
