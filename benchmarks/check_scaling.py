@@ -6,7 +6,10 @@ For each statement kind, builds a plan whose selection has 1k, 2k, 4k, 8k and
 smallest size: about 1.0 all the way down means linear growth (a quadratic
 pass would double it at each step). Indices beyond the model make one
 diagnostic each, folded into `... and N more` after the first five.
+`--long` runs 10k, 30k and 100k indices instead (issue 33: a 267 KB plan of
+one repeated index); results are kept in benchmarks/results/.
 Usage: python benchmarks/check_scaling.py [--runs 3] [--sizes 1000,2000,4000,8000,16000]
+       python benchmarks/check_scaling.py --long
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def repeats(n: int) -> str:
 
 # kind -> plan with an n-index selection
 KINDS: dict[str, Callable[[int], str]] = {
+    "drop layers 1, 1, 1, ...": lambda n: (
+        header(layers=30) + f"drop layers {', '.join(['1'] * n)}\n"
+    ),
     "drop layers (out of range)": lambda n: header() + f"drop layers {evens(n)}\n",
     "keep layers (repeated)": lambda n: header() + f"keep layers {repeats(n)}\n",
     "bundle (repeated)": lambda n: header() + f"drop layers 0..99\nbundle B layers {repeats(n)}\n",
@@ -77,8 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", default="1000,2000,4000,8000,16000")
+    parser.add_argument("--long", action="store_true", help="sizes 10000,30000,100000")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in ("10000,30000,100000" if args.long else args.sizes).split(",")]
     best_of(1, KINDS["drop layers (out of range)"](10))  # build the parser once
     print(f"{'statement':<28}{'indices':>9}{'best s':>9}{'per index':>11}{'diagnostics':>13}")
     for kind, make in KINDS.items():

@@ -15,7 +15,7 @@ from typing import Any
 from compiler import ir
 from compiler.diagnostics import Diagnostic, cap_repeats, error, sort_diagnostics
 from compiler.facts import ModelFacts, validate_facts
-from compiler.parse import parse
+from compiler.parse import gc_paused, parse
 from compiler.passes import PASSES, Context
 from compiler.resolve import ResolvedPlan, resolve
 
@@ -43,6 +43,13 @@ def check_text(
     checkpoint: Mapping[str, Any] | None = None,
 ) -> CheckResult:
     """Check plan text. `checkpoint`: facts read from the real model (`--model`)."""
+    with gc_paused():
+        return _check_text(text, base_dir, checkpoint)
+
+
+def _check_text(
+    text: str, base_dir: Path | None, checkpoint: Mapping[str, Any] | None
+) -> CheckResult:
     parsed = parse(text)
     diags = list(parsed.diagnostics)
     plan = parsed.plan
@@ -61,6 +68,23 @@ def check_text(
     if facts.layers is not None and not any(d.is_error for d in diags):
         resolved = resolve(plan, facts)
     return CheckResult(text, plan, facts, tuple(diags), resolved)
+
+
+def resolve_anyway(result: CheckResult) -> ResolvedPlan | None:
+    """The per-layer decisions a plan states, even when it has errors (`plancc diff`).
+
+    A reviewer comparing an edited plan needs to see what the edit changed
+    before being told what no longer checks, so this resolves any plan that
+    parsed and whose model block states a valid layer count. What resolving
+    does with a wrong statement is plain: indices outside the model are
+    ignored, a width is taken as written, and of two decisions for one layer
+    the later one counts. Returns None when there is no model to resolve against.
+    """
+    if result.resolved is not None:
+        return result.resolved
+    if result.plan is None or result.facts is None or result.facts.layers is None:
+        return None
+    return resolve(result.plan, result.facts)
 
 
 def _final(diags: list[Diagnostic]) -> list[Diagnostic]:

@@ -4,7 +4,8 @@ They need no weights and no torch. `executor.cli` adds `apply`, `restore` and
 `eval` to the same `plancc` program.
 
 Exit status (all commands): 0 clean (warnings allowed) / no difference,
-1 plan errors / would reformat / differences, 2 usage or I/O errors.
+1 plan errors / would reformat / differences (or a plan with errors, for diff),
+2 usage or I/O errors (and, for diff, a plan that does not parse).
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compiler.check import CheckResult, check_file
+from compiler.check import CheckResult, check_text, resolve_anyway
 from compiler.diagnostics import render_json, render_text, summary_line
 from compiler.diff import diff_plans
 from compiler.fmt import format_source
+from compiler.resolve import ResolvedPlan
 
 EXIT_OK, EXIT_PLAN, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
@@ -67,9 +70,12 @@ def checkpoint_facts(model_dir: Path, allow_pickle: bool = False) -> dict[str, o
 
 
 def run_check(path: Path, model: Path | None, allow_pickle: bool = False) -> CheckResult:
-    read_plan_text(path)  # I/O errors become usage errors, before any diagnostics
+    """Read the plan once (I/O errors become usage errors, before any diagnostics)
+    and check it: a plan given as `<(git show HEAD:plan.prn)` is a pipe, which a
+    second read would find empty."""
+    text = read_plan_text(path)
     real = checkpoint_facts(model, allow_pickle) if model is not None else None
-    return check_file(path, checkpoint=real)
+    return check_text(text, base_dir=path.parent, checkpoint=real)
 
 
 # ---- check ----------------------------------------------------------------------------
@@ -140,18 +146,45 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 # ---- diff -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _DiffSide:
+    path: Path
+    result: CheckResult
+    resolved: ResolvedPlan
+
+
+def _diff_side(path: Path) -> _DiffSide:
+    """Check one plan and resolve it as far as it goes; a plan that does not parse,
+    or names no model to resolve against, cannot be compared (exit 2)."""
+    result = run_check(path, None)
+    resolved = resolve_anyway(result)
+    if resolved is None:
+        print(render_text(result.errors, str(path), result.source), file=sys.stderr)
+        what = "does not parse" if result.plan is None else "has no usable model block"
+        raise UsageError(
+            f"{path} {what}, so there is nothing to compare; `plancc check {path}` says why"
+        )
+    return _DiffSide(path, result, resolved)
+
+
+def _not_checking(side: _DiffSide, other_clean: bool, is_new: bool) -> str:
+    """The section after the difference that lists a plan's errors."""
+    verb = "no longer checks" if is_new and other_clean else "does not check"
+    errors = side.result.errors
+    head = f"{side.path} {verb}: {summary_line(errors).removeprefix('found ')}"
+    return head + "\n" + render_text(errors, str(side.path), side.result.source)
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
-    resolved = []
-    for path in (args.old, args.new):
-        result = run_check(path, None)
-        if result.resolved is None:
-            errors = [d for d in result.diagnostics if d.is_error]
-            print(render_text(errors, str(path), result.source), file=sys.stderr)
-            raise UsageError(f"{path} does not check cleanly; `plancc check {path}` says why")
-        resolved.append(result.resolved)
-    differs, text = diff_plans(*resolved)
+    old, new = _diff_side(args.old), _diff_side(args.new)
+    differs, text = diff_plans(old.resolved, new.resolved)
     print(text)
-    return EXIT_PLAN if differs else EXIT_OK
+    for side, other, is_new in ((old, new, False), (new, old, True)):
+        if side.result.errors:
+            print()
+            print(_not_checking(side, other.result.ok, is_new))
+    broken = not (old.result.ok and new.result.ok)
+    return EXIT_PLAN if differs or broken else EXIT_OK
 
 
 # ---- wiring ---------------------------------------------------------------------------
@@ -206,8 +239,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="semantic difference between two plans",
         description="Compare the models two plans describe, layer by layer (dropped/kept, "
         "KV groups, widths, experts, bundles), with the cost delta. Plans that mean the same "
-        "model print `no difference` even when their text differs.",
-        epilog="exit status: 0 no difference, 1 differences, 2 a plan has errors",
+        "model print `no difference` even when their text differs. A plan with errors is "
+        "compared as far as it resolves (indices outside the model ignored, widths as "
+        "written), and its errors are listed after the difference under `PLAN no longer "
+        "checks` (or `does not check`).",
+        epilog="exit status: 0 no difference and both plans check cleanly, 1 differences or "
+        "a plan with errors, 2 a plan that does not parse (or has no usable model block), "
+        "usage or I/O errors",
     )
     p.add_argument("old", type=Path)
     p.add_argument("new", type=Path)

@@ -70,6 +70,7 @@ CODES: dict[str, str] = {
     "W003": "width not a multiple of 8",
     "W004": "statement changes nothing",
     "W005": "no fingerprint: the plan is not pinned to a checkpoint",
+    "W006": "the plan removes most of the model (more than half its layers or parameters)",
 }
 
 # Binding scores to the weights they were measured on (issue 33); a block of its own.

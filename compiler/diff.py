@@ -4,7 +4,9 @@ Both plans are resolved first, so the difference is between the models they
 describe, not their texts: reordered statements, merged ranges, `by
 magnitude` spelled out or a width equal to the original all compare equal.
 Like `terraform plan`, every changed decision is one line keyed by its layer,
-old → new, followed by the cost delta and a summary line.
+old → new, followed by the cost delta and a summary line. A plan with errors is
+compared as `compiler.check.resolve_anyway` resolves it; `plancc diff` lists its
+errors after the difference.
 """
 
 from __future__ import annotations
@@ -77,9 +79,11 @@ def diff_plans(old: ResolvedPlan, new: ResolvedPlan) -> tuple[bool, str]:
         lines.append(f"layer count {len(old.layers)} → {len(new.layers)}")
     if not lines:
         return False, "no difference"
-    before, after = cost(old), cost(new)
     lines.append("")
-    lines += render_cost_table(before, after, labels=("old", "new"))
+    if old.facts.arch is None or new.facts.arch is None:  # only in a plan with errors
+        lines.append("(no cost delta: a plan does not name a supported architecture)")
+    else:
+        lines += render_cost_table(cost(old), cost(new), labels=("old", "new"))
     lines.append("")
     lines.append(f"{changed_layers} layer{'s' * (changed_layers != 1)} changed")
     return True, "\n".join(lines)

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compiler import ir
+from compiler.cost import cost, original
 from compiler.diagnostics import Diagnostic, error, warning
 from compiler.facts import ModelFacts
+from compiler.resolve import resolve
 from compiler.sidecar import (
+    NeededTable,
     SidecarError,
     SidecarHeader,
     describe_decision,
@@ -218,6 +221,58 @@ def check_drops(ctx: Context) -> list[Diagnostic]:
     return out
 
 
+# W006 fires when a plan removes more than this fraction of the model's layers
+# or parameters (its help states the threshold; keep the two in step).
+MOST_OF_THE_MODEL = 0.5
+W006_HELP = (
+    "W006 warns when a plan removes more than half the layers or half the parameters; "
+    "quality rarely survives that without retraining. Check the plan says what you "
+    "meant (`keep layers` where `drop layers` was written?), and measure it with "
+    "`plancc eval`"
+)
+
+
+def check_removal(ctx: Context) -> list[Diagnostic]:
+    """W006: the plan removes most of the model (more than half its layers, or
+    more than half its parameters by the cost model, embeddings included).
+
+    Such a plan is legal, and `check` would otherwise say "no problems found"
+    on a typo that leaves 2 of 30 layers. Every layer dropped is P107, not this.
+    """
+    f, n = ctx.facts, ctx.facts.layers
+    pruning = [st for st in ctx.plan.statements if not isinstance(st, ir.KeepLayers | ir.Bundle)]
+    if not n or not pruning:
+        return []
+    dropped = len(ctx.dropped())
+    if dropped >= n:
+        return []  # P107
+    if dropped > n * MOST_OF_THE_MODEL:
+        first = next(st for st in pruning if isinstance(st, ir.DropLayers))
+        return [
+            warning(
+                "W006",
+                f"the plan drops {dropped} of {n} layers ({dropped / n:.0%}): "
+                "most of the model is removed",
+                first.span,
+                W006_HELP,
+            )
+        ]
+    if f.arch is None:
+        return []
+    before, after = cost(original(f)).params, cost(resolve(ctx.plan, f)).params
+    if before and after < before * (1 - MOST_OF_THE_MODEL):
+        return [
+            warning(
+                "W006",
+                f"the plan removes {1 - after / before:.0%} of the parameters "
+                f"({before:,} → {after:,}): most of the model is removed",
+                pruning[0].span,
+                W006_HELP,
+            )
+        ]
+    return []
+
+
 def check_dropped_targets(ctx: Context) -> list[Diagnostic]:
     """P106: width, group or expert statements on a layer that is dropped."""
     dropped = ctx.dropped()
@@ -340,10 +395,18 @@ def check_widths(ctx: Context) -> list[Diagnostic]:
                     "W003",
                     f"width {w.n} is not a multiple of 8; matrix kernels run slower on it",
                     w.span,
-                    f"use {w.n - w.n % 8} or {w.n - w.n % 8 + 8}",
+                    _multiples_of_8_help(w.n, original),
                 )
             )
     return out
+
+
+def _multiples_of_8_help(width: int, original: int) -> str | None:
+    """W003's fix: the multiples of 8 either side of `width` that are valid widths
+    (at least 8, below the original: 0 is P110, the original changes nothing)."""
+    below = width - width % 8
+    usable = [w for w in (below, below + 8) if 0 < w < original]
+    return "use " + " or ".join(map(str, usable)) if usable else None
 
 
 def check_experts(ctx: Context) -> list[Diagnostic]:
@@ -597,18 +660,39 @@ def check_sidecar(ctx: Context) -> list[Diagnostic]:
             )
         elif shapes[need.table] != need.shape:
             reported.add(key)
-            out.append(
-                error(
-                    "P122",
-                    f"sidecar table `{need.table}` has shape {list(shapes[need.table])}, "
-                    f"the model needs {list(need.shape)}",
-                    need.span,
-                    "the sidecar was made for another model: re-run `plangen analyze`",
-                )
-            )
+            out.append(_shape_mismatch(need, shapes[need.table]))
     out += _stale_reconstruction(ctx, header)
     out += _measured_on_other_weights(ctx, header)
     return out
+
+
+# What to do about weights solved for another version of the plan (P122, P124).
+RESOLVE_AGAIN_HELP = (
+    "re-solve the reconstruction for this plan with `plangen reconstruct PLAN.prn`, "
+    "or remove `reconstruct` to slice the original weights"
+)
+
+
+def _shape_mismatch(need: NeededTable, have: tuple[int, ...]) -> Diagnostic:
+    """P122, with the fix for its cause. A reconstructed table is (hidden, kept
+    width): when only the kept width differs, the plan's width or KV groups were
+    edited after the weights were solved, and re-running analyze would throw the
+    edit away; any other mismatch means the sidecar describes another model."""
+    if need.reason == "reconstruct" and have[:1] == need.shape[:1]:
+        edited = "KV groups" if need.table.endswith(".attn") else "width"
+        return error(
+            "P122",
+            f"sidecar table `{need.table}` has shape {list(have)}, this plan needs "
+            f"{list(need.shape)}: the weights were solved for another {edited}",
+            need.span,
+            RESOLVE_AGAIN_HELP,
+        )
+    return error(
+        "P122",
+        f"sidecar table `{need.table}` has shape {list(have)}, the model needs {list(need.shape)}",
+        need.span,
+        "the sidecar was made for another model: re-run `plangen analyze`",
+    )
 
 
 def _stale_reconstruction(ctx: Context, header: SidecarHeader) -> list[Diagnostic]:
@@ -622,10 +706,7 @@ def _stale_reconstruction(ctx: Context, header: SidecarHeader) -> list[Diagnosti
     if not statements:
         return []
     solved_for = header.reconstructed_for()
-    help_text = (
-        "re-solve the reconstruction for this plan with `plangen reconstruct PLAN.prn`, "
-        "or remove `reconstruct` to slice the original weights"
-    )
+    help_text = RESOLVE_AGAIN_HELP
     if solved_for is None:
         return [
             error(
@@ -705,6 +786,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("layer kinds", check_layer_kinds),
     ("conflicts", check_conflicts),
     ("drops", check_drops),
+    ("removal", check_removal),
     ("dropped targets", check_dropped_targets),
     ("groups", check_groups),
     ("widths", check_widths),

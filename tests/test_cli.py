@@ -145,11 +145,20 @@ def test_diff_semantic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert any(line.startswith("parameters") and "+1.4%" in line for line in lines)
 
 
-def test_diff_invalid_plan_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_diff_plan_with_errors_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A plan with errors is still compared; its errors follow the difference (issue 33)."""
     a = write(tmp_path, "a.prn", SMOL_HEADER)
-    b = write(tmp_path, "b.prn", SMOL_HEADER + "drop layers 99\n")
-    code, _, err = run(capsys, "diff", str(a), str(b))
-    assert code == 2 and "error[P104]" in err and "does not check cleanly" in err
+    b = write(tmp_path, "b.prn", SMOL_HEADER + "drop layers 20, 99\n")
+    code, out, _ = run(capsys, "diff", str(a), str(b))
+    assert code == 1 and out.startswith("layer 20: kept → dropped")
+    assert f"{b} no longer checks: 1 error" in out and "error[P104]" in out
+
+
+def test_diff_unparsable_plan_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = write(tmp_path, "a.prn", SMOL_HEADER)
+    b = write(tmp_path, "b.prn", SMOL_HEADER + "drop layers 99 x\n")
+    code, out, err = run(capsys, "diff", str(a), str(b))
+    assert (code, out) == (2, "") and "error[P001]" in err and "does not parse" in err
 
 
 def test_console_scripts_run() -> None:

@@ -123,6 +123,8 @@ CASES: list[tuple[str, str, int, int, str]] = [
     ("W003", SMOL_HEADER + "mlp layers 0..29 width 1001\n", B, 24, "multiple of 8"),
     ("W004", SMOL_HEADER + "mlp layers 0..29 width 1536\n", B, 24, "changes nothing"),
     ("W005", SMOL_HEADER.replace('  fingerprint "sha256:0000"\n', ""), 2, 1, "no fingerprint"),
+    ("W006", SMOL_HEADER + "keep layers 0\ndrop layers 1..28\n", B + 1, 1, "drops 28 of 30"),
+    ("W006", SMOL_HEADER + "mlp layers 0..29 width 64\n", B, 1, "removes 57% of the parameters"),
 ]
 
 

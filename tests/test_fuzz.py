@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.check import CheckResult, check_text
+from compiler.check import CheckResult, check_text, resolve_anyway
 from compiler.diagnostics import Diagnostic
 from compiler.diff import diff_plans
 from compiler.fmt import format_source
@@ -84,7 +84,9 @@ def mutated_plans(draw: st.DrawFn) -> str:
             numbers = list(re.finditer(r"[0-9]+", text))
             if numbers:
                 m = numbers[draw(st.integers(0, len(numbers) - 1))]
-                huge = str(draw(st.sampled_from([2**31, 2**40 + 1, 10**12, 10**30])))
+                # ... or longer than Python converts to an int (4,300 digits)
+                huge = draw(st.sampled_from(["2147483648", "1099511627777", "1" + "0" * 30]))
+                huge = draw(st.sampled_from([huge, "9" * 5000]))
                 text = text[: m.start()] + huge + text[m.end() :]
         elif op == 5:  # a header line again
             lines.insert(j, draw(st.sampled_from(HEADER_LINES)))
@@ -166,7 +168,9 @@ def assert_fmt_keeps_meaning(text: str) -> None:
 
 
 def assert_cli_survives(text: str) -> None:
-    """check, fmt --check, fmt and diff: an exit status, never an exception."""
+    """check, fmt --check, fmt and diff: an exit status, never an exception. diff
+    compares the plan with its formatted self, errors or not (exit 1 when it has
+    errors, listed after `no difference`); 2 only when there is no model to compare."""
     with plan_file(text) as path, plan_file(text, "orig.prn") as orig:
         text = path.read_text(encoding="utf-8")  # as plancc reads it (\r\n, \r → \n)
         code, _, _ = cli("check", str(path))
@@ -178,10 +182,16 @@ def assert_cli_survives(text: str) -> None:
         code, _, err = cli("fmt", str(path))
         assert code == (1 if accepted is None else 0)
         assert path.read_text(encoding="utf-8") == (text if accepted is None else accepted)
-        code, out, _ = cli("diff", str(orig), str(path))
-        clean = check_text(text).resolved is not None
-        assert code == (0 if clean else 2)
-        assert out == ("no difference\n" if clean else "")
+        code, out, err = cli("diff", str(orig), str(path))
+        result = check_text(text)
+        if resolve_anyway(result) is None:  # nothing to compare: a usage error
+            assert (code, out) == (2, "") and "nothing to compare" in err
+        elif result.ok:
+            assert (code, out) == (0, "no difference\n")
+        else:  # compared as far as it resolves (two decisions for one layer: the
+            # later counts, and fmt may reorder them), then what does not check
+            assert code == 1
+            assert f"\n{orig} does not check: " in out and f"\n{path} does not check: " in out
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -221,6 +231,24 @@ def test_fmt_keeps_the_size_of_a_folded_run() -> None:
 @given(st.one_of(mutated_plans(), plans()))
 def test_cli_never_raises(text: str) -> None:
     assert_cli_survives(text)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(mutated_plans(), plans()), mutated_plans())
+def test_diff_of_two_plans_never_raises(old_text: str, new_text: str) -> None:
+    """diff resolves plans with errors (issue 33): whatever they say, an exit status,
+    2 exactly when a plan has no model to resolve against, never an exception."""
+    with plan_file(old_text, "old.prn") as old, plan_file(new_text, "new.prn") as new:
+        results = [check_text(p.read_text(encoding="utf-8")) for p in (old, new)]
+        code, out, err = cli("diff", str(old), str(new))
+        if any(resolve_anyway(r) is None for r in results):
+            assert (code, out) == (2, "") and "nothing to compare" in err
+        else:
+            assert code in (0, 1) and err == ""
+            assert code == 1 or all(r.ok for r in results)
+            for path, r in zip((old, new), results, strict=True):
+                heading = rf"^{re.escape(str(path))} (no longer checks|does not check): "
+                assert bool(re.search(heading, out, re.M)) == (not r.ok)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
