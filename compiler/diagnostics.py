@@ -61,6 +61,7 @@ CODES: dict[str, str] = {
     "P124": "reconstructed weights were solved for a different plan",
     "P125": "`compensate` and `reconstruct` on one statement",
     "P126": "attention that cannot be narrowed (multi-head latent attention)",
+    "P127": "the sidecar was measured on other weights than the plan's `weights`",
     # the checkpoint (check --model, apply)
     "P130": "model fact disagrees with the checkpoint",
     "P131": "fingerprint disagrees with the checkpoint",
@@ -72,9 +73,6 @@ CODES: dict[str, str] = {
     "W005": "no fingerprint: the plan is not pinned to a checkpoint",
     "W006": "the plan removes most of the model (more than half its layers or parameters)",
 }
-
-# Binding scores to the weights they were measured on (issue 33); a block of its own.
-CODES["P127"] = "the sidecar was measured on other weights than the plan's `weights`"
 
 
 @dataclass(frozen=True)
