@@ -2,7 +2,10 @@
 
 `check_text` is what `plancc check`, `plancc diff` and the executor call. It
 never raises on a bad plan: every problem becomes a diagnostic, and the
-resolved plan is produced only when there is no error.
+resolved plan is produced only when the plan itself has no error. With a
+serving `target`, that target's rules (`compiler.targets`) are checked on the
+resolved plan and each broken one is a located error too; the resolved plan
+is kept then, so the cost report can still say where the result does run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from compiler.facts import ModelFacts, validate_facts
 from compiler.parse import gc_paused, parse
 from compiler.passes import PASSES, Context
 from compiler.resolve import ResolvedPlan, resolve
+from compiler.targets import ANY, target_diagnostics
 
 
 @dataclass(frozen=True)
@@ -41,14 +45,16 @@ def check_text(
     text: str,
     base_dir: Path | None = None,
     checkpoint: Mapping[str, Any] | None = None,
+    target: str = ANY,
 ) -> CheckResult:
-    """Check plan text. `checkpoint`: facts read from the real model (`--model`)."""
+    """Check plan text. `checkpoint`: facts read from the real model (`--model`);
+    `target`: a serving target whose rules are errors (`any`: none)."""
     with gc_paused():
-        return _check_text(text, base_dir, checkpoint)
+        return _check_text(text, base_dir, checkpoint, target)
 
 
 def _check_text(
-    text: str, base_dir: Path | None, checkpoint: Mapping[str, Any] | None
+    text: str, base_dir: Path | None, checkpoint: Mapping[str, Any] | None, target: str
 ) -> CheckResult:
     parsed = parse(text)
     diags = list(parsed.diagnostics)
@@ -67,6 +73,7 @@ def _check_text(
     resolved = None
     if facts.layers is not None and not any(d.is_error for d in diags):
         resolved = resolve(plan, facts)
+        diags = _final(diags + target_diagnostics(resolved, target, plan))
     return CheckResult(text, plan, facts, tuple(diags), resolved)
 
 
@@ -92,10 +99,12 @@ def _final(diags: list[Diagnostic]) -> list[Diagnostic]:
     return cap_repeats(sort_diagnostics(diags))
 
 
-def check_file(path: Path, checkpoint: Mapping[str, Any] | None = None) -> CheckResult:
+def check_file(
+    path: Path, checkpoint: Mapping[str, Any] | None = None, target: str = ANY
+) -> CheckResult:
     """Read and check a plan file (raises OSError/UnicodeDecodeError on I/O problems)."""
     text = path.read_text(encoding="utf-8")
-    return check_text(text, base_dir=path.parent, checkpoint=checkpoint)
+    return check_text(text, base_dir=path.parent, checkpoint=checkpoint, target=target)
 
 
 def compare_with_checkpoint(block: ir.ModelBlock, real: Mapping[str, Any]) -> list[Diagnostic]:

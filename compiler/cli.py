@@ -25,6 +25,7 @@ from compiler.diagnostics import render_json, render_text, summary_line
 from compiler.diff import diff_plans
 from compiler.fmt import format_source
 from compiler.resolve import ResolvedPlan
+from compiler.targets import ANY, TARGET_NAMES, TARGETS
 
 EXIT_OK, EXIT_PLAN, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
@@ -69,13 +70,15 @@ def checkpoint_facts(model_dir: Path, allow_pickle: bool = False) -> dict[str, o
     return {"arch": ck.arch.name, **ck.facts}
 
 
-def run_check(path: Path, model: Path | None, allow_pickle: bool = False) -> CheckResult:
+def run_check(
+    path: Path, model: Path | None, allow_pickle: bool = False, target: str = ANY
+) -> CheckResult:
     """Read the plan once (I/O errors become usage errors, before any diagnostics)
     and check it: a plan given as `<(git show HEAD:plan.prn)` is a pipe, which a
     second read would find empty."""
     text = read_plan_text(path)
     real = checkpoint_facts(model, allow_pickle) if model is not None else None
-    return check_text(text, base_dir=path.parent, checkpoint=real)
+    return check_text(text, base_dir=path.parent, checkpoint=real, target=target)
 
 
 # ---- check ----------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     status = EXIT_OK
     for path in args.plans:
-        result = run_check(path, args.model, args.allow_pickle)
+        result = run_check(path, args.model, args.allow_pickle, args.target)
         diags = list(result.diagnostics)
         if args.format == "json":
             if diags:
@@ -197,10 +200,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="validate plans and print their cost report (no weights needed)",
         description="Validate plans against the language rules and the GQA/MoE invariants, "
         "then print the cost before → after: parameters, FLOPs/token, KV-cache bytes/token, "
-        "a per-layer table and whether stock transformers can load the result.",
-        epilog="exit status: 0 clean (warnings allowed), 1 plan errors, 2 usage or I/O errors\n"
-        "example: plancc check examples/smollm2-depth.prn --model ~/.cache/plancc/"
-        "SmolLM2-135M-Instruct",
+        "a per-layer table, whether stock transformers can load the result and, per serving "
+        "target, whether the result runs there or the first reason it does not. With "
+        "--target, every rule of that target the plan breaks is an error at its statement.",
+        epilog="exit status: 0 clean (warnings allowed), 1 plan errors (with --target: also "
+        "a broken target rule), 2 usage or I/O errors\n"
+        "targets:\n"
+        + "".join(f"  {t.name:<9} {t.what} (--format {t.format})\n" for t in TARGETS.values())
+        + "example: plancc check examples/smollm2-depth.prn --model ~/.cache/plancc/"
+        "SmolLM2-135M-Instruct --target vllm",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("plans", nargs="+", type=Path, metavar="PLAN", help="plan files (.prn)")
@@ -218,6 +226,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "with torch.load(weights_only=True) instead of refusing it",
     )
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    p.add_argument(
+        "--target",
+        choices=(*TARGET_NAMES, ANY),
+        default=ANY,
+        help="where the result must run: its rules become errors (P140-P146) located at "
+        "the statements that break them; `any` (default): none, the report still lists "
+        "every target",
+    )
     p.add_argument("--no-cost", action="store_true", help="diagnostics only, no cost report")
     p.set_defaults(func=cmd_check)
 

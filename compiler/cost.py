@@ -141,38 +141,29 @@ class Loadability:
 def loadability(resolved: ResolvedPlan) -> Loadability:
     """Can stock `AutoModelForCausalLM.from_pretrained` load the result?
 
-    Decided by building the family's transformers config class with the new
-    shapes (never by assumption): e.g. transformers 5 `LlamaConfig` refuses a
-    `hidden_size` that is not a multiple of `num_attention_heads`.
+    The `stock` serving target's verdict (`compiler.targets`): one shape for
+    every layer, no bias that `compensate` adds, and the family's transformers
+    config class accepts the shapes (asked of the class, never assumed: e.g.
+    transformers 5 `LlamaConfig` refuses a `hidden_size` that is not a multiple
+    of `num_attention_heads`).
     """
-    if not resolved.uniform:
-        return Loadability(False, "heterogeneous: layers differ in shape; load with executor.load")
-    if resolved.compensates:
-        return Loadability(
-            False,
-            "`compensate` adds output biases the stock config cannot describe; "
-            "load with executor.load",
-        )
-    facts = resolved.facts
-    assert facts.arch is not None
-    layer = resolved.kept[0]
-    return _config_accepts(
-        facts.arch.model_types[0],
-        facts.hidden or 0,
-        layer.heads_kept(facts),
-        len(layer.groups_kept),
-        facts.head_dim or 0,
-    )
+    from compiler.targets import verdict  # the target table reads this module's verdicts
+
+    stock = verdict(resolved, "stock")
+    if stock.runs:
+        return Loadability(True, stock.reason)
+    return Loadability(False, f"{stock.reason}; load with executor.load")
 
 
 LOADABILITY_CACHE = "stock_loadability.json"
 
 
 @functools.lru_cache(maxsize=64)
-def _config_accepts(
+def stock_config_verdict(
     model_type: str, hidden: int, heads: int, kv: int, head_dim: int
 ) -> Loadability:
-    """The verdict of transformers' config class, memoized on disk per transformers version.
+    """The verdict of transformers' config class on a uniform result's shapes,
+    memoized in memory and on disk per transformers version.
 
     Importing a transformers config class imports torch (about 3 s); the verdict
     depends only on the transformers version and these five values, so it is

@@ -65,6 +65,14 @@ CODES: dict[str, str] = {
     # the checkpoint (check --model, apply)
     "P130": "model fact disagrees with the checkpoint",
     "P131": "fingerprint disagrees with the checkpoint",
+    # serving targets (check --target; the rules live in compiler/targets.py)
+    "P140": "layers differ in shape, and the target describes every layer with one shape",
+    "P141": "`compensate` adds an output bias the target cannot load",
+    "P142": "the family's transformers config class refuses the result's shapes",
+    "P143": "the target does not run this model family",
+    "P144": "the target runs no mixture-of-experts layers",
+    "P145": "query heads differ across layers, and the target keeps them global",
+    "P146": "an MLP width is not a multiple of the target's granularity (`ffn_multiple`)",
     # warnings
     "W001": "the last layer is dropped",
     "W002": "heterogeneous result: widths differ across layers",

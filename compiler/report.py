@@ -1,9 +1,11 @@
-"""The cost report `plancc check` prints: before → after, per layer, loadability."""
+"""The cost report `plancc check` prints: before → after, per layer, loadability,
+and per serving target whether the result runs there (`compiler.targets`)."""
 
 from __future__ import annotations
 
 from compiler.cost import Cost, Loadability, cost, loadability, original
 from compiler.resolve import LayerPlan, ResolvedPlan
+from compiler.targets import Verdict, verdicts
 
 CONVENTIONS = (
     "FLOPs/token = 2 x matmul weights one token passes through (attention scores excluded); "
@@ -103,8 +105,30 @@ def render_report(resolved: ResolvedPlan) -> str:
         for name, members in resolved.bundles:
             out.append(f"bundle {name}: {len(members)} layers ({_sel(members)})")
     out.append("")
-    out.append(f"result: {load.reason}")
+    if load.stock:
+        out.append(f"result: {load.reason}")
+    else:
+        out.append("result: loads with executor.load (stock transformers cannot: see `stock`)")
+    out.append("targets (plancc check --target NAME):")
+    out += [target_line(v) for v in verdicts(resolved).values()]
     return "\n".join(out)
+
+
+def target_line(v: Verdict) -> str:
+    """`  vllm      runs: as ...` or `  vllm      does not run [P146]: width 1000 ...`."""
+    if v.runs:
+        return f"  {v.target:<9} runs: {v.reason}"
+    return f"  {v.target:<9} does not run [{v.codes[0]}]: {v.reason}"
+
+
+def target_json(v: Verdict) -> dict[str, object]:
+    return {
+        "runs": v.runs,
+        "reason": v.reason,
+        "format": v.format,
+        "arch": v.arch,
+        "codes": sorted(set(v.codes)),
+    }
 
 
 def report_json(resolved: ResolvedPlan) -> dict[str, object]:
@@ -116,6 +140,7 @@ def report_json(resolved: ResolvedPlan) -> dict[str, object]:
         "uniform": resolved.uniform,
         "stock_loadable": load.stock,
         "loadability": load.reason,
+        "targets": {name: target_json(v) for name, v in verdicts(resolved).items()},
         "layers_map": list(resolved.layers_map),
         "bundles": {name: list(m) for name, m in resolved.bundles},
     }
