@@ -56,14 +56,17 @@ from compiler.resolve import LayerPlan, ResolvedPlan
 class Where:
     """What a violation points at, resolved to a span when the plan is at hand.
 
-    `part`: `arch` / `ffn` (a model fact), `attn` / `mlp` / `moe` (the
-    statement of that kind deciding `layers`), `attn_compensate` /
-    `mlp_compensate` (its `compensate` keyword), `shape` (any width statement
-    deciding `layers`).
+    The first statement of kind `kind` (`attn`, `mlp`, `moe`, or `shape`: any
+    width statement) that decides one of `layers`, at its layer range (`at`
+    = `layers`), its width (`width`) or its `compensate` keyword; else the
+    first statement of that kind; else the model block's `fact` (`ffn` for
+    widths left as the model has them, `arch` for the family).
     """
 
-    part: str
+    kind: str
     layers: tuple[int, ...] = ()
+    at: str = "layers"
+    fact: str = "arch"
 
 
 @dataclass(frozen=True)
@@ -239,10 +242,7 @@ def _added_bias(target: Target, resolved: ResolvedPlan) -> list[Violation]:
         "checkpoint bias it has no parameter for",
     }.get(target.name, f"{target.what} has no per-layer output bias")
     out = []
-    for part, layers, proj in (
-        ("attn_compensate", attn, "o_proj"),
-        ("mlp_compensate", mlp, "down_proj"),
-    ):
+    for kind, layers, proj in (("attn", attn, "o_proj"), ("mlp", mlp, "down_proj")):
         if layers:
             out.append(
                 Violation(
@@ -255,7 +255,7 @@ def _added_bias(target: Target, resolved: ResolvedPlan) -> list[Violation]:
                         if target.name == "stock"
                         else ""
                     ),
-                    Where(part, tuple(layers)),
+                    Where(kind, tuple(layers), at="compensate"),
                 )
             )
     return out
@@ -385,7 +385,7 @@ def _ffn_multiple(target: Target, resolved: ResolvedPlan) -> list[Violation]:
                 if options
                 else f"no width up to {original} is a multiple of {m}: keep this family's "
                 "MLP whole, or target another runtime",
-                Where("mlp", tuple(layers)),
+                Where("mlp", tuple(layers), at="width", fact="ffn"),
                 (
                     "vLLM after Dec 2025 (PR 30795) also reads `ffn.intermediate_size`, which "
                     "`--format nemotron-nas` writes for such widths: that result loads in "
@@ -580,19 +580,12 @@ def _span_of(sel: ir.Selection, layers: set[int]) -> ir.Span:
     return next((r.span for r in sel.ranges if any(r.lo <= i <= r.hi for i in layers)), sel.span)
 
 
+_MOE_KINDS = (ir.MoeDropExperts, ir.MoeExpertsWidth, ir.MoeSharedWidth)
 _KINDS: dict[str, tuple[type[ir.Statement], ...]] = {
     "attn": (ir.AttnDropGroups,),
-    "attn_compensate": (ir.AttnDropGroups,),
     "mlp": (ir.MlpWidth,),
-    "mlp_compensate": (ir.MlpWidth,),
-    "moe": (ir.MoeDropExperts, ir.MoeExpertsWidth, ir.MoeSharedWidth),
-    "shape": (
-        ir.AttnDropGroups,
-        ir.MlpWidth,
-        ir.MoeDropExperts,
-        ir.MoeExpertsWidth,
-        ir.MoeSharedWidth,
-    ),
+    "moe": _MOE_KINDS,
+    "shape": (ir.AttnDropGroups, ir.MlpWidth, *_MOE_KINDS),
 }
 
 
@@ -601,34 +594,27 @@ def _locate(v: Violation, plan: ir.Plan | None) -> Diagnostic:
 
 
 def _span(where: Where, plan: ir.Plan | None) -> ir.Span:
-    """The statement (or model fact) a violation is about; NOWHERE without a plan.
-
-    A statement of the right kind that decides one of `where.layers` wins;
-    else the first statement of that kind; else the model block's fact (the
-    `ffn` fact for widths left as they were, else `arch`).
-    """
+    """The span `where` names in `plan` (see `Where`); NOWHERE without a plan."""
     if plan is None:
         return ir.NOWHERE
-    kinds = _KINDS.get(where.part, ())
+    kinds = _KINDS.get(where.kind, ())
     wanted = set(where.layers)
     statements = [
         st
         for st in plan.statements
-        if isinstance(st, kinds)
-        and (not where.part.endswith("_compensate") or getattr(st, "compensate", False))
+        if isinstance(st, kinds) and (where.at != "compensate" or getattr(st, "compensate", False))
     ]
     hit = next((st for st in statements if wanted & set(st.layers)), None)
     if hit is not None:
-        if where.part.endswith("_compensate"):
+        if where.at == "compensate":
             return hit.compensate_span  # type: ignore[attr-defined]
-        if where.part == "mlp":
+        if where.at == "width":
             return hit.width.span  # type: ignore[attr-defined]
         return _span_of(hit.layers, wanted)
-    fact_key = "ffn" if where.part == "mlp" else "arch"
-    if where.part not in ("mlp",) and statements:
+    if where.fact == "arch" and statements:
         return statements[0].layers.span
     block = plan.model
-    if block is None:
-        return ir.NOWHERE
-    fact = block.fact(fact_key)
-    return fact.value_span if fact is not None else block.span
+    fact = block.fact(where.fact) if block is not None else None
+    if fact is not None:
+        return fact.value_span
+    return block.span if block is not None else ir.NOWHERE

@@ -139,10 +139,51 @@ def test_code_line_column(code: str, text: str, line: int, col: int, words: str)
     assert any(words in d.message for d in hits), [d.message for d in hits]
 
 
+# Serving-target rules (`check --target`): (code, target, plan text, line, column, words).
+TARGET_CASES: list[tuple[str, str, str, int, int, str]] = [
+    ("P140", "stock", SMOL_HEADER + "mlp layers 4..6 width 1024\n", B, 12, "differs across"),
+    (
+        "P142",
+        "stock",
+        SMOL_HEADER.replace("hidden 576", "hidden 64").replace(
+            "heads 9  kv_heads 3", "heads 8  kv_heads 4"
+        )
+        + "attn layers 0..29 drop groups 3\n",
+        B,
+        13,
+        "LlamaConfig refuses it",
+    ),
+    (
+        "P143",
+        "vllm",
+        SMOL_HEADER.replace("arch llama", "arch phi3") + "mlp layers 4 width 1024\n",
+        3,
+        8,
+        "does not run `phi3`",
+    ),
+    ("P144", "llamacpp", MOE_HEADER, 3, 8, "mixture-of-experts"),
+    ("P145", "vllm", SMOL_HEADER + "attn layers 3 drop groups 1\n", B, 13, "query-head count"),
+    ("P146", "vllm", SMOL_HEADER + "mlp layers 4..6 width 1000\n", B, 23, "multiple of 256"),
+]
+
+
+@pytest.mark.parametrize(("code", "target", "text", "line", "col", "words"), TARGET_CASES)
+def test_target_code_line_column(
+    code: str, target: str, text: str, line: int, col: int, words: str
+) -> None:
+    assert code not in {d.code for d in check_text(text).diagnostics}  # only with --target
+    result = check_text(text, target=target)
+    [d] = result.errors
+    assert (d.code, d.span.line, d.span.col) == (code, line, col), d
+    assert words in d.message and d.help
+
+
 def test_every_code_is_tested() -> None:
     # P124 (stale reconstruction) needs a solved sidecar: tests/test_reconstruct.py.
     # P127 (sidecar measured on other weights): tests/test_planner_hardening.py.
-    tested = {c[0] for c in CASES} | {"P121", "P122", "P123", "P124", "P127", "P130", "P131"}
+    # P141 (`compensate` on a target) needs a sidecar: tests/test_targets.py.
+    tested = {c[0] for c in CASES} | {c[0] for c in TARGET_CASES}
+    tested |= {"P121", "P122", "P123", "P124", "P127", "P130", "P131", "P141"}
     assert tested == set(CODES)
 
 
