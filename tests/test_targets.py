@@ -207,11 +207,17 @@ def test_a_stock_loadable_result_runs_in_vllm_as_hf() -> None:
     assert (v["llamacpp"].arch, TARGETS["llamacpp"].layout(resolved)) == ("llama", "llama")
 
 
-def test_qwen2_layouts() -> None:
-    uniform, _ = resolved_of(QWEN2_HEADER + "mlp layers 0..29 width 1024\n")
+def test_qwen2_runs_as_nemotron_nas_not_yet_as_gguf() -> None:
+    text = QWEN2_HEADER + "mlp layers 0..3 width 1024\nattn layers 5 drop groups 1\n"
+    resolved, plan = resolved_of(text)
+    assert verdict(resolved, "vllm", format_only=True).codes == ("P145",)
+    [d] = verdict(resolved, "vllm", plan).diagnostics  # type: ignore[arg-type]
+    assert d.help == (
+        "keep attention uniform across layers (drop the same number of KV groups in every "
+        "kept layer)"
+    )  # llama.cpp does not run qwen2 results, so it is not offered
+    assert verdict(resolved, "llamacpp").codes == ("P143",)
     mixed, _ = resolved_of(QWEN2_HEADER + "mlp layers 0..3 width 1024\n")
-    assert verdict(uniform, "llamacpp").arch == "qwen2"
-    assert verdict(mixed, "llamacpp").arch == "deci"
     assert verdict(mixed, "vllm").arch == "DeciLMForCausalLM"
 
 
@@ -274,7 +280,6 @@ def test_table_facts_writers_read() -> None:
     assert {f: (x.uniform, x.heterogeneous) for f, x in lcpp.families.items()} == {
         "llama": ("llama", "deci"),
         "mistral": ("llama", "deci"),
-        "qwen2": ("qwen2", "deci"),
     }
     assert set(vllm.families) == {"llama", "mistral", "qwen2"}
     assert not (stock.output_biases or vllm.output_biases or lcpp.output_biases)
