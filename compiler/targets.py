@@ -153,7 +153,12 @@ def _layers_word(layers: Iterable[int]) -> str:
 # Per-layer sizes a plan can change, with how a layer reports each (None: the
 # layer has no such part) and how a size is named in messages.
 _SLOTS: tuple[tuple[str, str, Callable[[LayerPlan], int | None], Callable[[int], str]], ...] = (
-    ("attn", "KV-group count", lambda ly: len(ly.groups_kept), lambda v: f"{v} KV groups"),
+    (
+        "attn",
+        "KV-group count",
+        lambda ly: len(ly.groups_kept),
+        lambda v: f"{v} KV group{'s' * (v != 1)}",
+    ),
     ("mlp", "MLP width", lambda ly: ly.ffn.width if ly.ffn else None, lambda v: f"width {v}"),
     (
         "moe",
@@ -308,8 +313,8 @@ def _family(target: Target, resolved: ResolvedPlan) -> list[Violation]:
     return [
         Violation(
             "P143",
-            f"{target.what} does not run `{arch.name}` results: it runs {runs}, whose "
-            "tensors map one to one onto its own",
+            f"{target.what} cannot take `{arch.name}` results: `--format {target.format}` "
+            f"writes {runs} only (their tensors map one to one onto its own)",
             "serve this family with another target (`plancc check --target stock` says "
             "whether stock transformers loads the result)",
             Where("arch"),
@@ -325,10 +330,11 @@ def _moe(target: Target, resolved: ResolvedPlan) -> list[Violation]:
     return [
         Violation(
             "P144",
-            f"`{arch.name}` has mixture-of-experts layers, which {target.what} cannot "
-            "describe (no per-layer experts)",
-            "serve this model with `--target stock` (equal expert counts and widths in every "
-            "MoE layer) or `executor.load`",
+            f"`{arch.name}` has mixture-of-experts layers, which `--format {target.format}` "
+            f"for {target.what} does not write",
+            "keep every MoE layer's expert count and widths equal, so that stock transformers "
+            "loads the result (`--target stock`; vLLM then runs it as it is), or load it with "
+            "`executor.load`",
             Where("moe", tuple(ly.index for ly in resolved.kept if ly.moe)),
         )
     ]
@@ -342,7 +348,7 @@ def _per_layer_heads(target: Target, resolved: ResolvedPlan) -> list[Violation]:
     found = _differing(
         resolved,
         lambda ly: len(ly.groups_kept),
-        lambda v: f"{v * per_group} heads ({v} KV groups)",
+        lambda v: f"{v * per_group} heads ({v} KV group{'s' * (v != 1)})",
     )
     if found is None:
         return []
@@ -452,7 +458,7 @@ TARGETS: dict[str, Target] = {
         ),
         Target(
             name="llamacpp",
-            what="llama.cpp (GGUF)",
+            what="llama.cpp",
             format="gguf",
             # llama.cpp's `deci` loader also takes optional per-layer q/k/v biases (so
             # qwen2 could be `deci` when heterogeneous, `qwen2` when uniform), but the
@@ -519,7 +525,8 @@ def verdict(
             return Verdict(
                 target,
                 True,
-                f"stock-loadable, so {t.name} runs the `hf` output as it is",
+                "as it is (`--format hf`): stock transformers loads it, and vLLM runs "
+                "what stock transformers loads",
                 "hf",
                 arch.model_types[0] if arch else None,
             )

@@ -159,7 +159,7 @@ TARGET_CASES: list[tuple[str, str, str, int, int, str]] = [
         SMOL_HEADER.replace("arch llama", "arch phi3") + "mlp layers 4 width 1024\n",
         3,
         8,
-        "does not run `phi3`",
+        "cannot take `phi3` results",
     ),
     ("P144", "llamacpp", MOE_HEADER, 3, 8, "mixture-of-experts"),
     ("P145", "vllm", SMOL_HEADER + "attn layers 3 drop groups 1\n", B, 13, "query-head count"),

@@ -123,7 +123,10 @@ def test_p143_family_the_target_does_not_run() -> None:
     assert errors(text, "vllm") == [("P143", 3, 8)]
     assert errors(text, "llamacpp") == [("P143", 3, 8)]
     [d] = check_text(text, target="vllm").errors
-    assert "does not run `qwen3` results: it runs llama, mistral, qwen2" in d.message
+    assert (
+        "cannot take `qwen3` results: `--format nemotron-nas` writes llama, mistral, qwen2 only"
+        in d.message
+    )
 
 
 def test_p144_mixture_of_experts() -> None:
