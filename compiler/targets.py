@@ -517,7 +517,9 @@ def verdict(
     express this result?": `portable` rules are skipped and a stock-loadable
     result is not waved through as `hf`.
     """
-    t = TARGETS[target]
+    t = TARGETS.get(target)
+    if t is None:
+        raise ValueError(f"unknown serving target {target!r}: one of {', '.join(TARGETS)}")
     if t.stock_first and not format_only:
         stock = verdict(resolved, "stock")
         if stock.runs:

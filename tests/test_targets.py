@@ -261,6 +261,12 @@ def test_cli_check_target_exit_codes(capsys: pytest.CaptureFixture[str], tmp_pat
 # ---- widths the planner aims at --------------------------------------------------------
 
 
+def test_unknown_target_is_named() -> None:
+    resolved, _ = resolved_of(SMOL_HEADER)
+    with pytest.raises(ValueError, match="unknown serving target 'tpu': one of stock, vllm"):
+        verdict(resolved, "tpu")
+
+
 def test_nearest_widths() -> None:
     assert nearest_widths("vllm", 1000, 1536) == (768, 1024)
     assert nearest_widths("vllm", 1024, 1536) == (1024, 1024)
@@ -287,3 +293,41 @@ def test_table_facts_writers_read() -> None:
     assert set(vllm.families) == {"llama", "mistral", "qwen2"}
     assert not (stock.output_biases or vllm.output_biases or lcpp.output_biases)
     assert stock.format == "hf" and all(x.heterogeneous is None for x in stock.families.values())
+
+
+def test_stock_verdict_agrees_with_what_apply_writes(tmp_path: Path) -> None:
+    """`compensate` on a family that has the o_proj bias already changes that bias: the
+    stock target says it loads, apply writes a stock-loadable result, and stock
+    `from_pretrained` gives the logits `executor.load` gives. Without the bias the
+    target refuses it (P141) and apply needs the plancc loader."""
+    import hashlib
+
+    import torch
+    from conftest import make_tiny_model
+    from executor_helpers import logits, read_json, tokens, write_plan
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from compiler.check import check_file
+    from executor.apply import apply_plan
+    from executor.loader import load
+
+    for bias in (True, False):
+        model_dir = make_tiny_model(
+            tmp_path, "llama", name=f"bias{bias}", num_hidden_layers=1, attention_bias=bias
+        )
+        sidecar = tmp_path / f"s{bias}.safetensors"
+        save_file({"mean_in.0.attn": torch.randn(64)}, str(sidecar))
+        sha = hashlib.sha256(sidecar.read_bytes()).hexdigest()
+        body = f'scores "{sidecar.name}" sha256 "{sha}"\nattn layers 0 drop groups 0 compensate\n'
+        plan = write_plan(tmp_path, model_dir, body, name=f"p{bias}.prn")
+        result = check_file(plan, target="stock")
+        assert result.resolved is not None
+        assert [d.code for d in result.errors] == ([] if bias else ["P141"])
+        out = tmp_path / f"out{bias}"
+        apply_plan(plan, out)
+        assert read_json(out / "A" / "manifest.json")["stock_loadable"] is bias
+        if bias:
+            ids = tokens()
+            stock = AutoModelForCausalLM.from_pretrained(out / "A").eval()
+            torch.testing.assert_close(logits(stock, ids), logits(load(out / "A"), ids))
