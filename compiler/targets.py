@@ -11,8 +11,9 @@ turns every broken rule into a located error; the cost report lists, per
 target, `runs` or the first reason it does not. Adding a target or a family is
 editing this table plus a test, never an `if` elsewhere.
 
-Facts behind the rules (read from vLLM's `nemotron_nas.py` and llama.cpp's
-`deci` loader and graph; /work/research/issue34.md has the citations):
+Facts behind the rules (read from vllm-project/vllm
+`vllm/model_executor/models/nemotron_nas.py` and ggml-org/llama.cpp
+`src/models/deci.cpp`, `src/llama-model.cpp`, `conversion/deci.py`):
   * Nemotron-NAS (DeciLM) keeps `hidden_size`, `num_attention_heads` and
     `head_dim` global; only the KV-head count varies per layer
     (`n_heads_in_group`). plancc's `attn drop groups` removes query heads with
@@ -123,7 +124,8 @@ class Target:
     families: Mapping[str, Layout]  # architecture-table family -> layout
     rules: tuple[Rule, ...]
     # Facts writers and the planner read (rules read them too):
-    ffn_multiple: int = 1  # every kept MLP width a multiple of this (1: any width)
+    # Every kept MLP width a multiple of this (1: any width) in the target's own format.
+    ffn_multiple: int = 1
     per_layer_heads: bool = True  # query-head counts may differ across layers
     output_biases: bool = False  # o_proj/down_proj biases `compensate` adds can be written
     moe: bool = True  # mixture-of-experts families run
