@@ -32,7 +32,9 @@ from compiler.corpus import TokenPools, load_text, tokenize, windows
 from compiler.facts import ModelFacts, validate_facts
 from compiler.parse import parse
 from compiler.sidecar import WEIGHTS_KEY
+from compiler.targets import ANY, TARGETS
 from plangen import emit
+from plangen.aim import aim
 from plangen.candidate import Candidate, original_params
 from plangen.metrics import DAMP, OBS
 from plangen.scores import (
@@ -107,6 +109,7 @@ class Options:
     command: Sequence[str] = field(default_factory=list)
     force: bool = False  # replace an existing plan (and its sidecar)
     memory_check: bool = True  # refuse a model that does not fit (--no-memory-check: don't)
+    target: str = ANY  # the serving target every candidate must run on (`plangen.aim`)
 
 
 @dataclass
@@ -309,12 +312,27 @@ def check_options(opts: Options, ckpt: CheckpointFacts, facts: ModelFacts) -> No
                     f"{name}: {ckpt.model_dir} is a dense model (no routed experts); "
                     "use --target-params, --ratio or --drop"
                 )
+    check_target(opts.target, facts)
     longest = max_positions(ckpt.config)
     if longest is not None and opts.seqlen > longest:
         raise AnalyzeError(
             f"--seqlen {opts.seqlen}: the model's positions go up to {longest} "
             "(max_position_embeddings); use --seqlen "
             f"{longest} or less"
+        )
+
+
+def check_target(target: str, facts: ModelFacts) -> None:
+    """A target that cannot run this model at all, refused before any work."""
+    if target == ANY:
+        return
+    t = TARGETS[target]
+    family = facts.arch.name if facts.arch else "?"
+    if family not in t.families:
+        runs = [n for n, other in TARGETS.items() if family in other.families]
+        raise AnalyzeError(
+            f"--target {target}: {t.what} does not run the `{family}` family; "
+            f"targets that do: {', '.join(runs) or 'none'} (or leave --target out)"
         )
 
 
@@ -440,7 +458,27 @@ def candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Ca
     out = _candidates(opts, facts, scores)
     if opts.reconstruct and opts.strategy != "auto":
         out = [reconstructed(c) for c in out]
-    return out
+    budget = Budget.of(facts, scores, opts.target_params or DEFAULT_TARGET)
+    return aimed(out, opts, facts, budget)
+
+
+def aimed(
+    cands: list[Candidate], opts: Options, facts: ModelFacts, budget: Budget | None
+) -> list[Candidate]:
+    """The candidates brought inside `--target`'s rules (`plangen.aim`; widths are
+    rounded only where a dense `budget` is given); those that cannot be are left
+    out, and none left is an error that gives every reason."""
+    if opts.target == ANY:
+        return cands
+    results = [(c, aim(c, opts.target, facts, budget)) for c in cands]
+    kept = [r.candidate for _, r in results if r.candidate is not None]
+    if not kept:
+        reasons = "; ".join(f"{c.label}: {r.reason}" for c, r in results)
+        raise AnalyzeError(
+            f"--target {opts.target}: no candidate runs there ({reasons}); try another "
+            "--strategy or --parts mlp, or leave --target out"
+        )
+    return distinct(kept)
 
 
 def _candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Candidate]:
@@ -945,6 +983,9 @@ def _provenance(
         f"calibration text sha256:{text_sha}",
         f"strategy {opts.strategy}: {why}",
     ]
+    if opts.target != ANY:
+        t = TARGETS[opts.target]
+        lines.append(f"target {t.name}: {t.what}; every candidate was kept inside its rules")
     if len(measured) > 1:
         lines.append(f"held-out loss of the original: {loss_before:.4f}; of each candidate")
         lines.append("(finalists on every held-out window, the lowest wins; the rest were cut")

@@ -83,6 +83,7 @@ def run_moe(
         _provenance,
         _same_text,
         _say,
+        aimed,
         calibration_windows,
         scores_metadata,
         write_outputs,
@@ -184,7 +185,7 @@ def run_moe(
             cands += _sized(facts, scores, metrics, drop, opts.shrink_experts, allocated)
     except StrategyError as exc:
         raise AnalyzeError(f"{exc}; re-run without --scores to measure it") from None
-    cands = _distinct(cands)
+    cands = aimed(_distinct(cands), opts, facts, None)
     mark = time.perf_counter()
     arch = ckpt.arch
     loss_before = mean_loss(model, held, opts.batch_size, opts.device)

@@ -29,6 +29,7 @@ from compiler.cli import (
     ArgumentParser,
     describe_os_error,
 )
+from compiler.targets import ANY, TARGETS
 
 PROG = "plangen"
 
@@ -380,6 +381,15 @@ def _configure_analyze(parser: argparse.ArgumentParser) -> None:
         "the average cut, a trust region for first-order scores; `none`: unbounded)",
     )
     how.add_argument(
+        "--target",
+        choices=(*TARGETS, ANY),
+        default=ANY,
+        help="keep every candidate runnable on this serving target ("
+        + "; ".join(f"{name}: {t.what}" for name, t in TARGETS.items())
+        + "); widths are rounded to the target's granularity with the budget still met "
+        "(`plancc check --target` lists each target's rules); default any",
+    )
+    how.add_argument(
         "--remove-empty-layers",
         action="store_true",
         help="global: a layer left with nothing becomes a dropped layer",
@@ -508,6 +518,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         command=args.argv,
         force=args.force,
         memory_check=args.memory_check,
+        target=args.target,
     )
     if args.ratio is not None and args.strategy in ("auto", "best"):
         opts.strategy = "uniform"
