@@ -40,6 +40,7 @@ from typing import Any
 from compiler.architectures import Architecture, architecture_for_model_type, read_facts
 from compiler.checkpoint import TensorInfo, read_config, tensor_index
 from executor.configs import PLANCC_KEY
+from executor.safetensors_io import SourceFiles, decode, read_raw
 
 DTYPES = ("f16", "bf16", "f32")
 # Families whose decoder layer is exactly llama.cpp's `llama`/`deci` layer
@@ -336,7 +337,6 @@ def write_gguf(
     """
     import gguf
     import numpy as np
-    from safetensors import safe_open
 
     from executor.formats.gguf_vocab import VocabError, add_vocab, read_vocab
 
@@ -426,12 +426,9 @@ def write_gguf(
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        handles: dict[str, Any] = {}
-        try:
+        with SourceFiles() as files:
             for job in jobs:
-                writer.write_tensor_data(_load(job, index, a_dir, handles, safe_open))
-        finally:
-            handles.clear()
+                writer.write_tensor_data(_load(job, index, a_dir, files))
         writer.close()
         os.replace(tmp, out)
     except BaseException:
@@ -451,18 +448,16 @@ def write_gguf(
     )
 
 
-def _load(
-    job: _Job, index: Mapping[str, TensorInfo], a_dir: Path, handles: dict[str, Any], opener: Any
-) -> Any:
-    """Read, permute and convert one tensor (the only tensor data held at a time)."""
+def _load(job: _Job, index: Mapping[str, TensorInfo], a_dir: Path, files: SourceFiles) -> Any:
+    """Read, permute and convert one tensor: the only tensor data held at a time. Reads
+    go through `executor.safetensors_io` (pread into a reused buffer, no mmap), so the
+    process does not keep the source pages mapped either."""
     import torch
 
     if job.source is None:
         return _encode(torch.tensor(job.values, dtype=torch.float32), job.dtype)
-    file = index[job.source].file
-    if file not in handles:
-        handles[file] = opener(str(a_dir / file), framework="pt")
-    t = handles[file].get_tensor(job.source)
+    info = index[job.source]
+    t = decode(read_raw(files, a_dir / info.file, info), info.dtype)
     if job.heads is not None:
         t = permute_rows(t, job.heads)
     return _encode(t, job.dtype)
