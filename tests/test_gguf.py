@@ -29,6 +29,7 @@ from executor_helpers import logits, read_json, tokens, write_plan
 
 from executor.apply import apply_plan
 from executor.formats.gguf import (
+    GGUFLayer,
     GGUFUnsupported,
     llama3_rope_factors,
     permute_rows,
@@ -365,6 +366,10 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
 F32_ATOL = 1e-5
 # F16 matrices (11-bit mantissa): measured max |delta logit| ~3.4e-4 (bf16: ~3e-3).
 F16_ATOL = 3e-3
+# SmolLM2 mixed plan (24 layers, vocab 49152), F32: measured max |delta log-prob| 7.6e-4
+# and perplexity equal to 1e-5 relative (the unpruned model: 1.4e-4, 27.2410 both).
+SMOLLM2_ATOL = 5e-3
+SMOLLM2_PPL_RTOL = 1e-4
 
 RUNTIME_CASES = {
     "llama-uniform": ("llama", "mlp layers 0..2 width 48\n", {}),
@@ -419,3 +424,48 @@ def test_llama_cpp_runs_compensate_biases_and_f16(tmp_path: Path) -> None:
     got16 = llama_cpp_logits(tmp_path / "f16.gguf", ids.tolist())
     np.testing.assert_allclose(got16, want, atol=F16_ATOL, rtol=0)
     assert np.abs(got16 - want).max() > F32_ATOL  # f16 really is the rounded file
+
+
+# The statements of examples/smollm2-mixed.prn: depth, attention and MLP width at once.
+SMOLLM2_MIXED = """
+keep layers 0..3, 29
+drop layers 20..25
+bundle B layers 20..22
+bundle C layers 23..25
+attn layers 8..19 drop groups 1
+mlp layers 4..19 width 1152
+mlp layers 26..28 width 1280
+"""
+
+
+@pytest.mark.slow
+def test_smollm2_mixed_plan_runs_in_llama_cpp(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The heterogeneous SmolLM2 result as `deci`: llama.cpp tokenizes the corpus as the
+    Hugging Face tokenizer does (pre-tokenizer detected as `smollm`) and predicts the
+    same next-token log-probabilities as `executor.load`."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from transformers import AutoTokenizer
+
+    from compiler.corpus import builtin_text, tokenize, windows
+
+    apply_plan(write_plan(tmp_path, smollm2_dir, SMOLLM2_MIXED), tmp_path / "out")
+    a = tmp_path / "out" / "A"
+    info = write_gguf(a, tmp_path / "m.gguf", "f32")
+    assert (info.arch, info.tokenizer_pre, len(info.layers)) == ("deci", "smollm", 24)
+    assert info.layers[8] == GGUFLayer(6, 2, 1152) and info.layers[0] == GGUFLayer(9, 3, 1536)
+    text = builtin_text()[:20_000]
+    ids = tokenize(text, AutoTokenizer.from_pretrained(a))
+    vocab = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    assert vocab.tokenize(text.encode(), add_bos=False, special=False) == ids
+    vocab.close()
+    model = load(a, dtype="float32")
+    nll = {"torch": 0.0, "llama.cpp": 0.0}
+    for chunk in windows(ids, 128, limit=2):
+        want = torch.log_softmax(logits(model, torch.tensor([chunk]))[0], -1)
+        got = torch.log_softmax(torch.from_numpy(llama_cpp_logits(tmp_path / "m.gguf", chunk)), -1)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=SMOLLM2_ATOL, rtol=0)
+        target = torch.tensor(chunk[1:])[:, None]
+        nll["torch"] -= float(want[:-1].gather(1, target).sum())
+        nll["llama.cpp"] -= float(got[:-1].gather(1, target).sum())
+    ppl = {k: math.exp(v / 254) for k, v in nll.items()}
+    assert ppl["llama.cpp"] == pytest.approx(ppl["torch"], rel=SMOLLM2_PPL_RTOL)
