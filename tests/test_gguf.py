@@ -333,6 +333,38 @@ def test_refuses_other_dtypes_and_activations(tmp_path: Path) -> None:
     assert "hidden_act 'gelu'" in msg
 
 
+def test_untied_head_missing_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    a = tiny_result(tmp_path, "mlp layers 1 width 48\n")
+    state = hf_state(a)
+    del state["lm_head.weight"]
+    save_file(state, str(a / "model.safetensors"))
+    msg = refused(a, tmp_path / "m.gguf", tokenizer_pre="gpt-2")
+    assert "lm_head.weight is missing" in msg
+
+
+def test_failure_mid_write_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    """A tensor that fails after others were written: neither the GGUF nor its partial stays."""
+    import executor.formats.gguf as module
+
+    a = tiny_result(tmp_path, "mlp layers 1 width 48\n")
+    calls = []
+    real = module._encode
+
+    def failing(t: Any, dtype: str) -> Any:
+        calls.append(dtype)
+        if len(calls) == 5:
+            raise OSError("No space left on device")
+        return real(t, dtype)
+
+    monkeypatch.setattr(module, "_encode", failing)
+    with pytest.raises(OSError, match="No space left"):
+        write_gguf(a, tmp_path / "m.gguf", tokenizer_pre="gpt-2")
+    assert len(calls) == 5
+    assert sorted(p.name for p in tmp_path.iterdir() if "gguf" in p.name) == []
+
+
 # ---- llama.cpp itself ------------------------------------------------------------------
 
 

@@ -169,6 +169,15 @@ def gguf_problems(
                     "drop whole KV groups (`attn layers ... drop groups`)",
                 )
             )
+    tied = read_facts(arch, _plain_config(config)).get("tied")
+    if not tied and "lm_head.weight" not in index:
+        problems.append(
+            Problem(
+                "config.json says the head is untied but lm_head.weight is missing (llama.cpp "
+                "would silently reuse the embeddings)",
+                "re-run `plancc apply`; the directory is incomplete",
+            )
+        )
     unmapped = [n for n in index if _gguf_name(n, 1 + _max_layer(index)) is None]
     if unmapped:
         problems.append(
