@@ -468,6 +468,9 @@ TARGETS: dict[str, Target] = {
             families={"llama": Layout("llama", "deci"), "mistral": Layout("llama", "deci")},
             rules=(FAMILY, MOE, HETEROGENEOUS, ADDED_BIAS),
             moe=False,
+            # llama.cpp loads optional `attn_output.bias` / `ffn_down.bias` in both its
+            # `llama` and `deci` graphs, and the GGUF writer writes them (tested there).
+            output_biases=True,
             notes=(
                 "k-quants need MLP widths that are multiples of 256 (llama-quantize falls back "
                 "to another type for other tensors); f16/bf16/f32 take any width",

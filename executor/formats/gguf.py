@@ -39,13 +39,15 @@ from typing import Any
 
 from compiler.architectures import Architecture, architecture_for_model_type, read_facts
 from compiler.checkpoint import TensorInfo, read_config, tensor_index
+from compiler.targets import TARGETS
 from executor.configs import PLANCC_KEY
 from executor.safetensors_io import SourceFiles, decode, read_raw
 
 DTYPES = ("f16", "bf16", "f32")
 # Families whose decoder layer is exactly llama.cpp's `llama`/`deci` layer
 # (RMSNorm, rotate-half RoPE, GQA attention, SiLU-gated MLP).
-GGUF_FAMILIES = ("llama", "mistral")
+# The families llama.cpp runs, from the serving-target table (one source of truth).
+GGUF_FAMILIES = tuple(TARGETS["llamacpp"].families)
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
