@@ -32,6 +32,7 @@ from typing import Any
 
 from compiler.checkpoint import architecture_of, read_config, tensor_index
 from executor.configs import PLANCC_KEY, model_config
+from executor.formats.nemotron_nas import is_decilm
 
 
 def _dtype(config: Any, dtype: Any) -> Any:
@@ -59,7 +60,12 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None) -> Any:
         return model.to(device).eval()
 
     arch = architecture_of(raw_config, str(path / "config.json"))
-    config = _config_object(raw_config, path)
+    config = _config_object(raw_config)
+    if not is_decilm(read_config(path)):
+        # Where the config came from. Not for a Nemotron-NAS directory: readers such as
+        # peft re-read `config.__class__.from_pretrained(_name_or_path)`, and the family's
+        # class cannot read that config.json.
+        config._name_or_path = str(path)
     torch_dtype = _dtype(config, dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     layers = model.get_submodule(arch.layers_module)
@@ -105,18 +111,14 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None) -> Any:
     return model.to(device).eval()
 
 
-def _config_object(config: dict[str, Any], path: Path) -> Any:
+def _config_object(config: dict[str, Any]) -> Any:
     """The family's transformers config object for a config dict (never remote code)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING:
-        raise ValueError(
-            f"{path}: this transformers has no config class for model_type {model_type!r}"
-        )
-    out = CONFIG_MAPPING[model_type].from_dict(config)
-    out._name_or_path = str(path)
-    return out
+        raise ValueError(f"this transformers has no config class for model_type {model_type!r}")
+    return CONFIG_MAPPING[model_type].from_dict(config)
 
 
 def _dtype_for_stock(dtype: Any) -> Any:
