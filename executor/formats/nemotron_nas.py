@@ -107,7 +107,8 @@ def nemotron_nas_problem(
 
     `config` is the family's config (its global keys), `shapes` every layer's
     widths. The rules, from vLLM's `nemotron_nas.py` and its config handling:
-    a Llama-layout family; no sliding-window attention (the layout has none);
+    a Llama-layout family computed by the stock Llama code (a config that names
+    its own code, `auto_map`, is refused); no sliding-window attention (the layout has none);
     dense layers (no MoE); `num_attention_heads` and `head_dim` global, so only
     the KV-head count varies per layer and must divide the query heads
     (`n_heads_in_group`); biases global (`attention_bias`, `qkv_bias`,
@@ -119,6 +120,11 @@ def nemotron_nas_problem(
         return (
             f"Nemotron-NAS is a Llama layout; `{arch.name}` is not one "
             f"(supported: {', '.join(FAMILIES)}){other}"
+        )
+    if config.get("auto_map"):
+        return (
+            "the model names its own code (`auto_map`), which the Nemotron-NAS layout would "
+            f"replace by plancc's Llama code{other}"
         )
     window = config.get("sliding_window")
     max_pos = config.get("max_position_embeddings")
