@@ -22,7 +22,7 @@ from executor.cli import main as plancc
 from executor.formats.nemotron_nas import ffn_block, ffn_mult_to_intermediate_size
 from executor.loader import load
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only; never the hub
 TOL = 1e-5
 
 # Different MLP widths per layer (one a multiple of 256, written as `ffn_mult`), a
