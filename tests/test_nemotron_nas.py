@@ -92,6 +92,9 @@ def test_heterogeneous_result_loads_in_transformers(tmp_path: Path, family: str)
     shipped = remote(a)
     assert type(shipped).__name__ == "DeciLMForCausalLM"
     torch.testing.assert_close(logits(shipped, ids), want, atol=TOL, rtol=0)
+    with torch.no_grad():  # the config's own use_cache (a generation key transformers drops)
+        default = shipped(input_ids=ids).logits
+    torch.testing.assert_close(default, want, atol=TOL, rtol=0)
     prompt = ids[:1, :5]
     cached = shipped.generate(
         input_ids=prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=True

@@ -278,7 +278,7 @@ def heal(opts: HealOptions) -> HealResult:
     _verify_inputs(applied, opts)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(opts.out / "A")
+    tokenizer = AutoTokenizer.from_pretrained(opts.out / "A", trust_remote_code=False)
     text = training_windows(opts.data, tokenizer, opts.seqlen, opts.data_files, opts.max_windows)
     with held_work_dir(work, [opts.out], opts.resume, _note) as held:
         results = _run_stages(opts, held.path, text)

@@ -69,6 +69,18 @@ class BlockConfig:
         return f"BlockConfig({self.to_dict()})"
 
 
+# Llama's defaults for the keys the model reads, for a config.json that omits them
+# (as checkpoints saved by older transformers do).
+LLAMA_DEFAULTS: dict[str, Any] = {
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+}
+
+
 class DeciLMConfig(PretrainedConfig):
     """A Llama config whose layers differ: `block_configs` holds one BlockConfig per layer.
 
@@ -89,6 +101,10 @@ class DeciLMConfig(PretrainedConfig):
     ) -> None:
         self.block_configs = [BlockConfig.of(b) for b in block_configs or []]
         self.rope_parameters = rope_parameters
+        # transformers 5 drops generation keys such as use_cache from unknown kwargs.
+        self.use_cache = bool(kwargs.pop("use_cache", True))
+        for key, value in LLAMA_DEFAULTS.items():
+            kwargs.setdefault(key, value)
         super().__init__(**kwargs)
         layers = getattr(self, "num_hidden_layers", None)
         if self.block_configs and layers is not None and len(self.block_configs) != layers:

@@ -156,7 +156,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache is None:
-            use_cache = self.config.use_cache
+            use_cache = getattr(self.config, "use_cache", True)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
