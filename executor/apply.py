@@ -148,6 +148,8 @@ def apply_plan(
     warn: Callable[[str], None] | None = None,
     copy_remote_code: bool = False,
     hash_source: bool = False,
+    model_format: str | None = None,
+    gguf_dtype: str = "f16",
 ) -> ApplyResult:
     """Check `plan_path` against the checkpoint, then write OUT/A and OUT/bundles.
 
@@ -158,7 +160,16 @@ def apply_plan(
     from compiler.check import check_file
     from compiler.diagnostics import render_text
 
-    opts = ApplyOptions(device, force, max_shard_bytes, allow_pickle, copy_remote_code, hash_source)
+    opts = ApplyOptions(
+        device,
+        force,
+        max_shard_bytes,
+        allow_pickle,
+        copy_remote_code,
+        hash_source,
+        model_format,
+        gguf_dtype,
+    )
     start = time.perf_counter()
     try:
         first = check_file(plan_path)
@@ -251,6 +262,28 @@ def verify_weights(ck: CheckpointFacts, stated: str | None, shown: object) -> No
         )
 
 
+def format_problem(
+    plan_path: Path, ck: CheckpointFacts, job: Any, requested: str | None
+) -> str | None:
+    """Why the result cannot be written as Nemotron-NAS (None: it can). An explicit
+    `--format` the result cannot take is refused here, before anything is written."""
+    from executor.formats import gguf_writer
+    from executor.formats.nemotron_nas import nemotron_nas_problem
+
+    if requested == "gguf":
+        try:
+            gguf_writer()
+        except ImportError as exc:
+            raise ApplyError(f"--format gguf: {exc}; nothing was written") from None
+        return None
+    if requested == "hf":
+        return None
+    problem = nemotron_nas_problem(ck.arch, ck.config, list(job.shapes))
+    if problem is not None and requested == "nemotron-nas":
+        raise ApplyError(f"{plan_path}: --format nemotron-nas: {problem}; nothing was written")
+    return problem
+
+
 def _apply_checked(
     plan_path: Path,
     out: Path,
@@ -273,6 +306,7 @@ def _apply_checked(
         job = plan_job(resolved, ck, scores_path, opts.device, opts.max_shard_bytes)
     except TensorIOError as exc:
         raise ApplyError(str(exc)) from None
+    nemotron_problem = format_problem(plan_path, ck, job, opts.model_format)
     with staged_output(out, "apply", opts.force, inputs) as tmp:
         hasher = Hasher(tmp)
         source_hasher = Hasher(ck.model_dir) if opts.hash_source else None
@@ -301,7 +335,16 @@ def _apply_checked(
                 new = future.result()
             extra = {"sha256": source_hasher.result()} if source_hasher is not None else {}
             manifest = write_metadata(
-                tmp, job, ck, resolved, new, plan_path, hasher, opts, {**(source or {}), **extra}
+                tmp,
+                job,
+                ck,
+                resolved,
+                new,
+                plan_path,
+                hasher,
+                opts,
+                {**(source or {}), **extra},
+                nemotron_problem,
             )
         finally:
             hasher.close()

@@ -1,4 +1,4 @@
-"""`plancc apply`, `restore` and `eval`: argparse wiring for the executor.
+"""`plancc apply`, `export`, `restore` and `eval`: argparse wiring for the executor.
 
 Refusals (a plan that does not fit the checkpoint, an unreadable or pickle
 checkpoint, an existing output without --force, an output that is not
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from compiler.cli import EXIT_OK, UsageError
 from compiler.corpus import DATA_CHOICES, CorpusError, load_text
+from executor.formats import FORMATS, GGUF_DTYPES, GGUF_FILE
 
 
 def parse_size(text: str) -> int:
@@ -50,6 +51,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
             warn=warn,
             copy_remote_code=args.copy_remote_code,
             hash_source=args.hash_source,
+            model_format=args.format,
+            gguf_dtype=args.gguf_dtype,
         )
     except ApplyError as exc:
         if exc.details:
@@ -71,7 +74,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(f"  {removed['width']['dir']}: {removed['width']['params']:,} sliced-away parameters")
     pct = (res.params_after - res.params_before) / res.params_before * 100
     print(f"  parameters {res.params_before:,} → {res.params_after:,} ({pct:+.1f}%)")
-    print(f"  load with {res.loader} ({m['loadability']})")
+    print(f"  format {m['model_format']}: load with {res.loader} ({m['loadability']})")
+    if m.get("gguf"):
+        print(f"  GGUF ({m['gguf']['dtype']}): {res.out / m['gguf']['file']}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from executor.formats.export import ExportError, export
+    from executor.outdir import OutputError
+
+    try:
+        res = export(args.src, args.out, args.format, force=args.force, dtype=args.gguf_dtype)
+    except (ExportError, OutputError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {res.dest} ({res.model_format}, {res.seconds:.2f} s)")
     return EXIT_OK
 
 
@@ -156,12 +173,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "(default: they go to OUT/bundles/_files, so A never runs code with trust_remote_code)",
     )
     p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="how A is written: hf (safetensors + config.json; a heterogeneous result loads "
+        "with executor.load only), nemotron-nas (the same tensors with a Nemotron-NAS/DeciLM "
+        "config: vLLM and transformers with trust_remote_code), gguf (hf A plus "
+        f"OUT/{GGUF_FILE} for llama.cpp). Default: hf when stock transformers loads the "
+        "result, else nemotron-nas when it fits that layout, else hf",
+    )
+    _add_gguf_dtype(p)
+    p.add_argument(
         "--hash-source",
         action="store_true",
         help="also record the sha256 of the source's weight files (reads them once more), so "
         "`restore --upto all` proves the rebuilt files equal them",
     )
     p.set_defaults(func=cmd_apply)
+
+    _add_export(sub)
 
     p = sub.add_parser(
         "restore",
@@ -198,6 +228,42 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from executor.heal.cli import add_heal
 
     add_heal(sub)
+
+
+def _add_gguf_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gguf-dtype",
+        choices=GGUF_DTYPES,
+        default="f16",
+        help="element type of the GGUF tensors (default f16; quantize with llama.cpp's "
+        "llama-quantize)",
+    )
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write an apply result in another format: nemotron-nas (vLLM, transformers) or gguf",
+        description="Read the model of an apply output (OUT/A) or of a model directory plancc "
+        "wrote, and write it to DIR in the Nemotron-NAS (DeciLM) layout, for vLLM and "
+        f"transformers with trust_remote_code, or as DIR/{GGUF_FILE} for llama.cpp. The "
+        "source is only read; a model the format cannot express is refused with the rule "
+        "and the fix, and nothing is written.",
+        epilog="exit status: 0 written, 2 refused (the format cannot express the model, DIR "
+        "exists and is not plancc's)\nexample: plancc export out/smollm2-mixed --format "
+        "nemotron-nas -o out/smollm2-mixed-nas",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", type=Path, metavar="OUT_OR_A", help="apply output or model directory")
+    p.add_argument("--format", required=True, choices=FORMATS[1:], help="the format to write")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="DIR", help="new directory")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace DIR if it is a previous plancc output (anything else is refused)",
+    )
+    _add_gguf_dtype(p)
+    p.set_defaults(func=cmd_export)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -13,9 +13,13 @@ top-level widths are the largest any layer has (the original ones if the
 config class refuses even those), and the exact widths of every layer are
 stored under the `plancc` key, which `executor.load` reads:
 
+    "model_type": "plancc-llama",          # see below
+    "architectures": ["PlanccLlamaForCausalLM"],
     "plancc": {
-      "format": 1,
+      "format": 2,
       "loader": "executor.load",
+      "note": "...",                      # what to do with it, for people
+      "hf": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
       "layers": [                         # one entry per layer, in new order
         {"original": 0,                   # original layer index
          "config": {"num_attention_heads": 6, "num_key_value_heads": 2,
@@ -24,9 +28,18 @@ stored under the `plancc` key, which `executor.load` reads:
       ]
     }
 
-transformers keeps unknown config keys as attributes, so such a config still
-loads with `AutoConfig`; stock `from_pretrained` then fails on the tensor
-shapes, loudly, rather than building a wrong model.
+Such a config must never load in a stock loader, which would build every
+layer at the top-level widths: transformers 5.23 then raises a size mismatch,
+but 5.25 only warns ("Reinit due to size mismatch") and returns random MLPs.
+So the keys by which stock loaders choose a model class (`model_type` for
+transformers' AutoConfig and vLLM, `architectures` for llama.cpp's converter,
+`auto_map` for trust_remote_code; `IDENTITY_KEYS`) are replaced by plancc's
+own (`plancc-llama`, `PlanccLlamaForCausalLM`), which every stock loader
+refuses by name, and the real ones are kept under `plancc.hf`. Everything
+else is the family's config unchanged, so tokenizers (which fall back to a
+plain config) still load. `model_config` gives plancc's readers
+(`executor.load`, heal, export) the family's config back, for this layout
+and for the Nemotron-NAS one (`executor.formats.nemotron_nas`).
 """
 
 from __future__ import annotations
@@ -44,7 +57,9 @@ WIDTH_FACTS = ("heads", "kv_heads", "ffn")
 # And in a MoE layer (`executor.experts`).
 MOE_WIDTH_FACTS = ("experts", "expert_ffn", "shared_ffn")
 PLANCC_KEY = "plancc"
-PLANCC_FORMAT = 1
+PLANCC_FORMAT = 2  # 2: identity keys sealed under `plancc.hf` (format 1 left them in place)
+IDENTITY_KEYS = ("model_type", "architectures", "auto_map")
+OWN_MODEL_TYPE_PREFIX = "plancc-"
 
 
 @dataclass(frozen=True)
@@ -242,6 +257,9 @@ def build_config(
     cfg[PLANCC_KEY] = {
         "format": PLANCC_FORMAT,
         "loader": "executor.load",
+        "note": "layers differ from the top-level config: load with plancc's executor.load, "
+        "or `plancc export` it (--format nemotron-nas or gguf) for vLLM, transformers and "
+        "llama.cpp",
         "layers": [
             {
                 "original": s.original,
@@ -251,4 +269,36 @@ def build_config(
             for s in layers
         ],
     }
-    return NewConfig(cfg, uniform, True, reason)
+    return NewConfig(seal(cfg), uniform, True, reason)
+
+
+def seal(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config with a `plancc` layers record, made unloadable by stock loaders: its
+    identity keys move under `plancc.hf`, plancc's own names take their place."""
+    out = dict(config)
+    spec = dict(out.pop(PLANCC_KEY))
+    identity = {k: out.pop(k) for k in IDENTITY_KEYS if k in out}
+    model_type = str(identity.get("model_type", "model"))
+    out["model_type"] = OWN_MODEL_TYPE_PREFIX + model_type
+    names = identity.get("architectures") or [model_type]
+    out["architectures"] = [f"Plancc{n}" for n in names]
+    out[PLANCC_KEY] = {**spec, "hf": identity}
+    return out
+
+
+def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The family's own config of a written model, as transformers' config class and the
+    architecture table read it: a sealed plancc config gets its identity keys back, a
+    Nemotron-NAS config plancc wrote becomes the family's config with a `plancc` layers
+    record; any other config is returned as it is."""
+    from executor.formats import nemotron_nas
+
+    if nemotron_nas.is_decilm(config):
+        return nemotron_nas.hf_config(config)
+    spec = config.get(PLANCC_KEY)
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("hf"), Mapping):
+        return dict(config)
+    out = {k: v for k, v in config.items() if k not in IDENTITY_KEYS}
+    out.update(spec["hf"])
+    out[PLANCC_KEY] = {k: v for k, v in spec.items() if k != "hf"}
+    return out

@@ -60,7 +60,8 @@ def load_model(path: Path, device: str) -> tuple[Any, Any]:
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     model = model.to(device=device, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    # Never a directory's own code (a Nemotron-NAS output names plancc's module).
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     return model, tokenizer
 
 

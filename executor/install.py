@@ -19,6 +19,7 @@ from compiler.checkpoint import (
     CheckpointFacts,
 )
 from compiler.resolve import ResolvedPlan
+from executor.configs import model_config
 from executor.experts import ExpertSelection
 from executor.integrity import Hasher, output_files, sha256_file
 from executor.layout import (
@@ -35,7 +36,7 @@ from executor.layout import (
 )
 from executor.outdir import write_marker
 from executor.safetensors_io import read_header_text
-from executor.tasks import ApplyJob, ApplyOptions, bundle_file
+from executor.tasks import ApplyError, ApplyJob, ApplyOptions, bundle_file
 
 # Source files that are code, not weights or data: kept out of A (into
 # bundles/_files) unless `--copy-remote-code`, as is config.json's `auto_map`.
@@ -98,19 +99,31 @@ def write_metadata(
     hasher: Hasher,
     opts: ApplyOptions,
     source: dict[str, Any] | None = None,
+    nemotron_problem: str | None = None,
 ) -> dict[str, Any]:
     """Everything in A besides the weights, and the bundles' metadata; the
-    manifest, written last, records the sha256 of every other file."""
+    manifest, written last, records the sha256 of every other file.
+
+    A's config.json is in the chosen format (`executor.formats.choose`;
+    `nemotron_problem` says why the result cannot be Nemotron-NAS); `gguf`
+    adds the GGUF file beside A, written from A before the manifest."""
     from compiler.cost import loadability
+    from executor.formats import GGUF_FILE, choose, gguf_writer
+    from executor.formats import nemotron_nas as nas
 
     a = root / "A"
     a.mkdir(parents=True, exist_ok=True)
     fingerprint = ck.facts["fingerprint"]
     plan_sha = sha256_file(plan_path)
-    write_json(a / CONFIG_NAME, new.config)
+    model_format = choose(opts.model_format, not new.needs_loader, nemotron_problem)
+    config = new.config
+    if model_format == nas.LAYOUT:
+        config = nas.decilm_config(ck.arch, model_config(new.config), list(job.shapes))
+    write_json(a / CONFIG_NAME, config)
     side_files, withheld = copy_side_files(
         ck.model_dir, a, root / WITHHELD_DIR, opts.copy_remote_code
     )
+    module_files = nas.install_module(a) if model_format == nas.LAYOUT else []
 
     shards = [f for f in job.files if f.path.startswith("A/")]
     if len(shards) > 1:
@@ -171,7 +184,14 @@ def write_metadata(
         )
 
     load = loadability(resolved)
-    stock = not new.needs_loader
+    stock = not new.needs_loader and model_format != nas.LAYOUT
+    gguf = None
+    if model_format == "gguf":
+        try:
+            gguf_writer()(a, root / GGUF_FILE, opts.gguf_dtype)
+        except ValueError as exc:  # the writer's refusal: llama.cpp cannot run this result
+            raise ApplyError(f"--format gguf: {exc}; nothing was written") from None
+        gguf = {"file": GGUF_FILE, "dtype": opts.gguf_dtype}
     manifest = {
         "format": FORMAT,
         "plan": {"file": plan_path.name, "sha256": plan_sha},
@@ -200,8 +220,17 @@ def write_metadata(
         "layers": [s.to_json() for s in job.shapes],
         "uniform": new.uniform,
         "stock_loadable": stock,
-        "loader": "transformers.AutoModelForCausalLM.from_pretrained" if stock else "executor.load",
-        "loadability": new.reason if not stock else load.reason,
+        "loader": _loader(model_format, stock),
+        "loadability": (
+            "Nemotron-NAS layout: per-layer KV heads and MLP widths in `block_configs`"
+            if model_format == nas.LAYOUT
+            else new.reason
+            if not stock
+            else load.reason
+        ),
+        "model_format": model_format,
+        "module_files": module_files,
+        "gguf": gguf,
         "copied_files": side_files,
         "withheld_files": withheld,
         "remote_code": opts.copy_remote_code,
@@ -224,6 +253,16 @@ def write_metadata(
     # notice an edited file list (a removed entry would otherwise skip a file's check).
     write_marker(root, "apply", manifest_sha256=sha256_file(a / MANIFEST))
     return manifest
+
+
+def _loader(model_format: str, stock: bool) -> str:
+    """How to load A, for the manifest and `plancc apply`'s last line."""
+    if model_format == "nemotron-nas":
+        return (
+            "transformers.AutoModelForCausalLM.from_pretrained(A, trust_remote_code=True), "
+            "vLLM (--trust-remote-code) or executor.load"
+        )
+    return "transformers.AutoModelForCausalLM.from_pretrained" if stock else "executor.load"
 
 
 def _width_layers(job: ApplyJob) -> dict[str, dict[str, Any]]:

@@ -3,7 +3,10 @@
 A uniform result is an ordinary checkpoint: this is then just
 `AutoModelForCausalLM.from_pretrained`. A result whose config carries the
 `plancc` key (layers of different widths, `compensate` biases, or widths the
-config class refuses; see `executor.configs`) is built in three steps:
+config class refuses; see `executor.configs`), or written in the Nemotron-NAS
+layout (`executor.formats.nemotron_nas`: read back as the family's config
+with a `plancc` layers record, so the model is the family's own class and the
+shipped DeciLM code is never run), is built in three steps:
 
 1. the model is built from config.json (top-level widths: the largest any
    layer has);
@@ -28,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from compiler.checkpoint import architecture_of, read_config, tensor_index
-from executor.configs import PLANCC_KEY
+from executor.configs import PLANCC_KEY, model_config
+from executor.formats.nemotron_nas import is_decilm
 
 
 def _dtype(config: Any, dtype: Any) -> Any:
@@ -46,17 +50,22 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None) -> Any:
     """Load a `plancc apply` (or `restore`) result as a transformers causal LM, in eval mode."""
     import torch
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    raw_config = read_config(path)
+    raw_config = model_config(read_config(path))
     spec = raw_config.get(PLANCC_KEY)
     if not spec:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype_for_stock(dtype))
         return model.to(device).eval()
 
     arch = architecture_of(raw_config, str(path / "config.json"))
-    config = AutoConfig.from_pretrained(path)
+    config = _config_object(raw_config)
+    if not is_decilm(read_config(path)):
+        # Where the config came from. Not for a Nemotron-NAS directory: readers such as
+        # peft re-read `config.__class__.from_pretrained(_name_or_path)`, and the family's
+        # class cannot read that config.json.
+        config._name_or_path = str(path)
     torch_dtype = _dtype(config, dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     layers = model.get_submodule(arch.layers_module)
@@ -100,6 +109,16 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None) -> Any:
             f"unexpected {result.unexpected_keys[:5]}"
         )
     return model.to(device).eval()
+
+
+def _config_object(config: dict[str, Any]) -> Any:
+    """The family's transformers config object for a config dict (never remote code)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"this transformers has no config class for model_type {model_type!r}")
+    return CONFIG_MAPPING[model_type].from_dict(config)
 
 
 def _dtype_for_stock(dtype: Any) -> Any:

@@ -152,3 +152,5 @@ class ApplyOptions:
     allow_pickle: bool = False
     copy_remote_code: bool = False
     hash_source: bool = False
+    model_format: str | None = None  # hf | nemotron-nas | gguf; None: `executor.formats.choose`
+    gguf_dtype: str = "f16"

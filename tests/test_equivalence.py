@@ -248,7 +248,7 @@ def test_uniform_but_refused_by_the_config_class(tmp_path: Path) -> None:
     plan = write_plan(tmp_path, model_dir, "attn layers 0..1 drop groups 3")
     resolved = check_file(plan).resolved
     assert resolved is not None and not loadability(resolved).stock
-    apply_plan(plan, tmp_path / "out")
+    apply_plan(plan, tmp_path / "out", model_format="hf")  # the default would be nemotron-nas
     a = tmp_path / "out" / "A"
     m = read_json(a / "manifest.json")
     assert m["uniform"] and not m["stock_loadable"] and "refuses" in m["loadability"]

@@ -452,7 +452,12 @@ def test_remote_code_is_withheld_unless_asked(
     kept = tmp_path / "kept"
     assert main(["apply", str(plan), "-o", str(kept), "--copy-remote-code"]) == 0
     assert (kept / "A" / "modeling_x.py").is_file()
-    assert "auto_map" in read_json(kept / "A" / "config.json")
+    # The result is heterogeneous: its `auto_map` is kept, sealed under `plancc.hf`, so
+    # that no stock loader (the model's own code included) builds it at the wrong widths.
+    config = read_json(kept / "A" / "config.json")
+    assert "auto_map" not in config and config["plancc"]["hf"]["auto_map"] == {
+        "AutoModel": "modeling_x.X"
+    }
 
 
 # ---- the destination at the final rename, and one writer per destination ----------

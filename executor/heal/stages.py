@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.checkpoint import architecture_of, read_config, tensor_index
+from executor.configs import model_config
 from executor.heal.data import TrainingText, training_windows
 from executor.heal.lora import merged, trainable
 from executor.heal.options import HealError, HealOptions, depth_bundles, stages_ok
@@ -130,7 +131,7 @@ def stage_base(healed: Path, root: Path, stage: str, device: str = "cpu", dtype:
     with tempfile.TemporaryDirectory(prefix=f".{healed.name}.base-", dir=healed.parent) as tmp:
         where, layers = unhealed_stage(root, stage, Path(tmp))
         model = load(where, device, dtype)
-        arch = architecture_of(read_config(where), str(where / "config.json"))
+        arch = architecture_of(model_config(read_config(where)), str(where / "config.json"))
     before = load(healed / previous, device, dtype)
     prev_layers = tuple(json.loads((healed / previous / HEAL_MANIFEST).read_text())["layers"])
     carry_over(model, arch, layers, before.state_dict(), prev_layers)
@@ -277,7 +278,7 @@ def heal(opts: HealOptions) -> HealResult:
     _verify_inputs(applied, opts)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(opts.out / "A")
+    tokenizer = AutoTokenizer.from_pretrained(opts.out / "A", trust_remote_code=False)
     text = training_windows(opts.data, tokenizer, opts.seqlen, opts.data_files, opts.max_windows)
     with held_work_dir(work, [opts.out], opts.resume, _note) as held:
         results = _run_stages(opts, held.path, text)
@@ -377,7 +378,7 @@ def _run_stages(opts: HealOptions, work: Path, text: TrainingText) -> list[Stage
             results.append(StageResult(stage, opts.dest / stage, unhealed, layers, log))
             continue
         model = load(unhealed, opts.device, torch.float32)
-        arch = architecture_of(read_config(unhealed), str(unhealed / "config.json"))
+        arch = architecture_of(model_config(read_config(unhealed)), str(unhealed / "config.json"))
         if previous is not None:
             carry_over(model, arch, layers, previous[0], previous[1])
         if opts.checkpointing:
