@@ -93,6 +93,7 @@ from compiler.checkpoint import (
     pickle_shards,
     weights_digest,
 )
+from compiler.targets import verdict
 from executor.configs import build_config
 from executor.execute import execute
 from executor.install import write_metadata
@@ -150,6 +151,7 @@ def apply_plan(
     hash_source: bool = False,
     model_format: str | None = None,
     gguf_dtype: str = "f16",
+    gguf_pre: str | None = None,
 ) -> ApplyResult:
     """Check `plan_path` against the checkpoint, then write OUT/A and OUT/bundles.
 
@@ -169,6 +171,7 @@ def apply_plan(
         hash_source,
         model_format,
         gguf_dtype,
+        gguf_pre,
     )
     start = time.perf_counter()
     try:
@@ -263,7 +266,7 @@ def verify_weights(ck: CheckpointFacts, stated: str | None, shown: object) -> No
 
 
 def format_problem(
-    plan_path: Path, ck: CheckpointFacts, job: Any, requested: str | None
+    plan_path: Path, ck: CheckpointFacts, job: Any, resolved: Any, requested: str | None
 ) -> str | None:
     """Why the result cannot be written as Nemotron-NAS (None: it can). An explicit
     `--format` the result cannot take is refused here, before anything is written."""
@@ -275,13 +278,32 @@ def format_problem(
             gguf_writer()
         except ImportError as exc:
             raise ApplyError(f"--format gguf: {exc}; nothing was written") from None
+        from executor.formats.gguf import gguf_problems
+
+        judged = verdict(resolved, "llamacpp", format_only=True)
+        problems = [_with_help(judged)] if not judged.runs else []
+        problems += [str(p) for p in gguf_problems(ck.config, ck.index, ck.model_dir)]
+        if problems:
+            raise ApplyError(
+                f"{plan_path}: --format gguf: {'; '.join(problems)}; nothing was written"
+            )
         return None
     if requested == "hf":
         return None
+    # The writer's own words first (they name the fix for its layout); the target
+    # table's verdict backs them (one table decides `check --target` and this).
+    judged = verdict(resolved, "vllm", format_only=True)
     problem = nemotron_nas_problem(ck.arch, ck.config, list(job.shapes))
+    problem = problem or (_with_help(judged) if not judged.runs else None)
     if problem is not None and requested == "nemotron-nas":
         raise ApplyError(f"{plan_path}: --format nemotron-nas: {problem}; nothing was written")
     return problem
+
+
+def _with_help(judged: Any) -> str:
+    """A target verdict's first reason with its fix, for a one-line refusal."""
+    first = judged.diagnostics[0] if judged.diagnostics else None
+    return f"{judged.reason} ({first.help})" if first is not None and first.help else judged.reason
 
 
 def _apply_checked(
@@ -306,7 +328,7 @@ def _apply_checked(
         job = plan_job(resolved, ck, scores_path, opts.device, opts.max_shard_bytes)
     except TensorIOError as exc:
         raise ApplyError(str(exc)) from None
-    nemotron_problem = format_problem(plan_path, ck, job, opts.model_format)
+    nemotron_problem = format_problem(plan_path, ck, job, resolved, opts.model_format)
     with staged_output(out, "apply", opts.force, inputs) as tmp:
         hasher = Hasher(tmp)
         source_hasher = Hasher(ck.model_dir) if opts.hash_source else None

@@ -53,6 +53,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             hash_source=args.hash_source,
             model_format=args.format,
             gguf_dtype=args.gguf_dtype,
+            gguf_pre=args.gguf_pre,
         )
     except ApplyError as exc:
         if exc.details:
@@ -85,7 +86,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from executor.outdir import OutputError
 
     try:
-        res = export(args.src, args.out, args.format, force=args.force, dtype=args.gguf_dtype)
+        res = export(
+            args.src,
+            args.out,
+            args.format,
+            force=args.force,
+            dtype=args.gguf_dtype,
+            tokenizer_pre=args.gguf_pre,
+        )
     except (ExportError, OutputError) as exc:
         raise UsageError(str(exc)) from None
     print(f"wrote {res.dest} ({res.model_format}, {res.seconds:.2f} s)")
@@ -237,6 +245,13 @@ def _add_gguf_dtype(p: argparse.ArgumentParser) -> None:
         default="f16",
         help="element type of the GGUF tensors (default f16; quantize with llama.cpp's "
         "llama-quantize)",
+    )
+    p.add_argument(
+        "--gguf-pre",
+        metavar="NAME",
+        help="llama.cpp's pre-tokenizer name (tokenizer.ggml.pre) for a tokenizer whose "
+        "check-text hash plancc does not know (default: found from that hash, as "
+        "llama.cpp's converter does)",
     )
 
 

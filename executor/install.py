@@ -188,7 +188,7 @@ def write_metadata(
     gguf = None
     if model_format == "gguf":
         try:
-            gguf_writer()(a, root / GGUF_FILE, opts.gguf_dtype)
+            gguf_writer()(a, root / GGUF_FILE, opts.gguf_dtype, tokenizer_pre=opts.gguf_pre)
         except ValueError as exc:  # the writer's refusal: llama.cpp cannot run this result
             raise ApplyError(f"--format gguf: {exc}; nothing was written") from None
         gguf = {"file": GGUF_FILE, "dtype": opts.gguf_dtype}

@@ -154,3 +154,4 @@ class ApplyOptions:
     hash_source: bool = False
     model_format: str | None = None  # hf | nemotron-nas | gguf; None: `executor.formats.choose`
     gguf_dtype: str = "f16"
+    gguf_pre: str | None = None  # tokenizer.ggml.pre when its hash is not known

@@ -223,3 +223,31 @@ def apply_and_restore(plan: Path, model: Path, tmp_path: Path) -> Path:
     for f in ("model.safetensors", "config.json"):
         assert filecmp.cmp(model / f, back / f, shallow=False), f
     return out
+
+
+def bpe_tokenizer(model_dir: Path, vocab_size: int = 320) -> Path:
+    """Save a byte-level BPE tokenizer (GPT-2 style) trained on the built-in corpus;
+    ids 0-2 are <pad>, <s>, </s> like the tiny configs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from compiler.corpus import builtin_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([builtin_text()[:100_000]], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(model_dir)
+    (model_dir / "chat_template.jinja").write_text(
+        "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}", encoding="utf-8"
+    )
+    return model_dir

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import add_char_tokenizer, make_tiny_model
+from conftest import add_char_tokenizer, bpe_tokenizer, make_tiny_model
 from executor_helpers import logits, read_json, tokens, write_plan
 
 from executor.apply import apply_plan
@@ -41,34 +41,6 @@ from executor.loader import load
 
 VOCAB = 320  # 256 byte tokens + 3 specials + merges
 LAYERS = 3
-
-
-def bpe_tokenizer(model_dir: Path, vocab_size: int = VOCAB) -> Path:
-    """Save a byte-level BPE tokenizer (GPT-2 style) trained on the built-in corpus;
-    ids 0-2 are <pad>, <s>, </s> like the tiny configs."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from compiler.corpus import builtin_text
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([builtin_text()[:100_000]], trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    fast.save_pretrained(model_dir)
-    (model_dir / "chat_template.jinja").write_text(
-        "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}", encoding="utf-8"
-    )
-    return model_dir
 
 
 def tiny_result(tmp_path: Path, body: str, family: str = "llama", **cfg: Any) -> Path:

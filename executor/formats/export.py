@@ -41,7 +41,12 @@ def model_dir(src: Path) -> Path:
 
 
 def export(
-    src: Path, dest: Path, model_format: str, force: bool = False, dtype: str = "f16"
+    src: Path,
+    dest: Path,
+    model_format: str,
+    force: bool = False,
+    dtype: str = "f16",
+    tokenizer_pre: str | None = None,
 ) -> ExportResult:
     """Write the model of `src` to `dest` in `model_format` (nemotron-nas or gguf)."""
     from compiler.checkpoint import architecture_of, read_config, tensor_index
@@ -76,7 +81,7 @@ def export(
             nas.write_nemotron_nas(a_dir, tmp)
         else:
             try:
-                write(a_dir, tmp / GGUF_FILE, dtype)
+                write(a_dir, tmp / GGUF_FILE, dtype, tokenizer_pre=tokenizer_pre)
             except ValueError as exc:
                 raise ExportError(f"--format gguf: {exc}; nothing was written") from None
         write_marker(tmp, "export", model_format=model_format, source=str(a_dir.resolve()))

@@ -37,6 +37,7 @@ from typing import Any
 
 from compiler.architectures import Architecture, read_facts
 from compiler.checkpoint import CONFIG_NAME, TensorInfo
+from compiler.targets import TARGETS
 from executor.configs import PLANCC_KEY, LayerShape, config_key
 
 LAYOUT = "nemotron-nas"
@@ -48,8 +49,9 @@ AUTO_MAP = {
     "AutoConfig": "configuration_decilm.DeciLMConfig",
     "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
 }
-# Families whose layers are Llama layers (RMSNorm, rotary attention, SwiGLU MLP).
-FAMILIES = ("llama", "mistral", "qwen2")
+# Families whose layers are Llama layers (RMSNorm, rotary attention, SwiGLU MLP):
+# the vLLM target's row of the serving-target table (one source of truth).
+FAMILIES = tuple(TARGETS["vllm"].families)
 # Keys of the family's config that describe what the shipped module does not
 # implement (sliding windows) or that are per layer here: dropped from the
 # Nemotron-NAS config, kept under `plancc.hf` for executor.load.
@@ -61,7 +63,8 @@ DROPPED_KEYS = (
     "layer_types",
     "pretraining_tp",
 )
-FFN_MULT_GRANULE = 256
+# vLLM's `_ffn_mult_to_intermediate_size` rounds up to this; the target's granularity.
+FFN_MULT_GRANULE = TARGETS["vllm"].ffn_multiple
 
 
 class LayoutError(ValueError):
