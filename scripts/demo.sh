@@ -41,3 +41,29 @@ cmp "$MODEL/model.safetensors" "$OUT/restored/model.safetensors" && echo "restor
 echo
 echo "== plancc eval (the first 24 evaluation windows, as the README's tables; drop --limit for all)"
 .venv/bin/plancc eval "$MODEL" "$OUT/analyzed" "$OUT/depth" --limit 24 --new-tokens 16
+
+echo
+echo "== plancc export $OUT/analyzed --format gguf -o $OUT/gguf  (one file for llama.cpp)"
+.venv/bin/plancc export "$OUT/analyzed" --format gguf -o "$OUT/gguf" --force
+echo
+echo "== llama.cpp answers a prompt from $OUT/gguf/model.gguf"
+.venv/bin/python - "$OUT/gguf/model.gguf" <<'PY'
+import sys
+
+from llama_cpp import Llama
+
+llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads=2, verbose=False)
+question = "What is the capital of France?"
+reply = llm.create_chat_completion(
+    messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
+)
+print(f"Q: {question}\nA: {reply['choices'][0]['message']['content'].strip()}")
+PY
+FORMAT=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['model_format'])" "$OUT/analyzed/A/manifest.json")
+echo
+echo "== serve it: A is written as $FORMAT"
+if [ "$FORMAT" = nemotron-nas ]; then
+  echo "vllm serve $OUT/analyzed/A --trust-remote-code"
+else
+  echo "vllm serve $OUT/analyzed/A"
+fi
