@@ -49,19 +49,18 @@ def model_dir(path: Path) -> Path:
 def load_model(path: Path, device: str) -> tuple[Any, Any]:
     """(model, tokenizer). Heterogeneous plancc outputs go through `executor.loader`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     directory = model_dir(path)
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    if "plancc" in config:
-        from executor.loader import load
+    from executor.loader import load, load_tokenizer
 
+    if "plancc" in config:
         model = load(directory)
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     model = model.to(device=device, dtype=torch.float32).eval()
-    # Never a directory's own code (a Nemotron-NAS output names plancc's module).
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    tokenizer = load_tokenizer(directory)  # never a directory's own code
     return model, tokenizer
 
 

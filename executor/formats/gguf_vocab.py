@@ -108,12 +108,13 @@ def read_vocab(a_dir: Path, vocab_size: int, pre: str | None = None) -> Vocab:
     Raises VocabError for a tokenizer that cannot be written.
     """
     import gguf
-    from transformers import AutoTokenizer
+
+    from executor.loader import load_tokenizer
 
     problem = tokenizer_kind_problem(a_dir)
     if problem:
         raise VocabError(problem)
-    tokenizer = AutoTokenizer.from_pretrained(a_dir)
+    tokenizer = load_tokenizer(a_dir)
     if pre is None:
         digest = pre_tokenizer_hash(tokenizer)
         pre = KNOWN_PRE_TOKENIZERS.get(digest)

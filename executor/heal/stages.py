@@ -276,9 +276,9 @@ def heal(opts: HealOptions) -> HealResult:
     work = work_dir(opts.dest)
     check_work_dir(work, [opts.out], opts.resume)
     _verify_inputs(applied, opts)
-    from transformers import AutoTokenizer
+    from executor.loader import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(opts.out / "A", trust_remote_code=False)
+    tokenizer = load_tokenizer(opts.out / "A")
     text = training_windows(opts.data, tokenizer, opts.seqlen, opts.data_files, opts.max_windows)
     with held_work_dir(work, [opts.out], opts.resume, _note) as held:
         results = _run_stages(opts, held.path, text)
