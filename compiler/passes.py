@@ -571,7 +571,8 @@ def check_heterogeneous(ctx: Context) -> list[Diagnostic]:
                 warning(
                     "W002",
                     f"`{slot}` differs across layers ({parts}): the result is heterogeneous; "
-                    "stock `from_pretrained` cannot load it, `executor.load` can",
+                    "stock `from_pretrained` cannot load it; the report's targets say where "
+                    "it runs (`--format nemotron-nas` for vLLM, `gguf` for llama.cpp)",
                     statements[0].layers.span,
                 )
             )
