@@ -137,7 +137,20 @@ def compare_with_checkpoint(block: ir.ModelBlock, real: Mapping[str, Any]) -> li
             want = tuple(want)
         if isinstance(have, int) and not isinstance(have, bool) and fact.key == "dense_layers":
             have = (have,)
-        if have != want:
+        if have != want and fact.key == "weights":
+            out.append(
+                error(
+                    "P132",
+                    f"the checkpoint's weights are not the ones the plan was measured on: "
+                    f"plan {_show(fact.value)}, checkpoint {_show(real[fact.key])} (same "
+                    "structure, other weights)",
+                    fact.value_span,
+                    "pass --model the checkpoint the plan was analyzed on, run `plangen "
+                    "analyze` on this one, or delete the plan's `weights` line to apply its "
+                    "decisions to these weights anyway",
+                )
+            )
+        elif have != want:
             code = "P131" if fact.key == "fingerprint" else "P130"
             what = "fingerprint" if code == "P131" else f"`{fact.key}`"
             out.append(

@@ -14,6 +14,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -58,16 +59,20 @@ def read_plan_text(path: Path) -> str:
         raise UsageError(f"{path}: {exc.strerror}") from None
 
 
-def checkpoint_facts(model_dir: Path, allow_pickle: bool = False) -> dict[str, object]:
+def checkpoint_facts(
+    model_dir: Path, allow_pickle: bool = False, weights: bool = False
+) -> dict[str, object]:
     """Facts of a real checkpoint (config.json + safetensors headers only; with
-    `allow_pickle`, a pickle checkpoint's tensors read with torch)."""
-    from compiler.checkpoint import CheckpointError, load_checkpoint_facts
+    `allow_pickle`, a pickle checkpoint's tensors read with torch). `weights` adds
+    the weights digest, which reads every tensor once (then it is memoized)."""
+    from compiler.checkpoint import CheckpointError, load_checkpoint_facts, weights_digest
 
     try:
         ck = load_checkpoint_facts(model_dir, allow_pickle=allow_pickle)
+        digest = {"weights": weights_digest(ck.model_dir, ck.index)} if weights else {}
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
-    return {"arch": ck.arch.name, **ck.facts}
+    return {"arch": ck.arch.name, **ck.facts, **digest}
 
 
 def run_check(
@@ -77,7 +82,13 @@ def run_check(
     and check it: a plan given as `<(git show HEAD:plan.prn)` is a pipe, which a
     second read would find empty."""
     text = read_plan_text(path)
-    real = checkpoint_facts(model, allow_pickle) if model is not None else None
+    # The weights are hashed only for a plan that states them (a safetensors source).
+    states_weights = re.search(r'^\s*weights\s+"', text, re.MULTILINE) is not None
+    real = (
+        checkpoint_facts(model, allow_pickle, weights=states_weights and not allow_pickle)
+        if model is not None
+        else None
+    )
     return check_text(text, base_dir=path.parent, checkpoint=real, target=target)
 
 

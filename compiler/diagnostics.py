@@ -65,6 +65,7 @@ CODES: dict[str, str] = {
     # the checkpoint (check --model, apply)
     "P130": "model fact disagrees with the checkpoint",
     "P131": "fingerprint disagrees with the checkpoint",
+    "P132": "`weights` disagrees with the checkpoint's weights (same structure, other weights)",
     # serving targets (check --target; the rules live in compiler/targets.py)
     "P140": "layers differ in shape, and the target describes every layer with one shape",
     "P141": "`compensate` adds an output bias the target cannot load",

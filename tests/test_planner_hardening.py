@@ -183,6 +183,20 @@ def test_check_refuses_a_sidecar_measured_on_other_weights(
     assert "measured on weights" in p127.message and "plangen analyze" in (p127.help or "")
 
 
+def test_check_with_model_refuses_a_checkpoint_of_other_weights(
+    analyzed: Path, models, capsys
+) -> None:
+    """P132: `check --model` hashes the checkpoint's weights when the plan states them."""
+    from executor.cli import main as plancc
+
+    assert plancc(["check", str(analyzed), "--model", str(models["a"]), "--no-cost"]) == 0
+    capsys.readouterr()
+    assert plancc(["check", str(analyzed), "--model", str(models["b"]), "--no-cost"]) == 1
+    err = "".join(capsys.readouterr())
+    assert "error[P132]" in err and "same structure, other weights" in err
+    assert "pass --model the checkpoint the plan was analyzed on" in err
+
+
 def test_analyze_scores_refuses_a_sidecar_of_another_model(
     analyzed: Path, models, tmp_path, capsys
 ) -> None:
