@@ -185,9 +185,9 @@ def main() -> None:
 
     from compiler.checkpoint import load_checkpoint_facts
     from compiler.corpus import TokenPools, load_text, tokenize, windows
+    from compiler.hashing import sha256_file
     from executor.apply import apply_plan
     from executor.evaluate import evaluate
-    from executor.integrity import sha256_file
     from executor.loader import load
     from plangen import emit
     from plangen.analyze import Options, _calibration_line, model_facts, run

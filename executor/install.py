@@ -18,10 +18,11 @@ from compiler.checkpoint import (
     SAFE_WEIGHTS_INDEX_NAME,
     CheckpointFacts,
 )
+from compiler.hashing import sha256_file
 from compiler.resolve import ResolvedPlan
 from executor.configs import model_config
 from executor.experts import ExpertSelection
-from executor.integrity import Hasher, output_files, sha256_file
+from executor.integrity import Hasher, output_files
 from executor.layout import (
     BUNDLE_META,
     FORMAT,

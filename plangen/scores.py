@@ -24,8 +24,8 @@ import numpy as np
 
 from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
+from compiler.hashing import sha256_file
 from compiler.sidecar import table_name
-from executor.integrity import sha256_file
 from executor.slicing import Geometry
 from plangen.metrics import OBS, LayerScores
 

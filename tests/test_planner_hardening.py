@@ -168,7 +168,7 @@ def test_check_refuses_a_sidecar_measured_on_other_weights(
     analyzed: Path, models, tmp_path
 ) -> None:
     """P127: the plan states the weights of `a`, the sidecar was measured on `b`."""
-    from executor.integrity import sha256_file
+    from compiler.hashing import sha256_file
 
     other = tmp_path / "other" / "plan.prn"
     assert plangen(_analyze(models["b"], other, *RECONSTRUCTED)) == 0
