@@ -23,8 +23,8 @@ import torch
 
 from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
+from compiler.geometry import complement, top_channels
 from compiler.sidecar import table_name
-from executor.slicing import complement
 from plangen import lm_loss
 from plangen.calibrate import module_path, output_projection
 from plangen.candidate import Candidate
@@ -129,7 +129,6 @@ def _experts_narrowed(
     """A `shrink` candidate: the removed channels' down-projection columns zeroed in
     every routed expert (each by its own row of `METRIC.L.experts_ffn`) and in the
     shared expert (`METRIC.L.shared`), as `top_channels` picks them for apply."""
-    from executor.slicing import top_channels
     from plangen.metrics.router import moe_modules
 
     layers = model.get_submodule(arch.layers_module)

@@ -39,6 +39,7 @@ import torch
 from compiler import ir
 from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
+from compiler.geometry import top_channels
 from plangen.calibrate import module_path, output_projection
 from plangen.candidate import Candidate
 from plangen.metrics import DAMP, OBS
@@ -382,8 +383,6 @@ def _walk(
     progress: bool,
 ) -> list[Solved]:
     from tqdm import tqdm
-
-    from executor.slicing import top_channels
 
     walk = LayerWalk(model, arch, batches)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
