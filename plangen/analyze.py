@@ -37,6 +37,7 @@ from plangen import emit
 from plangen.aim import aim
 from plangen.candidate import Candidate, original_params
 from plangen.metrics import DAMP, OBS
+from plangen.plot import PLOT_EXTRA, plot_available, plot_plan
 from plangen.scores import (
     ScoreTables,
     compute_tables,
@@ -313,6 +314,8 @@ def check_options(opts: Options, ckpt: CheckpointFacts, facts: ModelFacts) -> No
                     "use --target-params, --ratio or --drop"
                 )
     check_target(opts.target, facts)
+    if opts.plot and not plot_available():
+        raise AnalyzeError(f"--plot needs matplotlib, which is not installed: {PLOT_EXTRA}")
     longest = max_positions(ckpt.config)
     if longest is not None and opts.seqlen > longest:
         raise AnalyzeError(
@@ -858,8 +861,6 @@ def run(opts: Options) -> Outcome:
     if opts.csv is not None:
         _write_csv(opts.csv, facts, scores, chosen.candidate)
     if opts.plot:
-        from plangen.plot import plot_plan
-
         plot_plan(plan_path.with_suffix(".png"), facts, scores, chosen.candidate)
     return Outcome(
         plan_path,
