@@ -190,7 +190,8 @@ def main() -> None:
     from executor.evaluate import evaluate
     from executor.loader import load
     from plangen import emit
-    from plangen.analyze import Options, _calibration_line, model_facts, run
+    from plangen.analyze import Options, model_facts, run
+    from plangen.pipeline import calibration_line
     from plangen.scores import read_sidecar
     from plangen.strategies import Budget
 
@@ -268,7 +269,7 @@ def main() -> None:
         str(args.model),
         sidecar.name,
         sha256_file(sidecar),
-        _calibration_line(Options(args.model, plan)),
+        calibration_line(Options(args.model, plan)),
         ["benchmarks/planner_peers.py"],
     )
     layers = facts.layers or 0

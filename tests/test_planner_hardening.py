@@ -270,12 +270,12 @@ def test_ctrl_c_in_analyze_exits_130_and_leaves_nothing(
 ) -> None:
     """Interrupted while the plan is checked: the sidecar is already written to its
     temporary name, and that is removed too."""
-    from plangen import analyze
+    from plangen import pipeline
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(analyze, "check_text", interrupt)
+    monkeypatch.setattr(pipeline, "check_text", interrupt)
     plan = tmp_path / "out" / "p.prn"
     assert plangen(_analyze(models["a"], plan, *DEPTH)) == 130
     _one_interrupted_line(capsys.readouterr().err)
