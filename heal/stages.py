@@ -285,7 +285,7 @@ def heal(opts: HealOptions) -> HealResult:
     work = work_dir(opts.dest)
     check_work_dir(work, [opts.out], opts.resume)
     _verify_inputs(applied, opts)
-    from executor.loader import load_tokenizer
+    from executor.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(opts.out / "A")
     text = training_windows(opts.data, tokenizer, opts.seqlen, opts.data_files, opts.max_windows)

@@ -442,7 +442,7 @@ def test_smollm2_examples_apply_generate_restore(
 
 
 def test_json_lists_stay_on_one_line_and_values_unchanged() -> None:
-    from executor.install import dumps
+    from executor.layout import dumps
 
     data = {"a": [1, 2, 3], "s": "[\n1,  2]", "n": [[1], ["x, y", None, True, 1.5e-06]]}
     text = dumps(data)

@@ -109,7 +109,7 @@ def read_vocab(a_dir: Path, vocab_size: int, pre: str | None = None) -> Vocab:
     """
     import gguf
 
-    from executor.loader import load_tokenizer
+    from executor.tokenizer import load_tokenizer
 
     problem = tokenizer_kind_problem(a_dir)
     if problem:

@@ -39,6 +39,7 @@ from compiler.architectures import Architecture, read_facts
 from compiler.checkpoint import CONFIG_NAME, TensorInfo
 from compiler.targets import TARGETS
 from executor.configs import PLANCC_KEY, LayerShape, config_key
+from executor.layout import write_json
 
 LAYOUT = "nemotron-nas"
 MODEL_TYPE = "nemotron-nas"
@@ -361,7 +362,6 @@ def write_nemotron_nas(a_dir: Path, dest: Path) -> dict[str, Any]:
     """
     from compiler.checkpoint import architecture_of, read_config, tensor_index
     from executor.configs import model_config
-    from executor.install import write_json
     from executor.safetensors_io import OutEntry, SourceFiles, order_for_alignment, write_file
 
     raw = read_config(a_dir)
