@@ -488,7 +488,8 @@ def removal_losses(
     """Held-out loss with each layer bypassed in turn (higher = the layer matters more)."""
     from tqdm import tqdm
 
-    from plangen.heldout import applied, mean_loss
+    from plangen.heldout import mean_loss
+    from plangen.surgery import applied
 
     out = []
     for i in tqdm(range(facts.layers or 0), desc="removal", disable=not opts.progress, leave=False):
