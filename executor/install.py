@@ -21,6 +21,8 @@ from compiler.resolve import ResolvedPlan
 from compiler.targets import loadability
 from executor.configs import model_config
 from executor.experts import ExpertSelection
+from executor.formats import GGUF_FILE, choose, gguf_writer
+from executor.formats import nemotron_nas as nas
 from executor.integrity import Hasher, output_files
 from executor.layout import (
     BUNDLE_META,
@@ -89,9 +91,6 @@ def write_metadata(
     A's config.json is in the chosen format (`executor.formats.choose`;
     `nemotron_problem` says why the result cannot be Nemotron-NAS); `gguf`
     adds the GGUF file beside A, written from A before the manifest."""
-    from executor.formats import GGUF_FILE, choose, gguf_writer
-    from executor.formats import nemotron_nas as nas
-
     a = root / "A"
     a.mkdir(parents=True, exist_ok=True)
     fingerprint = ck.facts["fingerprint"]

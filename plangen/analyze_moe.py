@@ -29,7 +29,13 @@ from compiler.facts import ModelFacts
 from compiler.sidecar import table_name
 from plangen.calibrate import LayerStats, watch_inputs
 from plangen.candidate import original_params
-from plangen.metrics.router import NAEE, ROUTER_METRICS, collect_router, naee_orders
+from plangen.metrics.router import (
+    NAEE,
+    ROUTER_METRICS,
+    collect_router,
+    naee_orders,
+    removal_curves,
+)
 from plangen.pipeline import (
     AnalyzeError,
     Measured,
@@ -250,8 +256,6 @@ def _curves(
     """Each layer's loss when its lowest experts by ALLOCATE_BY are dropped alone, at
     the counts of `probe_counts(drop)`, rescaled, on the first PROBE_WINDOWS
     calibration windows: what `allocate_experts` spreads the drops by."""
-    from plangen.metrics.router import removal_curves
-
     metric = ALLOCATE_BY
     order = {k: drop_order(facts, scores.tables, metric, k) for k in moe_layers}
     counts = probe_counts(facts, drop)
