@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install plancc with its test tools and the heal extra (peft, matplotlib). Idempotent; needs only python3 >= 3.11.
+# Create .venv and install plancc with its test tools and the heal extra (peft, matplotlib).
+# Idempotent; needs only python3 >= 3.11.
 # torch is installed first, pinned, so pip takes the CPU build and never pulls a multi-GB
 # CUDA build; the rest follows constraints.txt (the versions the project is tested with).
 # The test extra includes llama-cpp-python (llama.cpp, to run GGUF exports in the tests):
