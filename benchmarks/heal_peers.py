@@ -41,8 +41,8 @@ PEERS = {  # model -> (before healing, after LoRA), issue 14
 def main() -> None:
     from executor.apply import apply_plan
     from executor.evaluate import evaluate
-    from executor.heal.options import HealOptions
-    from executor.heal.stages import heal
+    from heal.options import HealOptions
+    from heal.stages import heal
     from plangen.analyze import Options, run
     from plangen.demo import demo_model_dir
 

@@ -45,7 +45,8 @@ def main() -> None:
     from executor.evaluate import evaluate, perplexity
     from executor.loader import load
     from plangen.analyze import Options, run
-    from plangen.metrics.router import collect_router, experts_removed, naee_orders
+    from plangen.metrics.router import collect_router, naee_orders
+    from plangen.surgery import experts_removed
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=FIXTURE)

@@ -185,12 +185,13 @@ def main() -> None:
 
     from compiler.checkpoint import load_checkpoint_facts
     from compiler.corpus import TokenPools, load_text, tokenize, windows
+    from compiler.hashing import sha256_file
     from executor.apply import apply_plan
     from executor.evaluate import evaluate
-    from executor.integrity import sha256_file
     from executor.loader import load
     from plangen import emit
-    from plangen.analyze import Options, _calibration_line, model_facts, run
+    from plangen.analyze import Options, model_facts, run
+    from plangen.pipeline import calibration_line
     from plangen.scores import read_sidecar
     from plangen.strategies import Budget
 
@@ -268,7 +269,7 @@ def main() -> None:
         str(args.model),
         sidecar.name,
         sha256_file(sidecar),
-        _calibration_line(Options(args.model, plan)),
+        calibration_line(Options(args.model, plan)),
         ["benchmarks/planner_peers.py"],
     )
     layers = facts.layers or 0

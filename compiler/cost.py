@@ -138,23 +138,6 @@ class Loadability:
     reason: str
 
 
-def loadability(resolved: ResolvedPlan) -> Loadability:
-    """Can stock `AutoModelForCausalLM.from_pretrained` load the result?
-
-    The `stock` serving target's verdict (`compiler.targets`): one shape for
-    every layer, no bias that `compensate` adds, and the family's transformers
-    config class accepts the shapes (asked of the class, never assumed: e.g.
-    transformers 5 `LlamaConfig` refuses a `hidden_size` that is not a multiple
-    of `num_attention_heads`).
-    """
-    from compiler.targets import verdict  # the target table reads this module's verdicts
-
-    stock = verdict(resolved, "stock")
-    if stock.runs:
-        return Loadability(True, stock.reason)
-    return Loadability(False, f"{stock.reason}; load with executor.load")
-
-
 LOADABILITY_CACHE = "stock_loadability.json"
 
 

@@ -3,9 +3,9 @@ and per serving target whether the result runs there (`compiler.targets`)."""
 
 from __future__ import annotations
 
-from compiler.cost import Cost, Loadability, cost, loadability, original
+from compiler.cost import Cost, Loadability, cost, original
 from compiler.resolve import LayerPlan, ResolvedPlan
-from compiler.targets import Verdict, verdicts
+from compiler.targets import Verdict, loadability, verdicts
 
 CONVENTIONS = (
     "FLOPs/token = 2 x matmul weights one token passes through (attention scores excluded); "

@@ -23,7 +23,6 @@ under `reconstruction.for`, and the checker compares it with the plan it reads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 from compiler import ir
 from compiler.facts import ModelFacts
+from compiler.hashing import sha256_file
 
 # The metadata key holding `compiler.checkpoint.weights_digest` of the model the
 # tables were measured (and reconstructed weights solved) on.
@@ -221,10 +221,7 @@ def read_sidecar_tables(path: Path) -> SidecarHeader:
     from compiler.checkpoint import CheckpointError, read_safetensors_header
 
     try:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        digest = sha256_file(path)
         header = read_safetensors_header(path, SIDECAR_FIX)
     except FileNotFoundError:
         raise SidecarError(f"scores sidecar {path} does not exist") from None
@@ -236,4 +233,4 @@ def read_sidecar_tables(path: Path) -> SidecarHeader:
         metadata = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
         raise SidecarError(f"scores sidecar {path}: its `plancc` metadata is not JSON") from None
-    return SidecarHeader(digest.hexdigest(), shapes, metadata if isinstance(metadata, dict) else {})
+    return SidecarHeader(digest, shapes, metadata if isinstance(metadata, dict) else {})

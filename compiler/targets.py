@@ -545,6 +545,21 @@ def verdict(
     return Verdict(target, True, _how(t, resolved), t.format, t.layout(resolved))
 
 
+def loadability(resolved: ResolvedPlan) -> Loadability:
+    """Can stock `AutoModelForCausalLM.from_pretrained` load the result?
+
+    The `stock` serving target's verdict: one shape for
+    every layer, no bias that `compensate` adds, and the family's transformers
+    config class accepts the shapes (asked of the class, never assumed: e.g.
+    transformers 5 `LlamaConfig` refuses a `hidden_size` that is not a multiple
+    of `num_attention_heads`).
+    """
+    stock = verdict(resolved, "stock")
+    if stock.runs:
+        return Loadability(True, stock.reason)
+    return Loadability(False, f"{stock.reason}; load with executor.load")
+
+
 def verdicts(resolved: ResolvedPlan, plan: ir.Plan | None = None) -> dict[str, Verdict]:
     """Every target's verdict, in table order (the cost report's `targets` list)."""
     return {name: verdict(resolved, name, plan) for name in TARGETS}

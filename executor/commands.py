@@ -15,6 +15,7 @@ from pathlib import Path
 
 from compiler.cli import EXIT_OK, UsageError
 from compiler.corpus import DATA_CHOICES, CorpusError, load_text
+from executor.device import default_device
 from executor.formats import FORMATS, GGUF_DTYPES, GGUF_FILE
 
 
@@ -233,7 +234,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", type=Path, metavar="OUT", help="the -o directory of `plancc apply`")
     p.set_defaults(func=cmd_verify)
     _add_eval(sub)
-    from executor.heal.cli import add_heal
+    # `plancc heal` lives in the top-level `heal` package, which imports the executor;
+    # registered here lazily (the one executor → heal import: see tests/test_imports.py).
+    from heal.cli import add_heal
 
     add_heal(sub)
 
@@ -289,7 +292,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         text = load_text(args.data, args.data_files)
     except (ValueError, FileNotFoundError, CorpusError) as exc:
         raise UsageError(str(exc)) from None
-    device = args.device or _default_device()
+    device = args.device or default_device()
     results = []
     for path in args.models:
         print(f"plancc: evaluating {path} on {device}", file=sys.stderr)
@@ -308,12 +311,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     print(results_json(results) if args.json else render_table(results))
     return EXIT_OK
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

@@ -53,7 +53,8 @@ def load_model(path: Path, device: str) -> tuple[Any, Any]:
 
     directory = model_dir(path)
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    from executor.loader import load, load_tokenizer
+    from executor.loader import load
+    from executor.tokenizer import load_tokenizer
 
     if "plancc" in config:
         model = load(directory)

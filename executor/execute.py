@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from compiler import geometry
 from executor import slicing
 from executor.integrity import Hasher
 from executor.safetensors_io import (
@@ -41,7 +42,7 @@ def _produce(
                 continue
             idx = selections[c.key]
             if c.removed:
-                idx = slicing.complement(idx, raw.shape[c.axis])
+                idx = geometry.complement(idx, raw.shape[c.axis])
             out = files.array(f"cut{k % 2}", slicing.cut_shape(raw.shape, c.axis, len(idx)))
             raw = slicing.take(raw, c.axis, idx, out=out)
         assert raw.shape[:-1] == task.shape, (task.name, raw.shape, task.shape)

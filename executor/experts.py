@@ -27,6 +27,7 @@ import numpy as np
 
 from compiler.architectures import TensorSpec
 from compiler.facts import ModelFacts
+from compiler.geometry import top_channels
 from compiler.resolve import Channels, LayerPlan
 
 EXPERTS = "experts"
@@ -108,7 +109,6 @@ def choose(
     """What a MoE layer keeps. `table(name, shape)` reads a sidecar table; `magnitude(space,
     expert)` is the channels' magnitude of one expert (`expert_ffn`) or of the shared one."""
     from compiler.sidecar import table_name
-    from executor.slicing import top_channels
 
     kept = tuple(layer.experts_kept)
     sel_experts = None if len(kept) == experts else kept

@@ -4,8 +4,6 @@ sha256 of every other file (names and schemas in `executor.layout`)."""
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,10 +16,14 @@ from compiler.checkpoint import (
     SAFE_WEIGHTS_INDEX_NAME,
     CheckpointFacts,
 )
+from compiler.hashing import sha256_file
 from compiler.resolve import ResolvedPlan
+from compiler.targets import loadability
 from executor.configs import model_config
 from executor.experts import ExpertSelection
-from executor.integrity import Hasher, output_files, sha256_file
+from executor.formats import GGUF_FILE, choose, gguf_writer
+from executor.formats import nemotron_nas as nas
+from executor.integrity import Hasher, output_files
 from executor.layout import (
     BUNDLE_META,
     FORMAT,
@@ -33,6 +35,7 @@ from executor.layout import (
     WIDTH_BUNDLE,
     WIDTH_META,
     WITHHELD_DIR,
+    write_json,
 )
 from executor.outdir import write_marker
 from executor.safetensors_io import read_header_text
@@ -41,25 +44,6 @@ from executor.tasks import ApplyError, ApplyJob, ApplyOptions, bundle_file
 # Source files that are code, not weights or data: kept out of A (into
 # bundles/_files) unless `--copy-remote-code`, as is config.json's `auto_map`.
 REMOTE_CODE_SUFFIXES = (".py",)
-
-# An indented JSON array of scalars. It starts with `[` and a newline, which
-# no JSON string can contain, so it never matches inside a string value.
-_SCALAR = r'(?:-?[0-9][0-9.eE+-]*|true|false|null|"[^"\\\[\]\n]*")'
-_SCALAR_LIST = re.compile(rf"\[\n *{_SCALAR}(?:,\n *{_SCALAR})*\n *\]")
-
-
-def dumps(data: Any) -> str:
-    """Indented JSON with lists of scalars on one line (layer lists stay readable).
-
-    Each collapsed list is parsed back and re-dumped, so values never change.
-    """
-    text = json.dumps(data, indent=2, ensure_ascii=False)
-    return _SCALAR_LIST.sub(lambda m: json.dumps(json.loads(m.group(0)), ensure_ascii=False), text)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dumps(data) + "\n", encoding="utf-8")
 
 
 def copy_side_files(
@@ -107,10 +91,6 @@ def write_metadata(
     A's config.json is in the chosen format (`executor.formats.choose`;
     `nemotron_problem` says why the result cannot be Nemotron-NAS); `gguf`
     adds the GGUF file beside A, written from A before the manifest."""
-    from compiler.cost import loadability
-    from executor.formats import GGUF_FILE, choose, gguf_writer
-    from executor.formats import nemotron_nas as nas
-
     a = root / "A"
     a.mkdir(parents=True, exist_ok=True)
     fingerprint = ck.facts["fingerprint"]

@@ -19,17 +19,8 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from compiler.hashing import BLOCK, sha256_file
 from executor.layout import MANIFEST, MARKER
-
-BLOCK = 1 << 22  # bytes per read; hashlib releases the GIL for blocks this large
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Cancelled(Exception):

@@ -16,6 +16,7 @@ metadata must stay inside the output directory (`relative_path`).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -244,3 +245,25 @@ def _check_prune_log(data: Any) -> None:
             relative_path(removed["file"], f"{where}.removed.file")
             if not removed["whole"] and ("axis" not in removed or "selection" not in removed):
                 raise ValueError(f"`{where}.removed` needs `axis` and `selection`")
+
+
+# ---- the JSON files an output holds ------------------------------------------------
+
+# An indented JSON array of scalars. It starts with `[` and a newline, which
+# no JSON string can contain, so it never matches inside a string value.
+_SCALAR = r'(?:-?[0-9][0-9.eE+-]*|true|false|null|"[^"\\\[\]\n]*")'
+_SCALAR_LIST = re.compile(rf"\[\n *{_SCALAR}(?:,\n *{_SCALAR})*\n *\]")
+
+
+def dumps(data: Any) -> str:
+    """Indented JSON with lists of scalars on one line (layer lists stay readable).
+
+    Each collapsed list is parsed back and re-dumped, so values never change.
+    """
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    return _SCALAR_LIST.sub(lambda m: json.dumps(json.loads(m.group(0)), ensure_ascii=False), text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dumps(data) + "\n", encoding="utf-8")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from compiler import geometry
 from compiler.architectures import Architecture, TensorSpec
 from compiler.checkpoint import (
     CheckpointFacts,
@@ -108,7 +109,7 @@ def channel_magnitude(
 ) -> np.ndarray:
     """The L2 norm of each channel of `space` over the (spec, layer-relative name) tensors
     given: its rows and columns in every one of them (`gate_up` folded onto `ffn`)."""
-    family = slicing.FFN_PARTS if space == "ffn" else {space: 1}
+    family = geometry.FFN_PARTS if space == "ffn" else {space: 1}
     total = np.zeros(size, dtype=np.float64)
     for spec, rel in named:
         info = tensors.get(rel)
@@ -201,10 +202,10 @@ class _JobBuilder:
 
     def __init__(self, resolved: ResolvedPlan, ck: CheckpointFacts, scores: Scores, device: str):
         self.resolved, self.ck, self.scores, self.device = resolved, ck, scores, device
-        self.geom = slicing.Geometry.of(resolved.facts)
+        self.geom = geometry.Geometry.of(resolved.facts)
         self.new_index = {layer.index: k for k, layer in enumerate(resolved.kept)}
         self.selections: dict[str, np.ndarray] = {}
-        self.layer_sel: dict[int, slicing.LayerSelection] = {}
+        self.layer_sel: dict[int, geometry.LayerSelection] = {}
         self.expert_sel: dict[int, ExpertSelection] = {}
         self.a_tasks: list[TensorTask] = []
         self.side: dict[int, list[TensorTask]] = {}  # original layer -> width-bundle tasks
@@ -230,8 +231,8 @@ class _JobBuilder:
             layer, arch, facts, tensors, ck.model_dir, files, self.scores, self.device
         )
         self.layer_sel[layer.index] = sel
-        for space in slicing.SLICEABLE:
-            idx = slicing.space_indices(space, sel, self.geom)
+        for space in geometry.SLICEABLE:
+            idx = geometry.space_indices(space, sel, self.geom)
             if idx is not None:
                 self.selections[f"{layer.index}.{space}"] = idx
         esel = self._expert_selection(layer, tensors, files) if layer.moe else None
@@ -528,7 +529,7 @@ def _layer_selection(
     files: SourceFiles,
     scores: Scores,
     device: str,
-) -> slicing.LayerSelection:
+) -> geometry.LayerSelection:
     groups = None if len(layer.groups_kept) == (facts.kv_heads or 0) else layer.groups_kept
     ffn = None
     if layer.ffn is not None and facts.ffn and layer.ffn.width != facts.ffn:
@@ -541,8 +542,8 @@ def _layer_selection(
                     f"sidecar table {table_name(layer.ffn.metric, layer.index, 'mlp')} has shape "
                     f"{list(s.shape)}, expected [{facts.ffn}]"
                 )
-        ffn = slicing.top_channels(s, layer.ffn.width)
-    return slicing.LayerSelection(groups=groups, ffn=ffn)
+        ffn = geometry.top_channels(s, layer.ffn.width)
+    return geometry.LayerSelection(groups=groups, ffn=ffn)
 
 
 def _reconstructed(
@@ -610,8 +611,8 @@ def _compensations(
         import torch
 
         info = tensors[spec.name]
-        assert info.shape[1] == slicing.Geometry.of(facts).size(space), (info.name, info.shape)
-        removed = slicing.complement(selections[key], info.shape[1])
+        assert info.shape[1] == geometry.Geometry.of(facts).size(space), (info.name, info.shape)
+        removed = geometry.complement(selections[key], info.shape[1])
         mean = torch.from_numpy(scores.table(table_name("mean_in", layer.index, part)))
         if tuple(mean.shape) != (info.shape[1],):
             raise ApplyError(

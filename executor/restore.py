@@ -48,11 +48,11 @@ from compiler.checkpoint import (
     fingerprint,
     tensor_index,
 )
+from compiler.hashing import sha256_file
 from executor import slicing
 from executor.configs import LayerShape, build_config
 from executor.execute import progress_bar
-from executor.install import write_json
-from executor.integrity import Hasher, output_files, sha256_file, verify_files
+from executor.integrity import Hasher, output_files, verify_files
 from executor.layout import (
     BUNDLE_META,
     BUNDLE_META_SCHEMA,
@@ -73,6 +73,7 @@ from executor.layout import (
     WITHHELD_DIR,
     MetadataError,
     read_metadata,
+    write_json,
 )
 from executor.outdir import read_marker, staged_output
 from executor.safetensors_io import (

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from compiler import geometry
 from compiler.architectures import Architecture, TensorSpec
 from compiler.checkpoint import TensorInfo
-from executor import slicing
 from executor.configs import LayerShape
 from executor.experts import ExpertSelection
 from executor.safetensors_io import (
@@ -103,7 +103,7 @@ class ApplyJob:
     model_dir: Path
     files: tuple[FileTask, ...]
     selections: Mapping[str, np.ndarray]
-    layer_selections: Mapping[int, slicing.LayerSelection]
+    layer_selections: Mapping[int, geometry.LayerSelection]
     expert_selections: Mapping[int, ExpertSelection]
     shapes: tuple[LayerShape, ...]
     log: tuple[dict[str, Any], ...]

@@ -29,7 +29,27 @@ from compiler.facts import ModelFacts
 from compiler.sidecar import table_name
 from plangen.calibrate import LayerStats, watch_inputs
 from plangen.candidate import original_params
-from plangen.metrics.router import NAEE, ROUTER_METRICS, collect_router, naee_orders
+from plangen.metrics.router import (
+    NAEE,
+    ROUTER_METRICS,
+    collect_router,
+    naee_orders,
+    removal_curves,
+)
+from plangen.pipeline import (
+    AnalyzeError,
+    Measured,
+    Options,
+    Outcome,
+    aimed,
+    calibration_windows,
+    check_same_text,
+    finite_loss,
+    provenance_lines,
+    say,
+    scores_metadata,
+    write_outputs,
+)
 from plangen.scores import ScoreTables, unit_tables
 from plangen.strategies import StrategyError
 from plangen.strategies.experts import (
@@ -61,13 +81,13 @@ PROBE_WINDOWS = 16
 
 
 def run_moe(
-    opts: Any,
+    opts: Options,
     ckpt: CheckpointFacts,
     facts: ModelFacts,
     started: float,
     weights: str,
     given: ScoreTables | None = None,
-) -> Any:
+) -> Outcome:
     """Analyze a MoE model and write its plan (the `plangen.analyze.run` of MoE models).
 
     `weights` is the checkpoint's weights digest; `given` the already checked tables
@@ -75,19 +95,6 @@ def run_moe(
     import torch
 
     from executor.loader import load
-    from plangen.analyze import (
-        AnalyzeError,
-        Measured,
-        Outcome,
-        _finite,
-        _provenance,
-        _same_text,
-        _say,
-        aimed,
-        calibration_windows,
-        scores_metadata,
-        write_outputs,
-    )
     from plangen.heldout import judge, mean_loss
 
     size = _size(opts, facts, AnalyzeError)
@@ -96,7 +103,7 @@ def run_moe(
     phases: dict[str, float] = {}
     pools, calib_windows, held = calibration_windows(opts)
     if given is not None:
-        _same_text(opts, given, pools)
+        check_same_text(opts, given, pools)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
     model = load(opts.model_dir, opts.device, dtype)
     layers = model.get_submodule(ckpt.arch.layers_module)
@@ -106,9 +113,9 @@ def run_moe(
     passes = 0.0
     if given is not None:
         scores = given
-        _say(opts, f"plangen: scores from {opts.scores} (no calibration)")
+        say(opts, f"plangen: scores from {opts.scores} (no calibration)")
     else:
-        _say(
+        say(
             opts,
             f"plangen: router statistics on {len(calib_windows)} x {opts.seqlen} tokens of "
             f"{opts.calib}; {size.describe(experts)}",
@@ -194,9 +201,9 @@ def run_moe(
     passes += (len(held) + sum(j.windows for j in judged)) / len(calib_windows)
     measured = [Measured(j.candidate, j.candidate.params(facts), j.first, j.loss) for j in judged]
     finalists = [m for m in measured if m.loss is not None]
-    chosen = min(finalists, key=lambda m: _finite(m.loss))
+    chosen = min(finalists, key=lambda m: finite_loss(m.loss))
     why = f"lowest held-out loss of {len(measured)} candidates ({len(finalists)} finalists)"
-    provenance = _provenance(opts, facts, pools.text_sha256, why, measured, loss_before)
+    provenance = provenance_lines(opts, facts, pools.text_sha256, why, measured, loss_before)
     plan_path, sidecar = write_outputs(
         opts, ckpt, facts, scores, chosen.candidate, provenance, weights
     )
@@ -244,13 +251,11 @@ def _curves(
     scores: ScoreTables,
     drop: int,
     windows: list,
-    opts: Any,
+    opts: Options,
 ) -> tuple[list[int], dict[int, Any]]:
     """Each layer's loss when its lowest experts by ALLOCATE_BY are dropped alone, at
     the counts of `probe_counts(drop)`, rescaled, on the first PROBE_WINDOWS
     calibration windows: what `allocate_experts` spreads the drops by."""
-    from plangen.metrics.router import removal_curves
-
     metric = ALLOCATE_BY
     order = {k: drop_order(facts, scores.tables, metric, k) for k in moe_layers}
     counts = probe_counts(facts, drop)

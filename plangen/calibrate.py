@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from compiler.architectures import Architecture, TensorSpec
-from executor.slicing import Geometry
+from compiler.geometry import Geometry
 from plangen import lm_loss
 from plangen.metrics.depth import DepthStats
 

@@ -5,7 +5,7 @@ calibration windows (`plangen.heldout`) and emits the chosen one as a plan
 (`plangen.emit`). Parameters are counted by the compiler's cost model from the
 `LayerPlan`s the candidate resolves to, so the figure a strategy aims at is
 the figure `plancc check` reports. Which channels a width decision keeps is
-decided here exactly as the executor decides it (`executor.slicing.top_channels`
+decided here exactly as the executor decides it (`compiler.geometry.top_channels`
 on the sidecar table the plan names), so what is measured is what is applied.
 """
 
@@ -19,9 +19,9 @@ import numpy as np
 
 from compiler import cost
 from compiler.facts import ModelFacts
+from compiler.geometry import LayerSelection, space_indices, top_channels
 from compiler.resolve import Channels, LayerPlan, ResolvedPlan
 from compiler.sidecar import table_name
-from executor.slicing import LayerSelection, space_indices, top_channels
 from plangen.scores import ScoreTables, geometry
 
 

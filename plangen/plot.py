@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from compiler.facts import ModelFacts
 from plangen.candidate import Candidate
 from plangen.scores import ScoreTables
+
+PLOT_EXTRA = "pip install 'plancc[plot]'"
+
+
+def plot_available() -> bool:
+    """matplotlib (the `plot` extra) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot_plan(path: Path, facts: ModelFacts, scores: ScoreTables, cand: Candidate) -> None:

@@ -25,12 +25,10 @@ layer-forwards over the calibration set (Gram pass, then the output pass).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,10 +37,12 @@ import torch
 from compiler import ir
 from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
+from compiler.geometry import top_channels
 from plangen.calibrate import module_path, output_projection
 from plangen.candidate import Candidate
 from plangen.metrics import DAMP, OBS
 from plangen.scores import ScoreTables
+from plangen.surgery import LayerWalk, Solved, StopWalk, applied
 
 
 def solve(
@@ -72,98 +72,6 @@ def solve(
     return solved.T.float().to(weight.dtype).contiguous()
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward early: what comes after is not needed."""
-
-
-@dataclass
-class _Call:
-    """How the model called one decoder layer: positional and keyword arguments
-    other than the hidden states (masks, rotary tables, cache flags)."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-
-class LayerWalk:
-    """The decoder, one layer at a time, over the hidden states of every batch.
-
-    The calls the model makes to each layer (masks, position embeddings, which
-    differ per layer in sliding-window families) are recorded on one full
-    forward per batch shape; the embeddings' output is recorded for every
-    batch. `run(k)` then applies layer k to the current states in place.
-    """
-
-    def __init__(self, model: Any, arch: Architecture, batches: Sequence[torch.Tensor]):
-        self.layers = model.get_submodule(arch.layers_module)
-        self.states: list[torch.Tensor] = []
-        self._calls: dict[tuple[int, ...], list[_Call]] = {}
-        self._shape_of: list[tuple[int, ...]] = []
-        for ids in batches:
-            shape = tuple(ids.shape)
-            self._shape_of.append(shape)
-            if shape not in self._calls:
-                self._calls[shape] = self._record_calls(model, ids)
-            self.states.append(self._embedded(model, ids))
-
-    def _record_calls(self, model: Any, ids: torch.Tensor) -> list[_Call]:
-        calls: dict[int, _Call] = {}
-
-        def record(k: int) -> Callable[..., None]:
-            def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                rest = {key: v for key, v in kwargs.items() if key != "hidden_states"}
-                calls[k] = _Call(args[1:] if args else (), rest)
-
-            return hook
-
-        handles = [
-            layer.register_forward_pre_hook(record(k), with_kwargs=True)
-            for k, layer in enumerate(self.layers)
-        ]
-        try:
-            with torch.no_grad():
-                model.base_model(input_ids=ids, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        return [calls[k] for k in range(len(self.layers))]
-
-    def _embedded(self, model: Any, ids: torch.Tensor) -> torch.Tensor:
-        got: list[torch.Tensor] = []
-
-        def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            got.append((args[0] if args else kwargs["hidden_states"]).detach())
-            raise _Stop
-
-        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                model.base_model(input_ids=ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return got[0]
-
-    def forward(self, k: int, b: int) -> torch.Tensor:
-        """Layer k on batch b's current state (the state is left as it was)."""
-        call = self._calls[self._shape_of[b]][k]
-        with torch.no_grad():
-            out = self.layers[k](self.states[b], *call.args, **call.kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
-    def observe(self, k: int) -> None:
-        """Layer k on every batch, for its hooks' sake; a hook may end it early (`_Stop`)."""
-        for b in range(len(self.states)):
-            with contextlib.suppress(_Stop):
-                self.forward(k, b)
-
-    def run(self, k: int) -> None:
-        """Replace every batch's state by layer k's output."""
-        for b in range(len(self.states)):
-            self.states[b] = self.forward(k, b)
-
-
 class GramHook:
     """X^T X of a module's input over every call, float64; optionally ends the forward."""
 
@@ -177,7 +85,7 @@ class GramHook:
         g = x.T @ x
         self.gram = g if self.gram is None else self.gram + g
         if self.stop:
-            raise _Stop
+            raise StopWalk
 
     def remove(self) -> torch.Tensor:
         self.handle.remove()
@@ -234,19 +142,6 @@ def residual_targets(
         walk.run(k)
         outs.append(list(walk.states))
     return outs
-
-
-@dataclass(frozen=True)
-class Solved:
-    """A re-solved projection: the layer, the part (`attn` o_proj / `mlp` down_proj),
-    the kept input columns, the new weight of those columns (out x kept) and, when
-    the walk chose the channels itself (`by obs`), its ranking of all of them."""
-
-    layer: int
-    part: str
-    kept: np.ndarray
-    weight: torch.Tensor
-    ranking: np.ndarray | None = None
 
 
 def obs_ranking(weight: torch.Tensor, gram: torch.Tensor, damp: float, blocks: int = 64):
@@ -324,7 +219,6 @@ def sequential(
     measured worse). Everything is restored bit for bit before returning.
     Dropped layers pass their input on.
     """
-    from plangen.heldout import applied
 
     n = facts.layers or 0
     chosen = {
@@ -382,8 +276,6 @@ def _walk(
     progress: bool,
 ) -> list[Solved]:
     from tqdm import tqdm
-
-    from executor.slicing import top_channels
 
     walk = LayerWalk(model, arch, batches)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []

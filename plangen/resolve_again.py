@@ -114,8 +114,9 @@ def refresh(
     from transformers import AutoTokenizer
 
     from executor.loader import load
-    from plangen.analyze import model_facts, sidecar_meta
+    from plangen.analyze import model_facts
     from plangen.metrics import DAMP
+    from plangen.pipeline import sidecar_meta
     from plangen.reconstruct import attach, sequential
 
     started = time.perf_counter()

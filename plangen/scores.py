@@ -24,9 +24,9 @@ import numpy as np
 
 from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
+from compiler.geometry import Geometry
+from compiler.hashing import sha256_file
 from compiler.sidecar import table_name
-from executor.integrity import sha256_file
-from executor.slicing import Geometry
 from plangen.metrics import OBS, LayerScores
 
 RECONSTRUCT = "reconstruct"  # tables `reconstruct.L.attn|mlp`: re-solved weights (float32)

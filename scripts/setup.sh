@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install plancc with its test tools. Idempotent; needs only python3 >= 3.11.
+# Create .venv and install plancc with its test tools and the heal extra (peft, matplotlib).
+# Idempotent; needs only python3 >= 3.11.
 # torch is installed first, pinned, so pip takes the CPU build and never pulls a multi-GB
 # CUDA build; the rest follows constraints.txt (the versions the project is tested with).
 # The test extra includes llama-cpp-python (llama.cpp, to run GGUF exports in the tests):
@@ -24,4 +25,4 @@ else
 fi
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
 -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF $LLAMA_CPU}"
-.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
+.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test,heal]'

@@ -299,8 +299,8 @@ def test_a_candidate_measured_in_place_is_the_applied_model(tmp_path: Path) -> N
     from plangen import emit
     from plangen.analyze import model_facts
     from plangen.candidate import Candidate
-    from plangen.heldout import applied
     from plangen.scores import write_sidecar
+    from plangen.surgery import applied
 
     model_dir = _model(tmp_path, "qwen2")
     ck = load_checkpoint_facts(model_dir)

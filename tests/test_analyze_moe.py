@@ -62,7 +62,8 @@ def test_router_statistics_are_exact_on_a_hand_checked_case(tmp_path: Path) -> N
     import torch
 
     from executor.loader import load
-    from plangen.metrics.router import collect_router, moe_modules
+    from plangen.metrics.router import collect_router
+    from plangen.surgery import moe_modules
 
     model_dir = _model(tmp_path, "qwen2_moe")
     model = load(model_dir, "cpu", torch.float32)
@@ -177,8 +178,8 @@ def test_drops_and_width_together_equal_the_applied_model(tmp_path: Path) -> Non
     from executor.loader import load
     from plangen.analyze import model_facts
     from plangen.candidate import Candidate
-    from plangen.heldout import applied
     from plangen.scores import read_sidecar
+    from plangen.surgery import applied
 
     model = _model(tmp_path, "qwen2_moe")
     first = tmp_path / "first.prn"
@@ -251,9 +252,9 @@ def test_shrink_experts_plan_checks_applies_and_restores(arch: str, tmp_path: Pa
     from executor.apply import apply_plan
     from executor.loader import load
     from plangen.analyze import model_facts
-    from plangen.heldout import applied
     from plangen.scores import read_sidecar
     from plangen.strategies.experts import shrink_experts
+    from plangen.surgery import applied
 
     model = _model(tmp_path, arch)
     plan = tmp_path / "plan.prn"
@@ -367,8 +368,8 @@ def test_target_params_plan_with_kv_groups_equals_its_measurement(tmp_path: Path
     from executor.loader import load
     from plangen.analyze import model_facts
     from plangen.candidate import Candidate
-    from plangen.heldout import applied
     from plangen.scores import read_sidecar
+    from plangen.surgery import applied
 
     model = add_char_tokenizer(make_tiny_model(tmp_path, "qwen2_moe", **FOUR_GROUPS))
     budget = tmp_path / "budget.prn"

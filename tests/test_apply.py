@@ -13,10 +13,10 @@ from conftest import make_tiny_model
 from executor_helpers import read_json, tensor_hashes, write_plan
 
 from compiler.checkpoint import read_safetensors_header, tensor_index
+from compiler.geometry import top_channels
 from executor.apply import apply_plan
 from executor.cli import main
 from executor.safetensors_io import OutEntry, copy_range, header_bytes
-from executor.slicing import top_channels
 
 DEPTH = "drop layers 1, 3..4\nbundle B layers 1\nbundle C layers 3..4\n"
 
@@ -442,7 +442,7 @@ def test_smollm2_examples_apply_generate_restore(
 
 
 def test_json_lists_stay_on_one_line_and_values_unchanged() -> None:
-    from executor.install import dumps
+    from executor.layout import dumps
 
     data = {"a": [1, 2, 3], "s": "[\n1,  2]", "n": [[1], ["x, y", None, True, 1.5e-06]]}
     text = dumps(data)

@@ -240,7 +240,7 @@ def test_uniform_but_refused_by_the_config_class(tmp_path: Path) -> None:
     """LlamaConfig refuses hidden 64 with 6 heads: the result is uniform, yet only
     executor.load can build it (the config keeps widths the class accepts)."""
     from compiler.check import check_file
-    from compiler.cost import loadability
+    from compiler.targets import loadability
 
     model_dir = make_tiny_model(
         tmp_path, "llama", num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4

@@ -12,7 +12,8 @@ import pytest
 
 from compiler.check import check_file
 from compiler.cli import checkpoint_facts
-from compiler.cost import cost, loadability, original
+from compiler.cost import cost, original
+from compiler.targets import loadability
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -384,7 +384,7 @@ def test_deepseek_drops_experts_group_by_group(tmp_path: Path) -> None:
     from selection; restore is bit-exact."""
     import torch
 
-    from plangen.metrics.router import masked_experts as excluded
+    from plangen.surgery import masked_experts as excluded
 
     model = _deepseek(tmp_path)
     out = tmp_path / "out"

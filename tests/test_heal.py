@@ -12,7 +12,7 @@ from conftest import add_char_tokenizer, make_tiny_model
 from executor_helpers import write_plan
 
 from executor.cli import main as plancc
-from executor.heal.options import HealError, HealOptions
+from heal.options import HealError, HealOptions
 
 DEPTH = "drop layers 1, 3..4\nbundle B layers 1\nbundle C layers 3..4\nmlp layers 0 width 32\n"
 QUICK = ["--seqlen", "32", "--max-windows", "8", "--epochs", "1", "--grad-accum", "2", "--quiet"]
@@ -44,14 +44,14 @@ def _logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
 def _windows(out: Path, n: int = 8) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from executor.heal.data import training_windows
+    from heal.data import training_windows
 
     return training_windows("builtin", AutoTokenizer.from_pretrained(out / "A"), 32, (), n).windows
 
 
 def _loss(path: Path, windows: list[list[int]]) -> float:
-    from executor.heal.loss import lm_loss
     from executor.loader import load
+    from heal.loss import lm_loss
 
     model = load(path, "cpu", torch.float32)
     with torch.no_grad():
@@ -64,8 +64,8 @@ def test_lora_lowers_the_loss_and_its_adapter_equals_the_merged_model(
 ) -> None:
     from peft import PeftModel
 
-    from executor.heal.stages import heal
     from executor.loader import load
+    from heal.stages import heal
 
     dest = tmp_path / "healed"
     heal(_opts(out, dest, lr=5e-3, epochs=3.0))
@@ -121,7 +121,7 @@ def test_stage_base_rebuilds_what_the_later_adapter_was_trained_on(
     """Stage B's adapter on `stage_base` (healed A with bundle B back) equals HEALED/B."""
     from peft import PeftModel
 
-    from executor.heal.stages import heal, stage_base
+    from heal.stages import heal, stage_base
 
     dest = tmp_path / "healed"
     heal(_opts(out, dest, stages=("A", "B"), lr=5e-3))
@@ -136,8 +136,8 @@ def test_stage_base_rebuilds_what_the_later_adapter_was_trained_on(
 def test_distillation_from_an_equal_model_is_zero_and_from_the_original_trains(
     out: Path, tmp_path: Path
 ) -> None:
-    from executor.heal.loss import kd_loss
-    from executor.heal.stages import heal
+    from heal.loss import kd_loss
+    from heal.stages import heal
 
     logits = torch.randn(2, 5, 11)
     assert float(kd_loss(logits, logits.clone(), 2.0)) == pytest.approx(0.0, abs=1e-6)
@@ -151,7 +151,7 @@ def test_distillation_from_an_equal_model_is_zero_and_from_the_original_trains(
 
 
 def test_the_objective_mixes_kl_and_lm_loss_by_the_kd_weight() -> None:
-    from executor.heal.loss import kd_loss, lm_loss, objective
+    from heal.loss import kd_loss, lm_loss, objective
 
     torch.manual_seed(0)
     ids = torch.randint(0, 11, (2, 6))
@@ -177,7 +177,7 @@ def test_the_objective_mixes_kl_and_lm_loss_by_the_kd_weight() -> None:
 def test_a_poisoned_learning_rate_stops_with_the_fix_and_writes_nothing(
     out: Path, tmp_path: Path
 ) -> None:
-    from executor.heal.stages import heal
+    from heal.stages import heal
 
     dest = tmp_path / "healed"
     with pytest.raises(HealError, match=r"became (nan|inf).*Try a lower --lr"):
@@ -197,8 +197,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(
 ) -> None:
     """A run killed after its third optimizer step, resumed, writes the same weights as a
     run never stopped (and two runs with one seed are equal)."""
-    import executor.heal.train as train_mod
-    from executor.heal.stages import heal
+    import heal.train as train_mod
+    from heal.stages import heal
 
     full = tmp_path / "full"
     heal(_opts(out, full, save_every=1, epochs=2.0))
@@ -236,7 +236,7 @@ def test_lora_on_a_heterogeneous_moe_result_trains_attention_and_shared_expert(
     from safetensors.torch import load_file
 
     from executor.apply import apply_plan
-    from executor.heal.stages import heal
+    from heal.stages import heal
 
     model = add_char_tokenizer(make_tiny_model(tmp_path, "qwen2_moe"))
     plan = "moe layers 0 drop experts 1\nmoe layers 1 drop experts 0, 2\n"

@@ -48,7 +48,7 @@ def _lock_is_free(path: Path) -> bool:
 
 def _interrupt_training(monkeypatch: pytest.MonkeyPatch, at_batch: int) -> None:
     """Ctrl-C (KeyboardInterrupt) inside the `at_batch`-th training batch."""
-    import executor.heal.train as train_mod
+    import heal.train as train_mod
 
     real, calls = train_mod.objective, {"n": 0}
 
@@ -73,7 +73,7 @@ def _ctrl_c(args: list[str]) -> None:
 
 def _no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if a training step runs."""
-    import executor.heal.train as train_mod
+    import heal.train as train_mod
 
     def refuse(*args, **kwargs):
         raise AssertionError("trained, but should have stopped before")
@@ -149,7 +149,7 @@ def test_a_second_run_to_the_same_output_is_refused_naming_the_first(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from executor.heal.workdir import held_work_dir
+    from heal.workdir import held_work_dir
 
     _no_training(monkeypatch)
     work = tmp_path / "healed.work"
@@ -175,7 +175,7 @@ def test_a_user_directory_appearing_at_the_output_mid_run_is_kept(
 ) -> None:
     """Someone makes HEALED while stage A trains: it is not replaced, the trained stage
     stays in the work directory, and --resume installs it once HEALED is gone."""
-    import executor.heal.stages as stages
+    import heal.stages as stages
 
     dest = tmp_path / "healed"
     real = stages.write_stage
@@ -209,7 +209,7 @@ def test_a_work_directory_replaced_mid_run_is_left_alone(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import executor.heal.stages as stages
+    import heal.stages as stages
 
     work = tmp_path / "healed.work"
     real = stages._run_stages
@@ -424,7 +424,7 @@ def test_ctrl_c_while_installing_removes_the_staging_and_keeps_the_stages(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import executor.heal.stages as stages
+    import heal.stages as stages
 
     real, calls = stages._link_or_copy, {"n": 0}
 
@@ -511,3 +511,17 @@ def test_sigint_from_outside_leaves_a_resumable_work_dir(
     assert json.loads((work / "train-A.json").read_text())["next_batch"] > 0
     assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]
     _nothing_beside(dest)
+
+
+def test_heal_without_its_extra_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from heal.options import HealError, extras_installed
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a)
+    )
+    with pytest.raises(HealError, match=r"needs peft, .*pip install 'plancc\[heal\]'"):
+        extras_installed("lora")
+    extras_installed("full")  # full fine-tuning needs no peft

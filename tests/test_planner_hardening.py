@@ -168,7 +168,7 @@ def test_check_refuses_a_sidecar_measured_on_other_weights(
     analyzed: Path, models, tmp_path
 ) -> None:
     """P127: the plan states the weights of `a`, the sidecar was measured on `b`."""
-    from executor.integrity import sha256_file
+    from compiler.hashing import sha256_file
 
     other = tmp_path / "other" / "plan.prn"
     assert plangen(_analyze(models["b"], other, *RECONSTRUCTED)) == 0
@@ -270,12 +270,12 @@ def test_ctrl_c_in_analyze_exits_130_and_leaves_nothing(
 ) -> None:
     """Interrupted while the plan is checked: the sidecar is already written to its
     temporary name, and that is removed too."""
-    from plangen import analyze
+    from plangen import pipeline
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(analyze, "check_text", interrupt)
+    monkeypatch.setattr(pipeline, "check_text", interrupt)
     plan = tmp_path / "out" / "p.prn"
     assert plangen(_analyze(models["a"], plan, *DEPTH)) == 130
     _one_interrupted_line(capsys.readouterr().err)

@@ -12,8 +12,9 @@ from compiler.checkpoint import load_checkpoint_facts
 from plangen.analyze import model_facts
 from plangen.candidate import Candidate
 from plangen.metrics import DAMP  # what sequential() uses by default
-from plangen.reconstruct import LayerWalk, sequential, solve
+from plangen.reconstruct import sequential, solve
 from plangen.scores import ScoreTables
+from plangen.surgery import LayerWalk
 
 L = 3
 
@@ -193,9 +194,8 @@ def test_a_reconstructed_plan_checks_applies_loads_and_restores(analyzed, tmp_pa
 
     from compiler.check import check_file
     from executor.loader import load
-    from plangen.heldout import applied
-    from plangen.reconstruct import Solved
     from plangen.scores import read_sidecar
+    from plangen.surgery import Solved, applied
 
     model_dir, plan = analyzed
     text = plan.read_text()

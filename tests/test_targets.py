@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from compiler.check import check_text
-from compiler.cost import loadability
 from compiler.resolve import ResolvedPlan
 from compiler.targets import (
     TARGETS,
+    loadability,
     nearest_widths,
     round_width,
     verdict,

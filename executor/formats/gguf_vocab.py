@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from executor.tokenizer import load_tokenizer
+
 # llama.cpp's check text (conversion/base.py, `get_vocab_base_pre`, llama.cpp 0c1e57098).
 CHECK_TEXT = (
     "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis "
@@ -108,8 +110,6 @@ def read_vocab(a_dir: Path, vocab_size: int, pre: str | None = None) -> Vocab:
     Raises VocabError for a tokenizer that cannot be written.
     """
     import gguf
-
-    from executor.loader import load_tokenizer
 
     problem = tokenizer_kind_problem(a_dir)
     if problem:

@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from compiler.architectures import Architecture, read_facts
-from compiler.checkpoint import CONFIG_NAME, TensorInfo
+from compiler.checkpoint import CONFIG_NAME, TensorInfo, architecture_of, read_config, tensor_index
 from compiler.targets import TARGETS
-from executor.configs import PLANCC_KEY, LayerShape, config_key
+from executor.configs import PLANCC_KEY, LayerShape, config_key, model_config
+from executor.layout import LAYERS_MAP, MANIFEST, ORIGINAL_CONFIG_DIR, PRUNE_LOG, write_json
+from executor.safetensors_io import OutEntry, SourceFiles, order_for_alignment, write_file
 
 LAYOUT = "nemotron-nas"
 MODEL_TYPE = "nemotron-nas"
@@ -308,8 +310,6 @@ def hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
     added = set(spec.get("added") or ())
     out = {k: v for k, v in config.items() if k not in added and k != PLANCC_KEY}
     out.update(spec["hf"])
-    from compiler.checkpoint import architecture_of
-
     arch = architecture_of(out)
     facts = read_facts(arch, out)
     hidden = int(config["hidden_size"])
@@ -344,8 +344,6 @@ def install_module(dest: Path) -> list[str]:
 
 # Files of an apply output's A that are plancc's metadata, not part of a model.
 def _apply_metadata() -> set[str]:
-    from executor.layout import LAYERS_MAP, MANIFEST, ORIGINAL_CONFIG_DIR, PRUNE_LOG
-
     return {MANIFEST, PRUNE_LOG, LAYERS_MAP, ORIGINAL_CONFIG_DIR}
 
 
@@ -359,11 +357,6 @@ def write_nemotron_nas(a_dir: Path, dest: Path) -> dict[str, Any]:
     apply output). Raises LayoutError, before writing anything, when the model
     does not fit the layout.
     """
-    from compiler.checkpoint import architecture_of, read_config, tensor_index
-    from executor.configs import model_config
-    from executor.install import write_json
-    from executor.safetensors_io import OutEntry, SourceFiles, order_for_alignment, write_file
-
     raw = read_config(a_dir)
     config = model_config(raw)
     index = tensor_index(a_dir)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from compiler.architectures import TensorSpec
-from executor.slicing import Geometry
+from compiler.geometry import Geometry
 from plangen.calibrate import InputMoments, LayerStats, output_projection
 
 

@@ -1,7 +1,8 @@
 """Weight magnitude: the L2 norm of every weight a unit owns (no calibration data).
 
 Channel c scores sqrt(sum of squares of gate/up row c and down column c, and
-biases), exactly the executor's `by magnitude` (`executor.slicing`), so a plan
+biases), exactly the executor's `by magnitude` (`executor.slicing`,
+`compiler.geometry`), so a plan
 scored here and applied `by magnitude` picks the same channels; a KV group
 scores the norm of its q/k/v rows and o_proj columns. Torch-Pruning's
 magnitude criterion; kept as the weights-only baseline (the issue's

@@ -30,53 +30,19 @@ renormalization decide the rest: exactly what the pruned model computes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from plangen.heldout import mean_loss
+from plangen.surgery import LayerWalk, MoeModules, StopWalk, experts_removed, moe_modules
+
 ROUTER_METRICS = ("frequency", "routing_weight", "router_prob", "reap")
 NAEE = "naee"
 EXPERT_METRICS = (*ROUTER_METRICS, NAEE)
-
-
-@dataclass
-class MoeModules:
-    """One MoE layer's router, experts and the block holding them (in memory)."""
-
-    block: Any
-    router: Any
-    experts: Any
-    shared: Any = None  # the shared expert's down projection (an nn.Linear), if any
-
-
-def moe_modules(layer: Any, experts: int) -> MoeModules | None:
-    """The MoE modules of a decoder layer, or None for a dense layer."""
-    router = None
-    path = ""
-    for name, module in layer.named_modules():
-        w = getattr(module, "weight", None)
-        if hasattr(module, "top_k") and isinstance(w, torch.Tensor) and w.shape[0] == experts:
-            router, path = module, name
-            break
-    if router is None:
-        return None
-    block = layer.get_submodule(path.rpartition(".")[0]) if "." in path else layer
-    found = [
-        m
-        for m in block.children()
-        if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
-        and isinstance(getattr(m, "down_proj", None), torch.Tensor)
-    ]
-    if len(found) != 1:
-        raise ValueError(f"{type(block).__name__}: no fused experts module beside the router")
-    shared = None
-    for name, module in block.named_children():
-        if name.startswith("shared_expert") and hasattr(module, "down_proj"):
-            shared = module.down_proj  # Qwen2-MoE `shared_expert`, DeepSeek `shared_experts`
-    return MoeModules(block, router, found[0], shared)
 
 
 @dataclass
@@ -242,86 +208,6 @@ def collect_router(
     return stats
 
 
-@contextlib.contextmanager
-def masked_experts(
-    layers: Sequence[Any], dropped: Mapping[int, Sequence[int]], experts: int
-) -> Iterator[None]:
-    """Inside the block, the `dropped` experts of each layer get a router logit of -inf:
-    the model routes as the pruned one will. Every family computes its router logits
-    with `F.linear(hidden, router.weight)`; that call is what is intercepted."""
-    import torch.nn.functional as F
-
-    masks: dict[int, list[int]] = {}
-    biased: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for k, gone in dropped.items():
-        mods = moe_modules(layers[k], experts)
-        if not gone or mods is None:
-            continue
-        bias = getattr(mods.router, "e_score_correction_bias", None)
-        if isinstance(bias, torch.Tensor):
-            # DeepSeek-V3 selects by sigmoid(logit) + this bias: -inf there is never
-            # chosen, in any dtype (its logits are computed from a float32 copy).
-            biased.append((bias, bias.detach().clone()))
-            with torch.no_grad():
-                bias[sorted(gone)] = -torch.inf
-        else:
-            masks[id(mods.router.weight)] = sorted(gone)
-    if not masks:
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, before in biased:
-                    b.copy_(before)
-        return
-    real = F.linear
-
-    def linear(x: torch.Tensor, weight: torch.Tensor, bias: Any = None) -> torch.Tensor:
-        out = real(x, weight, bias)
-        gone = masks.get(id(weight))
-        if gone is not None:
-            out = out.clone()
-            out[..., gone] = -torch.inf
-        return out
-
-    F.linear = linear
-    try:
-        yield
-    finally:
-        F.linear = real
-        with torch.no_grad():
-            for b, before in biased:
-                b.copy_(before)
-
-
-@contextlib.contextmanager
-def experts_removed(
-    layers: Sequence[Any],
-    dropped: Mapping[int, Sequence[int]],
-    experts: int,
-    prob: Mapping[int, np.ndarray] | None = None,
-) -> Iterator[None]:
-    """The model as the result of dropping these experts: their router logits masked
-    (`masked_experts`) and, given each layer's mean router probabilities `prob`
-    (`rescale`), the layer's experts scaled by 1 - what the dropped ones took."""
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for k, gone in dropped.items() if prob is not None else ():
-                mods = moe_modules(layers[k], experts)
-                if mods is None or not len(gone):
-                    continue
-                down = mods.experts.down_proj
-                saved.append((down, down.detach().clone()))
-                down.mul_(1.0 - float(prob[k][list(gone)].sum()))
-        with masked_experts(layers, dropped, experts):
-            yield
-    finally:
-        with torch.no_grad():
-            for w, before in saved:
-                w.copy_(before)
-
-
 def naee_orders(
     model: Any,
     arch: Any,
@@ -347,8 +233,6 @@ def naee_orders(
     removal step)."""
     from tqdm import tqdm
 
-    from plangen.reconstruct import LayerWalk, _Stop
-
     batches = [
         torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
         for i in range(0, len(windows), batch_size)
@@ -361,7 +245,7 @@ def naee_orders(
         if k in moe_layers:
             mods = moe_modules(layers[k], experts)
             assert mods is not None
-            x = _block_inputs(walk, k, mods.block, tokens, _Stop)
+            x = _block_inputs(walk, k, mods.block, tokens, StopWalk)
             with torch.no_grad():
                 ref = mods.block(x)
             removed: list[int] = []
@@ -426,8 +310,6 @@ def removal_curves(
     `counts`, minus the loss of the original: what each layer's drops cost, measured
     (the allocator's input). Returns {layer: losses aligned with `counts`}."""
     from tqdm import tqdm
-
-    from plangen.heldout import mean_loss
 
     base = mean_loss(model, windows, batch_size, device)
     out: dict[int, np.ndarray] = {}

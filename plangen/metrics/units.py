@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from compiler.architectures import TensorSpec
-from executor.slicing import FFN_PARTS, Geometry, LayerSelection, space_indices
+from compiler.geometry import FFN_PARTS, Geometry, LayerSelection, space_indices
 from plangen.metrics import LayerScores
 
 GROUP_SPACES = ("q", "kv", "qkv")

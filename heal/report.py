@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from executor.heal.options import HealOptions
+from heal.options import HealOptions
+from heal.workdir import original_model
 
 
 def report_tables(opts: HealOptions, stages: Sequence[Any], work: Path) -> tuple[str, str]:
     """(markdown, JSON) of the original, then each stage unhealed and healed."""
     from executor.evaluate import evaluate, render_table, results_json
-    from executor.heal.stages import original_model
 
     rows = [("original", original_model(opts.out, work))]
     for s in stages:

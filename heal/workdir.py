@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from compiler.cli import describe_os_error
-from executor.heal.options import HealError
 from executor.layout import MARKER
 from executor.outdir import absolute, overlap, read_marker, try_lock, write_marker
+from heal.options import HealError
 
 WORK_KIND = "heal-work"
 
@@ -233,3 +233,14 @@ def finish(held: HeldWorkDir, note: Callable[[str], None]) -> None:
             f"left {held.path} alone: during the run it was replaced by a directory "
             "plancc did not create"
         )
+
+
+def original_model(root: Path, work: Path) -> Path:
+    """The original model, rebuilt from A and every bundle (the teacher, the report's
+    first row), once per run."""
+    from executor.restore import restore
+
+    where = work / "original"
+    if not (where / "config.json").is_file():
+        restore(root, "all", where, force=True)
+    return where

@@ -26,8 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from executor.heal.loss import objective
-from executor.heal.options import HealError, HealOptions
+from heal.loss import objective
+from heal.options import HealError, HealOptions
 
 
 class NonFiniteLoss(HealError):

@@ -1,4 +1,4 @@
-"""`plancc heal`: argparse wiring (the work is `executor.heal.stages.heal`)."""
+"""`plancc heal`: argparse wiring (the work is `heal.stages.heal`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 from compiler.cli import EXIT_OK, UsageError
 from compiler.corpus import DATA_CHOICES
-from executor.heal.options import METHODS, TEACHERS, HealError, HealOptions, parse_list
+from executor.device import default_device
+from heal.options import METHODS, TEACHERS, HealError, HealOptions, parse_list
 
 
 def _positive_int(text: str) -> int:
@@ -19,10 +20,9 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
-    from executor.commands import _default_device
-    from executor.heal.stages import heal
+    from heal.stages import heal
 
-    device = args.device or _default_device()
+    device = args.device or default_device()
     opts = HealOptions(
         out=args.out_dir,
         dest=args.output,

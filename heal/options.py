@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,18 @@ def stages_ok(stages: tuple[str, ...], bundles: tuple[str, ...]) -> None:
         raise HealError(
             f"--stages {','.join(stages)}: stages start at A and follow the bundles in order "
             f"without gaps (this output allows a prefix of {have})"
+        )
+
+
+def extras_installed(method: str) -> None:
+    """peft (for LoRA) and matplotlib (the loss curves) are the `heal` extra: refused
+    before anything is read when missing, naming the install that fixes it."""
+    needed = ("peft", "matplotlib") if method == "lora" else ("matplotlib",)
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise HealError(
+            f"plancc heal needs {' and '.join(missing)}, which is not installed: "
+            "pip install 'plancc[heal]'"
         )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from compiler.architectures import Architecture
-from executor.heal.options import HealError, HealOptions
+from heal.options import HealError, HealOptions
 
 
 def target_modules(arch: Architecture, parts: tuple[str, ...]) -> list[str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from compiler.corpus import CorpusError, TokenPools, load_text, tokenize, windows
-from executor.heal.options import HealError
+from heal.options import HealError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ back, which `stage_base` rebuilds.
 
 `HEALED/` appears only when every stage is done (a staging directory beside
 it, `executor.outdir`); finished stages and resumable training state wait in
-`HEALED.work/` meanwhile (marked and locked: `executor.heal.workdir`), which
+`HEALED.work/` meanwhile (marked and locked: `heal.workdir`), which
 `--resume` picks up and success removes.
 """
 
@@ -36,18 +36,26 @@ from typing import Any
 
 from compiler.checkpoint import architecture_of, read_config, tensor_index
 from executor.configs import model_config
-from executor.heal.data import TrainingText, training_windows
-from executor.heal.lora import merged, trainable
-from executor.heal.options import HealError, HealOptions, depth_bundles, stages_ok
-from executor.heal.train import TrainLog, read_state, state_fingerprint, train
-from executor.heal.workdir import (
+from executor.layout import LAYERS_MAP, MANIFEST, PRUNE_LOG
+from heal.data import TrainingText, training_windows
+from heal.lora import merged, trainable
+from heal.options import (
+    HealError,
+    HealOptions,
+    depth_bundles,
+    extras_installed,
+    stages_ok,
+)
+from heal.report import report_tables
+from heal.train import TrainLog, read_state, state_fingerprint, train
+from heal.workdir import (
     HeldWorkDir,
     check_work_dir,
     finish,
     held_work_dir,
+    original_model,
     work_dir,
 )
-from executor.layout import LAYERS_MAP, MANIFEST, PRUNE_LOG
 
 HEAL_MANIFEST = "heal.json"
 ADAPTER_DIR = "adapter"
@@ -267,6 +275,7 @@ def heal(opts: HealOptions) -> HealResult:
 
     started = time.perf_counter()
     opts.validate_values()  # before the apply output is even read
+    extras_installed(opts.method)
     applied = _applied(opts.out)
     stages_ok(opts.stages, applied.bundle_names)
     try:
@@ -276,7 +285,7 @@ def heal(opts: HealOptions) -> HealResult:
     work = work_dir(opts.dest)
     check_work_dir(work, [opts.out], opts.resume)
     _verify_inputs(applied, opts)
-    from executor.loader import load_tokenizer
+    from executor.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(opts.out / "A")
     text = training_windows(opts.data, tokenizer, opts.seqlen, opts.data_files, opts.max_windows)
@@ -284,8 +293,6 @@ def heal(opts: HealOptions) -> HealResult:
         results = _run_stages(opts, held.path, text)
         report = None
         if opts.eval_limit:
-            from executor.heal.report import report_tables
-
             report = report_tables(opts, results, held.path)
         _install(opts, held, results, report)
         finish(held, _note)
@@ -450,17 +457,6 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def original_model(root: Path, work: Path) -> Path:
-    """The original model, rebuilt from A and every bundle (the teacher, the report's
-    first row), once per run."""
-    from executor.restore import restore
-
-    where = work / "original"
-    if not (where / "config.json").is_file():
-        restore(root, "all", where, force=True)
-    return where
 
 
 def _point_adapter_at_base(adapter: Path, stage: str, root: Path) -> None:

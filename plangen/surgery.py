@@ -1,0 +1,382 @@
+"""In-memory model surgery: a candidate applied to the loaded model, and the layer walk.
+
+What the planner does to a model it measures, undone afterwards bit for bit:
+`applied` zeroes what the removed units write into the residual stream (a
+KV group's o_proj columns, an MLP channel's down_proj column, a dropped
+layer's output projections, routed experts masked or narrowed), optionally
+with solved weights (`Solved`, from `plangen.reconstruct`) in place;
+`masked_experts` / `experts_removed` simulate dropped experts through the
+router; `LayerWalk` runs the decoder one layer at a time on cached inputs.
+`heldout` judges with these, `reconstruct` solves, `metrics.router` measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from compiler.architectures import Architecture
+from compiler.facts import ModelFacts
+from compiler.geometry import complement, top_channels
+from compiler.sidecar import table_name
+from plangen.calibrate import module_path, output_projection
+from plangen.candidate import Candidate
+from plangen.scores import ScoreTables, geometry
+
+
+class StopWalk(Exception):
+    """Raised by a hook to end a forward early: what comes after is not needed."""
+
+
+@dataclass
+class _Call:
+    """How the model called one decoder layer: positional and keyword arguments
+    other than the hidden states (masks, rotary tables, cache flags)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class LayerWalk:
+    """The decoder, one layer at a time, over the hidden states of every batch.
+
+    The calls the model makes to each layer (masks, position embeddings, which
+    differ per layer in sliding-window families) are recorded on one full
+    forward per batch shape; the embeddings' output is recorded for every
+    batch. `run(k)` then applies layer k to the current states in place.
+    """
+
+    def __init__(self, model: Any, arch: Architecture, batches: Sequence[torch.Tensor]):
+        self.layers = model.get_submodule(arch.layers_module)
+        self.states: list[torch.Tensor] = []
+        self._calls: dict[tuple[int, ...], list[_Call]] = {}
+        self._shape_of: list[tuple[int, ...]] = []
+        for ids in batches:
+            shape = tuple(ids.shape)
+            self._shape_of.append(shape)
+            if shape not in self._calls:
+                self._calls[shape] = self._record_calls(model, ids)
+            self.states.append(self._embedded(model, ids))
+
+    def _record_calls(self, model: Any, ids: torch.Tensor) -> list[_Call]:
+        calls: dict[int, _Call] = {}
+
+        def record(k: int) -> Callable[..., None]:
+            def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                rest = {key: v for key, v in kwargs.items() if key != "hidden_states"}
+                calls[k] = _Call(args[1:] if args else (), rest)
+
+            return hook
+
+        handles = [
+            layer.register_forward_pre_hook(record(k), with_kwargs=True)
+            for k, layer in enumerate(self.layers)
+        ]
+        try:
+            with torch.no_grad():
+                model.base_model(input_ids=ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return [calls[k] for k in range(len(self.layers))]
+
+    def _embedded(self, model: Any, ids: torch.Tensor) -> torch.Tensor:
+        got: list[torch.Tensor] = []
+
+        def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            got.append((args[0] if args else kwargs["hidden_states"]).detach())
+            raise StopWalk
+
+        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model.base_model(input_ids=ids, use_cache=False)
+        except StopWalk:
+            pass
+        finally:
+            handle.remove()
+        return got[0]
+
+    def forward(self, k: int, b: int) -> torch.Tensor:
+        """Layer k on batch b's current state (the state is left as it was)."""
+        call = self._calls[self._shape_of[b]][k]
+        with torch.no_grad():
+            out = self.layers[k](self.states[b], *call.args, **call.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def observe(self, k: int) -> None:
+        """Layer k on every batch, for its hooks' sake; a hook may end it early (`StopWalk`)."""
+        for b in range(len(self.states)):
+            with contextlib.suppress(StopWalk):
+                self.forward(k, b)
+
+    def run(self, k: int) -> None:
+        """Replace every batch's state by layer k's output."""
+        for b in range(len(self.states)):
+            self.states[b] = self.forward(k, b)
+
+
+@dataclass(frozen=True)
+class Solved:
+    """A re-solved projection: the layer, the part (`attn` o_proj / `mlp` down_proj),
+    the kept input columns, the new weight of those columns (out x kept) and, when
+    the walk chose the channels itself (`by obs`), its ranking of all of them."""
+
+    layer: int
+    part: str
+    kept: np.ndarray
+    weight: torch.Tensor
+    ranking: np.ndarray | None = None
+
+
+@dataclass
+class MoeModules:
+    """One MoE layer's router, experts and the block holding them (in memory)."""
+
+    block: Any
+    router: Any
+    experts: Any
+    shared: Any = None  # the shared expert's down projection (an nn.Linear), if any
+
+
+def moe_modules(layer: Any, experts: int) -> MoeModules | None:
+    """The MoE modules of a decoder layer, or None for a dense layer."""
+    router = None
+    path = ""
+    for name, module in layer.named_modules():
+        w = getattr(module, "weight", None)
+        if hasattr(module, "top_k") and isinstance(w, torch.Tensor) and w.shape[0] == experts:
+            router, path = module, name
+            break
+    if router is None:
+        return None
+    block = layer.get_submodule(path.rpartition(".")[0]) if "." in path else layer
+    found = [
+        m
+        for m in block.children()
+        if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
+        and isinstance(getattr(m, "down_proj", None), torch.Tensor)
+    ]
+    if len(found) != 1:
+        raise ValueError(f"{type(block).__name__}: no fused experts module beside the router")
+    shared = None
+    for name, module in block.named_children():
+        if name.startswith("shared_expert") and hasattr(module, "down_proj"):
+            shared = module.down_proj  # Qwen2-MoE `shared_expert`, DeepSeek `shared_experts`
+    return MoeModules(block, router, found[0], shared)
+
+
+@contextlib.contextmanager
+def masked_experts(
+    layers: Sequence[Any], dropped: Mapping[int, Sequence[int]], experts: int
+) -> Iterator[None]:
+    """Inside the block, the `dropped` experts of each layer get a router logit of -inf:
+    the model routes as the pruned one will. Every family computes its router logits
+    with `F.linear(hidden, router.weight)`; that call is what is intercepted."""
+    import torch.nn.functional as F
+
+    masks: dict[int, list[int]] = {}
+    biased: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for k, gone in dropped.items():
+        mods = moe_modules(layers[k], experts)
+        if not gone or mods is None:
+            continue
+        bias = getattr(mods.router, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):
+            # DeepSeek-V3 selects by sigmoid(logit) + this bias: -inf there is never
+            # chosen, in any dtype (its logits are computed from a float32 copy).
+            biased.append((bias, bias.detach().clone()))
+            with torch.no_grad():
+                bias[sorted(gone)] = -torch.inf
+        else:
+            masks[id(mods.router.weight)] = sorted(gone)
+    if not masks:
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, before in biased:
+                    b.copy_(before)
+        return
+    real = F.linear
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: Any = None) -> torch.Tensor:
+        out = real(x, weight, bias)
+        gone = masks.get(id(weight))
+        if gone is not None:
+            out = out.clone()
+            out[..., gone] = -torch.inf
+        return out
+
+    F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = real
+        with torch.no_grad():
+            for b, before in biased:
+                b.copy_(before)
+
+
+@contextlib.contextmanager
+def experts_removed(
+    layers: Sequence[Any],
+    dropped: Mapping[int, Sequence[int]],
+    experts: int,
+    prob: Mapping[int, np.ndarray] | None = None,
+) -> Iterator[None]:
+    """The model as the result of dropping these experts: their router logits masked
+    (`masked_experts`) and, given each layer's mean router probabilities `prob`
+    (`rescale`), the layer's experts scaled by 1 - what the dropped ones took."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for k, gone in dropped.items() if prob is not None else ():
+                mods = moe_modules(layers[k], experts)
+                if mods is None or not len(gone):
+                    continue
+                down = mods.experts.down_proj
+                saved.append((down, down.detach().clone()))
+                down.mul_(1.0 - float(prob[k][list(gone)].sum()))
+        with masked_experts(layers, dropped, experts):
+            yield
+    finally:
+        with torch.no_grad():
+            for w, before in saved:
+                w.copy_(before)
+
+
+def _removed_columns(
+    cand: Candidate, layer: int, space: str, facts: ModelFacts, scores: ScoreTables
+) -> np.ndarray | None:
+    size = geometry(facts).size(space)
+    if layer in cand.drop:
+        return np.arange(size)
+    kept = cand.kept_inputs(layer, space, facts, scores)
+    return None if kept is None else complement(kept, size)
+
+
+@contextlib.contextmanager
+def applied(
+    model: Any,
+    arch: Architecture,
+    facts: ModelFacts,
+    cand: Candidate,
+    scores: ScoreTables,
+    solved: Sequence[Solved] = (),
+) -> Iterator[None]:
+    """The model behaves as the candidate's result inside the block; `solved` are its
+    re-solved projections (`plangen.reconstruct`), written into the kept columns."""
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # weight, cols, values
+    handles = []
+    rebuilt = {(s.layer, s.part): s for s in solved}
+    projections = [
+        (space, part, output_projection(arch.attention + arch.dense_mlp, space))
+        for space, part in (("q", "attn"), ("ffn", "mlp"))
+    ]
+    try:
+        with torch.no_grad():
+            for layer in range(facts.layers or 0):
+                for space, part, spec in projections:
+                    new = rebuilt.get((layer, part))
+                    if new is not None:  # the walk's own choice of columns (`by obs`)
+                        removed = complement(new.kept, geometry(facts).size(space))
+                    else:
+                        removed = _removed_columns(cand, layer, space, facts, scores)
+                    if spec is None or removed is None or not len(removed):
+                        continue
+                    module = model.get_submodule(module_path(arch, layer, spec))
+                    w = module.weight
+                    cols = torch.from_numpy(removed).to(w.device)
+                    saved.append((w, cols, w[:, cols].clone()))  # only what is zeroed
+                    if new is not None:
+                        kept = torch.from_numpy(new.kept).to(w.device)
+                        saved.append((w, kept, w[:, kept].clone()))
+                        w[:, kept] = new.weight.to(w.device, w.dtype)
+                    compensate = cand.compensate and layer not in cand.drop
+                    if compensate:
+                        mean = torch.from_numpy(scores.tables[table_name("mean_in", layer, part)])
+                        bias = (w.detach().double()[:, cols] @ mean[removed].to(w.device)).to(
+                            w.dtype
+                        )
+                        handles.append(module.register_forward_hook(_add(bias)))
+                    w[:, cols] = 0
+        with _experts_removed(model, arch, facts, cand, scores):
+            yield
+    finally:
+        with torch.no_grad():
+            for w, cols, values in saved:
+                w[:, cols] = values
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _experts_removed(
+    model: Any, arch: Architecture, facts: ModelFacts, cand: Candidate, scores: ScoreTables
+) -> Iterator[None]:
+    """The candidate's expert widths (`_experts_narrowed`) and expert drops
+    (`plangen.metrics.router.experts_removed`), together when it has both."""
+
+    with contextlib.ExitStack() as stack:
+        if cand.expert_width is not None or cand.shared_width is not None:
+            stack.enter_context(_experts_narrowed(model, arch, facts, cand, scores))
+        if cand.experts_dropped:
+            layers = model.get_submodule(arch.layers_module)
+            prob = None
+            if cand.experts_rescale:
+                prob = {
+                    k: scores.tables[table_name("router_prob", k, "experts")]
+                    for k in cand.experts_dropped
+                }
+            stack.enter_context(
+                experts_removed(layers, cand.experts_dropped, facts.experts or 0, prob)
+            )
+        yield
+
+
+@contextlib.contextmanager
+def _experts_narrowed(
+    model: Any, arch: Architecture, facts: ModelFacts, cand: Candidate, scores: ScoreTables
+) -> Iterator[None]:
+    """A `shrink` candidate: the removed channels' down-projection columns zeroed in
+    every routed expert (each by its own row of `METRIC.L.experts_ffn`) and in the
+    shared expert (`METRIC.L.shared`), as `top_channels` picks them for apply."""
+
+    layers = model.get_submodule(arch.layers_module)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for k in cand.moe_layers:
+                mods = moe_modules(layers[k], facts.experts or 0)
+                assert mods is not None
+                if cand.expert_width is not None:
+                    table = scores.tables[table_name(cand.unit_metric, k, "experts_ffn")]
+                    down = mods.experts.down_proj
+                    saved.append((down, down.detach().clone()))
+                    for e in range(down.shape[0]):
+                        kept = top_channels(table[e], cand.expert_width)
+                        down[e][:, complement(np.asarray(kept), down.shape[-1])] = 0
+                if cand.shared_width is not None and mods.shared is not None:
+                    table = scores.tables[table_name(cand.unit_metric, k, "shared")]
+                    w = mods.shared.weight
+                    saved.append((w, w.detach().clone()))
+                    kept = top_channels(table, cand.shared_width)
+                    w[:, complement(np.asarray(kept), w.shape[-1])] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            for w, before in saved:
+                w.copy_(before)
+
+
+def _add(bias: torch.Tensor) -> Any:
+    def hook(_module: Any, _args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output + bias
+
+    return hook
