@@ -4,7 +4,7 @@ The architecture table names the *space* of every tensor axis (see
 `compiler.architectures`); a layer's `LayerSelection` says which KV groups and
 which MLP channels it keeps; `space_indices` turns the two into the kept
 positions along that axis. Pure index logic: the executor does the byte-level
-cuts (`executor.slicing`), the planner scores and chooses with the same rules.
+cuts (`executor.slicing` moves the bytes), the planner scores and chooses with the same rules.
 
 KV groups: group g is KV head g plus the query heads that read it,
 g*r .. (g+1)*r - 1 with r = heads / kv_heads. A head h owns rows

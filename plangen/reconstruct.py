@@ -210,7 +210,7 @@ def sequential(
     (or only the (layer, "attn" | "mlp") pairs in `targets`).
 
     What the candidate does besides (dropped layers, cuts that are not re-solved,
-    their compensation) is applied first (`heldout.applied`); each re-solved
+    their compensation) is applied first (`surgery.applied`); each re-solved
     projection is written in as the walk reaches it, so layer l sees the pruned
     and reconstructed layers < l, and is solved against its own original
     weights. With metric `obs` the walk also picks the MLP channels
