@@ -96,82 +96,21 @@ def write_metadata(
     fingerprint = ck.facts["fingerprint"]
     plan_sha = sha256_file(plan_path)
     model_format = choose(opts.model_format, not new.needs_loader, nemotron_problem)
-    config = new.config
-    if model_format == nas.LAYOUT:
-        config = nas.decilm_config(ck.arch, model_config(new.config), list(job.shapes))
-    write_json(a / CONFIG_NAME, config)
-    side_files, withheld = copy_side_files(
-        ck.model_dir, a, root / WITHHELD_DIR, opts.copy_remote_code
-    )
-    module_files = nas.install_module(a) if model_format == nas.LAYOUT else []
+    side_files, withheld, module_files = _install_config(root, job, ck, new, opts, model_format)
 
     shards = [f for f in job.files if f.path.startswith("A/")]
-    if len(shards) > 1:
-        weight_map = {t.name: Path(f.path).name for f in shards for t in f.tensors}
-        total = sum(t.nbytes for f in shards for t in f.tensors)
-        write_json(
-            a / SAFE_WEIGHTS_INDEX_NAME,
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-        )
-
-    orig = a / ORIGINAL_CONFIG_DIR
-    orig.mkdir()
-    shutil.copyfile(ck.model_dir / CONFIG_NAME, orig / CONFIG_NAME)
-    if (ck.model_dir / SAFE_WEIGHTS_INDEX_NAME).is_file():
-        shutil.copyfile(ck.model_dir / SAFE_WEIGHTS_INDEX_NAME, orig / SAFE_WEIGHTS_INDEX_NAME)
-    source_files = sorted({i.file for i in ck.index.values()})
-    write_json(
-        orig / ORIGINAL_HEADERS,
-        {f: read_header_text(ck.model_dir / f) for f in source_files},
-    )
+    _write_shard_index(a, shards)
+    source_files = _copy_originals(a, ck)
 
     params_before = sum(int(np.prod(i.shape, dtype=np.int64)) for i in ck.index.values())
     params_after = sum(t.numel for f in shards for t in f.tensors)
     added_params = sum(int(np.prod(a["shape"])) for a in job.added)
-    bundle_params: dict[str, dict[str, Any]] = {}
-    for name, layers in job.bundles:
-        tasks = [t for f in job.files if f.path.startswith(f"bundles/{name}/") for t in f.tensors]
-        params = sum(t.numel for t in tasks)
-        bundle_params[name] = {"layers": list(layers), "params": params, "tensors": len(tasks)}
-        meta = {
-            "format": FORMAT,
-            "bundle": name,
-            "layers": list(layers),
-            "files": {str(i): Path(bundle_file(name, i)).name for i in layers},
-            "source_fingerprint": fingerprint,
-            "plan_sha256": plan_sha,
-            "params": params,
-            "tensors": len(tasks),
-        }
-        write_json(root / "bundles" / name / BUNDLE_META, meta)
-    width_tasks = [
-        t for f in job.files if f.path.startswith(f"bundles/{WIDTH_BUNDLE}/") for t in f.tensors
-    ]
-    width_params = sum(t.numel for t in width_tasks)
-    if width_tasks:
-        write_json(
-            root / "bundles" / WIDTH_BUNDLE / WIDTH_META,
-            {
-                "format": FORMAT,
-                "bundle": WIDTH_BUNDLE,
-                "source_fingerprint": fingerprint,
-                "plan_sha256": plan_sha,
-                "params": width_params,
-                "tensors": len(width_tasks),
-                "layers": _width_layers(job),
-                "selections": {k: [int(x) for x in v] for k, v in sorted(job.selections.items())},
-            },
-        )
+    bundle_params = _write_bundle_metas(root, job, fingerprint, plan_sha)
+    width_params, width_tensors = _write_width_meta(root, job, fingerprint, plan_sha)
 
     load = loadability(resolved)
     stock = not new.needs_loader and model_format != nas.LAYOUT
-    gguf = None
-    if model_format == "gguf":
-        try:
-            gguf_writer()(a, root / GGUF_FILE, opts.gguf_dtype, tokenizer_pre=opts.gguf_pre)
-        except ValueError as exc:  # the writer's refusal: llama.cpp cannot run this result
-            raise ApplyError(f"--format gguf: {exc}; nothing was written") from None
-        gguf = {"file": GGUF_FILE, "dtype": opts.gguf_dtype}
+    gguf = _write_gguf(root, opts) if model_format == "gguf" else None
     manifest = {
         "format": FORMAT,
         "plan": {"file": plan_path.name, "sha256": plan_sha},
@@ -192,8 +131,8 @@ def write_metadata(
             "bundles": bundle_params,
             "width": {
                 "params": width_params,
-                "tensors": len(width_tasks),
-                "dir": f"bundles/{WIDTH_BUNDLE}" if width_tasks else None,
+                "tensors": width_tensors,
+                "dir": f"bundles/{WIDTH_BUNDLE}" if width_tensors else None,
             },
         },
         "added": list(job.added),
@@ -201,13 +140,7 @@ def write_metadata(
         "uniform": new.uniform,
         "stock_loadable": stock,
         "loader": _loader(model_format, stock),
-        "loadability": (
-            "Nemotron-NAS layout: per-layer KV heads and MLP widths in `block_configs`"
-            if model_format == nas.LAYOUT
-            else new.reason
-            if not stock
-            else load.reason
-        ),
+        "loadability": _loadability(model_format, stock, new, load.reason),
         "model_format": model_format,
         "module_files": module_files,
         "gguf": gguf,
@@ -215,6 +148,136 @@ def write_metadata(
         "withheld_files": withheld,
         "remote_code": opts.copy_remote_code,
     }
+    _finish(root, job, resolved, hasher, manifest)
+    return manifest
+
+
+def _install_config(
+    root: Path, job: ApplyJob, ck: CheckpointFacts, new: Any, opts: ApplyOptions, model_format: str
+) -> tuple[list[str], list[str], list[str]]:
+    """A's config.json in `model_format`, the side files beside it and, for the
+    Nemotron-NAS layout, its modeling code: the files that make A loadable before
+    any weight is looked at. Returns (copied, withheld, module files)."""
+    a = root / "A"
+    config = new.config
+    if model_format == nas.LAYOUT:
+        config = nas.decilm_config(ck.arch, model_config(new.config), list(job.shapes))
+    write_json(a / CONFIG_NAME, config)
+    side_files, withheld = copy_side_files(
+        ck.model_dir, a, root / WITHHELD_DIR, opts.copy_remote_code
+    )
+    module_files = nas.install_module(a) if model_format == nas.LAYOUT else []
+    return side_files, withheld, module_files
+
+
+def _write_shard_index(a: Path, shards: list[Any]) -> None:
+    """A's safetensors index, written only when A has more than one shard."""
+    if len(shards) > 1:
+        weight_map = {t.name: Path(f.path).name for f in shards for t in f.tensors}
+        total = sum(t.nbytes for f in shards for t in f.tensors)
+        write_json(
+            a / SAFE_WEIGHTS_INDEX_NAME,
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+        )
+
+
+def _copy_originals(a: Path, ck: CheckpointFacts) -> list[str]:
+    """The source's config, index and every shard's header text, copied into A's
+    original_config/ for restore. Returns the source's weight files, sorted, for
+    the manifest."""
+    orig = a / ORIGINAL_CONFIG_DIR
+    orig.mkdir()
+    shutil.copyfile(ck.model_dir / CONFIG_NAME, orig / CONFIG_NAME)
+    if (ck.model_dir / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        shutil.copyfile(ck.model_dir / SAFE_WEIGHTS_INDEX_NAME, orig / SAFE_WEIGHTS_INDEX_NAME)
+    source_files = sorted({i.file for i in ck.index.values()})
+    write_json(
+        orig / ORIGINAL_HEADERS,
+        {f: read_header_text(ck.model_dir / f) for f in source_files},
+    )
+    return source_files
+
+
+def _write_bundle_metas(
+    root: Path, job: ApplyJob, fingerprint: str, plan_sha: str
+) -> dict[str, dict[str, Any]]:
+    """bundle_meta.json for every dropped-layer bundle, tying it to its source and
+    plan. Returns each bundle's layers, params and tensor count for the manifest."""
+    bundle_params: dict[str, dict[str, Any]] = {}
+    for name, layers in job.bundles:
+        tasks = [t for f in job.files if f.path.startswith(f"bundles/{name}/") for t in f.tensors]
+        params = sum(t.numel for t in tasks)
+        bundle_params[name] = {"layers": list(layers), "params": params, "tensors": len(tasks)}
+        meta = {
+            "format": FORMAT,
+            "bundle": name,
+            "layers": list(layers),
+            "files": {str(i): Path(bundle_file(name, i)).name for i in layers},
+            "source_fingerprint": fingerprint,
+            "plan_sha256": plan_sha,
+            "params": params,
+            "tensors": len(tasks),
+        }
+        write_json(root / "bundles" / name / BUNDLE_META, meta)
+    return bundle_params
+
+
+def _write_width_meta(
+    root: Path, job: ApplyJob, fingerprint: str, plan_sha: str
+) -> tuple[int, int]:
+    """width_meta.json, when anything was sliced: what every narrowed layer keeps,
+    so restore can put the cut channels back. Returns (params, tensors) of the
+    width bundle, both 0 when there is none."""
+    width_tasks = [
+        t for f in job.files if f.path.startswith(f"bundles/{WIDTH_BUNDLE}/") for t in f.tensors
+    ]
+    width_params = sum(t.numel for t in width_tasks)
+    if width_tasks:
+        write_json(
+            root / "bundles" / WIDTH_BUNDLE / WIDTH_META,
+            {
+                "format": FORMAT,
+                "bundle": WIDTH_BUNDLE,
+                "source_fingerprint": fingerprint,
+                "plan_sha256": plan_sha,
+                "params": width_params,
+                "tensors": len(width_tasks),
+                "layers": _width_layers(job),
+                "selections": {k: [int(x) for x in v] for k, v in sorted(job.selections.items())},
+            },
+        )
+    return width_params, len(width_tasks)
+
+
+def _write_gguf(root: Path, opts: ApplyOptions) -> dict[str, Any]:
+    """The GGUF file beside A, written from A's finished safetensors and config;
+    the writer's refusal becomes an ApplyError. Returns the manifest's `gguf`."""
+    try:
+        gguf_writer()(root / "A", root / GGUF_FILE, opts.gguf_dtype, tokenizer_pre=opts.gguf_pre)
+    except ValueError as exc:  # the writer's refusal: llama.cpp cannot run this result
+        raise ApplyError(f"--format gguf: {exc}; nothing was written") from None
+    return {"file": GGUF_FILE, "dtype": opts.gguf_dtype}
+
+
+def _loadability(model_format: str, stock: bool, new: Any, stock_reason: str) -> str:
+    """The manifest's `loadability`: why A loads the way `_loader` says (a nested
+    conditional, kept out of the manifest's literal)."""
+    return (
+        "Nemotron-NAS layout: per-layer KV heads and MLP widths in `block_configs`"
+        if model_format == nas.LAYOUT
+        else new.reason
+        if not stock
+        else stock_reason
+    )
+
+
+def _finish(
+    root: Path, job: ApplyJob, resolved: ResolvedPlan, hasher: Hasher, manifest: dict[str, Any]
+) -> None:
+    """The prune log and layers map, then the manifest with the sha256 of every
+    file not hashed while it was written, then the marker: the closing writes,
+    in the order write_metadata's docstring promises (the manifest last)."""
+    a = root / "A"
     write_json(a / PRUNE_LOG, {"format": FORMAT, "tensors": list(job.log)})
     write_json(
         a / LAYERS_MAP,
@@ -232,7 +295,6 @@ def write_metadata(
     # The manifest's own sha256 goes into the output's marker, so restore and verify
     # notice an edited file list (a removed entry would otherwise skip a file's check).
     write_marker(root, "apply", manifest_sha256=sha256_file(a / MANIFEST))
-    return manifest
 
 
 def _loader(model_format: str, stock: bool) -> str:
