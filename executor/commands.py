@@ -131,6 +131,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register apply, restore and eval on a `plancc` subparser set."""
+    _add_apply(sub)
+    _add_export(sub)
+    _add_restore(sub)
+    _add_verify(sub)
+    _add_eval(sub)
+    # `plancc heal` lives in the top-level `heal` package, which imports the executor;
+    # registered here lazily (the one executor → heal import: see tests/test_imports.py).
+    from heal.cli import add_heal
+
+    add_heal(sub)
+
+
+def _add_apply(sub: argparse._SubParsersAction) -> None:
+    """`plancc apply`: the longest option list of the commands, kept apart so
+    add_commands reads as the list of subcommands."""
     p = sub.add_parser(
         "apply",
         help="apply a plan to a checkpoint: OUT/A (the pruned model) and OUT/bundles",
@@ -200,8 +215,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_apply)
 
-    _add_export(sub)
 
+def _add_restore(sub: argparse._SubParsersAction) -> None:
+    """`plancc restore`, in its own function like every subcommand."""
     p = sub.add_parser(
         "restore",
         help="rebuild a model from OUT/A plus bundles (all of them: the original, bit for bit)",
@@ -223,6 +239,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_restore)
 
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    """`plancc verify`, in its own function like every subcommand."""
     p = sub.add_parser(
         "verify",
         help="check an apply output: metadata valid, every file's sha256 as apply recorded",
@@ -233,12 +252,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out_dir", type=Path, metavar="OUT", help="the -o directory of `plancc apply`")
     p.set_defaults(func=cmd_verify)
-    _add_eval(sub)
-    # `plancc heal` lives in the top-level `heal` package, which imports the executor;
-    # registered here lazily (the one executor → heal import: see tests/test_imports.py).
-    from heal.cli import add_heal
-
-    add_heal(sub)
 
 
 def _add_gguf_dtype(p: argparse.ArgumentParser) -> None:
