@@ -159,9 +159,6 @@ def apply_plan(
     anything when the plan, the checkpoint or the output location is wrong,
     and after removing everything it wrote when writing fails.
     """
-    from compiler.check import check_file
-    from compiler.diagnostics import render_text
-
     opts = ApplyOptions(
         device,
         force,
@@ -174,6 +171,32 @@ def apply_plan(
         gguf_pre,
     )
     start = time.perf_counter()
+    model_dir, ck, result = _check_plan(plan_path, model, allow_pickle, warn)
+    scores_path = _scores_path(plan_path, result)
+    inputs = [plan_path, model_dir] + ([scores_path] if scores_path else [])
+    check_destination(out, force, inputs)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ApplyError("--device cuda: no CUDA device is available")
+    if not (allow_pickle and pickle_shards(model_dir)):
+        return _apply_checked(plan_path, out, ck, result, scores_path, inputs, opts, start)
+    return _apply_pickle(plan_path, out, model_dir, ck, result, scores_path, inputs, opts, start)
+
+
+def _check_plan(
+    plan_path: Path,
+    model: Path | None,
+    allow_pickle: bool,
+    warn: Callable[[str], None] | None,
+) -> tuple[Path, CheckpointFacts, Any]:
+    """The plan checked twice: alone (it must parse before its `source` names the
+    checkpoint), then against the checkpoint's facts. Returns (checkpoint
+    directory, its facts, the second check's result); warnings go to `warn`."""
+    from compiler.check import check_file
+    from compiler.diagnostics import render_text
+
     try:
         first = check_file(plan_path)
     except (OSError, UnicodeDecodeError) as exc:
@@ -199,22 +222,34 @@ def apply_plan(
         )
     if warn is not None and result.diagnostics:
         warn(render_text(list(result.diagnostics), str(plan_path), result.source))
+    return model_dir, ck, result
+
+
+def _scores_path(plan_path: Path, result: Any) -> Path | None:
+    """The plan's scores sidecar, relative to the plan file; an input that the
+    output must not overwrite, hence found before the destination is checked."""
     scores_path = None
     if result.plan is not None and result.plan.scores is not None:
         scores_path = Path(result.plan.scores.path)
         if not scores_path.is_absolute():
             scores_path = plan_path.parent / scores_path
-    inputs = [plan_path, model_dir] + ([scores_path] if scores_path else [])
-    check_destination(out, force, inputs)
-    if device.startswith("cuda"):
-        import torch
+    return scores_path
 
-        if not torch.cuda.is_available():
-            raise ApplyError("--device cuda: no CUDA device is available")
-    if not (allow_pickle and pickle_shards(model_dir)):
-        return _apply_checked(plan_path, out, ck, result, scores_path, inputs, opts, start)
-    # --allow-pickle on a pickle checkpoint: convert it to safetensors next to the
-    # output, apply from there (same tensors, so the same fingerprint), remove it.
+
+def _apply_pickle(
+    plan_path: Path,
+    out: Path,
+    model_dir: Path,
+    ck: CheckpointFacts,
+    result: Any,
+    scores_path: Path | None,
+    inputs: list[Path],
+    opts: ApplyOptions,
+    start: float,
+) -> ApplyResult:
+    """--allow-pickle on a pickle checkpoint: convert it to safetensors next to the
+    output, apply from there (same tensors, so the same fingerprint), remove it;
+    the source recorded in the manifest is still the pickle checkpoint."""
     try:
         out = absolute(out)
         out.parent.mkdir(parents=True, exist_ok=True)
