@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from compiler.architectures import read_facts
+from compiler.architectures import Architecture, read_facts
 from compiler.checkpoint import (
     CONFIG_NAME,
     SAFE_WEIGHTS_INDEX_NAME,
@@ -416,8 +416,47 @@ def _restore_partial(applied: Applied, restored: tuple[str, ...], dest: Path) ->
     except CheckpointError as exc:
         raise RestoreError(f"{applied.a / ORIGINAL_CONFIG_DIR}: {exc}") from None
     facts = read_facts(arch, config)
-    pattern = arch.layer_pattern()
     upto = restored[-1]
+    shapes = _partial_shapes(applied, restored, arch, facts)
+    order = sorted(shapes)
+    entries = _partial_entries(applied, arch, shapes, order)
+    shards = _pack(entries, DEFAULT_MAX_SHARD_BYTES)
+    remote = bool(applied.manifest.get("remote_code"))
+    new = build_config(config, arch, facts, [shapes[i] for i in order], remote)
+    _write_shards(dest, entries, shards)
+    write_json(dest / CONFIG_NAME, new.config)
+    _copy_side_files(applied, dest)
+    write_json(
+        dest / LAYERS_MAP,
+        {"new_to_original": order, "original_layers": len(shapes) + _still_out(applied, restored)},
+    )
+    write_json(
+        dest / MANIFEST,
+        {
+            "format": 1,
+            "restored_from": str(applied.root),
+            "upto": upto,
+            "bundles_restored": list(restored),
+            "bundles_still_out": [b for b in applied.bundle_names if b not in restored],
+            "source": applied.manifest["source"],
+            "layers": [shapes[i].to_json() for i in order],
+            "uniform": new.uniform,
+            "stock_loadable": not new.needs_loader,
+            "loader": "executor.load"
+            if new.needs_loader
+            else "transformers.AutoModelForCausalLM.from_pretrained",
+            "loadability": new.reason,
+        },
+    )
+    return tuple(order)
+
+
+def _partial_shapes(
+    applied: Applied, restored: tuple[str, ...], arch: Architecture, facts: dict[str, Any]
+) -> dict[int, LayerShape]:
+    """Every layer of the result by original index: A's kept layers as apply
+    recorded them, and each layer coming back from a bundle at the original
+    checkpoint's full width (a bundle keeps whole layers)."""
     bundles = applied.manifest["removed"]["bundles"]
     back = {i for name in restored for i in bundles[name]["layers"]}
     shapes = {s["original"]: LayerShape.from_json(s) for s in applied.manifest["layers"]}
@@ -428,9 +467,17 @@ def _restore_partial(applied: Applied, restored: tuple[str, ...], dest: Path) ->
             shapes[i] = LayerShape(i, facts["heads"], kv, None, (), *moe)
         else:
             shapes[i] = LayerShape(i, facts["heads"], kv, facts.get("ffn"))
-    order = sorted(shapes)
-    new_of = {orig: j for j, orig in enumerate(order)}
+    return shapes
 
+
+def _partial_entries(
+    applied: Applied, arch: Architecture, shapes: dict[int, LayerShape], order: list[int]
+) -> list[OutEntry]:
+    """The result's tensors, each a byte-range copy from A or a bundle renamed to
+    its layer's new number: model-level tensors first, then layer by layer in
+    `order`, the order the shards are packed in."""
+    pattern = arch.layer_pattern()
+    new_of = {orig: j for j, orig in enumerate(order)}
     src = _Sources(applied)
     model_level: list[OutEntry] = []
     per_layer: dict[int, list[OutEntry]] = {}
@@ -463,11 +510,14 @@ def _restore_partial(applied: Applied, restored: tuple[str, ...], dest: Path) ->
         layer = int(added["layer"])
         new_name = layer_name(arch, new_of[layer], rel)
         per_layer.setdefault(layer, []).append(_copy(new_name, path, info))
+    return model_level + [e for i in order for e in per_layer.get(i, [])]
 
-    entries = model_level + [e for i in order for e in per_layer.get(i, [])]
-    shards = _pack(entries, DEFAULT_MAX_SHARD_BYTES)
-    remote = bool(applied.manifest.get("remote_code"))
-    new = build_config(config, arch, facts, [shapes[i] for i in order], remote)
+
+def _write_shards(
+    dest: Path, entries: list[OutEntry], shards: list[tuple[str, list[OutEntry]]]
+) -> None:
+    """The packed shards under one progress bar, and their index when there is
+    more than one: the part of a partial restore that scales with the model."""
     with SourceFiles() as files, progress_bar(sum(e.nbytes for e in entries), "restore") as bar:
         for file, es in shards:
             write_st(dest / file, es, files, progress=bar.update)
@@ -479,31 +529,6 @@ def _restore_partial(applied: Applied, restored: tuple[str, ...], dest: Path) ->
                 "weight_map": dict(sorted((e.name, f) for f, es in shards for e in es)),
             },
         )
-    write_json(dest / CONFIG_NAME, new.config)
-    _copy_side_files(applied, dest)
-    write_json(
-        dest / LAYERS_MAP,
-        {"new_to_original": order, "original_layers": len(shapes) + _still_out(applied, restored)},
-    )
-    write_json(
-        dest / MANIFEST,
-        {
-            "format": 1,
-            "restored_from": str(applied.root),
-            "upto": upto,
-            "bundles_restored": list(restored),
-            "bundles_still_out": [b for b in applied.bundle_names if b not in restored],
-            "source": applied.manifest["source"],
-            "layers": [shapes[i].to_json() for i in order],
-            "uniform": new.uniform,
-            "stock_loadable": not new.needs_loader,
-            "loader": "executor.load"
-            if new.needs_loader
-            else "transformers.AutoModelForCausalLM.from_pretrained",
-            "loadability": new.reason,
-        },
-    )
-    return tuple(order)
 
 
 def _still_out(applied: Applied, restored: tuple[str, ...]) -> int:
