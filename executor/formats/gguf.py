@@ -347,21 +347,11 @@ def write_gguf(
     written) for what llama.cpp cannot run, CheckpointError for an unreadable directory.
     """
     import gguf
-    import numpy as np
 
     from executor.formats.gguf_vocab import VocabError, add_vocab, read_vocab
 
     a_dir, out = Path(a_dir), Path(out)
-    if dtype not in DTYPES:
-        raise GGUFUnsupported(
-            out,
-            [
-                Problem(
-                    f"dtype {dtype!r} is not written",
-                    f"use one of {', '.join(DTYPES)}; quantize afterwards with llama-quantize",
-                )
-            ],
-        )
+    _check_dtype(dtype, out)
     config = model_config(read_config(a_dir))  # the family's config, in every layout
     index = tensor_index(a_dir)
     problems = gguf_problems(config, index, a_dir)
@@ -384,56 +374,18 @@ def write_gguf(
     jobs = _plan_tensors(index, layers, head_dim, dtype, factors)
     uniform = all(lay == layers[0] for lay in layers)
     name = "llama" if uniform else "deci"
-    context = int(config.get("max_position_embeddings") or 2048)
-    window = config.get("sliding_window")
-    if isinstance(window, int) and 0 < window < context:
-        # llama.cpp's graph has no sliding window: within the window it is exact.
-        context = window
+    context = _context_length(config)
 
     tmp = out.with_name(out.name + ".partial")
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(tmp, name)
     try:
         writer.add_name(config.get("_name_or_path") or a_dir.resolve().name)
-        writer.add_block_count(len(layers))
-        writer.add_context_length(context)
-        writer.add_embedding_length(hidden)
-        pick: Callable[[str], Any] = (
-            (lambda f: getattr(layers[0], f))
-            if uniform
-            else (lambda f: [getattr(x, f) for x in layers])
-        )
-        writer.add_feed_forward_length(pick("ffn"))
-        writer.add_head_count(pick("heads"))
-        writer.add_head_count_kv(pick("kv_heads"))
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(rope["rope_theta"]))
-        if rope["rope_type"] == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(rope["factor"]))
-        writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+        _add_model_kv(writer, config, layers, uniform, context, hidden, head_dim, rope)
         writer.add_vocab_size(vocab_size)
-        writer.add_file_type(
-            {
-                "f32": gguf.LlamaFileType.ALL_F32,
-                "f16": gguf.LlamaFileType.MOSTLY_F16,
-                "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-            }[dtype]
-        )
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_file_type(writer, dtype)
         add_vocab(writer, vocab)
-        for job in jobs:
-            if job.dtype == "bf16":
-                byte_shape = (*job.shape[:-1], job.shape[-1] * 2)
-                writer.add_tensor_info(
-                    job.name, byte_shape, np.dtype(np.uint8), job.nbytes,
-                    raw_dtype=gguf.GGMLQuantizationType.BF16,
-                )  # fmt: skip
-            else:
-                np_dtype = np.dtype(np.float32 if job.dtype == "f32" else np.float16)
-                writer.add_tensor_info(job.name, job.shape, np_dtype, job.nbytes)
+        _add_tensor_infos(writer, jobs)
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -457,6 +409,100 @@ def write_gguf(
         context_length=context,
         tokenizer_pre=vocab.pre,
     )
+
+
+def _check_dtype(dtype: str, out: Path) -> None:
+    """Refuse an element type the writer has no encoding for, before anything is
+    read: quantized types are llama-quantize's job, not this writer's."""
+    if dtype not in DTYPES:
+        raise GGUFUnsupported(
+            out,
+            [
+                Problem(
+                    f"dtype {dtype!r} is not written",
+                    f"use one of {', '.join(DTYPES)}; quantize afterwards with llama-quantize",
+                )
+            ],
+        )
+
+
+def _context_length(config: Mapping[str, Any]) -> int:
+    """The GGUF context length: max_position_embeddings (2048 when unset), capped at
+    the sliding window when there is one."""
+    context = int(config.get("max_position_embeddings") or 2048)
+    window = config.get("sliding_window")
+    if isinstance(window, int) and 0 < window < context:
+        # llama.cpp's graph has no sliding window: within the window it is exact.
+        context = window
+    return context
+
+
+def _add_model_kv(
+    writer: Any,
+    config: Mapping[str, Any],
+    layers: list[GGUFLayer],
+    uniform: bool,
+    context: int,
+    hidden: int,
+    head_dim: int,
+    rope: Mapping[str, Any],
+) -> None:
+    """The model's shape keys: one width for a uniform model (`llama`), a per-layer
+    list for a heterogeneous one (`deci`), then RoPE and the norm epsilon."""
+    import gguf
+
+    writer.add_block_count(len(layers))
+    writer.add_context_length(context)
+    writer.add_embedding_length(hidden)
+    pick: Callable[[str], Any] = (
+        (lambda f: getattr(layers[0], f))
+        if uniform
+        else (lambda f: [getattr(x, f) for x in layers])
+    )
+    writer.add_feed_forward_length(pick("ffn"))
+    writer.add_head_count(pick("heads"))
+    writer.add_head_count_kv(pick("kv_heads"))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+
+
+def _add_file_type(writer: Any, dtype: str) -> None:
+    """general.file_type for `dtype`, and the quantization version llama.cpp expects
+    beside it."""
+    import gguf
+
+    writer.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        }[dtype]
+    )
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tensor_infos(writer: Any, jobs: list[_Job]) -> None:
+    """Every tensor's name, shape and type, declared before any data is written; a
+    bf16 tensor goes in as raw bytes, since numpy has no bfloat16."""
+    import gguf
+    import numpy as np
+
+    for job in jobs:
+        if job.dtype == "bf16":
+            byte_shape = (*job.shape[:-1], job.shape[-1] * 2)
+            writer.add_tensor_info(
+                job.name, byte_shape, np.dtype(np.uint8), job.nbytes,
+                raw_dtype=gguf.GGMLQuantizationType.BF16,
+            )  # fmt: skip
+        else:
+            np_dtype = np.dtype(np.float32 if job.dtype == "f32" else np.float16)
+            writer.add_tensor_info(job.name, job.shape, np_dtype, job.nbytes)
 
 
 def _load(job: _Job, index: Mapping[str, TensorInfo], a_dir: Path, files: SourceFiles) -> Any:
