@@ -4,9 +4,9 @@ Two kinds of test: the passes and `resolve` on plans built directly as IR (no
 parsing, so a 50,000-item selection costs nothing to make; the pairwise P103
 scan and the per-layer set rebuilding in `resolve` took minutes on these),
 and `check_text` end to end on 10,000-index selections of every statement
-kind. They assert the exact diagnostics (codes, messages, folded counts); how the time grows with the size is measured
-by `benchmarks/check_scaling.py` (a quadratic regression shows here as a suite
-that takes minutes).
+kind. They assert the exact diagnostics (codes, messages, folded counts); how
+the time grows with the size is measured by `benchmarks/check_scaling.py` (a
+quadratic regression shows here as a suite that takes minutes).
 """
 
 from __future__ import annotations
