@@ -130,6 +130,14 @@ def main() -> None:
         peer = PEERS.get((name, k))
         cells = f"{name:<52} {k:>3} {values[0]:>8.2f} {peer if peer else '':>7}"
         print(cells + (f" {values[1]:>8.2f}" if args.unseen else ""))
+    # The aim (once a threshold in tests/test_analyze_moe.py): the default beats the best
+    # single score's published figure at each K (K=8: routing weight, 25.29).
+    for k in (4, 8):
+        best, figure = min(((n, v) for (n, kk), v in PEERS.items() if kk == k), key=lambda p: p[1])
+        default = next(v[0] for n, kk, v in rows if kk == k and n.startswith("plancc default"))
+        verdict = "beats" if default < figure else "does NOT beat"
+        print(f"K={k}: plancc default {default:.2f} {verdict} the best peer figure", end=" ")
+        print(f"{figure:.2f} ({best})")
 
 
 class _Arch:

@@ -228,6 +228,7 @@ def test_a_model_that_does_not_fit_is_refused_before_any_work(monkeypatch, tmp_p
         check_memory(2_000_000, opts, gradients=True)
 
 
+@pytest.mark.model
 @pytest.mark.slow
 def test_analyze_check_apply_eval_on_smollm2(smollm2_dir: Path, tmp_path: Path, capsys) -> None:
     """The CLIs end to end on the real model: FLAP at -10% (forward only, small

@@ -409,6 +409,7 @@ def test_moe_depth_keeps_dense_layers_dense(tmp_path: Path) -> None:
 # ---- the demo model, end to end -------------------------------------------------------
 
 
+@pytest.mark.model
 @pytest.mark.slow
 @pytest.mark.parametrize("example", ["smollm2-depth.prn", "smollm2-mlp.prn"])
 def test_smollm2_examples_apply_generate_restore(

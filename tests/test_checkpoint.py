@@ -120,6 +120,7 @@ def test_dense_layers_come_from_the_config(tmp_path: Path) -> None:
     assert "dense_layers" not in facts
 
 
+@pytest.mark.model
 @pytest.mark.skipif(not SHARED_FIXTURE.is_dir(), reason="../shared/fixtures is absent")
 def test_sharded_trained_fixture_matches_the_table() -> None:
     ckpt = load_checkpoint_facts(SHARED_FIXTURE)

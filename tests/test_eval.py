@@ -85,6 +85,7 @@ def test_perplexity_matches_transformers_loss(tiny_model) -> None:
     assert perplexity(model, chunks, "cpu", progress=False) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.model
 @pytest.mark.slow
 def test_eval_cli_on_smollm2(smollm2_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from executor.cli import main
@@ -106,6 +107,7 @@ def test_eval_cli_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "holds no config.json" in capsys.readouterr().err
 
 
+@pytest.mark.model
 @pytest.mark.slow
 def test_eval_compares_original_and_pruned_smollm2(
     smollm2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -203,11 +203,13 @@ def _prod(shape: tuple[int, ...]) -> int:
     return out
 
 
+@pytest.mark.model
 def test_moe_example_against_the_trained_fixture(qwen2moe_dir: Path) -> None:
     result = check_file(EXAMPLES / "qwen2moe-tiny.prn", checkpoint=checkpoint_facts(qwen2moe_dir))
     assert result.ok, result.diagnostics
 
 
+@pytest.mark.model
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(n for n in EXPECTED if n.startswith("smollm2")))
 def test_smollm2_examples_match_the_checkpoint(name: str, smollm2_dir: Path) -> None:

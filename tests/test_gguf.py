@@ -442,6 +442,7 @@ mlp layers 26..28 width 1280
 """
 
 
+@pytest.mark.model
 @pytest.mark.slow
 def test_smollm2_mixed_plan_runs_in_llama_cpp(smollm2_dir: Path, tmp_path: Path) -> None:
     """The heterogeneous SmolLM2 result as `deci`: llama.cpp tokenizes the corpus as the

@@ -3,7 +3,9 @@ against the architecture table, for every dense family and Qwen-1."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections import Counter
 from pathlib import Path
 
 import networkx as nx
@@ -75,8 +77,94 @@ def test_graph_of_each_family(
             "mlp.down_proj.weight": (1, "ffn"),
         }
     assert any(d["kind"] == "tied" for *_, d in g.edges(data=True)) == f["tied"]
-    json.loads(mg.to_json())
-    assert mg.to_dot().startswith("digraph model {")
+    _check_json(mg.to_json(), f, group_cuts, mlp_cuts, norms)
+    _check_dot(mg.to_dot(), f)
+
+
+def _structure(f: dict) -> tuple[dict[str, str], set[tuple[str, str, str]]]:
+    """The non-tensor nodes (id -> kind) and edges (source, target, kind) that a dense
+    model of this config must have: the module tree and the residual stream."""
+    layers, kv = f["layers"], f["kv_heads"]
+    nodes = {
+        "model": "model",
+        "model.embed_tokens": "embedding",
+        "model.norm": "norm",
+        "lm_head": "lm_head",
+    }
+    edges = {("model", n, "contains") for n in nodes if n != "model"}
+    chain = ["model.embed_tokens"]
+    for i in range(layers):
+        blk = f"model.layers.{i}"
+        attn, mlp = f"{blk}.attention", f"{blk}.mlp"
+        nodes.update({blk: "block", attn: "attention", mlp: "mlp"})
+        edges |= {("model", blk, "contains"), (blk, attn, "contains"), (blk, mlp, "contains")}
+        for k in range(kv):
+            nodes[f"{attn}.group.{k}"] = "kv_group"
+            edges.add((attn, f"{attn}.group.{k}", "contains"))
+        chain.append(blk)
+    chain += ["model.norm", "lm_head"]
+    edges |= {(a, b, "residual") for a, b in itertools.pairwise(chain)}
+    return nodes, edges
+
+
+def _check_json(text: str, f: dict, group_cuts: dict, mlp_cuts: dict, norms: int) -> None:
+    """The node-link JSON holds the whole graph: every module node with the config's
+    numbers, and a `slice` edge from each KV group and MLP to each tensor cut with it."""
+    data = json.loads(text)
+    assert data["directed"] and not data["multigraph"]
+    nodes = {n["id"]: n for n in data["nodes"]}
+    want_nodes, want_edges = _structure(f)
+    assert {n: d["kind"] for n, d in nodes.items() if d["kind"] != "tensor"} == want_nodes
+    layers, heads, kv = f["layers"], f["heads"], f["kv_heads"]
+    for i in range(layers):
+        attn = nodes[f"model.layers.{i}.attention"]
+        assert (attn["heads"], attn["kv_heads"], attn["head_dim"]) == (heads, kv, f["head_dim"])
+        assert nodes[f"model.layers.{i}.mlp"]["ffn"] == f["ffn"]
+        assert nodes[f"model.layers.{i}"]["index"] == i
+        # The KV groups split the query heads into kv runs of heads // kv.
+        ratio = heads // kv
+        assert [
+            nodes[f"model.layers.{i}.attention.group.{k}"]["query_heads"] for k in range(kv)
+        ] == [list(range(k * ratio, (k + 1) * ratio)) for k in range(kv)]
+    assert nodes["model.embed_tokens"]["shape"] == [f["vocab"], f["hidden"]]
+    assert nodes["model.norm"]["shape"] == [f["hidden"]]
+    edges = [(e["source"], e["target"], e["kind"]) for e in data["edges"]]
+    assert want_edges <= set(edges)
+    kinds = Counter(k for *_, k in edges)
+    tensors = [n for n, d in nodes.items() if d["kind"] == "tensor"]
+    # contains: model's 3 + L children, per block attention + mlp + kv groups, every tensor.
+    assert kinds["contains"] == 3 + layers * (3 + kv) + len(tensors)
+    assert kinds["residual"] == layers + 2
+    assert kinds["slice"] == layers * (kv * len(group_cuts) + len(mlp_cuts))
+    assert kinds["tied"] == int(f["tied"])
+    # Each slice edge names a tensor of its own block, on the table's axis and space.
+    cuts = {**group_cuts, **mlp_cuts}
+    for e in data["edges"]:
+        if e["kind"] == "slice":
+            block = e["source"].split(".attention")[0].removesuffix(".mlp")
+            tensor = nodes[e["target"]]
+            assert e["target"] == f"tensor:{block}.{tensor['rel']}"
+            assert (e["axis"], e["space"]) == cuts[tensor["rel"]]
+    # Every hidden-sized 1-D tensor of a block that is not cut is one of its norms.
+    per_block = [n for n in tensors if n.startswith("tensor:model.layers.0.")]
+    hidden_1d = [n for n in per_block if nodes[n]["shape"] == [f["hidden"]]]
+    assert len(hidden_1d) == norms
+
+
+def _check_dot(text: str, f: dict) -> None:
+    """The Graphviz text: exactly the module nodes, each labelled with its kind, and the
+    contains/residual edges between them; no tensor and no `tied` edge."""
+    want_nodes, want_edges = _structure(f)
+    lines = text.splitlines()
+    assert lines[:2] == ["digraph model {", "  rankdir=TB;"] and lines[-1] == "}"
+    body = lines[2:-1]
+    node_lines = [ln for ln in body if "->" not in ln]
+    edge_lines = [ln for ln in body if "->" in ln]
+    assert node_lines == [f'  "{n}" [label="{n}\\n{k}"];' for n, k in sorted(want_nodes.items())]
+    assert sorted(edge_lines) == sorted(
+        f'  "{a}" -> "{b}" [label="{k}"];' for a, b, k in want_edges
+    )
+    assert "tensor:" not in text
 
 
 def test_qwen1_is_found_at_transformer_h(qwen1: Path) -> None:  # noqa: F811
@@ -100,8 +188,27 @@ def test_cli_prints_summary_and_single_kv_group_note(
     assert "4 heads, 1 KV heads (GQA 4:1), head_dim 32" in out
     assert "attention cannot be narrowed (depth and MLP plans only)" in out
     assert main(["graph", str(model_dir), "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert {n["kind"] for n in data["nodes"]} >= {"block", "kv_group", "mlp", "embedding"}
+    text = capsys.readouterr().out
+    mg = build_graph(model_dir)
+    assert json.loads(text) == json.loads(mg.to_json())  # the whole graph, as checked above
+    f = mg.checkpoint.facts
+    gemma_cuts = {
+        **{
+            f"self_attn.{p}_proj.weight": (0, sp)
+            for p, sp in (("q", "q"), ("k", "kv"), ("v", "kv"))
+        },
+        "self_attn.o_proj.weight": (1, "q"),
+    }
+    mlp_cuts = {
+        "mlp.gate_proj.weight": (0, "ffn"),
+        "mlp.up_proj.weight": (0, "ffn"),
+        "mlp.down_proj.weight": (1, "ffn"),
+    }
+    _check_json(text, f, gemma_cuts, mlp_cuts, 4)
+    assert main(["graph", str(model_dir), "--dot"]) == 0
+    dot = capsys.readouterr().out
+    _check_dot(dot, f)
+    assert dot.count("kv_group") == 2  # one KV group in each of the 2 blocks
 
 
 def test_no_block_list_is_a_clear_error() -> None:

@@ -336,6 +336,7 @@ def test_fetch_demo_failure_is_an_error(
 # ---- the real demo model ---------------------------------------------------------------
 
 
+@pytest.mark.model
 @pytest.mark.slow
 def test_smollm2_header(smollm2_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert smollm2_dir.name == "SmolLM2-135M-Instruct"
@@ -357,6 +358,7 @@ def test_smollm2_header(smollm2_dir: Path, capsys: pytest.CaptureFixture[str]) -
     assert (smollm2_dir / "tokenizer.json").is_file()
 
 
+@pytest.mark.model
 @pytest.mark.slow
 def test_fetch_demo_cli_prints_the_cached_path(
     smollm2_dir: Path, capsys: pytest.CaptureFixture[str]

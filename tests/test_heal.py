@@ -59,6 +59,7 @@ def _loss(path: Path, windows: list[list[int]]) -> float:
         return float(lm_loss(model(input_ids=ids).logits, ids))
 
 
+@pytest.mark.train
 def test_lora_lowers_the_loss_and_its_adapter_equals_the_merged_model(
     out: Path, tmp_path: Path
 ) -> None:
@@ -85,6 +86,7 @@ def test_lora_lowers_the_loss_and_its_adapter_equals_the_merged_model(
     assert (dest / "A" / "loss.png").stat().st_size > 0
 
 
+@pytest.mark.train
 def test_stages_put_the_bundles_layers_back_and_leave_the_output_intact(
     out: Path, tmp_path: Path, capsys
 ) -> None:
@@ -115,6 +117,7 @@ def test_stages_put_the_bundles_layers_back_and_leave_the_output_intact(
     assert not (tmp_path / "healed.work").exists()
 
 
+@pytest.mark.train
 def test_stage_base_rebuilds_what_the_later_adapter_was_trained_on(
     out: Path, tmp_path: Path
 ) -> None:
@@ -133,6 +136,7 @@ def test_stage_base_rebuilds_what_the_later_adapter_was_trained_on(
     torch.testing.assert_close(got, _logits(dest / "B", ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.train
 def test_distillation_from_an_equal_model_is_zero_and_from_the_original_trains(
     out: Path, tmp_path: Path
 ) -> None:
@@ -174,6 +178,7 @@ def test_the_objective_mixes_kl_and_lm_loss_by_the_kd_weight() -> None:
     assert float(objective(student, ids, None, 0.25, 2.0)[0]) == pytest.approx(float(lm))
 
 
+@pytest.mark.train
 def test_a_poisoned_learning_rate_stops_with_the_fix_and_writes_nothing(
     out: Path, tmp_path: Path
 ) -> None:
@@ -192,6 +197,7 @@ def test_bad_stages_are_refused_before_any_work(out: Path, tmp_path: Path, capsy
     assert not dest.exists() and not (tmp_path / "healed.work").exists()
 
 
+@pytest.mark.train
 def test_resume_after_a_kill_gives_the_uninterrupted_result(
     out: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -228,6 +234,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(
         assert (dest / f).read_bytes() == (full / f).read_bytes()
 
 
+@pytest.mark.train
 def test_lora_on_a_heterogeneous_moe_result_trains_attention_and_shared_expert(
     tmp_path: Path,
 ) -> None:

@@ -167,6 +167,7 @@ def test_a_second_run_to_the_same_output_is_refused_naming_the_first(
     assert not (tmp_path / "healed").exists()
 
 
+@pytest.mark.train
 def test_a_user_directory_appearing_at_the_output_mid_run_is_kept(
     out: Path,  # noqa: F811
     tmp_path: Path,
@@ -203,6 +204,7 @@ def test_a_user_directory_appearing_at_the_output_mid_run_is_kept(
     assert (dest / "A" / "model.safetensors").is_file() and not work.exists()
 
 
+@pytest.mark.train
 def test_a_work_directory_replaced_mid_run_is_left_alone(
     out: Path,  # noqa: F811
     tmp_path: Path,
@@ -240,6 +242,7 @@ class _Canary:
         return (Path.touch, (self.path,))
 
 
+@pytest.mark.train
 def test_resume_reads_the_safetensors_state_and_never_a_planted_pickle(
     out: Path,  # noqa: F811
     interrupted: Path,
@@ -283,6 +286,7 @@ def _edit_record(**changes: object):
     return edit
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     ("damage", "names", "why"),
     [
@@ -338,6 +342,7 @@ def test_a_damaged_resume_state_is_refused_with_the_fix(
     _nothing_beside(tmp_path / "healed")
 
 
+@pytest.mark.train
 def test_resume_with_other_options_names_them(
     out: Path,  # noqa: F811
     interrupted: Path,
@@ -380,6 +385,7 @@ def test_a_damaged_input_is_refused_before_any_training(
     assert not (tmp_path / "healed.work").exists()
 
 
+@pytest.mark.train
 def test_ctrl_c_in_training_leaves_a_resumable_work_dir_and_no_staging(
     out: Path,  # noqa: F811
     interrupted: Path,
@@ -401,6 +407,7 @@ def test_ctrl_c_in_training_leaves_a_resumable_work_dir_and_no_staging(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".healed.")]
 
 
+@pytest.mark.train
 def test_a_refused_run_keeps_a_dead_runs_state(
     out: Path,  # noqa: F811
     interrupted: Path,
@@ -418,6 +425,7 @@ def test_a_refused_run_keeps_a_dead_runs_state(
     assert "removing" not in err and file_hashes(work) == before
 
 
+@pytest.mark.train
 def test_ctrl_c_while_installing_removes_the_staging_and_keeps_the_stages(
     out: Path,  # noqa: F811
     tmp_path: Path,
@@ -479,6 +487,7 @@ def test_bad_options_are_refused_with_the_values_allowed(
     assert not (tmp_path / "healed.work").exists()
 
 
+@pytest.mark.train
 def test_sigint_from_outside_leaves_a_resumable_work_dir(
     out: Path,  # noqa: F811
     tmp_path: Path,

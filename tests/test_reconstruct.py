@@ -423,6 +423,7 @@ def test_residual_solves_toward_the_original_models_layer_outputs(tiny):
             install(name, s)
 
 
+@pytest.mark.model
 @pytest.mark.slow
 def test_reconstruction_on_smollm2_checks_applies_and_beats_plain_slicing(
     smollm2_dir, tmp_path, capsys

@@ -4,9 +4,9 @@ Two kinds of test: the passes and `resolve` on plans built directly as IR (no
 parsing, so a 50,000-item selection costs nothing to make; the pairwise P103
 scan and the per-layer set rebuilding in `resolve` took minutes on these),
 and `check_text` end to end on 10,000-index selections of every statement
-kind. They assert behaviour only; how the time grows with the size is measured
-by `benchmarks/check_scaling.py` (a quadratic regression shows here as a suite
-that takes minutes).
+kind. They assert the exact diagnostics (codes, messages, folded counts); how
+the time grows with the size is measured by `benchmarks/check_scaling.py` (a
+quadratic regression shows here as a suite that takes minutes).
 """
 
 from __future__ import annotations
@@ -73,6 +73,25 @@ def test_out_of_range_and_repeated_indices_are_linear() -> None:
     by_code = {code: [d for d in diags if d.code == code] for code in ("P103", "P104")}
     assert [d.count for d in by_code["P104"]] == [1] * 5 + [N - 2048 - 5]
     assert [d.count for d in by_code["P103"]] == [1] * 5 + [N - 100 - 5]
+    assert [d.message for d in by_code["P104"][:5]] == [
+        f"layer {i} is out of range: the model has 4096 layers (0..4095)"
+        for i in range(4096, 4106, 2)
+    ]
+    assert by_code["P104"][-1].message == (
+        f"... and {N - 2048 - 5:,} more indices out of range in this statement"
+    )
+    assert [d.message for d in by_code["P103"][:5]] == [
+        f"layer {i} is listed twice" for i in range(5)
+    ]
+    assert by_code["P103"][-1].message == (
+        f"... and {N - 100 - 5:,} more indices listed twice in this statement"
+    )
+    # The one other diagnostic: the even layers 0..98 are both dropped and kept.
+    [guard] = [d for d in diags if d.code not in ("P103", "P104")]
+    evens = ", ".join(str(i) for i in range(0, 100, 2))
+    assert (guard.code, guard.count) == ("P108", 1)
+    assert guard.message == f"layers {evens} are guarded by `keep layers` and cannot be dropped"
+    assert len(diags) == 13
 
 
 @pytest.mark.parametrize("what", ["groups", "experts"])
@@ -127,8 +146,50 @@ STATEMENTS = {
 }
 
 
+def _listed(what: str, indices: range, more: int, line: int = 9) -> list[tuple]:
+    """P103/P104 as `cap_repeats` folds them: the first five, then `... and N more`."""
+    code, text, fold = {
+        "twice": ("P103", "layer {} is listed twice", "indices listed twice"),
+        "range": (
+            "P104",
+            "layer {} is out of range: the model has 4096 layers (0..4095)",
+            "indices out of range",
+        ),
+    }[what]
+    first = [(code, 1, text.format(i), line) for i in indices]
+    assert len(first) == 5
+    return [*first, (code, more, f"... and {more:,} more {fold} in this statement", line)]
+
+
+HETEROGENEOUS = (
+    "`expert drop` differs across layers (10000 experts dropped in layers 0..3; 0 experts "
+    "dropped in layers 4..7): the result is heterogeneous; stock `from_pretrained` cannot "
+    "load it; the report's targets say where it runs (`--format nemotron-nas` for vLLM, "
+    "`gguf` for llama.cpp)"
+)
+# Per statement kind: (code, count, message, line) of every diagnostic, in order.
+# drop layers 0, 2, ..., 19998 on 4096 layers: 2048 in range, 7952 out (5 + 7947);
+# i % 100 for 10,000 items: 100 first listings, 9900 repeats (5 + 9895).
+EXPECTED: dict[str, list[tuple]] = {
+    "drop layers, out of range": _listed("range", range(4096, 4106, 2), 10_000 - 2048 - 5),
+    "keep layers, repeated": _listed("twice", range(5), 10_000 - 100 - 5),
+    "bundle, repeated": _listed("twice", range(5), 10_000 - 100 - 5, line=10),
+    "attn drop groups": [],  # 10,000 of 65,536 groups in range, each once
+    "moe drop experts": [("W002", 1, HETEROGENEOUS, 9)],
+}
+
+
 @pytest.mark.parametrize("kind", list(STATEMENTS))
 def test_check_text_on_10000_index_selections(kind: str) -> None:
     head, body = STATEMENTS[kind]
     result = check_text(head + body + "\n")
-    assert len(result.diagnostics) <= 8  # long runs folded into `... and N more`
+    got = [(d.code, d.count, d.message, d.span.line) for d in result.diagnostics]
+    assert got == EXPECTED[kind]
+    # Every index is accounted for: the folded counts add up to the whole run.
+    assert sum(d.count for d in result.diagnostics if d.code in ("P103", "P104")) == {
+        "drop layers, out of range": 10_000 - 2048,
+        "keep layers, repeated": 10_000 - 100,
+        "bundle, repeated": 10_000 - 100,
+    }.get(kind, 0)
+    assert result.ok == (kind in ("attn drop groups", "moe drop experts"))
+    assert (result.resolved is not None) == result.ok
