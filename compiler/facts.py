@@ -104,9 +104,37 @@ class ModelFacts:
         return out
 
 
-def validate_facts(block: ir.ModelBlock) -> tuple[ModelFacts, list[Diagnostic]]:
-    """Type-check every fact; unknown, duplicate and ill-typed facts are errors."""
-    diags: list[Diagnostic] = []
+def _typed_value(fact: ir.Fact) -> tuple[object, str | None]:
+    """Coerce one known fact's value and say what it should have been; kept apart so
+    the per-type rules read as one table instead of nesting inside the fact loop."""
+    value = fact.value
+    problem = None
+    if fact.key in INT_FACTS:
+        if not isinstance(value, int) or isinstance(value, bool):
+            problem = "an integer"
+        elif value <= 0 and not (value == 0 and fact.key in ZERO_OK):
+            problem = "a positive integer"
+        elif value > LIMITS.get(fact.key, 2**40):
+            problem = f"at most {LIMITS.get(fact.key, 2**40)}"
+    elif fact.key in BOOL_FACTS:
+        if not isinstance(value, bool):
+            problem = "`true` or `false`"
+    elif fact.key in SELECTION_FACTS:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = ir.Selection.from_ints([value])
+        if not isinstance(value, ir.Selection):
+            problem = "a list of layers"
+    elif fact.key in ("fingerprint", "weights"):
+        if not isinstance(value, str):
+            problem = 'a quoted string "sha256:..."'
+    elif fact.key == "arch" and not isinstance(value, str):
+        problem = "an architecture name"
+    return value, problem
+
+
+def _fact_values(block: ir.ModelBlock, diags: list[Diagnostic]) -> dict[str, object]:
+    """Collect the well-typed facts by key, reporting unknown, repeated and ill-typed
+    ones; every later check works on this dict, never on the raw facts."""
     values: dict[str, object] = {}
     for fact in block.facts:
         if fact.key not in KNOWN_FACTS:
@@ -124,35 +152,21 @@ def validate_facts(block: ir.ModelBlock) -> tuple[ModelFacts, list[Diagnostic]]:
                 error("P009", f"model fact `{fact.key}` is stated twice", fact.span, "keep one")
             )
             continue
-        value = fact.value
-        problem = None
-        if fact.key in INT_FACTS:
-            if not isinstance(value, int) or isinstance(value, bool):
-                problem = "an integer"
-            elif value <= 0 and not (value == 0 and fact.key in ZERO_OK):
-                problem = "a positive integer"
-            elif value > LIMITS.get(fact.key, 2**40):
-                problem = f"at most {LIMITS.get(fact.key, 2**40)}"
-        elif fact.key in BOOL_FACTS:
-            if not isinstance(value, bool):
-                problem = "`true` or `false`"
-        elif fact.key in SELECTION_FACTS:
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = ir.Selection.from_ints([value])
-            if not isinstance(value, ir.Selection):
-                problem = "a list of layers"
-        elif fact.key in ("fingerprint", "weights"):
-            if not isinstance(value, str):
-                problem = 'a quoted string "sha256:..."'
-        elif fact.key == "arch" and not isinstance(value, str):
-            problem = "an architecture name"
+        value, problem = _typed_value(fact)
         if problem:
             diags.append(
                 error("P011", f"model fact `{fact.key}` must be {problem}", fact.value_span)
             )
             continue
         values[fact.key] = value
+    return values
 
+
+def _required_facts(
+    block: ir.ModelBlock, values: dict[str, object], diags: list[Diagnostic]
+) -> Architecture | None:
+    """Resolve `arch` and report a missing `arch` or `layers`: the two facts no plan
+    can be compiled without."""
     arch = None
     arch_fact = block.fact("arch")
     if "arch" in values:
@@ -177,7 +191,15 @@ def validate_facts(block: ir.ModelBlock) -> tuple[ModelFacts, list[Diagnostic]]:
                 "`plangen header MODEL_DIR` prints every fact",
             )
         )
+    return arch
 
+
+def _cross_checks(
+    block: ir.ModelBlock, values: dict[str, object], diags: list[Diagnostic]
+) -> object:
+    """Check the facts against each other (heads/kv_heads, dense_layers within
+    layers) and warn on a missing fingerprint; returns the dense layers kept, or None.
+    Drops what fails so ModelFacts never holds an inconsistent pair."""
     heads, kv = values.get("heads"), values.get("kv_heads")
     if isinstance(heads, int) and isinstance(kv, int) and heads % kv != 0:
         fact = block.fact("kv_heads")
@@ -210,6 +232,15 @@ def validate_facts(block: ir.ModelBlock) -> tuple[ModelFacts, list[Diagnostic]]:
                 break
     elif isinstance(dense, ir.Selection):
         dense = None
+    return dense
+
+
+def validate_facts(block: ir.ModelBlock) -> tuple[ModelFacts, list[Diagnostic]]:
+    """Type-check every fact; unknown, duplicate and ill-typed facts are errors."""
+    diags: list[Diagnostic] = []
+    values = _fact_values(block, diags)
+    arch = _required_facts(block, values, diags)
+    dense = _cross_checks(block, values, diags)
     facts = ModelFacts(
         name=block.name,
         arch=arch,
