@@ -21,6 +21,7 @@ from compiler import ir
 from compiler.check import check_text
 from compiler.checkpoint import load_checkpoint_facts, weights_digest
 from compiler.corpus import TokenPools, load_text, tokenize, windows
+from compiler.facts import ModelFacts
 from compiler.fmt import quote
 from compiler.resolve import ResolvedPlan, resolve
 from compiler.sidecar import WEIGHTS_KEY
@@ -97,29 +98,11 @@ def candidate_of(resolved: ResolvedPlan) -> tuple[Candidate, set[tuple[int, str]
     return cand, targets
 
 
-def refresh(
-    plan_path: Path,
-    model_dir: Path | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    batch_size: int = 4,
-    damp: float | None = None,
-    progress: bool = True,
-    data_files: list[str] | None = None,
-) -> Refreshed:
-    """Re-solve `plan_path`'s reconstruction; rewrite its sidecar and its sha256 pin."""
-    import time
-
-    import torch
-    from transformers import AutoTokenizer
-
-    from executor.loader import load
-    from plangen.analyze import model_facts
-    from plangen.metrics import DAMP
-    from plangen.pipeline import sidecar_meta
-    from plangen.reconstruct import attach, sequential
-
-    started = time.perf_counter()
+def _checked_plan(
+    plan_path: Path, model_dir: Path | None
+) -> tuple[str, ir.Plan, ModelFacts, Path, Path, Candidate, set[tuple[int, str]]]:
+    """Read and check the plan, and refuse everything a re-solve cannot repair before
+    any model is loaded: the text, plan, facts, sidecar, model dir and candidate."""
     text = _read_plan(plan_path)
     result = check_text(text, base_dir=plan_path.parent)
     blocking = _blocking(result)
@@ -149,18 +132,72 @@ def refresh(
         _writable(dest)
     resolved = resolve(plan, facts)
     cand, targets = candidate_of(resolved)
+    return text, plan, facts, sidecar, model_dir, cand, targets
 
-    old = read_sidecar(sidecar)
-    meta = sidecar_meta(old)
+
+def _recorded_settings(
+    plan: ir.Plan, meta: dict, damp: float | None, default_damp: float
+) -> tuple[dict, str, int, int, float, bool, bool]:
+    """The calibration and solver settings to re-solve with: the plan's `calibration`
+    line first, then what the sidecar recorded, so the re-solve repeats the first one.
+    Returns (recorded calibration, data, samples, seqlen, damp, one_shot, residual)."""
     calibration = meta.get("calibration", {})
     options = dict(plan.calibration.options) if plan.calibration else {}
     data = plan.calibration.data if plan.calibration else calibration.get("data", "builtin")
     samples = int(options.get("samples", calibration.get("samples", 32)))
     seqlen = int(options.get("seqlen", calibration.get("seqlen", 512)))
     recorded = meta.get("reconstruction", {})
-    damp = damp if damp is not None else recorded.get("damp", DAMP)
+    damp = damp if damp is not None else recorded.get("damp", default_damp)
     one_shot = recorded.get("mode") == "one-shot"
     residual = recorded.get("mode") == "residual"
+    return calibration, data, samples, seqlen, damp, one_shot, residual
+
+
+def _calibration_windows(
+    tokenizer, calibration: dict, data: str, data_files: list[str] | None, seqlen: int, samples: int
+):
+    """The calibration windows, refused unless the text is the one the scores were
+    measured on (same sha256): a re-solve on other text would not match the tables."""
+    corpus = load_text(data, data_files)
+    pools = TokenPools.split(tokenize(corpus, tokenizer), corpus)
+    if calibration.get("text_sha256") and calibration["text_sha256"] != pools.text_sha256:
+        raise ReconstructError(
+            f"the calibration text {data!r} is not the one the scores were measured on "
+            "(its sha256 differs); pass the same --data-files"
+        )
+    return windows(pools.calibration, seqlen, samples)
+
+
+def refresh(
+    plan_path: Path,
+    model_dir: Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 4,
+    damp: float | None = None,
+    progress: bool = True,
+    data_files: list[str] | None = None,
+) -> Refreshed:
+    """Re-solve `plan_path`'s reconstruction; rewrite its sidecar and its sha256 pin."""
+    import time
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from executor.loader import load
+    from plangen.analyze import model_facts
+    from plangen.metrics import DAMP
+    from plangen.pipeline import sidecar_meta
+    from plangen.reconstruct import attach, sequential
+
+    started = time.perf_counter()
+    text, plan, facts, sidecar, model_dir, cand, targets = _checked_plan(plan_path, model_dir)
+
+    old = read_sidecar(sidecar)
+    meta = sidecar_meta(old)
+    calibration, data, samples, seqlen, damp, one_shot, residual = _recorded_settings(
+        plan, meta, damp, DAMP
+    )
 
     ck = load_checkpoint_facts(model_dir)
     if model_facts(ck).fingerprint != facts.fingerprint and facts.fingerprint:
@@ -171,14 +208,7 @@ def refresh(
     weights = weights_digest(ck.model_dir, ck.index)
     _same_weights(model_dir, weights, facts.weights, meta.get(WEIGHTS_KEY))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    corpus = load_text(data, data_files)
-    pools = TokenPools.split(tokenize(corpus, tokenizer), corpus)
-    if calibration.get("text_sha256") and calibration["text_sha256"] != pools.text_sha256:
-        raise ReconstructError(
-            f"the calibration text {data!r} is not the one the scores were measured on "
-            "(its sha256 differs); pass the same --data-files"
-        )
-    calib = windows(pools.calibration, seqlen, samples)
+    calib = _calibration_windows(tokenizer, calibration, data, data_files, seqlen, samples)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = load(model_dir, device, torch_dtype)
     scores = old.without_reconstruction()
