@@ -71,22 +71,9 @@ def cmd_heal(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_heal(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "heal",
-        help="recover quality after pruning: LoRA or full fine-tuning, staged A → A+B → A+B+C",
-        description="Train the pruned model A of a `plancc apply` output on the calibration "
-        "pool of a corpus (never its evaluation pool): a LoRA adapter through peft (merged "
-        "into the weights) or every weight, on the LM loss or distilled from the original "
-        "(rebuilt from A and the bundles). With --stages A,B,C, bundle B's layers are then put "
-        "back into the healed A at their original positions and a new adapter trained, then "
-        "C's. Each stage is written as HEALED/STAGE (a model that loads like its unhealed "
-        "counterpart, its adapter in adapter/, loss.json/.png, heal.json); report.md/.json "
-        "compare perplexity, parameters and tokens/s. The bundles are never modified.",
-        epilog="example: plancc heal out -o healed --stages A --epochs 2 "
-        "(r 8, alpha 16, dropout 0.05, batch 1 x 8 as the peers; lr 1e-3, "
-        "measured better than their 2e-4)",
-    )
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    """What to heal and on what: the apply output, the stages, the text and the method
+    (added first, so they lead the options in `--help` as before)."""
     p.add_argument("out_dir", type=Path, metavar="OUT", help="the -o directory of `plancc apply`")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="HEALED")
     p.add_argument(
@@ -108,6 +95,10 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
         default="none",
         help="original: distill from the original model rebuilt from A and the bundles",
     )
+
+
+def _add_lora_options(p: argparse.ArgumentParser) -> None:
+    """The LoRA adapter's shape: its own group, so `--help` lists it apart."""
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--r", type=int, default=8, help="adapter rank (default 8)")
     lora.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
@@ -115,6 +106,10 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
     lora.add_argument(
         "--targets", default="attn,mlp", help="attn, mlp or attn,mlp (default attn,mlp)"
     )
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """The optimizer, schedule, checkpointing and device: the `training` group."""
     tr = p.add_argument_group("training")
     tr.add_argument(
         "--lr",
@@ -142,6 +137,10 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
         help="continue a stopped run (Ctrl-C, crash, kill) from HEALED.work/",
     )
     tr.add_argument("--device", help="cpu or cuda (default: cuda when available; bf16 autocast)")
+
+
+def _add_distillation_options(p: argparse.ArgumentParser) -> None:
+    """The knowledge-distillation knobs, used only with --teacher original."""
     kd = p.add_argument_group("distillation (--teacher original)")
     kd.add_argument(
         "--temperature", type=float, default=1.0, help="softmax temperature (default 1)"
@@ -155,6 +154,28 @@ def add_heal(sub: argparse._SubParsersAction) -> None:
     kd.add_argument(
         "--teacher-topk", type=_positive_int, default=0, help="KL over the teacher's top k tokens"
     )
+
+
+def add_heal(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "heal",
+        help="recover quality after pruning: LoRA or full fine-tuning, staged A → A+B → A+B+C",
+        description="Train the pruned model A of a `plancc apply` output on the calibration "
+        "pool of a corpus (never its evaluation pool): a LoRA adapter through peft (merged "
+        "into the weights) or every weight, on the LM loss or distilled from the original "
+        "(rebuilt from A and the bundles). With --stages A,B,C, bundle B's layers are then put "
+        "back into the healed A at their original positions and a new adapter trained, then "
+        "C's. Each stage is written as HEALED/STAGE (a model that loads like its unhealed "
+        "counterpart, its adapter in adapter/, loss.json/.png, heal.json); report.md/.json "
+        "compare perplexity, parameters and tokens/s. The bundles are never modified.",
+        epilog="example: plancc heal out -o healed --stages A --epochs 2 "
+        "(r 8, alpha 16, dropout 0.05, batch 1 x 8 as the peers; lr 1e-3, "
+        "measured better than their 2e-4)",
+    )
+    _add_inputs(p)
+    _add_lora_options(p)
+    _add_training_options(p)
+    _add_distillation_options(p)
     p.add_argument(
         "--eval-limit",
         type=_positive_int,
