@@ -306,14 +306,10 @@ def _cross_check(ck: CheckpointFacts, prefix: str) -> None:
         )
 
 
-def _assemble(ck: CheckpointFacts, prefix: str) -> nx.DiGraph:
-    arch, f = ck.arch, ck.facts
-    g = nx.DiGraph()
-    g.add_node("model", kind="model", arch=arch.name, name=ck.name)
-    head_dim, kv = f["head_dim"], f["kv_heads"]
-    ratio = f["heads"] // kv
-    dense = set(f.get("dense_layers") or ())
-    for spec in arch.embeddings:
+def _add_embeddings(g: nx.DiGraph, ck: CheckpointFacts) -> None:
+    """Add the model-level tensors the checkpoint has (embedding, final norm, lm_head),
+    before any block, so the residual chain can start at the embedding."""
+    for spec in ck.arch.embeddings:
         name = spec.name
         if name not in ck.index:
             continue
@@ -325,58 +321,101 @@ def _assemble(ck: CheckpointFacts, prefix: str) -> nx.DiGraph:
         node = name.removesuffix(".weight")
         g.add_node(node, kind=kind, tensor=name, shape=list(ck.index[name].shape))
         g.add_edge("model", node, kind="contains")
+
+
+def _add_layer_tensor(
+    g: nx.DiGraph,
+    ck: CheckpointFacts,
+    name: str,
+    spec: Any,
+    blk: str,
+    mlp: str,
+    groups: list[str],
+    experts: list[str],
+) -> None:
+    """Add one (non-per-expert) tensor of a block and its slice edges: each axis is
+    linked to the units (KV groups, MLP, experts) whose removal cuts along it."""
+    node = f"tensor:{name}"
+    g.add_node(
+        node,
+        kind="tensor",
+        rel=spec.name,
+        shape=list(ck.index[name].shape),
+        spaces=list(spec.dims),
+    )
+    g.add_edge(blk, node, kind="contains")
+    for axis, space in enumerate(spec.dims):
+        if space in ("q", "kv", "qkv"):
+            for grp in groups:
+                g.add_edge(grp, node, kind="slice", axis=axis, space=space)
+        elif space in ("ffn", "gate_up"):
+            g.add_edge(mlp, node, kind="slice", axis=axis, space=space)
+        elif space == "experts":  # the router's rows, or fused experts' slices
+            for e in experts:
+                g.add_edge(e, node, kind="slice", axis=axis, space=space)
+        elif space in ("expert_ffn", "expert_gate_up"):
+            for e in experts:  # each expert's own channels of the fused tensor
+                g.add_edge(e, node, kind="slice", axis=axis, space=space)
+        elif space == "shared_ffn":
+            g.add_edge(f"{mlp}.shared_expert", node, kind="slice", axis=axis, space=space)
+
+
+def _add_block(
+    g: nx.DiGraph,
+    ck: CheckpointFacts,
+    prefix: str,
+    i: int,
+    previous: str,
+    dense: set,
+    head_dim: int,
+    kv: int,
+    ratio: int,
+) -> str:
+    """Add block `i` (its attention, KV groups, MLP, experts and tensors) after
+    `previous` on the residual chain; returns the block, the chain's new end. The
+    head counts come from the caller, which reads them before anything is added."""
+    arch, f = ck.arch, ck.facts
+    blk = f"{prefix}.{i}"
+    moe = arch.moe and i not in dense
+    g.add_node(blk, kind="block", index=i, moe=moe)
+    g.add_edge("model", blk, kind="contains")
+    g.add_edge(previous, blk, kind="residual")
+    attn, mlp = f"{blk}.attention", f"{blk}.mlp"
+    g.add_node(attn, kind="attention", heads=f["heads"], kv_heads=kv, head_dim=head_dim)
+    g.add_node(mlp, kind="mlp", ffn=None if moe else f.get("ffn"), moe=moe)
+    g.add_edge(blk, attn, kind="contains")
+    g.add_edge(blk, mlp, kind="contains")
+    groups = [f"{attn}.group.{k}" for k in range(kv)]
+    for k, grp in enumerate(groups):
+        q = list(range(k * ratio, (k + 1) * ratio))
+        g.add_node(grp, kind="kv_group", group=k, kv_head=k, query_heads=q)
+        g.add_edge(attn, grp, kind="contains")
+    experts = _add_experts(g, mlp, f) if moe else []
+    for spec in arch.layer_tensors(moe):
+        if spec.per_expert:
+            _add_expert_tensors(g, ck, arch, i, spec, experts)
+            continue
+        name = arch.layer_prefix.replace("{i}", str(i)) + spec.name
+        if name not in ck.index:
+            continue
+        _add_layer_tensor(g, ck, name, spec, blk, mlp, groups, experts)
+    return blk
+
+
+def _assemble(ck: CheckpointFacts, prefix: str) -> nx.DiGraph:
+    arch, f = ck.arch, ck.facts
+    g = nx.DiGraph()
+    g.add_node("model", kind="model", arch=arch.name, name=ck.name)
+    head_dim, kv = f["head_dim"], f["kv_heads"]
+    ratio = f["heads"] // kv
+    dense = set(f.get("dense_layers") or ())
+    _add_embeddings(g, ck)
     embed = next(n for n, d in g.nodes(data=True) if d["kind"] == "embedding")
     final = [n for n, d in g.nodes(data=True) if d["kind"] == "norm"]
     head = [n for n, d in g.nodes(data=True) if d["kind"] == "lm_head"]
     previous = embed
     for i in range(f["layers"]):
-        blk = f"{prefix}.{i}"
-        moe = arch.moe and i not in dense
-        g.add_node(blk, kind="block", index=i, moe=moe)
-        g.add_edge("model", blk, kind="contains")
-        g.add_edge(previous, blk, kind="residual")
-        previous = blk
-        attn, mlp = f"{blk}.attention", f"{blk}.mlp"
-        g.add_node(attn, kind="attention", heads=f["heads"], kv_heads=kv, head_dim=head_dim)
-        g.add_node(mlp, kind="mlp", ffn=None if moe else f.get("ffn"), moe=moe)
-        g.add_edge(blk, attn, kind="contains")
-        g.add_edge(blk, mlp, kind="contains")
-        groups = [f"{attn}.group.{k}" for k in range(kv)]
-        for k, grp in enumerate(groups):
-            q = list(range(k * ratio, (k + 1) * ratio))
-            g.add_node(grp, kind="kv_group", group=k, kv_head=k, query_heads=q)
-            g.add_edge(attn, grp, kind="contains")
-        experts = _add_experts(g, mlp, f) if moe else []
-        for spec in arch.layer_tensors(moe):
-            if spec.per_expert:
-                _add_expert_tensors(g, ck, arch, i, spec, experts)
-                continue
-            name = arch.layer_prefix.replace("{i}", str(i)) + spec.name
-            if name not in ck.index:
-                continue
-            node = f"tensor:{name}"
-            g.add_node(
-                node,
-                kind="tensor",
-                rel=spec.name,
-                shape=list(ck.index[name].shape),
-                spaces=list(spec.dims),
-            )
-            g.add_edge(blk, node, kind="contains")
-            for axis, space in enumerate(spec.dims):
-                if space in ("q", "kv", "qkv"):
-                    for grp in groups:
-                        g.add_edge(grp, node, kind="slice", axis=axis, space=space)
-                elif space in ("ffn", "gate_up"):
-                    g.add_edge(mlp, node, kind="slice", axis=axis, space=space)
-                elif space == "experts":  # the router's rows, or fused experts' slices
-                    for e in experts:
-                        g.add_edge(e, node, kind="slice", axis=axis, space=space)
-                elif space in ("expert_ffn", "expert_gate_up"):
-                    for e in experts:  # each expert's own channels of the fused tensor
-                        g.add_edge(e, node, kind="slice", axis=axis, space=space)
-                elif space == "shared_ffn":
-                    g.add_edge(f"{mlp}.shared_expert", node, kind="slice", axis=axis, space=space)
+        previous = _add_block(g, ck, prefix, i, previous, dense, head_dim, kv, ratio)
     for n in final + head:
         g.add_edge(previous, n, kind="residual")
         previous = n
