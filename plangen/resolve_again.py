@@ -20,6 +20,7 @@ from pathlib import Path
 from compiler import ir
 from compiler.check import check_text
 from compiler.checkpoint import load_checkpoint_facts, weights_digest
+from compiler.cli import UsageError, read_plan_text
 from compiler.corpus import TokenPools, load_text, tokenize, windows
 from compiler.facts import ModelFacts
 from compiler.fmt import quote
@@ -103,7 +104,10 @@ def _checked_plan(
 ) -> tuple[str, ir.Plan, ModelFacts, Path, Path, Candidate, set[tuple[int, str]]]:
     """Read and check the plan, and refuse everything a re-solve cannot repair before
     any model is loaded: the text, plan, facts, sidecar, model dir and candidate."""
-    text = _read_plan(plan_path)
+    try:
+        text = read_plan_text(plan_path)
+    except UsageError as exc:  # the one reader of plan files: its words, ours to raise
+        raise ReconstructError(str(exc)) from None
     result = check_text(text, base_dir=plan_path.parent)
     blocking = _blocking(result)
     if blocking:
@@ -242,18 +246,6 @@ def refresh(
 
     _replace_both(plan_path, sidecar, text, plan.scores, scores)
     return Refreshed(plan_path, sidecar, len(solved), time.perf_counter() - started)
-
-
-def _read_plan(plan_path: Path) -> str:
-    """The plan's text; a missing or unreadable file is a ReconstructError."""
-    try:
-        return plan_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ReconstructError(f"{plan_path}: no such plan file") from None
-    except IsADirectoryError:
-        raise ReconstructError(f"{plan_path} is a directory; pass the plan file") from None
-    except UnicodeDecodeError:
-        raise ReconstructError(f"{plan_path} is not UTF-8 text; pass a .prn plan") from None
 
 
 def _writable(dest: Path) -> None:
