@@ -16,7 +16,8 @@ the trained tiny Qwen2-MoE fixture, all on CPU in float32:
   moe-budget      the MoE fixture, --target-params 0.8
   apply-*         plancc apply of smol-auto, smol-depth and examples/smollm2-mixed.prn
 
-Paths are fixed (under --work, default /tmp/plancc-identical) so that the
+The output marker is hashed without its pid and creation time. Paths are fixed
+(under --work, default /tmp/plancc-identical) so that the
 plans' `source` lines and provenance comments are the same on both runs.
 
 Usage: python benchmarks/identical_outputs.py [--work DIR] > before.txt
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -35,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MOE = ROOT.parent / "shared" / "fixtures" / "qwen2moe-tiny"
+MARKER = ".plancc-output.json"  # its pid and creation time differ from run to run
 SHORT = ["--nsamples", "8", "--seqlen", "128", "--heldout", "2", "--quiet"]
 
 
@@ -52,10 +55,19 @@ def run(*argv: str) -> None:
         sys.exit(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr}")
 
 
+def digest(path: Path) -> str:
+    """sha256 of the file; of the output marker without its run's pid and start time."""
+    if path.name != MARKER:
+        return sha256(path)
+    record = json.loads(path.read_text(encoding="utf-8"))
+    stable = {k: v for k, v in record.items() if k not in ("pid", "created")}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
+
+
 def listing(name: str, path: Path) -> list[str]:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     base = path if path.is_dir() else path.parent
-    return [f"{name:<14} {p.relative_to(base)}  {sha256(p)}" for p in files]
+    return [f"{name:<14} {p.relative_to(base)}  {digest(p)}" for p in files]
 
 
 def main() -> None:
