@@ -20,12 +20,13 @@ Then, as SparseGPT, Wanda and llm-compressor's sequential pipeline do:
   stopping before the final norm: no decoder layer runs, and each layer gets
   exactly the arguments the full forward would give it (Gemma-3's sliding and
   global layers get different masks and rotary tables).
-- `layer(i)` reads only layer i's tensors (lazy `safe_open`, the files are
-  memory-mapped), converts them to the compute dtype on the device, fuses
-  per-expert MoE tensors as `from_pretrained` does, and on exit puts every
-  parameter back on meta. The layer's non-persistent buffers were built with
-  the skeleton and stay. In resident mode it yields the loaded layer and frees
-  nothing: the in-memory path is the same walk with every layer resident.
+- `layer(i)` reads only layer i's tensors (views of the files mapped shared and
+  read-only, so the page cache holds them, not the process), converts them
+  to the compute dtype on the device, fuses per-expert MoE tensors as
+  `from_pretrained` does, and on exit puts every parameter back on meta. The
+  layer's non-persistent buffers were built with the skeleton and stay. In
+  resident mode it yields the loaded layer and frees nothing: the in-memory
+  path is the same walk with every layer resident.
 - States live in a `StateCache`: on the host (default), on the device, or on
   disk under a directory (`cache=Path`, one safetensors file per batch in a
   temporary directory removed by `close`).
@@ -46,8 +47,10 @@ widths, config key `plancc`, is loaded whole by `executor.loader.load`).
 from __future__ import annotations
 
 import contextlib
+import mmap
 import shutil
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +69,22 @@ from executor.loader import fuse_experts
 # soft-capping is applied here; the others are refused rather than silently ignored.
 _SOFTCAP = "final_logit_softcapping"
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling")
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 class _Recorded(Exception):
@@ -207,7 +226,7 @@ class LayerWalk:
         self.cache = cache
         self.resident = resident
         self.layers: nn.ModuleList = model.get_submodule(arch.layers_module)
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, mmap.mmap] = {}
         self._head_modules = _head_modules(model)
         self._tied = _tied_names(model)
         self._loaded_outside: set[str] = set()
@@ -280,7 +299,8 @@ class LayerWalk:
         self.close()
 
     def close(self) -> None:
-        """Close the safetensors files and remove every state cache's directory."""
+        """Drop the file mappings (unmapped once no view is left) and remove every state
+        cache's directory."""
         self._handles.clear()
         for ref in self._caches:
             c = ref()
@@ -301,17 +321,36 @@ class LayerWalk:
 
     # ---- reading tensors
 
-    def _file(self, name: str) -> Any:
-        from safetensors import safe_open
-
-        file = self.index[name].file
+    def _file(self, file: str) -> mmap.mmap:
         if file not in self._handles:
-            self._handles[file] = safe_open(str(self.model_dir / file), framework="pt")
+            with open(self.model_dir / file, "rb") as fh:
+                self._handles[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         return self._handles[file]
 
     def _read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Checkpoint tensors by name, as stored (dtype converted when set)."""
-        return {n: self._file(n).get_tensor(n) for n in sorted(names, key=self._order)}
+        """Checkpoint tensors by name: read-only views of the memory-mapped files (the
+        caller copies them, converted, onto the device), in file order."""
+        return {n: self._view(self.index[n]) for n in sorted(names, key=self._order)}
+
+    def _view(self, info: TensorInfo) -> torch.Tensor:
+        """A tensor over its bytes in a shared read-only mapping of its file.
+
+        Not `safe_open`: its `get_tensor` maps the whole file private and writable,
+        which counts as data memory (`RLIMIT_DATA`, strict overcommit accounting)
+        as large as the file, though no page is copied. A shared read-only mapping
+        is page cache only; the one copy is the conversion into the layer."""
+        dtype = _TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise ValueError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}")
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        begin, _ = info.byte_range
+        with warnings.catch_warnings():  # "not writable": the view is only ever copied
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(
+                self._file(info.file), dtype=dtype, count=info.numel, offset=begin
+            )
+        return flat.view(info.shape)
 
     def _order(self, name: str) -> tuple[str, int]:
         info = self.index[name]
@@ -325,14 +364,14 @@ class LayerWalk:
             old = module._parameters[leaf]
             assert old is not None
             dtype = old.dtype if value.is_floating_point() else value.dtype
-            t = value.to(device=self.device, dtype=dtype)
+            t = value.to(device=self.device, dtype=dtype, copy=True)
             if t.shape != old.shape:
                 raise ValueError(f"{rel}: checkpoint {list(t.shape)}, model {list(old.shape)}")
             module._parameters[leaf] = nn.Parameter(t, requires_grad=old.requires_grad)
         else:
             old_b = module._buffers[leaf]
             assert old_b is not None
-            t = value.to(device=self.device, dtype=old_b.dtype)
+            t = value.to(device=self.device, dtype=old_b.dtype, copy=True)
             module._buffers[leaf] = t
 
     def _unset(self, root: nn.Module, rel: str) -> None:
