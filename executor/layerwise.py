@@ -54,7 +54,7 @@ import tempfile
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,6 @@ class States:
     batches: list[Batch]
     cache: StateCache
     layer: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -576,7 +575,7 @@ class LayerWalk:
                 hidden = states.get(k, self.device)
                 result = module(hidden, *batch.args[i], **batch.kwargs[i])
                 out.put(k, result[0] if isinstance(result, tuple) else result)
-        return States(states.batches, out, i + 1, dict(states.meta))
+        return States(states.batches, out, i + 1)
 
     def run(self, windows: Sequence[Sequence[int]] | torch.Tensor) -> States:
         """`inputs`, then every layer loaded, run and freed in turn: the final states."""
