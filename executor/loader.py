@@ -27,6 +27,7 @@ The result is a normal transformers model: `generate`, `save_pretrained`
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,7 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None) -> Any:
                 state[name] = fh.get_tensor(name)
     own = model.state_dict()
     if arch.moe:
-        _fuse_experts(arch, state, own, len(layers))
+        fuse_experts(arch, state, own, range(len(layers)))
     wrong = [
         f"{n}: checkpoint {list(t.shape)}, model {list(own[n].shape)}"
         for n, t in state.items()
@@ -153,10 +154,13 @@ def _add_missing_biases(model: Any, index: dict[str, Any]) -> None:
             linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
 
 
-def _fuse_experts(arch: Any, state: dict[str, Any], own: dict[str, Any], layers: int) -> None:
+def fuse_experts(
+    arch: Any, state: dict[str, Any], own: dict[str, Any], layers: Iterable[int]
+) -> None:
     """Checkpoint tensors one per expert, model parameters fused (transformers 5 keeps a
     layer's experts as `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj`
-    [E, H, I]): stack them as `from_pretrained`'s conversion does, in place.
+    [E, H, I]): stack them as `from_pretrained`'s conversion does, in place, for the
+    given layer indices (`executor.layerwise` passes one layer at a time).
 
     The roles come from the architecture table: the two (expert_ffn, hidden) tensors
     are gate then up (gate_proj/up_proj, Mixtral's w1/w3), the (hidden, expert_ffn)
@@ -171,7 +175,7 @@ def _fuse_experts(arch: Any, state: dict[str, Any], own: dict[str, Any], layers:
     router = [s for s in arch.moe_mlp if s.dims == ("experts", "hidden")]
     if len(gate_up) != 2 or len(down) != 1:
         return
-    for j in range(layers):
+    for j in layers:
         prefix = arch.layer_prefix.replace("{i}", str(j))
 
         def disk(spec: Any, e: int, prefix: str = prefix) -> str:

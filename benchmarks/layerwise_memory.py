@@ -1,0 +1,418 @@
+"""Peak memory of the layer-wise walk (`executor.layerwise`) against the layer count.
+
+Writes synthetic checkpoints with Llama-3-8B-shaped decoder layers (hidden
+4096, MLP 14336, 32 query heads : 8 KV heads of 128, vocabulary 128256,
+untied head, bf16, random values) streaming, one tensor at a time, one shard
+per layer (plus one for the embedding and one for the final norm and head), so
+the writer never holds more than one tensor. The checkpoints of 0, 4, 8 and 16
+layers share the shards of the first layers through symbolic links (one set of
+files on disk); `--whole` adds the 32-layer one (16 GB), deleted afterwards
+unless `--keep`.
+
+Each run is a fresh subprocess that walks `--windows` windows of `--tokens`
+random tokens through every layer and computes the mean next-token loss,
+while a thread samples `RssAnon` from /proc/self/status every 2 ms (the walk
+maps the files, so the page cache shows up in VmRSS and VmHWM; anonymous
+memory is what the process itself holds). The table compares the peak with
+
+    formula = base + one layer + state cache + max(embedding, head)
+
+all in the compute dtype (`--dtype`, default float32 as the planner runs on a
+CPU), where base is the RssAnon of the 0-layer run right after
+`LayerWalk.open` (interpreter, torch, transformers, the skeleton; nothing
+loaded). Targets (issue 36): flat in the layer count, at most 1.3 x the
+formula, the whole 32-layer model under 4 GB.
+
+Usage: python benchmarks/layerwise_memory.py [--dir /tmp/plancc-layerwise] [--whole]
+           [--layers 0,4,8,16] [--dtype float32] [--tokens 256] [--out FILE.md]
+
+`--child DIR` (internal, also used by tests/test_layerwise.py) runs one
+measurement in this process and prints one JSON line; `--mode whole` loads the
+checkpoint with `AutoModelForCausalLM.from_pretrained` instead, and
+`--data-limit BYTES` sets RLIMIT_DATA first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_UNIFORM_HALF_WIDTH = 0.02 * 3**0.5  # U(-a, a) has standard deviation a / sqrt(3)
+
+# Llama-3-8B's shapes.
+LLAMA3_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+}
+
+
+def llama_config(layers: int, **shape: int) -> dict[str, Any]:
+    """A Llama config.json with `layers` decoder layers and the given shape."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+        **shape,
+    }
+
+
+def _layer_shapes(c: dict[str, Any], i: int) -> dict[str, tuple[int, ...]]:
+    h, f = c["hidden_size"], c["intermediate_size"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    p = f"model.layers.{i}."
+    return {
+        p + "self_attn.q_proj.weight": (q, h),
+        p + "self_attn.k_proj.weight": (kv, h),
+        p + "self_attn.v_proj.weight": (kv, h),
+        p + "self_attn.o_proj.weight": (h, q),
+        p + "mlp.gate_proj.weight": (f, h),
+        p + "mlp.up_proj.weight": (f, h),
+        p + "mlp.down_proj.weight": (h, f),
+        p + "input_layernorm.weight": (h,),
+        p + "post_attention_layernorm.weight": (h,),
+    }
+
+
+def _shard_shapes(c: dict[str, Any], shard: str) -> dict[str, tuple[int, ...]]:
+    if shard == "embed":
+        return {"model.embed_tokens.weight": (c["vocab_size"], c["hidden_size"])}
+    if shard == "head":
+        return {
+            "model.norm.weight": (c["hidden_size"],),
+            "lm_head.weight": (c["vocab_size"], c["hidden_size"]),
+        }
+    return _layer_shapes(c, int(shard))
+
+
+def _write_shard(path: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
+    """One bf16 safetensors file, header first, then each tensor generated and written
+    alone (norms 1, matrices uniform with standard deviation 0.02, in row blocks
+    of at most 64M values: uniform draws are several times faster than normal ones)."""
+    import numpy as np
+    import torch
+
+    from executor.safetensors_io import OutEntry, SourceFiles, write_file
+
+    g = torch.Generator().manual_seed(seed)
+
+    def produce(shape: tuple[int, ...]) -> Any:
+        def make() -> np.ndarray:
+            if len(shape) == 1:
+                return torch.ones(shape, dtype=torch.bfloat16).view(torch.int16).numpy()
+            out = torch.empty(shape, dtype=torch.bfloat16)
+            rows = max(1, (64 << 20) // shape[1])
+            for s in range(0, shape[0], rows):
+                block = torch.rand((min(rows, shape[0] - s), shape[1]), generator=g)
+                out[s : s + rows] = block.sub_(0.5).mul_(2 * _UNIFORM_HALF_WIDTH)
+            return out.view(torch.int16).numpy()
+
+        return make
+
+    entries = [OutEntry(n, "BF16", s, produce=produce(s)) for n, s in shapes.items()]
+    tmp = path.with_name(path.name + ".tmp")
+    with SourceFiles() as files:
+        write_file(tmp, entries, files)
+    tmp.rename(path)
+
+
+def build(root: Path, layers: int, shape: dict[str, int] | None = None) -> Path:
+    """The `layers`-layer checkpoint under root (shards written once into root/shards,
+    linked from each checkpoint's directory); returns its directory."""
+    c = llama_config(layers, **(shape or LLAMA3_8B))
+    shards_dir = root / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    names = ["embed", *(str(i) for i in range(layers)), "head"]
+    for k, name in enumerate(names):
+        f = shards_dir / f"{name}.safetensors"
+        if not f.exists():
+            _write_shard(f, _shard_shapes(c, name), seed=k if name != "head" else 10_000)
+    out = root / f"layers-{layers}"
+    if (out / "model.safetensors.index.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for name in names:
+        file = f"{name}.safetensors"
+        link = out / file
+        if not link.exists():
+            link.symlink_to(shards_dir / file)
+        weight_map.update(dict.fromkeys(_shard_shapes(c, name), file))
+    (out / "config.json").write_text(json.dumps(c, indent=2))
+    index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def checkpoint_bytes(model_dir: Path) -> int:
+    return sum(os.path.getsize(p) for p in model_dir.glob("*.safetensors"))
+
+
+# --------------------------------------------------------------------------- child
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "VmData", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class PeakSampler:
+    """A thread sampling /proc/self/status every `interval` seconds: peak RssAnon, VmData."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.peak = {"RssAnon": 0, "VmData": 0}
+        self.phase = "start"
+        self.phase_peak: dict[str, int] = {}  # peak RssAnon while each phase ran
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+    def sample(self) -> dict[str, int]:
+        now = _status()
+        for k in self.peak:
+            self.peak[k] = max(self.peak[k], now[k])
+        phase = self.phase
+        self.phase_peak[phase] = max(self.phase_peak.get(phase, 0), now["RssAnon"])
+        return now
+
+    def enter(self, phase: str) -> None:
+        self.sample()
+        self.phase = phase
+        self.sample()
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement in this process (see the module docstring)."""
+    if args.data_limit:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_DATA, (args.data_limit, args.data_limit))
+    with PeakSampler() as sampler:
+        import torch
+
+        torch.manual_seed(0)
+        dtype = getattr(torch, args.dtype)
+        started = time.perf_counter()
+        result: dict[str, Any] = {"mode": args.mode}
+        try:
+            if args.mode == "walk":
+                from executor.layerwise import LayerWalk
+
+                walk = LayerWalk.open(args.child, dtype=dtype, batch_size=args.windows)
+                result["base"] = sampler.sample()["RssAnon"]
+                vocab = walk.config.vocab_size
+                windows = torch.randint(3, vocab, (args.windows, args.tokens))
+                with walk:
+                    sampler.enter("embedding")
+                    states = walk.inputs(windows)
+                    sampler.enter("layers")
+                    for i in range(walk.num_layers):
+                        with walk.layer(i) as module:
+                            states = walk.forward_layer(i, states, module, inplace=True)
+                    sampler.enter("head")
+                    result["loss"] = walk.loss(states)
+                    sampler.enter("end")
+            else:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(args.child, dtype=dtype).eval()
+                result["base"] = None
+                windows = torch.randint(3, model.config.vocab_size, (args.windows, args.tokens))
+                with torch.no_grad():
+                    out = model(input_ids=windows, labels=windows, use_cache=False)
+                result["loss"] = float(out.loss)
+            result["ok"] = True
+        except MemoryError as exc:  # RLIMIT_DATA refused an allocation
+            result.update(ok=False, error=f"MemoryError: {exc}"[:300])
+        except RuntimeError as exc:  # torch reports a failed allocation as RuntimeError
+            result.update(ok=False, error=f"RuntimeError: {exc}"[:300])
+        result["seconds"] = time.perf_counter() - started
+    result["peak_anon"] = sampler.peak["RssAnon"]
+    result["peak_data"] = sampler.peak["VmData"]
+    result["phase_peak"] = sampler.phase_peak
+    return result
+
+
+def run_child(model_dir: Path, **opts: Any) -> dict[str, Any]:
+    """Run `child` in a fresh interpreter; its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(model_dir)]
+    for k, v in opts.items():
+        if v is not None:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"ok": False, "error": f"exit {proc.returncode}: {proc.stderr[-800:]}"}
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f}"
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
+    root = Path(args.dir)
+    layers = [int(x) for x in args.layers.split(",")]
+    if args.whole:
+        layers.append(32)
+    item = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    c = LLAMA3_8B
+    layer_params = sum(
+        (lambda s: s[0] * (s[1] if len(s) > 1 else 1))(s) for s in _layer_shapes(c, 0).values()
+    )
+    layer_bytes = layer_params * item
+    head_bytes = c["vocab_size"] * c["hidden_size"] * item
+    state_bytes = args.windows * args.tokens * c["hidden_size"] * item
+    rows = []
+    base = None
+    for n in sorted(set([0, *layers])):
+        t0 = time.perf_counter()
+        model_dir = build(root, n)
+        write_s = time.perf_counter() - t0
+        r = run_child(
+            model_dir, mode="walk", dtype=args.dtype, tokens=args.tokens, windows=args.windows
+        )
+        if not r.get("ok"):
+            raise SystemExit(f"{n} layers: {r.get('error')}")
+        if n == 0:
+            base = r["base"]
+        assert base is not None
+        formula = base + (layer_bytes if n else 0) + state_bytes + head_bytes
+        # The layer and the head are never loaded together: the tighter bound.
+        tight = base + max(layer_bytes if n else 0, head_bytes) + state_bytes
+        row = {
+            "layers": n,
+            "checkpoint": checkpoint_bytes(model_dir),
+            "peak_anon": r["peak_anon"],
+            "base_this_run": r["base"],
+            "formula": formula,
+            "ratio": r["peak_anon"] / formula,
+            "tight_ratio": r["peak_anon"] / tight,
+            "layers_peak": r["phase_peak"].get("layers", 0),
+            "layers_formula": base + (layer_bytes if n else 0) + state_bytes,
+            "seconds": r["seconds"],
+            "write_s": write_s,
+            "loss": r["loss"],
+        }
+        rows.append(row)
+        print(_row(row), flush=True)
+        if n == 32 and not args.keep:
+            shutil.rmtree(model_dir)
+            for i in range(16, 32):
+                (root / "shards" / f"{i}.safetensors").unlink(missing_ok=True)
+    return rows
+
+
+HEADER = (
+    "| layers | checkpoint GB | peak RssAnon GB | formula GB | ratio | ratio to max form "
+    "| layer loop: peak / base+layer+states GB | walk s | loss |\n"
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def _row(r: dict[str, Any]) -> str:
+    return (
+        f"| {r['layers']} | {_gb(r['checkpoint'])} | {_gb(r['peak_anon'])} | "
+        f"{_gb(r['formula'])} | {r['ratio']:.2f} | {r['tight_ratio']:.2f} | "
+        f"{_gb(r['layers_peak'])} / {_gb(r['layers_formula'])} | "
+        f"{r['seconds']:.1f} | {r['loss']:.3f} |"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", default="/tmp/plancc-layerwise")
+    p.add_argument("--layers", default="4,8,16")
+    p.add_argument("--whole", action="store_true", help="also the 32-layer (16 GB) checkpoint")
+    p.add_argument("--keep", action="store_true", help="keep the 32-layer shards")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--windows", type=int, default=1)
+    p.add_argument("--out", help="write the table (markdown) here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="walk", choices=("walk", "whole"), help=argparse.SUPPRESS)
+    p.add_argument("--data-limit", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)), flush=True)
+        return
+    print(HEADER, flush=True)
+    rows = measure(args)
+    if args.out:
+        _write_result(Path(args.out), args, rows)
+
+
+def _write_result(path: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    cmd = "python benchmarks/layerwise_memory.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# Layer-wise walk: peak memory against the layer count",
+        "",
+        f"Command: `{cmd}`; commit {commit}; {datetime.date.today().isoformat()}; "
+        f"{os.cpu_count()} CPU cores; compute dtype {args.dtype}; "
+        f"{args.windows} x {args.tokens} tokens.",
+        "",
+        HEADER,
+        *(_row(r) for r in rows),
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,699 @@
+"""Run a causal LM one decoder layer at a time: the walk engine of issue 36.
+
+A model that does not fit in memory is never loaded whole. `LayerWalk.open`
+reads config.json and builds the model's skeleton with every parameter on the
+meta device (no weights read, nothing allocated; the small buffers computed at
+construction, such as rotary tables and Gemma's embedding scale, are real).
+Then, as SparseGPT, Wanda and llm-compressor's sequential pipeline do:
+
+    walk = LayerWalk.open(model_dir)            # or resident=True: all loaded once
+    states = walk.inputs(windows)               # embeddings + each layer's call args
+    for i in range(walk.num_layers):
+        with walk.layer(i) as module:           # layer i read from the safetensors
+            states = walk.forward_layer(i, states, module)
+    loss = walk.loss(states)                    # final norm + LM head, freed after
+
+- `inputs` embeds the windows, `batch_size` at a time, and records what the
+  model passes every decoder layer (position ids, rotary cos/sin, the causal or
+  sliding-window mask of that layer, ...) by running the model's own forward
+  with each decoder layer replaced by a recorder that returns its input, and
+  stopping before the final norm: no decoder layer runs, and each layer gets
+  exactly the arguments the full forward would give it (Gemma-3's sliding and
+  global layers get different masks and rotary tables).
+- `layer(i)` reads only layer i's tensors (views of the files mapped shared and
+  read-only, so the page cache holds them, not the process), converts them
+  to the compute dtype on the device, fuses per-expert MoE tensors as
+  `from_pretrained` does, and on exit puts every parameter back on meta. The
+  layer's non-persistent buffers were built with the skeleton and stay. In
+  resident mode it yields the loaded layer and frees nothing: the in-memory
+  path is the same walk with every layer resident.
+- States live in a `StateCache`: on the host (default), on the device, or on
+  disk under a directory (`cache=Path`, one safetensors file per batch in a
+  temporary directory removed by `close`).
+- `loss` is `plangen.heldout.mean_loss`'s figure, computed the same way (the
+  head over slices of tokens, log-sum-exp in float32 summed in float64, one
+  float32 mean per batch weighted by its predicted tokens), so it is
+  bit-identical to the full model's where the head is a plain linear map.
+
+The embedding is loaded by `inputs` and freed after; the final norm and LM
+head by `loss`/`logits` and freed after (tied heads read the embedding's
+tensor). Peak memory is then about one decoder layer in the compute dtype +
+the state cache + the larger of the embedding and the head + the runtime.
+
+Only stock checkpoints are walked (a `plancc apply` result with per-layer
+widths, config key `plancc`, is loaded whole by `executor.loader.load`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import mmap
+import shutil
+import tempfile
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compiler.architectures import Architecture
+from compiler.checkpoint import TensorInfo, architecture_of, read_config, tensor_index
+from executor.configs import PLANCC_KEY
+from executor.loader import fuse_experts
+
+# Attributes with which a config changes the logits after the head's matmul. Gemma-2's
+# soft-capping is applied here; the others are refused rather than silently ignored.
+_SOFTCAP = "final_logit_softcapping"
+_UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling")
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _Recorded(Exception):
+    """Raised at the final norm once every layer's call arguments are recorded."""
+
+
+# --------------------------------------------------------------------------- skeleton
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with every parameter on the meta device and buffers real.
+
+    `torch.device("meta")` would also put the buffers computed in `__init__`
+    (rotary inverse frequencies, embedding scales) on meta, losing their values.
+    Here only `register_parameter` is redirected (accelerate's
+    `init_empty_weights(include_buffers=False)`, in plain torch): a parameter is
+    created by `torch.empty` (untouched memory, never committed) and moved to meta
+    at once; initialisers then run on meta, i.e. not at all.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kwargs = {"requires_grad": param.requires_grad}
+            module._parameters[name] = type(param)(param.to("meta"), **kwargs)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_MMAP_THRESHOLD = 4 << 20
+
+
+@functools.cache
+def _steady_heap() -> bool:
+    """Fix glibc's mmap threshold at 4 MiB (once per process; False where not glibc).
+
+    glibc raises its threshold to the size of every mmap-served block freed (up to
+    32 MiB), so after the first layer is freed, the next layer's mid-sized tensors
+    (Llama-3-8B's k/v projections: 16 MiB in fp32) come from the heap, which
+    fragments: peak anonymous memory then drifted by several layers' worth from run
+    to run (0.36-1.46 GB for the same walk). A fixed threshold serves every block of
+    4 MiB or more by mmap, returned to the system when freed: the peak is steady.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError where not glibc
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+# --------------------------------------------------------------------------- states
+
+
+class StateCache:
+    """The hidden states of every batch at one layer boundary, by batch index.
+
+    In memory on `device` (the host or the accelerator), or, with `directory`,
+    one safetensors file per batch in a fresh temporary directory under it,
+    removed by `close` (or when the cache is garbage collected).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", directory: str | Path | None = None):
+        self.device = torch.device(device)
+        self._items: dict[int, torch.Tensor] = {}
+        self._dir: Path | None = None
+        if directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix="plancc-walk-", dir=directory))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
+        self._count = 0
+
+    @property
+    def directory(self) -> Path | None:
+        return self._dir
+
+    def put(self, k: int, state: torch.Tensor) -> None:
+        if self._dir is None:
+            self._items[k] = state.to(self.device)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({"state": state.detach().contiguous().cpu()}, str(self._dir / f"{k}.st"))
+        self._count = max(self._count, k + 1)
+
+    def get(self, k: int, device: str | torch.device | None = None) -> torch.Tensor:
+        target = torch.device(device) if device is not None else self.device
+        if self._dir is None:
+            return self._items[k].to(target)
+        from safetensors.torch import load_file
+
+        return load_file(str(self._dir / f"{k}.st"), device=str(target))["state"]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def close(self) -> None:
+        self._items.clear()
+        if self._dir is not None:
+            self._cleanup()
+
+
+@dataclass
+class Batch:
+    """One batch of windows and what the model gives each decoder layer besides the states."""
+
+    ids: torch.Tensor  # [B, T] token ids, on the host
+    args: list[tuple[Any, ...]]  # per layer: positional arguments after the hidden states
+    kwargs: list[dict[str, Any]]  # per layer: keyword arguments (masks, rotary cos/sin, ...)
+
+
+@dataclass
+class States:
+    """The hidden states of the walked windows at one layer boundary (`layer` layers run)."""
+
+    batches: list[Batch]
+    cache: StateCache
+    layer: int = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def get(self, k: int, device: str | torch.device | None = None) -> torch.Tensor:
+        return self.cache.get(k, device)
+
+
+# --------------------------------------------------------------------------- the walk
+
+
+class LayerWalk:
+    """A causal LM run one decoder layer at a time (see the module docstring)."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        model: nn.Module,
+        arch: Architecture,
+        index: dict[str, TensorInfo],
+        device: torch.device,
+        batch_size: int,
+        cache: str | Path,
+        resident: bool,
+    ):
+        self.model_dir = model_dir
+        self.model = model
+        self.arch = arch
+        self.index = index
+        self.device = device
+        self.batch_size = batch_size
+        self.cache = cache
+        self.resident = resident
+        self.layers: nn.ModuleList = model.get_submodule(arch.layers_module)
+        self._handles: dict[str, mmap.mmap] = {}
+        self._head_modules = _head_modules(model)
+        self._tied = _tied_names(model)
+        self._loaded_outside: set[str] = set()
+        self._caches: list[weakref.ref[StateCache]] = []
+
+    # ---- construction
+
+    @classmethod
+    def open(
+        cls,
+        model_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        resident: bool = False,
+        batch_size: int = 4,
+        cache: str | Path = "host",
+        attn_implementation: str | None = None,
+    ) -> LayerWalk:
+        """Read config.json and the safetensors headers and build the skeleton on meta.
+
+        `cache`: where states live between layers: "host" (default), "device", or a
+        directory (states on disk under it). `resident=True` loads every weight now
+        (the in-memory mode) and `layer` then frees nothing.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if not resident:
+            _steady_heap()
+        model_dir = Path(model_dir)
+        raw = read_config(model_dir)
+        if raw.get(PLANCC_KEY):
+            raise ValueError(
+                f"{model_dir}: a `plancc apply` result with per-layer widths; "
+                "the layer-wise walk reads stock checkpoints only (use executor.loader.load)"
+            )
+        arch = architecture_of(raw, str(model_dir / "config.json"))
+        config = AutoConfig.from_pretrained(model_dir)
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
+        for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
+            if getattr(config, name, None) not in (None, 1, 1.0):
+                raise ValueError(f"{model_dir}: config `{name}` is not supported by the walk")
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.eval()
+        device = torch.device(device)
+        for module in model.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.device != device:
+                    module._buffers[name] = buf.to(device)
+        walk = cls(
+            model_dir, model, arch, tensor_index(model_dir), device, batch_size, cache, resident
+        )
+        if resident:
+            walk._load_outside(walk._outside_names())
+            for i in range(walk.num_layers):
+                walk._load_layer(i)
+        return walk
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def __enter__(self) -> LayerWalk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the file mappings (unmapped once no view is left) and remove every state
+        cache's directory."""
+        self._handles.clear()
+        for ref in self._caches:
+            c = ref()
+            if c is not None:
+                c.close()
+        self._caches.clear()
+
+    def new_cache(self) -> StateCache:
+        """An empty state cache where `cache` (given to `open`) says."""
+        if self.cache == "host":
+            c = StateCache("cpu")
+        elif self.cache == "device":
+            c = StateCache(self.device)
+        else:
+            c = StateCache("cpu", directory=self.cache)
+        self._caches.append(weakref.ref(c))
+        return c
+
+    # ---- reading tensors
+
+    def _file(self, file: str) -> mmap.mmap:
+        if file not in self._handles:
+            with open(self.model_dir / file, "rb") as fh:
+                self._handles[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._handles[file]
+
+    def _read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors by name: read-only views of the memory-mapped files (the
+        caller copies them, converted, onto the device), in file order."""
+        return {n: self._view(self.index[n]) for n in sorted(names, key=self._order)}
+
+    def _view(self, info: TensorInfo) -> torch.Tensor:
+        """A tensor over its bytes in a shared read-only mapping of its file.
+
+        Not `safe_open`: its `get_tensor` maps the whole file private and writable,
+        which counts as data memory (`RLIMIT_DATA`, strict overcommit accounting)
+        as large as the file, though no page is copied. A shared read-only mapping
+        is page cache only; the one copy is the conversion into the layer."""
+        dtype = _TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise ValueError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}")
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        begin, _ = info.byte_range
+        with warnings.catch_warnings():  # "not writable": the view is only ever copied
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(
+                self._file(info.file), dtype=dtype, count=info.numel, offset=begin
+            )
+        return flat.view(info.shape)
+
+    def _order(self, name: str) -> tuple[str, int]:
+        info = self.index[name]
+        return info.file, info.data_offsets[0]
+
+    def _set(self, root: nn.Module, rel: str, value: torch.Tensor) -> None:
+        """Put `value` (converted to the placeholder's dtype, on the device) at `rel`."""
+        owner, _, leaf = rel.rpartition(".")
+        module = root.get_submodule(owner) if owner else root
+        if leaf in module._parameters:
+            old = module._parameters[leaf]
+            assert old is not None
+            dtype = old.dtype if value.is_floating_point() else value.dtype
+            t = value.to(device=self.device, dtype=dtype, copy=True)
+            if t.shape != old.shape:
+                raise ValueError(f"{rel}: checkpoint {list(t.shape)}, model {list(old.shape)}")
+            module._parameters[leaf] = nn.Parameter(t, requires_grad=old.requires_grad)
+        else:
+            old_b = module._buffers[leaf]
+            assert old_b is not None
+            t = value.to(device=self.device, dtype=old_b.dtype, copy=True)
+            module._buffers[leaf] = t
+
+    def _unset(self, root: nn.Module, rel: str) -> None:
+        owner, _, leaf = rel.rpartition(".")
+        module = root.get_submodule(owner) if owner else root
+        if leaf in module._parameters:
+            old = module._parameters[leaf]
+            assert old is not None
+            module._parameters[leaf] = nn.Parameter(_meta_like(old), old.requires_grad)
+        else:
+            old_b = module._buffers[leaf]
+            assert old_b is not None
+            module._buffers[leaf] = _meta_like(old_b)
+
+    # ---- decoder layers
+
+    def _layer_slots(self, i: int) -> list[str]:
+        """Names (relative to layer i) of its parameters and persistent buffers."""
+        layer = self.layers[i]
+        return list(layer.state_dict(keep_vars=True))
+
+    def _load_layer(self, i: int) -> nn.Module:
+        layer = self.layers[i]
+        disk_prefix = self.arch.layer_prefix.replace("{i}", str(i))
+        own_prefix = f"{self.arch.layers_module}.{i}."
+        slots = self._layer_slots(i)
+        state = self._read([n for n in self.index if n.startswith(disk_prefix)])
+        own = {own_prefix + s: None for s in slots}
+        if self.arch.moe:
+            fuse_experts(self.arch, state, own, [i])
+        missing = [s for s in slots if own_prefix + s not in state]
+        if missing:
+            raise ValueError(f"{self.model_dir}: layer {i} lacks {missing[:5]} in the checkpoint")
+        for s in slots:
+            self._set(layer, s, state.pop(own_prefix + s))
+        return layer
+
+    def _free_layer(self, i: int) -> None:
+        layer = self.layers[i]
+        for s in self._layer_slots(i):
+            self._unset(layer, s)
+
+    @contextlib.contextmanager
+    def layer(self, i: int) -> Iterator[nn.Module]:
+        """Decoder layer i materialized on the device; back on meta after (unless resident)."""
+        if self.resident:
+            yield self.layers[i]
+            return
+        try:
+            yield self._load_layer(i)
+        finally:
+            self._free_layer(i)
+
+    # ---- embedding, final norm, head
+
+    def _outside_names(self, head: bool | None = None) -> list[str]:
+        """Model-level parameter/buffer names outside the decoder layers: the head group
+        (final norm, LM head) with head=True, the rest (embedding) with False, all with None."""
+        layers_prefix = self.arch.layers_module + "."
+        out = []
+        for name in self.model.state_dict(keep_vars=True):
+            if name.startswith(layers_prefix):
+                continue
+            in_head = any(name.startswith(p + ".") for p in self._head_modules)
+            if head is None or in_head == head:
+                out.append(name)
+        return out
+
+    def _load_outside(self, names: Sequence[str]) -> None:
+        todo = [n for n in names if n not in self._loaded_outside]
+        source = {n: n if n in self.index else self._tied.get(n, n) for n in todo}
+        absent = [n for n, s in source.items() if s not in self.index]
+        if absent:
+            raise ValueError(f"{self.model_dir}: the checkpoint lacks {absent[:5]}")
+        state = self._read(sorted(set(source.values())))
+        for n in todo:
+            self._set(self.model, n, state[source[n]])
+            self._loaded_outside.add(n)
+
+    def _free_outside(self, names: Sequence[str]) -> None:
+        if self.resident:
+            return
+        for n in names:
+            if n in self._loaded_outside:
+                self._unset(self.model, n)
+                self._loaded_outside.discard(n)
+
+    @contextlib.contextmanager
+    def _outside(self, head: bool) -> Iterator[None]:
+        names = self._outside_names(head)
+        self._load_outside(names)
+        try:
+            yield
+        finally:
+            self._free_outside(names)
+
+    # ---- inputs
+
+    def _ids_batches(self, windows: Sequence[Sequence[int]] | torch.Tensor) -> list[torch.Tensor]:
+        ids = torch.as_tensor(windows) if isinstance(windows, torch.Tensor) else None
+        if ids is None:
+            ids = torch.tensor([list(w) for w in windows], dtype=torch.long)
+        return [ids[s : s + self.batch_size].clone() for s in range(0, len(ids), self.batch_size)]
+
+    def inputs(self, windows: Sequence[Sequence[int]] | torch.Tensor) -> States:
+        """The embeddings of the windows (`batch_size` per batch) and every layer's call
+        arguments, recorded from the model's own forward without running any decoder layer."""
+        cache = self.new_cache()
+        batches = []
+        with self._outside(head=False), torch.no_grad():
+            for k, ids in enumerate(self._ids_batches(windows)):
+                hidden, args, kwargs = self._record(ids.to(self.device))
+                cache.put(k, hidden)
+                batches.append(Batch(ids, args, kwargs))
+        return States(batches, cache, 0)
+
+    def _record(
+        self, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[Any, ...]], list[dict[str, Any]]]:
+        n = self.num_layers
+        args: list[tuple[Any, ...]] = [()] * n
+        kwargs: list[dict[str, Any]] = [{}] * n
+        first: list[torch.Tensor] = []
+
+        def recorder(i: int) -> Any:
+            def forward(*a: Any, **kw: Any) -> Any:
+                hidden = a[0] if a else kw.pop("hidden_states")
+                args[i], kwargs[i] = tuple(a[1:]), kw
+                if i == 0:
+                    first.append(hidden)
+                return hidden
+
+            return forward
+
+        def stop(_module: nn.Module, a: tuple[Any, ...]) -> None:
+            if not first:
+                first.append(a[0])
+            raise _Recorded
+
+        norm = self.model.get_submodule(self._head_modules[0]) if self._head_modules else None
+        if norm is None or norm is self.model.get_output_embeddings():
+            raise ValueError("the walk needs a final norm module before the LM head")
+        hook = norm.register_forward_pre_hook(stop)
+        for i, layer in enumerate(self.layers):
+            layer.forward = recorder(i)
+        try:
+            self.model.base_model(input_ids=ids, use_cache=False)
+        except _Recorded:
+            pass
+        else:
+            raise RuntimeError("the model's forward did not reach its final norm")
+        finally:
+            hook.remove()
+            for layer in self.layers:
+                del layer.forward
+        return first[0], args, kwargs
+
+    # ---- one layer
+
+    def forward_layer(
+        self, i: int, states: States, module: nn.Module | None = None, inplace: bool = False
+    ) -> States:
+        """Run decoder layer i (the module `layer(i)` yielded) on every batch of `states`.
+
+        Returns the states after it, in a new cache, or in `states`'s own cache with
+        `inplace` (each batch's input dropped as soon as its output is computed: half
+        the memory, but the boundary is gone; a reverse sweep keeps them)."""
+        if states.layer != i:
+            raise ValueError(f"these states are the input of layer {states.layer}, not {i}")
+        module = module if module is not None else self.layers[i]
+        out = states.cache if inplace else self.new_cache()
+        with torch.no_grad():
+            for k, batch in enumerate(states.batches):
+                hidden = states.get(k, self.device)
+                result = module(hidden, *batch.args[i], **batch.kwargs[i])
+                out.put(k, result[0] if isinstance(result, tuple) else result)
+        return States(states.batches, out, i + 1)
+
+    def run(self, windows: Sequence[Sequence[int]] | torch.Tensor) -> States:
+        """`inputs`, then every layer loaded, run and freed in turn: the final states."""
+        states = self.inputs(windows)
+        for i in range(self.num_layers):
+            with self.layer(i) as module:
+                states = self.forward_layer(i, states, module, inplace=True)
+        return states
+
+    # ---- head
+
+    def _norm_and_head(self) -> tuple[nn.Module, nn.Module]:
+        head = self.model.get_output_embeddings()
+        norm = self.model.get_submodule(self._head_modules[0])
+        return norm, head
+
+    def logits(self, states: States) -> list[torch.Tensor]:
+        """Final norm + LM head of every batch of final states: logits [B, T, V] per batch."""
+        self._check_final(states)
+        out = []
+        with self._outside(head=True), torch.no_grad():
+            norm, head = self._norm_and_head()
+            for k in range(len(states)):
+                out.append(self._soft_cap(head(norm(states.get(k, self.device)))))
+        return out
+
+    def _soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = getattr(self.config, _SOFTCAP, None)
+        if cap is None:
+            return logits
+        return torch.tanh(logits / cap) * cap
+
+    def loss(self, states: States) -> float:
+        """Mean next-token loss (nats) over the walked windows, as `mean_loss` computes it."""
+        self._check_final(states)
+        total, count = 0.0, 0
+        with self._outside(head=True), torch.no_grad():
+            norm, head = self._norm_and_head()
+            plain = (
+                type(head) is nn.Linear
+                and head.bias is None
+                and getattr(self.config, _SOFTCAP, None) is None
+            )
+            for k, batch in enumerate(states.batches):
+                ids = batch.ids.to(self.device)
+                hidden = norm(states.get(k, self.device))
+                shifted = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+                labels = ids[:, 1:].reshape(-1)
+                if plain:
+                    batch_loss = sliced_loss(shifted, head.weight, labels)
+                else:
+                    logits = self._soft_cap(head(shifted)).float()
+                    batch_loss = nn.functional.cross_entropy(logits, labels)
+                total += float(batch_loss) * labels.numel()
+                count += labels.numel()
+        return total / count if count else float("nan")
+
+    def _check_final(self, states: States) -> None:
+        if states.layer != self.num_layers:
+            raise ValueError(
+                f"these states are the input of layer {states.layer}; "
+                f"the head needs the output of all {self.num_layers}"
+            )
+
+
+def sliced_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean loss of `hidden` [N, H] against `labels` [N] through a bias-free head `weight`
+    [V, H], a slice of tokens at a time (no [N, V] logits): float32 logits, log-sum-exp
+    minus target summed in float64, the mean returned in float32.
+
+    The arithmetic of `plangen.lm_loss`'s forward, operation for operation, so the
+    walk's loss is bit-identical to the planner's `mean_loss` on a full model."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    budget = 1 << (22 if hidden.device.type == "cpu" else 26)
+    rows = min(max(16, budget // max(vocab, 1)), max(n, 1))
+    buffer = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
+    head = weight.t()
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for s in range(0, n, rows):
+        h = hidden[s : s + rows]
+        y = labels[s : s + rows]
+        logits = buffer[: len(y)]
+        if h.dtype == torch.float32 and weight.dtype == torch.float32:
+            torch.mm(h, head, out=logits)
+        else:
+            logits.copy_(h @ head)
+        logits.sub_(logits.amax(dim=-1, keepdim=True))
+        target = logits.gather(1, y[:, None]).squeeze(1)
+        sums = logits.exp_().sum(dim=-1)
+        total += (sums.log() - target).sum(dtype=torch.float64)
+    return (total / n).to(torch.float32)
+
+
+def _head_modules(model: nn.Module) -> list[str]:
+    """Dotted names of the modules the head step owns: the final norm, then the LM head."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    base = getattr(model, "base_model", None)
+    for attr in ("norm", "final_layernorm", "ln_f"):
+        norm = getattr(base, attr, None) if base is not None else None
+        if isinstance(norm, nn.Module):
+            out.append(names[id(norm)])
+            break
+    head = model.get_output_embeddings()
+    if head is not None:
+        out.append(names[id(head)])
+    return out
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """For each parameter sharing storage with another (tied embeddings): that other's name."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    out = {}
+    for names in by_id.values():
+        for n in names:
+            for other in names:
+                if other != n:
+                    out.setdefault(n, other)
+    return out
