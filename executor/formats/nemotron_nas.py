@@ -30,7 +30,9 @@ function, so that the compiler's target table can later take its place.
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -343,9 +345,6 @@ def write_nemotron_nas(a_dir: Path, dest: Path) -> dict[str, Any]:
 
 def _file_metadata(path: Path) -> dict[str, str]:
     """A safetensors file's `__metadata__` (transformers wants `format: pt`)."""
-    import json
-    import struct
-
     with path.open("rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(length))
