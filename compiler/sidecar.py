@@ -24,11 +24,13 @@ under `reconstruction.for`, and the checker compares it with the plan it reads.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from compiler import ir
+from compiler.checkpoint import CheckpointError, read_safetensors_header
 from compiler.facts import ModelFacts
 from compiler.hashing import sha256_file
 
@@ -64,93 +66,70 @@ def required_tables(plan: ir.Plan, facts: ModelFacts) -> list[NeededTable]:
     for st in plan.statements:
         layers = st.layers.within(n)
         match st:
-            case ir.MlpWidth(width=w, compensate=comp):
-                if w.metric != "magnitude" and facts.ffn:
-                    out += [
-                        NeededTable(
-                            table_name(w.metric, i, "mlp"),
-                            (facts.ffn,),
-                            w.metric_span,
-                            f"by {w.metric}",
-                        )
-                        for i in layers
-                    ]
-                if comp and facts.ffn:
-                    out += [
-                        NeededTable(
-                            table_name("mean_in", i, "mlp"),
-                            (facts.ffn,),
-                            st.compensate_span,
-                            "compensate",
-                        )
-                        for i in layers
-                    ]
-                if st.reconstruct and facts.hidden:
-                    out += [
-                        NeededTable(
-                            table_name("reconstruct", i, "mlp"),
-                            (facts.hidden, w.n),
-                            st.reconstruct_span,
-                            "reconstruct",
-                        )
-                        for i in layers
-                    ]
-            case ir.AttnDropGroups(compensate=comp, reconstruct=rec) if (
-                facts.heads and facts.head_dim
-            ):
-                q = facts.heads * facts.head_dim
-                if comp:
-                    out += [
-                        NeededTable(
-                            table_name("mean_in", i, "attn"), (q,), st.compensate_span, "compensate"
-                        )
-                        for i in layers
-                    ]
-                if rec and facts.hidden and facts.kv_heads:
-                    gone = len(set(st.groups.within(facts.kv_heads)))
-                    kept_q = (facts.kv_heads - gone) * (facts.group_size or 1) * facts.head_dim
-                    out += [
-                        NeededTable(
-                            table_name("reconstruct", i, "attn"),
-                            (facts.hidden, kept_q),
-                            st.reconstruct_span,
-                            "reconstruct",
-                        )
-                        for i in layers
-                    ]
+            case ir.MlpWidth():
+                out += _mlp_tables(st, layers, facts)
+            case ir.AttnDropGroups() if facts.heads and facts.head_dim:
+                out += _attn_tables(st, layers, facts)
             case ir.MoeDropExperts(rescale=True) if facts.experts:
-                out += [
-                    NeededTable(
-                        table_name("router_prob", i, "experts"),
-                        (facts.experts,),
-                        st.rescale_span,
-                        "rescale",
-                    )
-                    for i in layers
-                ]
+                out += _each_layer(
+                    "router_prob", "experts", (facts.experts,), st.rescale_span, "rescale", layers
+                )
             case ir.MoeExpertsWidth(width=w) if w.metric != "magnitude":
                 if facts.experts and facts.expert_ffn:
                     shape = (facts.experts, facts.expert_ffn)
-                    out += [
-                        NeededTable(
-                            table_name(w.metric, i, "experts_ffn"),
-                            shape,
-                            w.metric_span,
-                            f"by {w.metric}",
-                        )
-                        for i in layers
-                    ]
+                    out += _each_layer(
+                        w.metric, "experts_ffn", shape, w.metric_span, f"by {w.metric}", layers
+                    )
             case ir.MoeSharedWidth(width=w) if w.metric != "magnitude":
                 if facts.shared_ffn:
-                    out += [
-                        NeededTable(
-                            table_name(w.metric, i, "shared"),
-                            (facts.shared_ffn,),
-                            w.metric_span,
-                            f"by {w.metric}",
-                        )
-                        for i in layers
-                    ]
+                    shape = (facts.shared_ffn,)
+                    out += _each_layer(
+                        w.metric, "shared", shape, w.metric_span, f"by {w.metric}", layers
+                    )
+    return out
+
+
+def _each_layer(
+    metric: str,
+    part: str,
+    shape: tuple[int, ...],
+    span: ir.Span,
+    reason: str,
+    layers: Iterable[int],
+) -> list[NeededTable]:
+    """One statement's clause needs the same table in every layer it names."""
+    return [NeededTable(table_name(metric, i, part), shape, span, reason) for i in layers]
+
+
+def _mlp_tables(st: ir.MlpWidth, layers: Sequence[int], facts: ModelFacts) -> list[NeededTable]:
+    """`mlp ... width N by METRIC [compensate] [reconstruct]`: scores to rank the
+    channels, down_proj's mean input to compensate, its re-solved kept columns."""
+    out: list[NeededTable] = []
+    w = st.width
+    if w.metric != "magnitude" and facts.ffn:
+        out += _each_layer(w.metric, "mlp", (facts.ffn,), w.metric_span, f"by {w.metric}", layers)
+    if st.compensate and facts.ffn:
+        out += _each_layer("mean_in", "mlp", (facts.ffn,), st.compensate_span, "compensate", layers)
+    if st.reconstruct and facts.hidden:
+        shape = (facts.hidden, w.n)
+        out += _each_layer("reconstruct", "mlp", shape, st.reconstruct_span, "reconstruct", layers)
+    return out
+
+
+def _attn_tables(
+    st: ir.AttnDropGroups, layers: Sequence[int], facts: ModelFacts
+) -> list[NeededTable]:
+    """`attn ... drop groups [compensate] [reconstruct]`: o_proj's mean input and its
+    re-solved kept columns, which are as wide as the query heads the kept groups keep."""
+    out: list[NeededTable] = []
+    q = facts.heads * facts.head_dim  # the caller checked both are known
+    if st.compensate:
+        out += _each_layer("mean_in", "attn", (q,), st.compensate_span, "compensate", layers)
+    if st.reconstruct and facts.hidden and facts.kv_heads:
+        gone = len(set(st.groups.within(facts.kv_heads)))
+        kept_q = (facts.kv_heads - gone) * (facts.group_size or 1) * facts.head_dim
+        shape = (facts.hidden, kept_q)
+        out += _each_layer("reconstruct", "attn", shape, st.reconstruct_span, "reconstruct", layers)
     return out
 
 
@@ -218,8 +197,6 @@ class SidecarHeader:
 
 def read_sidecar_tables(path: Path) -> SidecarHeader:
     """The file's sha256, table shapes and metadata, read from the safetensors header only."""
-    from compiler.checkpoint import CheckpointError, read_safetensors_header
-
     try:
         digest = sha256_file(path)
         header = read_safetensors_header(path, SIDECAR_FIX)

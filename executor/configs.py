@@ -37,28 +37,32 @@ transformers' AutoConfig and vLLM, `architectures` for llama.cpp's converter,
 own (`plancc-llama`, `PlanccLlamaForCausalLM`), which every stock loader
 refuses by name, and the real ones are kept under `plancc.hf`. Everything
 else is the family's config unchanged, so tokenizers (which fall back to a
-plain config) still load. `model_config` gives plancc's readers
-(`executor.load`, heal, export) the family's config back, for this layout
-and for the Nemotron-NAS one (`executor.formats.nemotron_nas`).
+plain config) still load. `model_config` (`executor.family_config`, the
+reader below this writer) gives plancc's readers (`executor.load`, heal,
+export) the family's config back, for this layout and for the Nemotron-NAS one.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from compiler.architectures import Architecture, renumber_layer_config
+from compiler.cache import read_json, write_json
+from compiler.checkpoint import canonical_json
+from executor.family_config import IDENTITY_KEYS, PLANCC_KEY, config_key
+from executor.family_config import model_config as model_config  # where its readers look
 
 # Width facts a plan can change in a dense layer, in config order.
 WIDTH_FACTS = ("heads", "kv_heads", "ffn")
 # And in a MoE layer (`executor.experts`).
 MOE_WIDTH_FACTS = ("experts", "expert_ffn", "shared_ffn")
-PLANCC_KEY = "plancc"
 PLANCC_FORMAT = 2  # 2: identity keys sealed under `plancc.hf` (format 1 left them in place)
-IDENTITY_KEYS = ("model_type", "architectures", "auto_map")
 OWN_MODEL_TYPE_PREFIX = "plancc-"
 
 
@@ -109,13 +113,6 @@ class LayerShape:
         )
 
 
-def config_key(arch: Architecture, fact: str, config: Mapping[str, Any]) -> str | None:
-    """The config key that holds `fact` in this config (the first spelling present)."""
-    keys = arch.facts[fact].keys if fact in arch.facts else ()
-    present = [k for k in keys if k in config]
-    return present[0] if present else (keys[0] if keys else None)
-
-
 def _raw(arch: Architecture, fact: str, config: Mapping[str, Any], orig: Mapping[str, Any], v: int):
     """Config value for fact value `v`, in the config's own units (scaled from the original)."""
     key = config_key(arch, fact, config)
@@ -156,12 +153,6 @@ def config_accepts(config: Mapping[str, Any]) -> tuple[bool, str]:
     depends only on the config and the transformers version, so it is
     memoized on disk (`compiler.cache`), like the cost report's verdicts.
     """
-    import hashlib
-    from importlib.metadata import PackageNotFoundError, version
-
-    from compiler.cache import read_json, write_json
-    from compiler.checkpoint import canonical_json
-
     try:
         installed = version("transformers")
     except PackageNotFoundError:  # pragma: no cover - transformers is a dependency
@@ -283,22 +274,4 @@ def seal(config: Mapping[str, Any]) -> dict[str, Any]:
     names = identity.get("architectures") or [model_type]
     out["architectures"] = [f"Plancc{n}" for n in names]
     out[PLANCC_KEY] = {**spec, "hf": identity}
-    return out
-
-
-def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The family's own config of a written model, as transformers' config class and the
-    architecture table read it: a sealed plancc config gets its identity keys back, a
-    Nemotron-NAS config plancc wrote becomes the family's config with a `plancc` layers
-    record; any other config is returned as it is."""
-    from executor.formats import nemotron_nas
-
-    if nemotron_nas.is_decilm(config):
-        return nemotron_nas.hf_config(config)
-    spec = config.get(PLANCC_KEY)
-    if not isinstance(spec, Mapping) or not isinstance(spec.get("hf"), Mapping):
-        return dict(config)
-    out = {k: v for k, v in config.items() if k not in IDENTITY_KEYS}
-    out.update(spec["hf"])
-    out[PLANCC_KEY] = {k: v for k, v in spec.items() if k != "hf"}
     return out

@@ -112,40 +112,9 @@ def train(
     pending: list[tuple[float, float]] = []  # (loss, LM loss) of the step's batches
     try:
         for b in range(start, len(batches)):
-            ids = torch.tensor([list(windows[i]) for i in batches[b]], device=opts.device)
-            group = b // opts.grad_accum
-            size = min(opts.grad_accum, len(batches) - group * opts.grad_accum)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                loss, lm = objective(
-                    model, ids, teacher, opts.kd_weight, opts.temperature, opts.teacher_topk
-                )
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLoss(_non_finite("loss", value, log.steps, opts))
-            (loss / size).backward()
-            log.batches += 1
-            log.tokens += ids.numel()
-            pending.append((value, lm))
+            value = _accumulate(model, windows, batches, b, opts, teacher, cuda, log, pending)
             if (b + 1) % opts.grad_accum == 0 or b + 1 == len(batches):
-                norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
-                if not math.isfinite(norm):
-                    raise NonFiniteLoss(_non_finite("gradient norm", norm, log.steps, opts))
-                lr = schedule.get_last_lr()[0]
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                log.steps += 1
-                log.curve.append(
-                    {
-                        "step": log.steps,
-                        "loss": sum(v for v, _ in pending) / len(pending),
-                        "lm_loss": sum(v for _, v in pending) / len(pending),
-                        "lr": lr,
-                        "grad_norm": norm,
-                        "tokens": log.tokens,
-                    }
-                )
-                pending.clear()
+                _optimizer_step(params, optimizer, schedule, opts, log, pending)
                 log.seconds = time.perf_counter() - began
                 if state_path is not None and opts.save_every and log.steps % opts.save_every == 0:
                     _save_state(state_path, named, optimizer, schedule, log, b + 1, fingerprint)
@@ -156,6 +125,67 @@ def train(
         bar.close()
         model.eval()
     return log
+
+
+def _accumulate(
+    model: Any,
+    windows: Sequence[Sequence[int]],
+    batches: list[list[int]],
+    b: int,
+    opts: HealOptions,
+    teacher: Any | None,
+    cuda: bool,
+    log: TrainLog,
+    pending: list[tuple[float, float]],
+) -> float:
+    """Batch `b`'s forward and backward: its gradient is added to the step's, scaled by
+    the step's batch count (the last step of a run may have fewer); returns its loss."""
+    ids = torch.tensor([list(windows[i]) for i in batches[b]], device=opts.device)
+    group = b // opts.grad_accum
+    size = min(opts.grad_accum, len(batches) - group * opts.grad_accum)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        loss, lm = objective(
+            model, ids, teacher, opts.kd_weight, opts.temperature, opts.teacher_topk
+        )
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLoss(_non_finite("loss", value, log.steps, opts))
+    (loss / size).backward()
+    log.batches += 1
+    log.tokens += ids.numel()
+    pending.append((value, lm))
+    return value
+
+
+def _optimizer_step(
+    params: list[Any],
+    optimizer: Any,
+    schedule: Any,
+    opts: HealOptions,
+    log: TrainLog,
+    pending: list[tuple[float, float]],
+) -> None:
+    """One optimizer step on the accumulated gradient (clipped; a NaN norm stops the
+    run before the weights change) and its point on the loss curve."""
+    norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
+    if not math.isfinite(norm):
+        raise NonFiniteLoss(_non_finite("gradient norm", norm, log.steps, opts))
+    lr = schedule.get_last_lr()[0]
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    log.steps += 1
+    log.curve.append(
+        {
+            "step": log.steps,
+            "loss": sum(v for v, _ in pending) / len(pending),
+            "lm_loss": sum(v for _, v in pending) / len(pending),
+            "lr": lr,
+            "grad_norm": norm,
+            "tokens": log.tokens,
+        }
+    )
+    pending.clear()
 
 
 def _non_finite(what: str, value: float, step: int, opts: HealOptions) -> str:

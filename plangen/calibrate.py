@@ -33,6 +33,7 @@ from compiler.architectures import Architecture, TensorSpec
 from compiler.geometry import Geometry
 from plangen import lm_loss
 from plangen.metrics.depth import DepthStats
+from plangen.metrics.units import Accumulator, fold_elements
 
 
 @dataclass
@@ -81,11 +82,9 @@ class LayerStats:
     # layer's KV groups and channels as each batch's gradient arrives: one number
     # per unit instead of a second copy of every weight (what lets an 8B model's
     # gradient pass fit one 80 GB card).
-    fisher: Any = None  # plangen.metrics.units.Accumulator
+    fisher: Accumulator | None = None
 
     def add_fisher(self, spec: TensorSpec, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        from plangen.metrics.units import fold_elements
-
         wg = weight.detach().float() * grad.detach().float()
         self.fisher.add(fold_elements(0.5 * wg * wg, spec, self.fisher.geom))
 
@@ -139,8 +138,6 @@ def collect(
     `checkpointing` recomputes each layer's activations in the backward instead
     of keeping them (transformers' gradient checkpointing): what a gradient
     pass over an 8B model needs to fit one 80 GB card; the scores are the same."""
-    from tqdm import tqdm
-
     layers_mod = model.get_submodule(arch.layers_module)
     n = len(layers_mod)
     stats = [LayerStats() for _ in range(n)]
@@ -153,51 +150,16 @@ def collect(
     params = dict(model.named_parameters())
     watched = {k: _layer_parameters(params, arch, k) for k in range(n)} if gradients else {}
     was_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    if gradients:  # only the layers' own weights need gradients, not embeddings or norms
-        wanted = {id(p) for per in watched.values() for p in per.values()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in wanted)
-            p.grad = None
-        # Autograd sums the batches' gradients into .grad by itself (the first-order
-        # sum); a hook sees each batch's gradient once, for the Fisher diagonal.
-        if fisher:
-            from plangen.metrics.units import Accumulator
-
-            if geom is None:
-                raise ValueError("the Fisher diagonal needs the layer geometry (`geom`)")
-            specs = {s.name: s for s in arch.attention + arch.dense_mlp}
-            for k, per in watched.items():
-                stats[k].fisher = Accumulator(geom)
-                for name, p in per.items():
-                    handles.append(p.register_hook(_fisher_into(stats[k], specs[name], p)))
+    if gradients:
+        handles += _watch_gradients(model, arch, stats, watched, fisher, geom)
 
     checkpointed = gradients and checkpointing
     if checkpointed:
-        # transformers checkpoints a decoder layer only when that module is in
-        # training mode; its children (dropout, attention) stay in eval mode.
-        _checkpointing(model, True)
-        for layer in layers_mod:
-            layer.training = True
-    loss_sum, tokens, batches = 0.0, 0, 0
+        _layer_checkpointing(model, layers_mod, True)
     try:
-        starts = range(0, len(windows), batch_size)
-        for i in tqdm(starts, desc="calibrate", unit="batch", disable=not progress, leave=False):
-            ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
-            predicted = ids.shape[0] * (ids.shape[1] - 1)
-            if gradients:
-                loss = lm_loss.next_token_loss(model, ids)
-                loss_sum += float(loss.detach()) * predicted
-            else:  # the statistics live before the LM head: skip it (a fifth of the work)
-                with torch.no_grad():
-                    model.base_model(input_ids=ids, use_cache=False)
-                loss_sum = math.nan
-            depth.update([states[k] for k in range(n + 1)])
-            tokens += predicted
-            batches += 1
-            if gradients:
-                loss.backward()
-                del loss
-            states.clear()
+        loss_sum, tokens, batches = _run_batches(
+            model, windows, depth, states, gradients, batch_size, device, progress
+        )
         for k, per in watched.items():
             for name, p in per.items():
                 if p.grad is not None:
@@ -205,14 +167,86 @@ def collect(
                     p.grad = None
     finally:
         if checkpointed:
-            _checkpointing(model, False)
-            for layer in layers_mod:
-                layer.training = False
+            _layer_checkpointing(model, layers_mod, False)
         for h in handles:
             h.remove()
         for name, p in model.named_parameters():
             p.requires_grad_(was_grad[name])
     return Calibration(depth, stats, batches, tokens, loss_sum / max(tokens, 1), gradients)
+
+
+def _watch_gradients(
+    model: Any,
+    arch: Architecture,
+    stats: Sequence[LayerStats],
+    watched: dict[int, dict[str, torch.nn.Parameter]],
+    fisher: bool,
+    geom: Geometry | None,
+) -> list[Any]:
+    """Gradients for the layers' own weights only (not embeddings or norms), and with
+    `fisher` a hook per weight; returns the hooks' handles for the caller to remove.
+    Autograd sums the batches' gradients into .grad by itself (the first-order sum);
+    a hook sees each batch's gradient once, for the Fisher diagonal."""
+    wanted = {id(p) for per in watched.values() for p in per.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+        p.grad = None
+    handles: list[Any] = []
+    if fisher:
+        if geom is None:
+            raise ValueError("the Fisher diagonal needs the layer geometry (`geom`)")
+        specs = {s.name: s for s in arch.attention + arch.dense_mlp}
+        for k, per in watched.items():
+            stats[k].fisher = Accumulator(geom)
+            for name, p in per.items():
+                handles.append(p.register_hook(_fisher_into(stats[k], specs[name], p)))
+    return handles
+
+
+def _layer_checkpointing(model: Any, layers: Any, on: bool) -> None:
+    """transformers checkpoints a decoder layer only when that module is in training
+    mode; its children (dropout, attention) stay in eval mode."""
+    _checkpointing(model, on)
+    for layer in layers:
+        layer.training = on
+
+
+def _run_batches(
+    model: Any,
+    windows: Sequence[Sequence[int]],
+    depth: DepthStats,
+    states: dict[int, torch.Tensor],
+    gradients: bool,
+    batch_size: int,
+    device: str,
+    progress: bool,
+) -> tuple[float, int, int]:
+    """The pass itself, the hooks already in place: per batch one forward (and with
+    `gradients` one backward); returns the summed loss (NaN when the LM head was
+    skipped), the predicted tokens and the batches."""
+    from tqdm import tqdm
+
+    n = depth.layers
+    loss_sum, tokens, batches = 0.0, 0, 0
+    starts = range(0, len(windows), batch_size)
+    for i in tqdm(starts, desc="calibrate", unit="batch", disable=not progress, leave=False):
+        ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
+        predicted = ids.shape[0] * (ids.shape[1] - 1)
+        if gradients:
+            loss = lm_loss.next_token_loss(model, ids)
+            loss_sum += float(loss.detach()) * predicted
+        else:  # the statistics live before the LM head: skip it (a fifth of the work)
+            with torch.no_grad():
+                model.base_model(input_ids=ids, use_cache=False)
+            loss_sum = math.nan
+        depth.update([states[k] for k in range(n + 1)])
+        tokens += predicted
+        batches += 1
+        if gradients:
+            loss.backward()
+            del loss
+        states.clear()
+    return loss_sum, tokens, batches
 
 
 def watch_inputs(model: Any, arch: Architecture, stats: Sequence[LayerStats]) -> list[Any]:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
@@ -171,56 +173,82 @@ def moe_modules(layer: Any, experts: int) -> MoeModules | None:
     return MoeModules(block, router, found[0], shared)
 
 
+class _MaskedLogits(TorchFunctionMode):
+    """Active during one router's forward only: the logits it computes with its own
+    weight (`F.linear(hidden, weight)`) get -inf at the `gone` experts."""
+
+    def __init__(self, weight: torch.Tensor, gone: list[int]):
+        super().__init__()
+        self.weight = weight
+        self.gone = gone
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if weight is self.weight:
+                out = out.clone()
+                out[..., self.gone] = -torch.inf
+        return out
+
+
+@contextlib.contextmanager
+def _router_masked(router: Any, gone: list[int]) -> Iterator[None]:
+    """This router instance (not its class, not `torch`) runs its forward under
+    `_MaskedLogits`: whatever the family does with the logits next (softmax, top-k,
+    renormalisation, the logits recorded for `output_router_logits`) it does as it
+    always does, with the dropped experts out of reach."""
+    weight = router.weight
+    own = vars(router).get("forward")  # a forward set on the instance (accelerate's hooks)
+    inner = router.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with _MaskedLogits(weight, gone):
+            return inner(*args, **kwargs)
+
+    router.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del router.forward
+        else:
+            router.forward = own
+
+
 @contextlib.contextmanager
 def masked_experts(
     layers: Sequence[Any], dropped: Mapping[int, Sequence[int]], experts: int
 ) -> Iterator[None]:
     """Inside the block, the `dropped` experts of each layer get a router logit of -inf:
-    the model routes as the pruned one will. Every family computes its router logits
-    with `F.linear(hidden, router.weight)`; that call is what is intercepted."""
-    import torch.nn.functional as F
-
-    masks: dict[int, list[int]] = {}
-    biased: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for k, gone in dropped.items():
-        mods = moe_modules(layers[k], experts)
-        if not gone or mods is None:
-            continue
-        bias = getattr(mods.router, "e_score_correction_bias", None)
-        if isinstance(bias, torch.Tensor):
-            # DeepSeek-V3 selects by sigmoid(logit) + this bias: -inf there is never
-            # chosen, in any dtype (its logits are computed from a float32 copy).
-            biased.append((bias, bias.detach().clone()))
-            with torch.no_grad():
-                bias[sorted(gone)] = -torch.inf
-        else:
-            masks[id(mods.router.weight)] = sorted(gone)
-    if not masks:
+    the model routes as the pruned one will. Only these layers' routers change (for
+    the duration of their own forward): another model, or `F.linear` itself, is
+    left alone, so the planner may measure two models in one process."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with contextlib.ExitStack() as stack:
         try:
+            for k, gone in dropped.items():
+                mods = moe_modules(layers[k], experts)
+                if not gone or mods is None:
+                    continue
+                bias = getattr(mods.router, "e_score_correction_bias", None)
+                if isinstance(bias, torch.Tensor):
+                    # DeepSeek-V3 selects by sigmoid(logit) + this bias: -inf there is
+                    # never chosen, in any dtype (its logits come from a float32 copy of
+                    # the weight, which `_router_masked` would not recognise).
+                    saved.append((bias, bias.detach().clone()))
+                    with torch.no_grad():
+                        bias[sorted(gone)] = -torch.inf
+                else:
+                    stack.enter_context(_router_masked(mods.router, sorted(gone)))
             yield
         finally:
             with torch.no_grad():
-                for b, before in biased:
+                for b, before in saved:
                     b.copy_(before)
-        return
-    real = F.linear
-
-    def linear(x: torch.Tensor, weight: torch.Tensor, bias: Any = None) -> torch.Tensor:
-        out = real(x, weight, bias)
-        gone = masks.get(id(weight))
-        if gone is not None:
-            out = out.clone()
-            out[..., gone] = -torch.inf
-        return out
-
-    F.linear = linear
-    try:
-        yield
-    finally:
-        F.linear = real
-        with torch.no_grad():
-            for b, before in biased:
-                b.copy_(before)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,9 @@ function, so that the compiler's target table can later take its place.
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,12 +40,26 @@ from typing import Any
 from compiler.architectures import Architecture, read_facts
 from compiler.checkpoint import CONFIG_NAME, TensorInfo, architecture_of, read_config, tensor_index
 from compiler.targets import TARGETS
-from executor.configs import PLANCC_KEY, LayerShape, config_key, model_config
+from executor.configs import LayerShape
+from executor.family_config import (
+    FFN_MULT_GRANULE,
+    PLANCC_KEY,
+    LayoutError,
+    config_key,
+    ffn_mult_to_intermediate_size,
+    model_config,
+)
+from executor.family_config import NAS_LAYOUT as LAYOUT
+from executor.family_config import NAS_MODEL_TYPE as MODEL_TYPE
+
+# Read back in `executor.family_config` (below `executor.configs`, which reads every
+# layout plancc writes); re-exported here, where the layout's readers look for them.
+from executor.family_config import block_width as block_width
+from executor.family_config import hf_config as hf_config
+from executor.family_config import is_decilm as is_decilm
 from executor.layout import LAYERS_MAP, MANIFEST, ORIGINAL_CONFIG_DIR, PRUNE_LOG, write_json
 from executor.safetensors_io import OutEntry, SourceFiles, order_for_alignment, write_file
 
-LAYOUT = "nemotron-nas"
-MODEL_TYPE = "nemotron-nas"
 ARCHITECTURES = ["DeciLMForCausalLM"]
 MODULE_DIR = Path(__file__).resolve().parent / "decilm"
 MODULE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
@@ -65,22 +81,8 @@ DROPPED_KEYS = (
     "layer_types",
     "pretraining_tp",
 )
-# vLLM's `_ffn_mult_to_intermediate_size` rounds up to this; the target's granularity.
-FFN_MULT_GRANULE = TARGETS["vllm"].ffn_multiple
 
-
-class LayoutError(ValueError):
-    """The model cannot be written in the Nemotron-NAS layout (the message says why and the fix)."""
-
-
-# ---- the DeciLM width formula --------------------------------------------------------
-
-
-def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
-    """`int(2 * ffn_mult * hidden / 3)` rounded up to a multiple of 256, as vLLM,
-    llama.cpp's converter and NVIDIA's code compute it."""
-    n = int(2 * ffn_mult * hidden_size / 3)
-    return n if n % FFN_MULT_GRANULE == 0 else n + FFN_MULT_GRANULE - n % FFN_MULT_GRANULE
+# ---- the DeciLM width formula (read back by `family_config.block_width`) ---------------
 
 
 def ffn_block(width: int, hidden_size: int) -> dict[str, Any]:
@@ -93,13 +95,6 @@ def ffn_block(width: int, hidden_size: int) -> dict[str, Any]:
         if ffn_mult_to_intermediate_size(mult, hidden_size) == width:
             return entry | {"ffn_mult": float(mult)}
     return entry | {"intermediate_size": int(width)}
-
-
-def block_width(ffn: Mapping[str, Any], hidden_size: int) -> int:
-    """A layer's MLP width from its `ffn` entry, read as vLLM reads it (`ffn_mult` wins)."""
-    if "ffn_mult" in ffn:
-        return ffn_mult_to_intermediate_size(ffn["ffn_mult"], hidden_size)
-    return int(ffn["intermediate_size"])
 
 
 # ---- what the layout can express -------------------------------------------------------
@@ -293,45 +288,6 @@ def decilm_config(
 _ABSENT = object()
 
 
-def is_decilm(config: Mapping[str, Any]) -> bool:
-    return config.get("model_type") == MODEL_TYPE
-
-
-def hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The family's own config (with per-layer `plancc` layers) of a Nemotron-NAS config
-    plancc wrote: what executor.load builds the model from. Raises LayoutError for a
-    Nemotron-NAS config plancc did not write (NVIDIA's models need their own code)."""
-    spec = config.get(PLANCC_KEY) or {}
-    if spec.get("layout") != LAYOUT or not isinstance(spec.get("hf"), Mapping):
-        raise LayoutError(
-            "a Nemotron-NAS config.json plancc did not write (no `plancc.hf` record): load it "
-            "with transformers' AutoModelForCausalLM and trust_remote_code=True"
-        )
-    added = set(spec.get("added") or ())
-    out = {k: v for k, v in config.items() if k not in added and k != PLANCC_KEY}
-    out.update(spec["hf"])
-    arch = architecture_of(out)
-    facts = read_facts(arch, out)
-    hidden = int(config["hidden_size"])
-    heads_key = config_key(arch, "heads", out)
-    kv_key = config_key(arch, "kv_heads", out)
-    ffn_key = config_key(arch, "ffn", out)
-    layers = []
-    for block in config["block_configs"]:
-        heads = int(config["num_attention_heads"])
-        layer = {
-            heads_key: heads,
-            kv_key: heads // int(block["attention"]["n_heads_in_group"]),
-            ffn_key: block_width(block["ffn"], hidden),
-        }
-        hd_key = config_key(arch, "head_dim", out)
-        if hd_key is not None:
-            layer[hd_key] = int(facts["head_dim"])
-        layers.append({"config": {k: v for k, v in layer.items() if k is not None}})
-    out[PLANCC_KEY] = {"format": 1, "loader": "executor.load", "layers": layers}
-    return out
-
-
 # ---- files ------------------------------------------------------------------------
 
 
@@ -389,9 +345,6 @@ def write_nemotron_nas(a_dir: Path, dest: Path) -> dict[str, Any]:
 
 def _file_metadata(path: Path) -> dict[str, str]:
     """A safetensors file's `__metadata__` (transformers wants `format: pt`)."""
-    import json
-    import struct
-
     with path.open("rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(length))

@@ -61,27 +61,15 @@ def _values(
     return groups, channels
 
 
-def global_budget(
-    budget: Budget,
-    metric: str,
-    layers: list[int] | None = None,
-    rank: str = "per-param",
-    attention: bool = True,
-    compensate: bool = False,
-    remove_empty_layers: bool = False,
-    max_layer_cut: float | None = None,
-    trust: float | None = None,
-) -> Candidate:
-    """`max_layer_cut`: no layer loses more than this fraction of its groups or channels;
-    `trust`: the same bound as a multiple of the model-wide average cut (TRUST_REGION)."""
-    kv, ffn = budget.kv_heads, budget.ffn
-    layers = [i for i in (layers if layers is not None else budget.layers) if i in budget.layers]
-    attention = attention and kv > 1
+def _ranked_units(
+    budget: Budget, metric: str, layers: list[int], rank: str, attention: bool
+) -> list[Unit]:
+    """Every removable unit, least valuable first: the knapsack's order of removal."""
     normalize = rank == "per-param" and metric not in LOSS_UNIT_METRICS
+    per = rank == "per-param"
     units: list[Unit] = []
     for i in layers:
         groups, channels = _values(budget, metric, i, normalize)
-        per = rank == "per-param"
         if attention:
             units += [
                 Unit(float(v) / (budget.group_cost if per else 1.0), i, 0, g)
@@ -92,13 +80,27 @@ def global_budget(
             for c, v in enumerate(channels)
         ]
     units.sort()
-    left = {(i, 0): (kv if attention else 0) for i in layers} | {(i, 1): ffn for i in layers}
+    return units
+
+
+def _trust_bound(budget: Budget, layers: list[int], trust: float) -> float:
+    """`trust` times the average cut, which is that of the MLP taking the whole budget:
+    so a bound of trust >= 1 times it can always be met, whatever attention gives."""
+    average = budget.remove / (len(layers) * budget.ffn * budget.channel_cost)
+    return min(1.0, trust * average)
+
+
+def _remove_greedily(
+    budget: Budget,
+    units: list[Unit],
+    left: dict[tuple[int, int], int],
+    max_layer_cut: float | None,
+    remove_empty_layers: bool,
+) -> set[tuple[int, int, int]]:
+    """The knapsack itself: units go cheapest-value first until the budget is met,
+    skipping those a layer must keep; `left` is counted down in place."""
+    kv, ffn = budget.kv_heads, budget.ffn
     removed: set[tuple[int, int, int]] = set()
-    if trust is not None and max_layer_cut is None and layers:
-        # The average cut is that of the MLP taking the whole budget, so a bound of
-        # trust >= 1 times it can always be met, whatever attention gives.
-        average = budget.remove / (len(layers) * ffn * budget.channel_cost)
-        max_layer_cut = min(1.0, trust * average)
     cut = max_layer_cut if max_layer_cut is not None else 1.0
     floor = (kv - int(cut * kv), ffn - int(cut * ffn))  # units a layer keeps at least
     spent = 0
@@ -118,19 +120,56 @@ def global_budget(
             f"the global budget cannot reach the target: at most {spent:,} of {budget.remove:,} "
             "parameters can go without emptying a layer (try --remove-empty-layers or depth)"
         )
+    return removed
+
+
+def _emptied_layers(
+    layers: list[int],
+    units: list[Unit],
+    left: dict[tuple[int, int], int],
+    removed: set[tuple[int, int, int]],
+    attention: bool,
+) -> list[int]:
+    """`--remove-empty-layers`: a layer left with nothing is dropped whole; a layer left
+    with one part only would be a broken layer, so its emptied part gets its best unit
+    back (`removed` and `left` are updated in place)."""
     drop = []
-    if remove_empty_layers:
-        for i in layers:
-            empty_attn = attention and left[(i, 0)] == 0
-            empty_mlp = left[(i, 1)] == 0
-            if (empty_attn or not attention) and empty_mlp:
-                drop.append(i)
-                continue
-            for kind, empty in ((0, empty_attn), (1, empty_mlp)):
-                if empty:  # the best unit of an emptied part comes back
-                    best = max(u for u in units if u.layer == i and u.kind == kind)
-                    removed.discard((i, kind, best.index))
-                    left[(i, kind)] = 1
+    for i in layers:
+        empty_attn = attention and left[(i, 0)] == 0
+        empty_mlp = left[(i, 1)] == 0
+        if (empty_attn or not attention) and empty_mlp:
+            drop.append(i)
+            continue
+        for kind, empty in ((0, empty_attn), (1, empty_mlp)):
+            if empty:  # the best unit of an emptied part comes back
+                best = max(u for u in units if u.layer == i and u.kind == kind)
+                removed.discard((i, kind, best.index))
+                left[(i, kind)] = 1
+    return drop
+
+
+def global_budget(
+    budget: Budget,
+    metric: str,
+    layers: list[int] | None = None,
+    rank: str = "per-param",
+    attention: bool = True,
+    compensate: bool = False,
+    remove_empty_layers: bool = False,
+    max_layer_cut: float | None = None,
+    trust: float | None = None,
+) -> Candidate:
+    """`max_layer_cut`: no layer loses more than this fraction of its groups or channels;
+    `trust`: the same bound as a multiple of the model-wide average cut (TRUST_REGION)."""
+    kv, ffn = budget.kv_heads, budget.ffn
+    layers = [i for i in (layers if layers is not None else budget.layers) if i in budget.layers]
+    attention = attention and kv > 1
+    units = _ranked_units(budget, metric, layers, rank, attention)
+    left = {(i, 0): (kv if attention else 0) for i in layers} | {(i, 1): ffn for i in layers}
+    if trust is not None and max_layer_cut is None and layers:
+        max_layer_cut = _trust_bound(budget, layers, trust)
+    removed = _remove_greedily(budget, units, left, max_layer_cut, remove_empty_layers)
+    drop = _emptied_layers(layers, units, left, removed, attention) if remove_empty_layers else []
     groups = {
         i: tuple(sorted(g for (j, k, g) in removed if j == i and k == 0))
         for i in layers
