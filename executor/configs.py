@@ -56,7 +56,6 @@ from compiler.architectures import Architecture, renumber_layer_config
 from compiler.cache import read_json, write_json
 from compiler.checkpoint import canonical_json
 from executor.family_config import IDENTITY_KEYS, PLANCC_KEY, config_key
-from executor.family_config import model_config as model_config  # where its readers look
 
 # Width facts a plan can change in a dense layer, in config order.
 WIDTH_FACTS = ("heads", "kv_heads", "ffn")

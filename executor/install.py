@@ -19,8 +19,8 @@ from compiler.checkpoint import (
 from compiler.hashing import sha256_file
 from compiler.resolve import ResolvedPlan
 from compiler.targets import loadability
-from executor.configs import model_config
 from executor.experts import ExpertSelection
+from executor.family_config import model_config
 from executor.formats import GGUF_FILE, choose, gguf_writer
 from executor.formats import nemotron_nas as nas
 from executor.integrity import Hasher, output_files

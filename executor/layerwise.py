@@ -63,7 +63,7 @@ from torch import nn
 
 from compiler.architectures import Architecture
 from compiler.checkpoint import TensorInfo, architecture_of, read_config, tensor_index
-from executor.configs import PLANCC_KEY
+from executor.family_config import PLANCC_KEY
 from executor.loader import fuse_experts
 
 # Attributes with which a config changes the logits after the head's matmul. Gemma-2's

@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.checkpoint import architecture_of, read_config, tensor_index
-from executor.configs import PLANCC_KEY, model_config
-from executor.formats.nemotron_nas import is_decilm
+from executor.family_config import PLANCC_KEY, is_decilm, model_config
 
 
 def _dtype(config: Any, dtype: Any) -> Any:

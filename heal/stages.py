@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.checkpoint import architecture_of, read_config, tensor_index
-from executor.configs import model_config
+from executor.family_config import model_config
 from executor.layout import LAYERS_MAP, MANIFEST, PRUNE_LOG
 from heal.data import TrainingText, training_windows
 from heal.lora import merged, trainable

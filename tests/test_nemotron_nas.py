@@ -19,7 +19,8 @@ from conftest import make_tiny_model
 from executor_helpers import logits, read_json, tensor_hashes, tokens, write_plan
 
 from executor.cli import main as plancc
-from executor.formats.nemotron_nas import ffn_block, ffn_mult_to_intermediate_size
+from executor.family_config import ffn_mult_to_intermediate_size
+from executor.formats.nemotron_nas import ffn_block
 from executor.loader import load
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only; never the hub

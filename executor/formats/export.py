@@ -50,7 +50,7 @@ def export(
 ) -> ExportResult:
     """Write the model of `src` to `dest` in `model_format` (nemotron-nas or gguf)."""
     from compiler.checkpoint import architecture_of, read_config, tensor_index
-    from executor.configs import model_config
+    from executor.family_config import model_config
     from executor.formats import GGUF_FILE, gguf_writer
     from executor.formats import nemotron_nas as nas
     from executor.outdir import staged_output, write_marker

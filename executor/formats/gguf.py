@@ -40,7 +40,7 @@ from typing import Any
 from compiler.architectures import Architecture, architecture_for_model_type, read_facts
 from compiler.checkpoint import TensorInfo, read_config, tensor_index
 from compiler.targets import TARGETS
-from executor.configs import PLANCC_KEY, model_config
+from executor.family_config import PLANCC_KEY, model_config
 from executor.safetensors_io import SourceFiles, decode, read_raw
 
 DTYPES = ("f16", "bf16", "f32")

@@ -47,16 +47,11 @@ from executor.family_config import (
     LayoutError,
     config_key,
     ffn_mult_to_intermediate_size,
+    is_decilm,
     model_config,
 )
 from executor.family_config import NAS_LAYOUT as LAYOUT
 from executor.family_config import NAS_MODEL_TYPE as MODEL_TYPE
-
-# Read back in `executor.family_config` (below `executor.configs`, which reads every
-# layout plancc writes); re-exported here, where the layout's readers look for them.
-from executor.family_config import block_width as block_width
-from executor.family_config import hf_config as hf_config
-from executor.family_config import is_decilm as is_decilm
 from executor.layout import LAYERS_MAP, MANIFEST, ORIGINAL_CONFIG_DIR, PRUNE_LOG, write_json
 from executor.safetensors_io import OutEntry, SourceFiles, order_for_alignment, write_file
 
