@@ -30,10 +30,11 @@ Then, as SparseGPT, Wanda and llm-compressor's sequential pipeline do:
 - States live in a `StateCache`: on the host (default), on the device, or on
   disk under a directory (`cache=Path`, one safetensors file per batch in a
   temporary directory removed by `close`).
-- `loss` is `plangen.heldout.mean_loss`'s figure, computed the same way (the
-  head over slices of tokens, log-sum-exp in float32 summed in float64, one
-  float32 mean per batch weighted by its predicted tokens), so it is
-  bit-identical to the full model's where the head is a plain linear map.
+- `loss` is `plangen.heldout.mean_loss`'s figure, computed by the same code
+  (`executor.lm_loss`: the head over slices of tokens, log-sum-exp in float32
+  summed in float64, one float32 mean per batch weighted by its predicted
+  tokens; the model's own loss function where the head is not a plain linear
+  map), so it is bit-identical to the full model's.
 
 The embedding is loaded by `inputs` and freed after; the final norm and LM
 head by `loss`/`logits` and freed after (tied heads read the embedding's
@@ -63,6 +64,7 @@ from torch import nn
 
 from compiler.architectures import Architecture
 from compiler.checkpoint import TensorInfo, architecture_of, read_config, tensor_index
+from executor import lm_loss
 from executor.configs import PLANCC_KEY
 from executor.loader import fuse_experts
 
@@ -613,25 +615,29 @@ class LayerWalk:
         self._check_final(states)
         total, count = 0.0, 0
         with self._outside(head=True), torch.no_grad():
-            norm, head = self._norm_and_head()
-            plain = (
-                type(head) is nn.Linear
-                and head.bias is None
-                and getattr(self.config, _SOFTCAP, None) is None
-            )
             for k, batch in enumerate(states.batches):
-                ids = batch.ids.to(self.device)
-                hidden = norm(states.get(k, self.device))
-                shifted = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-                labels = ids[:, 1:].reshape(-1)
-                if plain:
-                    batch_loss = sliced_loss(shifted, head.weight, labels)
-                else:
-                    logits = self._soft_cap(head(shifted)).float()
-                    batch_loss = nn.functional.cross_entropy(logits, labels)
-                total += float(batch_loss) * labels.numel()
-                count += labels.numel()
+                predicted = batch.ids[:, 1:].numel()
+                total += float(self._head_loss(states.get(k, self.device), batch.ids)) * predicted
+                count += predicted
         return total / count if count else float("nan")
+
+    def _head_loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One batch's mean next-token loss from its final states (head loaded), as
+        `executor.lm_loss.next_token_loss` computes it on the full model: the sliced
+        loss where the head is plain (differentiable in `hidden` through its stored
+        gradient when grad mode is on), the model's own loss function otherwise."""
+        norm, head = self._norm_and_head()
+        ids = ids.to(self.device)
+        normed = norm(hidden)
+        if not lm_loss.plain_head(head, self.config):
+            logits = self._soft_cap(head(normed))
+            vocab = logits.shape[-1]
+            return self.model.loss_function(logits=logits, labels=ids, vocab_size=vocab)
+        shifted = normed[:, :-1].reshape(-1, normed.shape[-1])
+        labels = ids[:, 1:].reshape(-1)
+        if torch.is_grad_enabled() and shifted.requires_grad:
+            return lm_loss.SlicedHeadLoss.apply(shifted, head.weight, labels)
+        return lm_loss.sliced(shifted, head.weight, labels, want_grad=False)[0]
 
     def _check_final(self, states: States) -> None:
         if states.layer != self.num_layers:
@@ -639,34 +645,6 @@ class LayerWalk:
                 f"these states are the input of layer {states.layer}; "
                 f"the head needs the output of all {self.num_layers}"
             )
-
-
-def sliced_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean loss of `hidden` [N, H] against `labels` [N] through a bias-free head `weight`
-    [V, H], a slice of tokens at a time (no [N, V] logits): float32 logits, log-sum-exp
-    minus target summed in float64, the mean returned in float32.
-
-    The arithmetic of `plangen.lm_loss`'s forward, operation for operation, so the
-    walk's loss is bit-identical to the planner's `mean_loss` on a full model."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    budget = 1 << (22 if hidden.device.type == "cpu" else 26)
-    rows = min(max(16, budget // max(vocab, 1)), max(n, 1))
-    buffer = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
-    head = weight.t()
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for s in range(0, n, rows):
-        h = hidden[s : s + rows]
-        y = labels[s : s + rows]
-        logits = buffer[: len(y)]
-        if h.dtype == torch.float32 and weight.dtype == torch.float32:
-            torch.mm(h, head, out=logits)
-        else:
-            logits.copy_(h @ head)
-        logits.sub_(logits.amax(dim=-1, keepdim=True))
-        target = logits.gather(1, y[:, None]).squeeze(1)
-        sums = logits.exp_().sum(dim=-1)
-        total += (sums.log() - target).sum(dtype=torch.float64)
-    return (total / n).to(torch.float32)
 
 
 def _head_modules(model: nn.Module) -> list[str]:
