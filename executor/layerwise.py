@@ -54,7 +54,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -638,6 +638,132 @@ class LayerWalk:
         if torch.is_grad_enabled() and shifted.requires_grad:
             return lm_loss.SlicedHeadLoss.apply(shifted, head.weight, labels)
         return lm_loss.sliced(shifted, head.weight, labels, want_grad=False)[0]
+
+    # ---- the reverse sweep
+
+    def boundaries(self, source: Sequence[Sequence[int]] | torch.Tensor | States) -> list[States]:
+        """The states at every layer boundary: [the input of layer 0, ..., the output of
+        the last layer], each layer loaded, run and freed in turn (L + 1 state caches,
+        where `cache` says: host, device or disk). `source`: windows, or `inputs`' states."""
+        states = source if isinstance(source, States) else self.inputs(source)
+        if states.layer != 0:
+            raise ValueError(f"these states are the input of layer {states.layer}, not 0")
+        out = [states]
+        for i in range(self.num_layers):
+            with self.layer(i) as module:
+                states = self.forward_layer(i, states, module)
+            out.append(states)
+        return out
+
+    def backward_sweep(
+        self,
+        source: Sequence[Sequence[int]] | torch.Tensor | States | Sequence[States],
+        on_layer: Callable[[int, nn.Module], None] | None = None,
+        *,
+        on_batch: Callable[[int, int, nn.Module, dict[str, torch.Tensor]], None] | None = None,
+        wants: Callable[[int, str], bool] | None = None,
+    ) -> float:
+        """Gradients of the mean next-token loss, one decoder layer at a time, exactly as a
+        full model's backward gives them; returns the mean loss (`loss`'s figure).
+
+        `source`: windows, `inputs`' states, or `boundaries`' list (consumed: each
+        boundary's cache is closed once its layer is done). The head computes each
+        batch's loss (`executor.lm_loss`, as calibration does) and its gradient with
+        respect to the final states; then, for i from the last layer down, layer i is
+        loaded, recomputed from its stored input with autograd on, and back-propagated
+        with the incoming gradient, batch by batch; the gradient of its input is kept
+        for layer i - 1, and the layer is freed.
+
+        Batching and normalisation are calibration's (`plangen.calibrate.collect`): one
+        backward per batch of the batch's mean loss, the batches' gradients summed per
+        parameter in batch order. `on_batch(i, k, module, grads)` sees batch k's
+        gradient of each of layer i's parameters (layer-relative names; the Fisher
+        term needs per-batch gradients); `on_layer(i, module)` is called once every
+        batch is done, with each parameter's `.grad` the sum over batches (cleared
+        after). `wants(i, name)` picks the parameters that get gradients (default: all
+        of the layer's; fewer is cheaper, the others' values are unchanged).
+        """
+        given = not isinstance(source, States | torch.Tensor) and len(source) > 0
+        if given and isinstance(source[0], States):  # type: ignore[index]
+            bounds = list(source)  # type: ignore[arg-type]
+        else:
+            bounds = self.boundaries(source)  # type: ignore[arg-type]
+        if [b.layer for b in bounds] != list(range(self.num_layers + 1)):
+            raise ValueError("the sweep needs the states at every layer boundary, 0 to L")
+        batches = bounds[0].batches
+        grads = self.new_cache()
+        total, count = 0.0, 0
+        with self._outside(head=True):
+            for k, batch in enumerate(batches):
+                final = bounds[-1].get(k, self.device).requires_grad_()
+                with torch.enable_grad():
+                    loss = self._head_loss(final, batch.ids)
+                    (grad,) = torch.autograd.grad(loss, final)
+                grads.put(k, grad)
+                predicted = batch.ids[:, 1:].numel()
+                total += float(loss.detach()) * predicted
+                count += predicted
+                del final, loss, grad
+        bounds[-1].cache.close()
+        for i in reversed(range(self.num_layers)):
+            below = self.new_cache() if i > 0 else None  # layer 0's input needs none
+            with self.layer(i) as module:
+                chosen = [
+                    (name, p)
+                    for name, p in module.named_parameters()
+                    if p.requires_grad and (wants is None or wants(i, name))
+                ]
+                self._backward_layer(i, module, chosen, bounds[i], grads, below, on_batch)
+                try:
+                    if on_layer is not None:
+                        on_layer(i, module)
+                finally:
+                    for _, p in chosen:
+                        p.grad = None
+            grads.close()
+            bounds[i].cache.close()
+            if below is not None:
+                grads = below
+        return total / count if count else float("nan")
+
+    def _backward_layer(
+        self,
+        i: int,
+        module: nn.Module,
+        chosen: list[tuple[str, nn.Parameter]],
+        states: States,
+        grads: StateCache,
+        below: StateCache | None,
+        on_batch: Callable[[int, int, nn.Module, dict[str, torch.Tensor]], None] | None,
+    ) -> None:
+        """Layer i's backward, batch by batch: its parameters' `.grad` summed in batch
+        order (as autograd accumulates them), its input's gradient put in `below`."""
+        params = [p for _, p in chosen]
+        for p in params:
+            p.grad = None
+        for k, batch in enumerate(states.batches):
+            hidden = states.get(k, self.device)
+            if below is not None:
+                hidden.requires_grad_()
+            with torch.enable_grad():
+                out = module(hidden, *batch.args[i], **batch.kwargs[i])
+                out = out[0] if isinstance(out, tuple) else out
+                wrt = ([hidden] if below is not None else []) + params
+                got = list(
+                    torch.autograd.grad(out, wrt, grads.get(k, self.device), allow_unused=True)
+                )
+            del out
+            if below is not None:
+                below.put(k, got.pop(0))
+            per_batch = {}
+            for (name, p), g in zip(chosen, got, strict=True):
+                if g is None:
+                    continue
+                per_batch[name] = g
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+            if on_batch is not None:
+                on_batch(i, k, module, per_batch)
+            del hidden, got, per_batch
 
     def _check_final(self, states: States) -> None:
         if states.layer != self.num_layers:
