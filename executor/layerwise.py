@@ -739,31 +739,42 @@ class LayerWalk:
         """Layer i's backward, batch by batch: its parameters' `.grad` summed in batch
         order (as autograd accumulates them), its input's gradient put in `below`."""
         params = [p for _, p in chosen]
+        # The order in which autograd computes the parameters' gradients: `on_batch`
+        # gets them in that order, the order a full model's parameter hooks see them
+        # (calibration folds the Fisher term in it; float sums depend on the order).
+        order: list[int] = []
+        handles = [
+            p.register_hook(functools.partial(_note, order, j)) for j, p in enumerate(params)
+        ]
         for p in params:
             p.grad = None
-        for k, batch in enumerate(states.batches):
-            hidden = states.get(k, self.device)
-            if below is not None:
-                hidden.requires_grad_()
-            with torch.enable_grad():
-                out = module(hidden, *batch.args[i], **batch.kwargs[i])
-                out = out[0] if isinstance(out, tuple) else out
-                wrt = ([hidden] if below is not None else []) + params
-                got = list(
-                    torch.autograd.grad(out, wrt, grads.get(k, self.device), allow_unused=True)
-                )
-            del out
-            if below is not None:
-                below.put(k, got.pop(0))
-            per_batch = {}
-            for (name, p), g in zip(chosen, got, strict=True):
-                if g is None:
-                    continue
-                per_batch[name] = g
-                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-            if on_batch is not None:
-                on_batch(i, k, module, per_batch)
-            del hidden, got, per_batch
+        try:
+            for k, batch in enumerate(states.batches):
+                hidden = states.get(k, self.device)
+                if below is not None:
+                    hidden.requires_grad_()
+                order.clear()
+                with torch.enable_grad():
+                    out = module(hidden, *batch.args[i], **batch.kwargs[i])
+                    out = out[0] if isinstance(out, tuple) else out
+                    wrt = ([hidden] if below is not None else []) + params
+                    upstream = grads.get(k, self.device)
+                    got = list(torch.autograd.grad(out, wrt, upstream, allow_unused=True))
+                del out, upstream
+                if below is not None:
+                    below.put(k, got.pop(0))
+                per_batch = {}
+                for j in order:
+                    g = got[j]
+                    name, p = chosen[j]
+                    per_batch[name] = g
+                    p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+                if on_batch is not None:
+                    on_batch(i, k, module, per_batch)
+                del hidden, got, per_batch
+        finally:
+            for h in handles:
+                h.remove()
 
     def _check_final(self, states: States) -> None:
         if states.layer != self.num_layers:
@@ -771,6 +782,11 @@ class LayerWalk:
                 f"these states are the input of layer {states.layer}; "
                 f"the head needs the output of all {self.num_layers}"
             )
+
+
+def _note(order: list[int], j: int, grad: torch.Tensor) -> None:
+    """A parameter hook: record that parameter j's gradient was computed."""
+    order.append(j)
 
 
 def _head_modules(model: nn.Module) -> list[str]:
