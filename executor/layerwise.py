@@ -35,6 +35,18 @@ Then, as SparseGPT, Wanda and llm-compressor's sequential pipeline do:
   summed in float64, one float32 mean per batch weighted by its predicted
   tokens; the model's own loss function where the head is not a plain linear
   map), so it is bit-identical to the full model's.
+- `backward_sweep(windows, on_layer, on_batch=..., wants=...)` gives the
+  gradients of that loss exactly as a full model's per-batch backward does
+  (calibration's batching and normalisation): `boundaries` walks forward
+  keeping the states at every layer boundary (L + 1 caches: host, device or
+  disk), the head computes each batch's loss and its gradient with respect to
+  the final states, then from the last layer down each layer is loaded,
+  recomputed from its stored input with autograd on and back-propagated with
+  the gradient from above; `on_batch(i, k, module, grads)` sees batch k's
+  gradients (in autograd's order), `on_layer(i, module)` the parameters'
+  `.grad` summed over batches; the input's gradient goes down, the layer and
+  its boundary are freed. Bit-identical to the full model's sums
+  (tests/test_layerwise_gradients.py); one extra forward of each layer.
 
 The embedding is loaded by `inputs` and freed after; the final norm and LM
 head by `loss`/`logits` and freed after (tied heads read the embedding's
@@ -695,7 +707,7 @@ class LayerWalk:
         total, count = 0.0, 0
         with self._outside(head=True):
             for k, batch in enumerate(batches):
-                final = bounds[-1].get(k, self.device).requires_grad_()
+                final = bounds[-1].get(k, self.device).detach().requires_grad_()
                 with torch.enable_grad():
                     loss = self._head_loss(final, batch.ids)
                     (grad,) = torch.autograd.grad(loss, final)
@@ -750,7 +762,7 @@ class LayerWalk:
             p.grad = None
         try:
             for k, batch in enumerate(states.batches):
-                hidden = states.get(k, self.device)
+                hidden = states.get(k, self.device).detach()  # the cache's tensor untouched
                 if below is not None:
                     hidden.requires_grad_()
                 order.clear()
