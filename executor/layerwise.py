@@ -30,10 +30,23 @@ Then, as SparseGPT, Wanda and llm-compressor's sequential pipeline do:
 - States live in a `StateCache`: on the host (default), on the device, or on
   disk under a directory (`cache=Path`, one safetensors file per batch in a
   temporary directory removed by `close`).
-- `loss` is `plangen.heldout.mean_loss`'s figure, computed the same way (the
-  head over slices of tokens, log-sum-exp in float32 summed in float64, one
-  float32 mean per batch weighted by its predicted tokens), so it is
-  bit-identical to the full model's where the head is a plain linear map.
+- `loss` is `plangen.heldout.mean_loss`'s figure, computed by the same code
+  (`executor.lm_loss`: the head over slices of tokens, log-sum-exp in float32
+  summed in float64, one float32 mean per batch weighted by its predicted
+  tokens; the model's own loss function where the head is not a plain linear
+  map), so it is bit-identical to the full model's.
+- `backward_sweep(windows, on_layer, on_batch=..., wants=...)` gives the
+  gradients of that loss exactly as a full model's per-batch backward does
+  (calibration's batching and normalisation): `boundaries` walks forward
+  keeping the states at every layer boundary (L + 1 caches: host, device or
+  disk), the head computes each batch's loss and its gradient with respect to
+  the final states, then from the last layer down each layer is loaded,
+  recomputed from its stored input with autograd on and back-propagated with
+  the gradient from above; `on_batch(i, k, module, grads)` sees batch k's
+  gradients (in autograd's order), `on_layer(i, module)` the parameters'
+  `.grad` summed over batches; the input's gradient goes down, the layer and
+  its boundary are freed. Bit-identical to the full model's sums
+  (tests/test_layerwise_gradients.py); one extra forward of each layer.
 
 The embedding is loaded by `inputs` and freed after; the final norm and LM
 head by `loss`/`logits` and freed after (tied heads read the embedding's
@@ -53,7 +66,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +76,7 @@ from torch import nn
 
 from compiler.architectures import Architecture
 from compiler.checkpoint import TensorInfo, architecture_of, read_config, tensor_index
+from executor import lm_loss
 from executor.family_config import PLANCC_KEY
 from executor.loader import fuse_experts
 
@@ -613,25 +627,166 @@ class LayerWalk:
         self._check_final(states)
         total, count = 0.0, 0
         with self._outside(head=True), torch.no_grad():
-            norm, head = self._norm_and_head()
-            plain = (
-                type(head) is nn.Linear
-                and head.bias is None
-                and getattr(self.config, _SOFTCAP, None) is None
-            )
             for k, batch in enumerate(states.batches):
-                ids = batch.ids.to(self.device)
-                hidden = norm(states.get(k, self.device))
-                shifted = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-                labels = ids[:, 1:].reshape(-1)
-                if plain:
-                    batch_loss = sliced_loss(shifted, head.weight, labels)
-                else:
-                    logits = self._soft_cap(head(shifted)).float()
-                    batch_loss = nn.functional.cross_entropy(logits, labels)
-                total += float(batch_loss) * labels.numel()
-                count += labels.numel()
+                predicted = batch.ids[:, 1:].numel()
+                total += float(self._head_loss(states.get(k, self.device), batch.ids)) * predicted
+                count += predicted
         return total / count if count else float("nan")
+
+    def _head_loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One batch's mean next-token loss from its final states (head loaded), as
+        `executor.lm_loss.next_token_loss` computes it on the full model: the sliced
+        loss where the head is plain (differentiable in `hidden` through its stored
+        gradient when grad mode is on), the model's own loss function otherwise."""
+        norm, head = self._norm_and_head()
+        ids = ids.to(self.device)
+        normed = norm(hidden)
+        if not lm_loss.plain_head(head, self.config):
+            logits = self._soft_cap(head(normed))
+            vocab = logits.shape[-1]
+            return self.model.loss_function(logits=logits, labels=ids, vocab_size=vocab)
+        shifted = normed[:, :-1].reshape(-1, normed.shape[-1])
+        labels = ids[:, 1:].reshape(-1)
+        if torch.is_grad_enabled() and shifted.requires_grad:
+            return lm_loss.SlicedHeadLoss.apply(shifted, head.weight, labels)
+        return lm_loss.sliced(shifted, head.weight, labels, want_grad=False)[0]
+
+    # ---- the reverse sweep
+
+    def boundaries(self, source: Sequence[Sequence[int]] | torch.Tensor | States) -> list[States]:
+        """The states at every layer boundary: [the input of layer 0, ..., the output of
+        the last layer], each layer loaded, run and freed in turn (L + 1 state caches,
+        where `cache` says: host, device or disk). `source`: windows, or `inputs`' states."""
+        states = source if isinstance(source, States) else self.inputs(source)
+        if states.layer != 0:
+            raise ValueError(f"these states are the input of layer {states.layer}, not 0")
+        out = [states]
+        for i in range(self.num_layers):
+            with self.layer(i) as module:
+                states = self.forward_layer(i, states, module)
+            out.append(states)
+        return out
+
+    def backward_sweep(
+        self,
+        source: Sequence[Sequence[int]] | torch.Tensor | States | Sequence[States],
+        on_layer: Callable[[int, nn.Module], None] | None = None,
+        *,
+        on_batch: Callable[[int, int, nn.Module, dict[str, torch.Tensor]], None] | None = None,
+        wants: Callable[[int, str], bool] | None = None,
+    ) -> float:
+        """Gradients of the mean next-token loss, one decoder layer at a time, exactly as a
+        full model's backward gives them; returns the mean loss (`loss`'s figure).
+
+        `source`: windows, `inputs`' states, or `boundaries`' list (consumed: each
+        boundary's cache is closed once its layer is done). The head computes each
+        batch's loss (`executor.lm_loss`, as calibration does) and its gradient with
+        respect to the final states; then, for i from the last layer down, layer i is
+        loaded, recomputed from its stored input with autograd on, and back-propagated
+        with the incoming gradient, batch by batch; the gradient of its input is kept
+        for layer i - 1, and the layer is freed.
+
+        Batching and normalisation are calibration's (`plangen.calibrate.collect`): one
+        backward per batch of the batch's mean loss, the batches' gradients summed per
+        parameter in batch order. `on_batch(i, k, module, grads)` sees batch k's
+        gradient of each of layer i's parameters (layer-relative names; the Fisher
+        term needs per-batch gradients); `on_layer(i, module)` is called once every
+        batch is done, with each parameter's `.grad` the sum over batches (cleared
+        after). `wants(i, name)` picks the parameters that get gradients (default: all
+        of the layer's; fewer is cheaper, the others' values are unchanged).
+        """
+        given = not isinstance(source, States | torch.Tensor) and len(source) > 0
+        if given and isinstance(source[0], States):  # type: ignore[index]
+            bounds = list(source)  # type: ignore[arg-type]
+        else:
+            bounds = self.boundaries(source)  # type: ignore[arg-type]
+        if [b.layer for b in bounds] != list(range(self.num_layers + 1)):
+            raise ValueError("the sweep needs the states at every layer boundary, 0 to L")
+        batches = bounds[0].batches
+        grads = self.new_cache()
+        total, count = 0.0, 0
+        with self._outside(head=True):
+            for k, batch in enumerate(batches):
+                final = bounds[-1].get(k, self.device).detach().requires_grad_()
+                with torch.enable_grad():
+                    loss = self._head_loss(final, batch.ids)
+                    (grad,) = torch.autograd.grad(loss, final)
+                grads.put(k, grad)
+                predicted = batch.ids[:, 1:].numel()
+                total += float(loss.detach()) * predicted
+                count += predicted
+                del final, loss, grad
+        bounds[-1].cache.close()
+        for i in reversed(range(self.num_layers)):
+            below = self.new_cache() if i > 0 else None  # layer 0's input needs none
+            with self.layer(i) as module:
+                chosen = [
+                    (name, p)
+                    for name, p in module.named_parameters()
+                    if p.requires_grad and (wants is None or wants(i, name))
+                ]
+                self._backward_layer(i, module, chosen, bounds[i], grads, below, on_batch)
+                try:
+                    if on_layer is not None:
+                        on_layer(i, module)
+                finally:
+                    for _, p in chosen:
+                        p.grad = None
+            grads.close()
+            bounds[i].cache.close()
+            if below is not None:
+                grads = below
+        return total / count if count else float("nan")
+
+    def _backward_layer(
+        self,
+        i: int,
+        module: nn.Module,
+        chosen: list[tuple[str, nn.Parameter]],
+        states: States,
+        grads: StateCache,
+        below: StateCache | None,
+        on_batch: Callable[[int, int, nn.Module, dict[str, torch.Tensor]], None] | None,
+    ) -> None:
+        """Layer i's backward, batch by batch: its parameters' `.grad` summed in batch
+        order (as autograd accumulates them), its input's gradient put in `below`."""
+        params = [p for _, p in chosen]
+        # The order in which autograd computes the parameters' gradients: `on_batch`
+        # gets them in that order, the order a full model's parameter hooks see them
+        # (calibration folds the Fisher term in it; float sums depend on the order).
+        order: list[int] = []
+        handles = [
+            p.register_hook(functools.partial(_note, order, j)) for j, p in enumerate(params)
+        ]
+        for p in params:
+            p.grad = None
+        try:
+            for k, batch in enumerate(states.batches):
+                hidden = states.get(k, self.device).detach()  # the cache's tensor untouched
+                if below is not None:
+                    hidden.requires_grad_()
+                order.clear()
+                with torch.enable_grad():
+                    out = module(hidden, *batch.args[i], **batch.kwargs[i])
+                    out = out[0] if isinstance(out, tuple) else out
+                    wrt = ([hidden] if below is not None else []) + params
+                    upstream = grads.get(k, self.device)
+                    got = list(torch.autograd.grad(out, wrt, upstream, allow_unused=True))
+                del out, upstream
+                if below is not None:
+                    below.put(k, got.pop(0))
+                per_batch = {}
+                for j in order:
+                    g = got[j]
+                    name, p = chosen[j]
+                    per_batch[name] = g
+                    p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+                if on_batch is not None:
+                    on_batch(i, k, module, per_batch)
+                del hidden, got, per_batch
+        finally:
+            for h in handles:
+                h.remove()
 
     def _check_final(self, states: States) -> None:
         if states.layer != self.num_layers:
@@ -641,32 +796,9 @@ class LayerWalk:
             )
 
 
-def sliced_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean loss of `hidden` [N, H] against `labels` [N] through a bias-free head `weight`
-    [V, H], a slice of tokens at a time (no [N, V] logits): float32 logits, log-sum-exp
-    minus target summed in float64, the mean returned in float32.
-
-    The arithmetic of `plangen.lm_loss`'s forward, operation for operation, so the
-    walk's loss is bit-identical to the planner's `mean_loss` on a full model."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    budget = 1 << (22 if hidden.device.type == "cpu" else 26)
-    rows = min(max(16, budget // max(vocab, 1)), max(n, 1))
-    buffer = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
-    head = weight.t()
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for s in range(0, n, rows):
-        h = hidden[s : s + rows]
-        y = labels[s : s + rows]
-        logits = buffer[: len(y)]
-        if h.dtype == torch.float32 and weight.dtype == torch.float32:
-            torch.mm(h, head, out=logits)
-        else:
-            logits.copy_(h @ head)
-        logits.sub_(logits.amax(dim=-1, keepdim=True))
-        target = logits.gather(1, y[:, None]).squeeze(1)
-        sums = logits.exp_().sum(dim=-1)
-        total += (sums.log() - target).sum(dtype=torch.float64)
-    return (total / n).to(torch.float32)
+def _note(order: list[int], j: int, grad: torch.Tensor) -> None:
+    """A parameter hook: record that parameter j's gradient was computed."""
+    order.append(j)
 
 
 def _head_modules(model: nn.Module) -> list[str]:

@@ -31,7 +31,7 @@ import torch
 
 from compiler.architectures import Architecture, TensorSpec
 from compiler.geometry import Geometry
-from plangen import lm_loss
+from executor import lm_loss
 from plangen.metrics.depth import DepthStats
 from plangen.metrics.units import Accumulator, fold_elements
 

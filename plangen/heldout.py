@@ -21,7 +21,7 @@ import torch
 
 from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
-from plangen import lm_loss
+from executor import lm_loss
 from plangen.candidate import Candidate
 from plangen.scores import ScoreTables
 from plangen.surgery import Solved, applied

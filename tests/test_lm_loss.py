@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plangen import lm_loss
+from executor import lm_loss
 
 
 def _model(tmp_path, model_type: str, **overrides):

@@ -15,6 +15,11 @@ gradients, up to float rounding; tests compare both with the model's own.
 This needs the head to be a plain bias-free linear map of the last hidden
 state. `applies()` says when it is; otherwise `next_token_loss` returns the
 model's own loss, so callers need not ask.
+
+One implementation serves the whole project: the planner's `mean_loss` and
+calibration pass call `next_token_loss` on a full model; the layer-wise walk
+(`executor.layerwise`) calls `sliced` and `SlicedHeadLoss` on its final states,
+so the two give the same loss and the same gradients bit for bit.
 """
 
 from __future__ import annotations
@@ -28,17 +33,18 @@ import torch
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+def plain_head(head: Any, config: Any) -> bool:
+    """True when `head` is a bias-free linear map and `config` transforms nothing after it:
+    the logits are exactly `hidden @ head.weight.T`."""
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return False
+    return all(getattr(config, name, None) in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+
+
 def applies(model: Any) -> bool:
     """True when the logits are exactly `last_hidden_state @ head.weight.T`."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or head.bias is not None:
-        return False
-    config = getattr(model, "config", None)
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            return False
-    return hasattr(model, "base_model")
+    return plain_head(head, getattr(model, "config", None)) and hasattr(model, "base_model")
 
 
 def _chunk_rows(vocab: int, device: torch.device) -> int:
@@ -48,7 +54,7 @@ def _chunk_rows(vocab: int, device: torch.device) -> int:
     return max(16, budget // max(vocab, 1))
 
 
-def _sliced(
+def sliced(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, want_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean loss of `hidden` [N, H] against `labels` [N] through `weight` [V, H] and,
@@ -82,12 +88,12 @@ def _sliced(
     return (total / n).to(torch.float32), grad
 
 
-class _SlicedHeadLoss(torch.autograd.Function):
+class SlicedHeadLoss(torch.autograd.Function):
     """The sliced loss as an autograd node whose backward hands over the stored gradient."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> Any:
-        loss, grad = _sliced(hidden, weight, labels, want_grad=True)
+        loss, grad = sliced(hidden, weight, labels, want_grad=True)
         ctx.save_for_backward(grad)
         return loss
 
@@ -108,10 +114,10 @@ def next_token_loss(model: Any, ids: torch.Tensor) -> torch.Tensor:
     labels = ids[:, 1:].reshape(-1)
     weight = model.get_output_embeddings().weight
     if not (torch.is_grad_enabled() and shifted.requires_grad):
-        return _sliced(shifted, weight, labels, want_grad=False)[0]
+        return sliced(shifted, weight, labels, want_grad=False)[0]
     if weight.requires_grad:
         raise ValueError(
             "the sliced head loss gives no gradient for the head's weight: freeze it "
             "(calibration only takes gradients of the decoder layers)"
         )
-    return _SlicedHeadLoss.apply(shifted, weight, labels)
+    return SlicedHeadLoss.apply(shifted, weight, labels)
