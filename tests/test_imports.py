@@ -35,7 +35,7 @@ MAY_IMPORT = {
     "heal": {"grammar", "compiler", "executor", "heal"},
 }
 # The executor modules the planner may import: loading a model, nothing else.
-PLANGEN_MAY_USE_FROM_EXECUTOR = {"executor.loader"}
+PLANGEN_MAY_USE_FROM_EXECUTOR = {"executor.loader", "executor.device"}
 
 # (importer, imported) edges against the layering, each with why it stays.
 ALLOWED_UPWARD = {
