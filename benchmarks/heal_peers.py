@@ -74,7 +74,7 @@ def main() -> None:
     def pruned(name: str, **kw) -> Path:
         plan, out = args.out / f"{name}.prn", args.out / name
         if not (out / "A").is_dir():
-            run(Options(args.model, plan, progress=False, device=args.device, **kw))
+            run(Options(args.model, plan, quiet=True, device=args.device, **kw))
             apply_plan(plan, out)
         return out
 

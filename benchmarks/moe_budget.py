@@ -76,7 +76,7 @@ def main() -> None:
             (f"budget (--target-params {target})", {"target_params": target}),
         ]
         for i, (name, kw) in enumerate(cases):
-            opts = Options(args.model, plan.with_name(f"{plan.name}-{i}.prn"), progress=False, **kw)
+            opts = Options(args.model, plan.with_name(f"{plan.name}-{i}.prn"), quiet=True, **kw)
             name, kept, got, took, label = measured(name, opts)
             cells = f"{target:>6}  {name:<44} {kept:>6.1%} {got[0]:>7.2f}"
             cells += f" {got[1]:>8.2f}" if args.unseen else ""

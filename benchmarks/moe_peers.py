@@ -111,7 +111,7 @@ def main() -> None:
     for k in (4, 8):
         plan = args.out / f"default-{k}.prn"
         t0 = time.perf_counter()
-        outcome = run(Options(args.model, plan, drop_experts=k / experts, progress=False))
+        outcome = run(Options(args.model, plan, drop_experts=k / experts, quiet=True))
         took = time.perf_counter() - t0
         out = args.out / f"out-{k}"
         apply_plan(plan, out)

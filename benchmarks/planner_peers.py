@@ -80,7 +80,7 @@ RECONSTRUCTION = [
             "parts": "mlp",
             "metric": "wanda",
             "reconstruct": True,
-            "one_shot": True,
+            "reconstruct_mode": "one-shot",
             "damp": 1e-2,
             "at_12_5": False,
         },
@@ -111,7 +111,13 @@ RECONSTRUCTION = [
     ),
     (
         "... residual (down_proj fitted to the original model's layer output)",
-        {"strategy": "global", "parts": "mlp", "metric": "obs", "residual": True, "at_12_5": False},
+        {
+            "strategy": "global",
+            "parts": "mlp",
+            "metric": "obs",
+            "reconstruct_mode": "residual",
+            "at_12_5": False,
+        },
     ),
 ]
 KEEP = {"12.5": 0.875, "25": 0.75}
@@ -245,7 +251,7 @@ def main() -> None:
     for size, keep in KEEP.items():
         plan = args.out / f"default-{size}.prn"
         t0 = time.perf_counter()
-        outcome = run(Options(args.model, plan, target_params=keep, progress=False))
+        outcome = run(Options(args.model, plan, target_params=keep, quiet=True))
         took = time.perf_counter() - t0
         cost_rows.append((f"analyze default (gradients), -{size}%", took, took / forward_s))
         results[("plancc default (auto: best on held-out loss)", size)] = (
@@ -254,7 +260,7 @@ def main() -> None:
         )
     plan = args.out / "flap-forward-only.prn"
     t0 = time.perf_counter()
-    run(Options(args.model, plan, target_params=0.75, strategy="flap", progress=False))
+    run(Options(args.model, plan, target_params=0.75, strategy="flap", quiet=True))
     took = time.perf_counter() - t0
     cost_rows.append(("analyze --strategy flap (forward only), -25%", took, took / forward_s))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -285,7 +291,7 @@ def main() -> None:
             overrides = {k: v for k, v in overrides.items() if k != "at_12_5"}
             path = args.out / f"{len(results):02d}.prn"
             opts = Options(
-                args.model, path, target_params=keep, scores=sidecar, progress=False, **overrides
+                args.model, path, target_params=keep, scores=sidecar, quiet=True, **overrides
             )
             t0 = time.perf_counter()
             run(opts)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compiler.cli import EXIT_OK, UsageError
 from compiler.corpus import DATA_CHOICES, CorpusError, load_text
-from executor.device import default_device
+from executor.device import add_device_argument, resolve_device
 from executor.formats import FORMATS, GGUF_DTYPES, GGUF_FILE
 
 
@@ -45,7 +45,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             args.plan,
             args.out,
             model=args.model,
-            device=args.device,
+            device=resolve_device(args.device),
             force=args.force,
             max_shard_bytes=args.max_shard_size,
             allow_pickle=args.allow_pickle,
@@ -165,12 +165,7 @@ def _add_apply(sub: argparse._SubParsersAction) -> None:
         help="checkpoint directory (default: the plan's `source`, relative to the plan file)",
     )
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUT", help="output directory")
-    p.add_argument(
-        "--device",
-        default="cpu",
-        choices=("cpu", "cuda"),
-        help="where channel metrics are computed (default cpu)",
-    )
+    add_device_argument(p, "where channel metrics are computed")
     p.add_argument(
         "--force",
         action="store_true",
@@ -305,7 +300,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         text = load_text(args.data, args.data_files)
     except (ValueError, FileNotFoundError, CorpusError) as exc:
         raise UsageError(str(exc)) from None
-    device = args.device or default_device()
+    device = resolve_device(args.device)
     results = []
     for path in args.models:
         print(f"plancc: evaluating {path} on {device}", file=sys.stderr)
@@ -359,6 +354,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
     p.add_argument("--limit", type=int, help="evaluate only the first N windows (quick runs)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy sample length")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_device_argument(p, "where the models run")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=cmd_eval)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from compiler.cli import EXIT_OK, UsageError
 from compiler.corpus import DATA_CHOICES
-from executor.device import default_device
+from executor.device import add_device_argument, resolve_device
 from heal.options import METHODS, TEACHERS, HealError, HealOptions, parse_list
 
 
@@ -22,7 +22,7 @@ def _positive_int(text: str) -> int:
 def cmd_heal(args: argparse.Namespace) -> int:
     from heal.stages import heal
 
-    device = args.device or default_device()
+    device = resolve_device(args.device)
     opts = HealOptions(
         out=args.out_dir,
         dest=args.output,
@@ -136,7 +136,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue a stopped run (Ctrl-C, crash, kill) from HEALED.work/",
     )
-    tr.add_argument("--device", help="cpu or cuda (default: cuda when available; bf16 autocast)")
+    add_device_argument(tr, "where the model trains (bf16 autocast on cuda)")
 
 
 def _add_distillation_options(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from executor.device import DeviceError, check_device
+
 METHODS = ("lora", "full")
 TEACHERS = ("none", "original")
 TARGET_PARTS = ("attn", "mlp")
@@ -138,15 +140,11 @@ def extras_installed(method: str) -> None:
 
 def device_ok(device: str) -> None:
     """A device torch knows and this machine has (`cuda` without a GPU is refused here,
-    not after the teacher and the data are loaded)."""
-    import torch
-
+    not after the teacher and the data are loaded): `executor.device.check_device`."""
     try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        raise HealError(f"--device {device!r}: use cpu or cuda (cuda:N for one GPU)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise HealError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        check_device(device)
+    except DeviceError as exc:
+        raise HealError(f"--device {exc}") from None
 
 
 def parse_list(text: str) -> tuple[str, ...]:

@@ -1,9 +1,16 @@
-"""`plangen analyze`: the pipeline from a checkpoint to a checked plan and its sidecar.
+"""`plangen analyze`: the one pipeline from a checkpoint to a checked plan and its sidecar.
 
-  checkpoint facts → calibration windows (`compiler.corpus`) → one calibration
-  pass (`calibrate.collect`) → score tables (`scores`) → candidates
-  (`strategies`) → held-out loss of each (`heldout`) → the plan (`emit`) and
-  `PLAN.scores.safetensors`, both checked, written atomically.
+  options resolved → output checked → checkpoint facts → --scores checked and its
+  calibration adopted → option values this model cannot honour refused → weights
+  digest → the row's `prepare` → calibration windows (`compiler.corpus`) → the
+  model loaded → the row's `measure` (skipped with --scores) → its `candidates`
+  → held-out loss of each (`heldout.judge`) → the lowest chosen → the row's
+  `finish` → the plan (`emit`) and `PLAN.scores.safetensors`, both checked,
+  written atomically → the row's `beside`.
+
+The rows are the kinds of model, `KINDS`: dense (`plangen.analyze_dense`: layers,
+KV groups, MLP channels) and mixture-of-experts (`plangen.analyze_moe`: experts);
+the first whose `applies` holds runs. The stages they share are here.
 
 The calibration pool is split in two: the first `nsamples` windows are what
 the scores are measured on, the next `heldout` windows judge the candidates.
@@ -20,52 +27,61 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from compiler.checkpoint import CheckpointFacts, load_checkpoint_facts, weights_digest
 from compiler.facts import ModelFacts, validate_facts
 from compiler.parse import parse
 from compiler.sidecar import WEIGHTS_KEY
 from compiler.targets import ANY, TARGETS
-from plangen import emit
-from plangen.candidate import Candidate, original_params
-from plangen.metrics import OBS
+from plangen.analyze_dense import (
+    DENSE,
+    MEMINFO,
+    MEMORY_CHECK_ENV,
+    candidates,
+    check_memory,
+)
+from plangen.analyze_moe import MOE
+from plangen.candidate import original_params
+from plangen.options import ALIASES, STRATEGIES, OptionError, Options
 from plangen.pipeline import (
     AnalyzeError,
+    Kind,
     Measured,
-    Options,
     Outcome,
-    aimed,
-    calibration_line,
+    Run,
     calibration_windows,
     check_same_text,
-    distinct,
     finite_loss,
     provenance_lines,
     say,
-    scores_metadata,
     scores_path_for,
-    shape_key,
     sidecar_meta,
     write_outputs,
 )
-from plangen.plot import PLOT_EXTRA, plot_available, plot_plan
-from plangen.scores import (
-    ScoreTables,
-    compute_tables,
-    geometry,
-    read_sidecar,
-)
-from plangen.strategies import Budget, StrategyError, parse_layer_range
-from plangen.strategies.depth import depth, layers_for_budget
-from plangen.strategies.global_budget import TRUST_REGION, global_budget
-from plangen.strategies.unbalanced import parse_distribution, unbalanced
-from plangen.strategies.uniform import uniform
+from plangen.plot import PLOT_EXTRA, plot_available
+from plangen.scores import ScoreTables, read_sidecar
 
-OBS_ALLOCATION = "taylor"  # ... with the widths allocated by this measured table
-STRATEGIES = ("auto", "depth", "uniform", "unbalanced", "global", "flap")
-ALIASES = {"best": "auto"}  # the name issue 11's default had
-DEFAULT_TARGET = 0.75
+# The names tests and benchmarks import from here.
+__all__ = [
+    "ALIASES",
+    "MEMINFO",
+    "MEMORY_CHECK_ENV",
+    "STRATEGIES",
+    "AnalyzeError",
+    "Options",
+    "candidates",
+    "check_memory",
+    "model_facts",
+    "outcome_json",
+    "render",
+    "run",
+]
+
+# The pipeline's table: one row per kind of model, the first that applies runs.
+KINDS: tuple[Kind, ...] = (MOE, DENSE)
+
+
+def kind_of(facts: ModelFacts) -> Kind:
+    return next(k for k in KINDS if k.applies(facts))
 
 
 def model_facts(ckpt: CheckpointFacts) -> ModelFacts:
@@ -75,92 +91,6 @@ def model_facts(ckpt: CheckpointFacts) -> ModelFacts:
     if any(d.is_error for d in diags):  # pragma: no cover - the header reader's own output
         raise AnalyzeError(f"the model block of {ckpt.model_dir} does not validate: {diags[0]}")
     return facts
-
-
-# ---- what to measure ------------------------------------------------------------------
-
-
-def default_metric(strategy: str) -> str:
-    return "flap" if strategy == "flap" else "taylor"
-
-
-def needed_metrics(opts: Options) -> list[str]:
-    if opts.strategy == "auto":
-        # The forward statistics and the summed gradient are paid for: every metric
-        # built from them comes free into the sidecar for later re-planning. The
-        # Fisher term costs about 0.4 forward passes more, so taylor2 is on request.
-        from plangen.metrics import WIDTH_METRIC_NAMES
-
-        return [m for m in WIDTH_METRIC_NAMES if m != "taylor2"]
-    if opts.strategy == "depth":
-        return []
-    if opts.metric == OBS:
-        return [OBS_ALLOCATION]
-    return [opts.metric or default_metric(opts.strategy)]
-
-
-def needs_removal(opts: Options) -> bool:
-    return (opts.strategy == "depth" and opts.metric == "removal") or (
-        opts.strategy == "unbalanced" and opts.importance == "removal"
-    )
-
-
-MEMINFO = Path("/proc/meminfo")
-MEMORY_CHECK_ENV = "PLANCC_NO_MEMORY_CHECK"  # set to 1: the same as --no-memory-check
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel could give a new process without swapping: MemAvailable,
-    which counts reclaimable page cache (MemFree does not, and on a machine that has
-    read a few checkpoints it is a small fraction of what is usable). None: unknown."""
-    try:
-        for line in MEMINFO.read_text(encoding="ascii").splitlines():
-            key, _, value = line.partition(":")
-            if key == "MemAvailable":
-                number, _, unit = value.strip().partition(" ")
-                return int(number) * (1024 if unit.strip() == "kB" else 1)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def check_memory(facts_params: int, opts: Options, gradients: bool) -> None:
-    """Refuse before loading when the model cannot fit the device (weights + gradients).
-
-    An estimate, so the user can override it: --no-memory-check, or
-    PLANCC_NO_MEMORY_CHECK=1 in the environment."""
-    import torch
-
-    if not opts.memory_check or os.environ.get(MEMORY_CHECK_ENV, "") not in ("", "0"):
-        return
-    width = 2 if opts.dtype == "bfloat16" else 4
-    # Weights; with gradients also their .grad (the first-order sum) and about half
-    # as much again for activations (the Fisher term is folded per unit as it comes).
-    need = int(facts_params * width * (2.5 if gradients else 1.0))
-    if opts.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise AnalyzeError("--device cuda: no CUDA device is visible; use --device cpu")
-        free, _total = torch.cuda.mem_get_info()
-        where = "GPU memory free"
-    else:
-        available = available_memory()
-        if available is None:  # not Linux: no estimate worth refusing on
-            return
-        free = available
-        where = "memory available (MemAvailable)"
-    if need > free:
-        advice = "--dtype bfloat16, " if opts.dtype == "float32" else ""
-        advice += "a forward-only --metric (such as wanda), " if gradients else ""
-        raise AnalyzeError(
-            f"the model needs about {_size(need)} on {opts.device} "
-            f"({'weights, gradients and activations' if gradients else 'weights'}, "
-            f"{opts.dtype}) but only {_size(free)} {where}; use {advice}a larger device, "
-            f"or, if the estimate is wrong, --no-memory-check (or {MEMORY_CHECK_ENV}=1)"
-        )
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 # ---- inputs and output, checked before any work -----------------------------------------
@@ -306,429 +236,140 @@ def same_weights(path: Path, scores: ScoreTables, ckpt: CheckpointFacts, digest:
         )
 
 
-def adopt_calibration(opts: Options, scores: ScoreTables) -> None:
+def adopt_calibration(opts: Options, scores: ScoreTables) -> Options:
     """With --scores, the calibration the sidecar was measured with is the plan's (its
-    `calibration` line) and decides which windows come after it as held-out ones."""
+    `calibration` line) and decides which windows come after it as held-out ones: the
+    options with the sidecar's text, samples, seqlen and seed."""
     cal = sidecar_meta(scores).get("calibration")
     if not isinstance(cal, dict):
-        return
+        return opts
+    adopted: dict[str, Any] = {}
     if isinstance(cal.get("data"), str):
-        opts.calib = cal["data"]
+        adopted["calib"] = cal["data"]
     for key, name in (("samples", "nsamples"), ("seqlen", "seqlen"), ("seed", "seed")):
         if isinstance(cal.get(key), int) and not isinstance(cal.get(key), bool):
-            setattr(opts, name, cal[key])
-
-
-def checked_candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Candidate]:
-    """`candidates`, with a table the scores lack (an earlier sidecar measured for
-    another strategy) said as an error that names the fix."""
-    try:
-        return candidates(opts, facts, scores)
-    except StrategyError as exc:
-        raise AnalyzeError(str(exc)) from None
-    except KeyError as exc:
-        if opts.scores is None:  # pragma: no cover - the calibration measured what it needs
-            raise
-        what = exc.args[0] if exc.args and isinstance(exc.args[0], str) else repr(exc)
-        if what in ("block_influence", "angular", "removal"):
-            what = f"the scores have no `{what}` table"
-        raise AnalyzeError(
-            f"--scores {opts.scores}: {what}; re-run without --scores to measure them, "
-            "or choose a --strategy / --metric the sidecar has"
-        ) from None
-
-
-# ---- candidates -----------------------------------------------------------------------
-
-
-def _edge_range(layers: int) -> list[int]:
-    """LLM-Pruner's block-wise range: the first eighth and the last sixteenth left whole."""
-    return list(range(round(layers / 8), layers - max(1, round(layers / 16))))
-
-
-def reconstructed(cand: Candidate) -> Candidate:
-    """The same cuts with the narrowed projections re-solved instead of compensated."""
-    if not (cand.mlp_width or cand.groups_dropped):
-        return cand  # a depth plan: nothing to re-solve
-    label = cand.label.replace(", compensated", "")
-    return dataclasses.replace(
-        cand, compensate=False, reconstruct=True, label=f"{label}, reconstructed"
-    )
-
-
-def by_obs(cand: Candidate) -> Candidate:
-    """The same widths, reconstructed, with the MLP channels picked in the walk by OBS."""
-    if cand.groups_dropped:
-        raise AnalyzeError(
-            "--metric obs picks MLP channels in the reconstruction walk; KV groups need a "
-            "measured metric: add --parts mlp, or use --metric taylor --reconstruct"
-        )
-    label = cand.label.replace(f" {cand.metric}", "").replace(", compensated", "")
-    return dataclasses.replace(
-        cand,
-        metric=OBS,
-        compensate=False,
-        reconstruct=True,
-        label=f"{label}, OBS channels, reconstructed",
-    )
-
-
-def candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Candidate]:
-    if opts.metric == OBS and opts.strategy != "auto":
-        shaped = dataclasses.replace(opts, metric=OBS_ALLOCATION, compensate=False)
-        return [by_obs(c) for c in _candidates(shaped, facts, scores)]
-    out = _candidates(opts, facts, scores)
-    if opts.reconstruct and opts.strategy != "auto":
-        out = [reconstructed(c) for c in out]
-    budget = Budget.of(facts, scores, opts.target_params or DEFAULT_TARGET)
-    return aimed(out, opts, facts, budget)
-
-
-def _candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Candidate]:
-    n = facts.layers or 0
-    if opts.drop is not None or opts.drop_frac is not None:
-        if opts.strategy not in ("auto", "depth"):
-            raise AnalyzeError("--drop and --drop-frac belong to --strategy depth")
-        count = opts.drop if opts.drop is not None else round((opts.drop_frac or 0) * n)
-        budget = Budget.of(facts, scores, 0.5)
-        return [
-            depth(budget, count, opts.metric or "block_influence", opts.keep_last_layer, opts.split)
-        ]
-    keep = opts.target_params if opts.target_params is not None else DEFAULT_TARGET
-    budget = Budget.of(facts, scores, keep)
-    metric = opts.metric or default_metric(opts.strategy)
-    attn = parse_layer_range(opts.attn_layers, n, "--attn-layers")
-    mlp = parse_layer_range(opts.mlp_layers, n, "--mlp-layers")
-    if opts.parts == "mlp":
-        attn = []
-    elif opts.parts == "attn":
-        mlp = []
-    ratio = opts.ratio
-    match opts.strategy:
-        case "depth":
-            score = opts.metric or "block_influence"
-            return [
-                depth(budget, layers_for_budget(budget), score, opts.keep_last_layer, opts.split)
-            ]
-        case "uniform":
-            return [uniform(budget, metric, attn, mlp, ratio, opts.compensate, opts.round_groups)]
-        case "unbalanced":
-            return [
-                unbalanced(
-                    budget,
-                    metric,
-                    opts.importance,
-                    opts.allocation,
-                    parse_distribution(opts.distribution),
-                    opts.freeze_top,
-                    opts.compensate,
-                )
-            ]
-        case "global":
-            return [
-                global_budget(
-                    budget,
-                    metric,
-                    sorted(set(attn) | set(mlp)),
-                    opts.rank,
-                    attention=bool(attn),
-                    compensate=opts.compensate,
-                    remove_empty_layers=opts.remove_empty_layers,
-                    max_layer_cut=opts.max_layer_cut,
-                    trust=TRUST_REGION if opts.max_layer_cut is None and opts.trust else None,
-                )
-            ]
-        case "flap":
-            return [global_budget(budget, metric, None, "score", compensate=True)]
-    # auto: the strategies above with their published defaults, compensated (FLAP's
-    # bias never hurt in any measurement here), and reconstructed variants, every
-    # one judged on held-out loss. Each reconstructed candidate costs one walk.
-    edge = _edge_range(n)
-    every = list(range(n))
-    mlp_global = global_budget(
-        budget, "taylor", None, "per-param", attention=False, trust=TRUST_REGION
-    )
-    both_global = global_budget(budget, "taylor", None, "per-param", trust=TRUST_REGION)
-    rebuilt = [
-        by_obs(uniform(budget, "taylor", [], every)),
-        by_obs(mlp_global),
-        reconstructed(both_global),
-    ]
-    out = [
-        depth(budget, layers_for_budget(budget), "block_influence", opts.keep_last_layer),
-        uniform(budget, "taylor", [], edge, compensate=True),
-        unbalanced(budget, "taylor", compensate=True),
-        global_budget(budget, "taylor", None, "per-param", compensate=True, trust=TRUST_REGION),
-        global_budget(
-            budget,
-            "taylor",
-            None,
-            "per-param",
-            attention=False,
-            compensate=True,
-            trust=TRUST_REGION,
-        ),
-        global_budget(budget, "flap", None, "score", compensate=True),
-        *(c for c in rebuilt if c.reconstruct),
-    ]
-    return distinct(out)
+            adopted[name] = cal[key]
+    return dataclasses.replace(opts, **adopted)
 
 
 # ---- the pipeline ---------------------------------------------------------------------
 
 
-def removal_losses(
-    model: Any,
-    ckpt: CheckpointFacts,
-    facts: ModelFacts,
-    scores: ScoreTables,
-    held: list,
-    opts: Options,
-) -> list[float]:
-    """Held-out loss with each layer bypassed in turn (higher = the layer matters more)."""
-    from tqdm import tqdm
-
-    from plangen.heldout import mean_loss
-    from plangen.surgery import applied
-
-    out = []
-    for i in tqdm(range(facts.layers or 0), desc="removal", disable=not opts.progress, leave=False):
-        with applied(model, ckpt.arch, facts, Candidate("depth", "", drop=(i,)), scores):
-            out.append(mean_loss(model, held, opts.batch_size, opts.device))
-    return out
-
-
 def run(opts: Options) -> Outcome:
-    import torch
-
-    from executor.loader import load
-    from plangen.calibrate import collect
-    from plangen.heldout import judge, mean_loss
-    from plangen.metrics.registry import WIDTH_METRICS
-
+    """Analyze the checkpoint of `opts` and write its plan and sidecar."""
     started = time.perf_counter()
-    phases: dict[str, float] = {}
-    opts.strategy = ALIASES.get(opts.strategy, opts.strategy)
-    if opts.compensate and opts.reconstruct:
-        raise AnalyzeError(
-            "--compensate and --reconstruct: the reconstruction already fits what the "
-            "removed channels contributed; choose one"
-        )
-    if opts.strategy not in STRATEGIES:
-        raise AnalyzeError(f"unknown --strategy {opts.strategy!r} (one of {', '.join(STRATEGIES)})")
+    r = _checked(opts, started)
+    r.kind.prepare(r)
+    _read_windows(r)
+    _load(r)
+    if r.given is not None:
+        r.scores = r.given
+        say(r.opts, f"plangen: scores from {r.opts.scores} (no calibration)")
+    else:
+        r.scores = r.kind.measure(r)
+    r.cands = r.kind.candidates(r)
+    measured, loss_before = _judged(r)
+    chosen, why = _choice(r, measured)
+    r.kind.finish(r, chosen.candidate)
+    provenance = provenance_lines(r.opts, r.facts, r.text_sha, why, measured, loss_before)
+    plan_path, sidecar = write_outputs(
+        r.opts, r.ckpt, r.facts, r.scores, chosen.candidate, provenance, r.weights
+    )
+    r.kind.beside(r, chosen.candidate, plan_path)
+    return Outcome(
+        plan_path,
+        sidecar,
+        chosen,
+        measured,
+        original_params(r.facts),
+        loss_before,
+        why,
+        time.perf_counter() - started,
+        r.passes,
+        r.phases,
+    )
+
+
+def _checked(opts: Options, started: float) -> Run:
+    """Everything that is checked before a window is read: the options, the output,
+    the checkpoint and, with --scores, the sidecar (whose calibration becomes the
+    plan's); the weights digest is taken here, bound into the sidecar and the plan."""
+    try:
+        opts = opts.resolved()
+    except OptionError as exc:
+        raise AnalyzeError(str(exc)) from None
     check_output(opts)
     ckpt = load_checkpoint_facts(opts.model_dir)
     facts = model_facts(ckpt)
     given = None
     if opts.scores is not None:
         given = load_scores(opts.scores, ckpt, facts)
-        adopt_calibration(opts, given)
+        opts = adopt_calibration(opts, given)
     check_options(opts, ckpt, facts)
-    # The weights the scores are measured on, bound into the sidecar and the plan; the
-    # loader reads the same bytes next (from the page cache) and the digest is memoized.
+    # The loader reads the same bytes next (from the page cache); the digest is memoized.
     weights = weights_digest(ckpt.model_dir, ckpt.index)
     if given is not None and opts.scores is not None:
         same_weights(opts.scores, given, ckpt, weights)
-    if facts.is_moe:
-        from plangen.analyze_moe import run_moe  # imports torch: only when needed
+    return Run(opts, kind_of(facts), ckpt, facts, weights, given, started)
 
-        return run_moe(opts, ckpt, facts, started, weights, given)
-    metrics = needed_metrics(opts)
-    for m in metrics:
-        if m not in WIDTH_METRICS:
-            raise AnalyzeError(f"unknown --metric {m!r} (one of {', '.join(WIDTH_METRICS)})")
-    gradients = any(WIDTH_METRICS[m].needs == "gradients" for m in metrics)
-    params = original_params(facts)
-    check_memory(params, opts, gradients and opts.scores is None)
-    cands = checked_candidates(opts, facts, given) if given is not None else None
 
-    pools, calib_windows, held = calibration_windows(opts)
-    if given is not None:
-        check_same_text(opts, given, pools)
+def _read_windows(r: Run) -> None:
+    """The calibration windows and the held-out ones after them; with --scores, in the
+    text the sidecar was measured on."""
+    r.pools, r.calib, r.held = calibration_windows(r.opts)
+    if r.given is not None:
+        check_same_text(r.opts, r.given, r.pools)
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
-    model = load(opts.model_dir, opts.device, dtype)
-    passes = 0.0
-    if given is not None:
-        scores = given
-        say(opts, f"plangen: scores from {opts.scores} (no calibration)")
-    else:
-        say(
-            opts,
-            f"plangen: calibrating on {len(calib_windows)} x {opts.seqlen} tokens of {opts.calib}"
-            + (" (forward + backward)" if gradients else ""),
-        )
-        phases["load"] = time.perf_counter() - started
-        calib = collect(
-            model,
-            ckpt.arch,
-            calib_windows,
-            gradients=gradients,
-            fisher="taylor2" in metrics,
-            geom=geometry(facts),
-            checkpointing=(
-                opts.device.startswith("cuda") if opts.checkpointing is None else opts.checkpointing
-            ),
-            batch_size=opts.batch_size,
-            device=opts.device,
-            progress=opts.progress,
-        )
-        passes += 3.0 if gradients else 1.0  # backward ~ twice a forward
-        phases["calibrate"] = time.perf_counter() - started - sum(phases.values())
-        scores = compute_tables(model, ckpt.arch, facts, calib, metrics, opts.seed)
-        phases["score"] = time.perf_counter() - started - sum(phases.values())
-        del calib
-        if needs_removal(opts):
-            scores.tables["removal"] = np.asarray(
-                removal_losses(model, ckpt, facts, scores, held, opts)
-            )
-            passes += (facts.layers or 0) * len(held) / len(calib_windows)
-        scores.metadata = scores_metadata(opts, facts, pools.text_sha256, metrics, weights)
-    if cands is None:
-        cands = checked_candidates(opts, facts, scores)
 
-    solver = _Solver(model, ckpt.arch, facts, scores, calib_windows, opts)
+def _load(r: Run) -> None:
+    import torch
+
+    from executor.loader import load
+
+    assert r.opts.device is not None  # resolved
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[r.opts.dtype]
+    r.model = load(r.opts.model_dir, r.opts.device, dtype)
+    r.phases["load"] = time.perf_counter() - r.started
+
+
+def _judged(r: Run) -> tuple[list[Measured], float]:
+    """Every candidate's held-out loss (successive halving, `heldout.judge`), and the
+    original's; reconstruction for the judge is counted apart (`Run.solutions`)."""
+    from plangen.heldout import judge, mean_loss
+
+    assert r.model is not None and r.scores is not None and r.cands is not None
+    opts, device = r.opts, r.opts.device
+    assert device is not None  # resolved
     mark = time.perf_counter()
-    loss_before = mean_loss(model, held, opts.batch_size, opts.device)
+    loss_before = mean_loss(r.model, r.held, opts.batch_size, device)
     judged = judge(
-        model, ckpt.arch, facts, scores, cands, held, opts.batch_size, opts.device, solver
+        r.model,
+        r.ckpt.arch,
+        r.facts,
+        r.scores,
+        r.cands,
+        r.held,
+        opts.batch_size,
+        device,
+        r.solutions,
     )
-    phases["judge"] = time.perf_counter() - mark - solver.seconds
-    measured = [Measured(j.candidate, j.candidate.params(facts), j.first, j.loss) for j in judged]
-    passes += (len(held) + sum(j.windows for j in judged)) / len(calib_windows)
+    solving = r.solutions.seconds if r.solutions is not None else 0.0
+    r.phases["judge"] = time.perf_counter() - mark - solving
+    r.passes += (len(r.held) + sum(j.windows for j in judged)) / len(r.calib)
+    measured = [Measured(j.candidate, j.candidate.params(r.facts), j.first, j.loss) for j in judged]
+    return measured, loss_before
+
+
+def _choice(r: Run, measured: list[Measured]) -> tuple[Measured, str]:
+    """The finalist with the lowest held-out loss, and why it is the plan."""
     finalists = [m for m in measured if m.loss is not None]
     chosen = min(finalists, key=lambda m: finite_loss(m.loss))
-    why = (
-        f"lowest held-out loss of {len(measured)} candidates ({len(finalists)} finalists)"
-        if len(measured) > 1
-        else f"--strategy {opts.strategy}"
-    )
-
-    if chosen.candidate.reconstruct:
-        solved = solver(chosen.candidate)
-        _attach_reconstruction(scores, solved, chosen.candidate, ckpt, facts, opts)
-    if solver.seconds:
-        phases["reconstruct"] = solver.seconds
-        passes += solver.passes
-
-    plan_path, sidecar = write_outputs(
-        opts,
-        ckpt,
-        facts,
-        scores,
-        chosen.candidate,
-        provenance_lines(opts, facts, pools.text_sha256, why, measured, loss_before),
-        weights,
-    )
-    if opts.csv is not None:
-        _write_csv(opts.csv, facts, scores, chosen.candidate)
-    if opts.plot:
-        plot_plan(plan_path.with_suffix(".png"), facts, scores, chosen.candidate)
-    return Outcome(
-        plan_path,
-        sidecar,
+    if len(measured) == 1 and r.kind.lone_strategy:
+        return chosen, f"--strategy {r.opts.strategy}"
+    return (
         chosen,
-        measured,
-        params,
-        loss_before,
-        why,
-        time.perf_counter() - started,
-        passes,
-        phases,
+        f"lowest held-out loss of {len(measured)} candidates ({len(finalists)} finalists)",
     )
-
-
-class _Solver:
-    """Sequential reconstruction of a candidate, solved once and kept for the judge and
-    for the sidecar; the time and forward passes it spends are counted apart."""
-
-    def __init__(self, model, arch, facts, scores, windows, opts: Options) -> None:
-        self.model, self.arch, self.facts, self.scores = model, arch, facts, scores
-        self.windows, self.opts = windows, opts
-        self.cache: dict[tuple[object, ...], list] = {}
-        self.seconds = 0.0
-        self.passes = 0.0
-
-    def __call__(self, cand: Candidate) -> list:
-        from plangen.reconstruct import sequential
-
-        key = shape_key(cand)
-        if key not in self.cache:
-            started = time.perf_counter()
-            solved = sequential(
-                self.model,
-                self.arch,
-                self.facts,
-                cand,
-                self.scores,
-                self.windows,
-                damp=self.opts.damp,
-                one_shot=self.opts.one_shot,
-                residual=self.opts.residual,
-                batch_size=self.opts.batch_size,
-                device=self.opts.device,
-                progress=self.opts.progress,
-            )
-            self.seconds += time.perf_counter() - started
-            layers = self.facts.layers or 1
-            self.passes += (layers + len(solved)) / layers  # one walk plus a partial per solve
-            self.cache[key] = solved
-        return self.cache[key]
-
-
-def _attach_reconstruction(
-    scores: ScoreTables,
-    solved: list,
-    cand: Candidate,
-    ckpt: CheckpointFacts,
-    facts: ModelFacts,
-    opts: Options,
-) -> None:
-    """Put the re-solved weights in the sidecar, with the plan they were solved for."""
-    from plangen.reconstruct import attach
-
-    draft = emit.plan_text(
-        cand,
-        emit.Header(ckpt.model_block(), "", "draft", "0" * 64, calibration_line(opts), []),
-        scores,
-        facts.ffn or 0,
-    )
-    plan = parse(draft).plan
-    assert plan is not None  # emit's own output
-    attach(
-        scores,
-        solved,
-        plan,
-        facts,
-        damp=opts.damp,
-        one_shot=opts.one_shot,
-        residual=opts.residual,
-        samples=opts.nsamples,
-        seqlen=opts.seqlen,
-    )
-
-
-def _write_csv(path: Path, facts: ModelFacts, scores: ScoreTables, cand: Candidate) -> None:
-    """One row per KV group and MLP channel: layer, unit, index, score, kept."""
-    import csv
-
-    from compiler.sidecar import table_name
-    from plangen.scores import dense_layers
-
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["layer", "unit", "index", "metric", "score", "kept"])
-        for i in dense_layers(facts):
-            channels = scores.tables[table_name(cand.metric, i, "mlp")]
-            groups = scores.tables.get(table_name(cand.metric, i, "attn"), ())  # none for obs
-            dropped_layer = i in cand.drop
-            for g, v in enumerate(groups):
-                gone = dropped_layer or g in cand.groups_dropped.get(i, ())
-                w.writerow([i, "kv_group", g, cand.metric, f"{v:.6g}", int(not gone)])
-            kept = set(cand.kept_channels(scores, i)) if i in cand.mlp_width else None
-            for c, v in enumerate(channels):
-                on = not dropped_layer and (kept is None or c in kept)
-                w.writerow([i, "channel", c, cand.metric, f"{v:.6g}", int(on)])
 
 
 # ---- the end screen -------------------------------------------------------------------

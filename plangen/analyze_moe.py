@@ -22,33 +22,32 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from compiler.checkpoint import CheckpointFacts
+import numpy as np
+import torch
+
 from compiler.facts import ModelFacts
 from compiler.sidecar import table_name
 from plangen.calibrate import LayerStats, watch_inputs
-from plangen.candidate import original_params
+from plangen.candidate import Candidate, original_params
 from plangen.metrics.router import (
     NAEE,
     ROUTER_METRICS,
+    RouterStats,
     collect_router,
     naee_orders,
     removal_curves,
 )
+from plangen.options import Options
 from plangen.pipeline import (
     AnalyzeError,
-    Measured,
-    Options,
-    Outcome,
+    Kind,
+    Run,
     aimed,
-    calibration_windows,
-    check_same_text,
-    finite_loss,
-    provenance_lines,
+    distinct,
+    nothing,
     say,
     scores_metadata,
-    write_outputs,
 )
 from plangen.scores import ScoreTables, unit_tables
 from plangen.strategies import StrategyError
@@ -78,147 +77,132 @@ WIDTH_SCORE = "wanda"
 # few to rank layers, 21.31 / 27.80 on the fixture; these give 21.30 / 23.10).
 ALLOCATE_BY = "routing_weight"
 PROBE_WINDOWS = 16
+# The probed drop counts and each MoE layer's loss at them (`removal_curves`).
+Allocation = tuple[list[int], dict[int, np.ndarray]]
 
 
-def run_moe(
-    opts: Options,
-    ckpt: CheckpointFacts,
-    facts: ModelFacts,
-    started: float,
-    weights: str,
-    given: ScoreTables | None = None,
-) -> Outcome:
-    """Analyze a MoE model and write its plan (the `plangen.analyze.run` of MoE models).
+def _prepare(r: Run) -> None:
+    """The size options and the scores asked, refused before any window is read."""
+    moe_size(r.opts, r.facts)
+    r.metrics = _metrics(r.opts)
 
-    `weights` is the checkpoint's weights digest; `given` the already checked tables
-    of --scores (`plangen.analyze.load_scores`)."""
-    import torch
 
-    from executor.loader import load
-    from plangen.heldout import judge, mean_loss
+def _moe_layers(facts: ModelFacts) -> list[int]:
+    return [i for i in range(facts.layers or 0) if facts.is_moe_layer(i)]
 
-    size = _size(opts, facts, AnalyzeError)
-    drop = size.drop
-    metrics = _metrics(opts, AnalyzeError)
-    phases: dict[str, float] = {}
-    pools, calib_windows, held = calibration_windows(opts)
-    if given is not None:
-        check_same_text(opts, given, pools)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
-    model = load(opts.model_dir, opts.device, dtype)
-    layers = model.get_submodule(ckpt.arch.layers_module)
-    moe_layers = [i for i in range(facts.layers or 0) if facts.is_moe_layer(i)]
+
+def _measure(r: Run) -> ScoreTables:
+    """One forward pass for every MoE layer's router statistics (and, for a budget,
+    the dense axes' input statistics), then NAEE's searches when asked."""
+    opts, model, facts = r.opts, r.model, r.facts
+    assert model is not None
+    size = moe_size(opts, facts)
+    moe_layers = _moe_layers(facts)
     experts = facts.experts or 0
-    phases["load"] = time.perf_counter() - started
-    passes = 0.0
-    if given is not None:
-        scores = given
-        say(opts, f"plangen: scores from {opts.scores} (no calibration)")
-    else:
-        say(
-            opts,
-            f"plangen: router statistics on {len(calib_windows)} x {opts.seqlen} tokens of "
-            f"{opts.calib}; {size.describe(experts)}",
-        )
-        mark = time.perf_counter()
-        # A budget also weighs the dense axes: the same pass measures the inputs of
-        # every layer's o_proj and dense down_proj (KV groups, dense MLP channels).
-        unit_stats = [LayerStats() for _ in range(facts.layers or 0)]
-        watch = None
-        if size.keep_params is not None:
-            watch = lambda: watch_inputs(model, ckpt.arch, unit_stats)  # noqa: E731
-        stats = collect_router(
-            model,
-            layers,
-            moe_layers,
-            experts,
-            calib_windows,
-            batch_size=opts.batch_size,
-            device=opts.device,
-            progress=opts.progress,
-            also=watch,
-        )
-        forward = time.perf_counter() - mark
-        passes += 1.0
-        phases["calibrate"] = forward
-        tables = {
-            table_name(m, k, "experts"): v
-            for k, layer_stats in stats.items()
-            for m, v in layer_stats.tables().items()
-        }
-        for k, layer_stats in stats.items():  # channel scores inside the experts
-            if layer_stats.expert_channels is not None:
-                tables[table_name(WIDTH_SCORE, k, "experts_ffn")] = layer_stats.expert_channels
-            if layer_stats.shared_channels is not None:
-                tables[table_name(WIDTH_SCORE, k, "shared")] = layer_stats.shared_channels
-        if watch is not None:
-            tables |= unit_tables(model, ckpt.arch, facts, unit_stats, WIDTH_SCORE)
-        mark = time.perf_counter()
-        prob = {k: tables[table_name("router_prob", k, "experts")] for k in moe_layers}
-        for name, rescaled in ((NAEE, None), (NAEE_RESCALED, prob)):
-            if name in metrics:
-                orders = naee_orders(
-                    model,
-                    ckpt.arch,
-                    moe_layers,
-                    experts,
-                    drop,
-                    calib_windows,
-                    prob=rescaled,
-                    batch_size=opts.batch_size,
-                    device=opts.device,
-                    progress=opts.progress,
-                )
-                tables |= {table_name(name, k, "experts"): v for k, v in orders.items()}
-        if any(m in metrics for m in (NAEE, NAEE_RESCALED)):
-            phases["naee"] = time.perf_counter() - mark
-            passes += phases["naee"] / max(forward, 1e-9)
-        scores = ScoreTables(
-            tables, scores_metadata(opts, facts, pools.text_sha256, metrics, weights)
-        )
-    allocated = None
-    if drop and ALLOCATE_BY in metrics and len(moe_layers) > 1:
-        mark = time.perf_counter()
-        allocated = _curves(model, layers, moe_layers, facts, scores, drop, calib_windows, opts)
-        phases["probe"] = time.perf_counter() - mark
-        probes = len(moe_layers) * (len(probe_counts(facts, drop)) - 1) + 1
-        passes += probes * min(PROBE_WINDOWS, len(calib_windows)) / len(calib_windows)
+    say(
+        opts,
+        f"plangen: router statistics on {len(r.calib)} x {opts.seqlen} tokens of "
+        f"{opts.calib}; {size.describe(experts)}",
+    )
+    mark = time.perf_counter()
+    # A budget also weighs the dense axes: the same pass measures the inputs of
+    # every layer's o_proj and dense down_proj (KV groups, dense MLP channels).
+    unit_stats = [LayerStats() for _ in range(facts.layers or 0)]
+    watch = None
+    if size.keep_params is not None:
+        watch = lambda: watch_inputs(model, r.ckpt.arch, unit_stats)  # noqa: E731
+    stats = collect_router(
+        model,
+        _layers(r),
+        moe_layers,
+        experts,
+        r.calib,
+        batch_size=opts.batch_size,
+        device=opts.device,
+        progress=opts.progress,
+        also=watch,
+    )
+    forward = time.perf_counter() - mark
+    r.passes += 1.0
+    r.phases["calibrate"] = forward
+    tables = _router_tables(stats)
+    if watch is not None:
+        tables |= unit_tables(model, r.ckpt.arch, facts, unit_stats, WIDTH_SCORE)
+    _naee(r, tables, size.drop, forward)
+    return ScoreTables(tables, scores_metadata(opts, facts, r.text_sha, r.metrics, r.weights))
 
-    cands: list[Any] = []
+
+def _layers(r: Run) -> torch.nn.Module:
+    """The model's decoder layers (the module list)."""
+    assert r.model is not None
+    return r.model.get_submodule(r.ckpt.arch.layers_module)
+
+
+def _router_tables(stats: dict[int, RouterStats]) -> dict[str, np.ndarray]:
+    """The per-expert tables of every MoE layer, and the channel scores inside the
+    routed and shared experts."""
+    tables = {
+        table_name(m, k, "experts"): v
+        for k, layer_stats in stats.items()
+        for m, v in layer_stats.tables().items()
+    }
+    for k, layer_stats in stats.items():  # channel scores inside the experts
+        if layer_stats.expert_channels is not None:
+            tables[table_name(WIDTH_SCORE, k, "experts_ffn")] = layer_stats.expert_channels
+        if layer_stats.shared_channels is not None:
+            tables[table_name(WIDTH_SCORE, k, "shared")] = layer_stats.shared_channels
+    return tables
+
+
+def _naee(r: Run, tables: dict[str, np.ndarray], drop: int, forward: float) -> None:
+    """NAEE's greedy searches (plain, and with `rescale` in its error) when asked, into
+    `tables`; their cost is counted in forward passes of the router pass (`forward`)."""
+    assert r.model is not None
+    moe_layers = _moe_layers(r.facts)
+    mark = time.perf_counter()
+    prob = {k: tables[table_name("router_prob", k, "experts")] for k in moe_layers}
+    for name, rescaled in ((NAEE, None), (NAEE_RESCALED, prob)):
+        if name in r.metrics:
+            orders = naee_orders(
+                r.model,
+                r.ckpt.arch,
+                moe_layers,
+                r.facts.experts or 0,
+                drop,
+                r.calib,
+                prob=rescaled,
+                batch_size=r.opts.batch_size,
+                device=r.opts.device,
+                progress=r.opts.progress,
+            )
+            tables |= {table_name(name, k, "experts"): v for k, v in orders.items()}
+    if any(m in r.metrics for m in (NAEE, NAEE_RESCALED)):
+        r.phases["naee"] = time.perf_counter() - mark
+        r.passes += r.phases["naee"] / max(forward, 1e-9)
+
+
+def _candidates(r: Run) -> list[Candidate]:
+    """The allocation probes (when the drops are spread over layers by measured loss),
+    then every score's candidates for the size asked, told apart and inside --target."""
+    assert r.scores is not None
+    size = moe_size(r.opts, r.facts)
+    moe_layers = _moe_layers(r.facts)
+    allocated = None
+    if size.drop and ALLOCATE_BY in r.metrics and len(moe_layers) > 1:
+        mark = time.perf_counter()
+        allocated = _curves(r, size.drop)
+        r.phases["probe"] = time.perf_counter() - mark
+        probes = len(moe_layers) * (len(probe_counts(r.facts, size.drop)) - 1) + 1
+        r.passes += probes * min(PROBE_WINDOWS, len(r.calib)) / len(r.calib)
+    cands: list[Candidate] = []
     try:
         if size.keep_params is not None:
-            cands += _budgeted(facts, scores, metrics, size.keep_params, allocated)
+            cands += _budgeted(r.facts, r.scores, r.metrics, size.keep_params, allocated)
         else:
-            cands += _sized(facts, scores, metrics, drop, opts.shrink_experts, allocated)
+            cands += _sized(r.facts, r.scores, r.metrics, size.drop, size.shrink, allocated)
     except StrategyError as exc:
         raise AnalyzeError(f"{exc}; re-run without --scores to measure it") from None
-    cands = aimed(_distinct(cands), opts, facts, None)
-    mark = time.perf_counter()
-    arch = ckpt.arch
-    loss_before = mean_loss(model, held, opts.batch_size, opts.device)
-    judged = judge(model, arch, facts, scores, cands, held, opts.batch_size, opts.device)
-    phases["judge"] = time.perf_counter() - mark
-    passes += (len(held) + sum(j.windows for j in judged)) / len(calib_windows)
-    measured = [Measured(j.candidate, j.candidate.params(facts), j.first, j.loss) for j in judged]
-    finalists = [m for m in measured if m.loss is not None]
-    chosen = min(finalists, key=lambda m: finite_loss(m.loss))
-    why = f"lowest held-out loss of {len(measured)} candidates ({len(finalists)} finalists)"
-    provenance = provenance_lines(opts, facts, pools.text_sha256, why, measured, loss_before)
-    plan_path, sidecar = write_outputs(
-        opts, ckpt, facts, scores, chosen.candidate, provenance, weights
-    )
-    return Outcome(
-        plan_path,
-        sidecar,
-        chosen,
-        measured,
-        original_params(facts),
-        loss_before,
-        why,
-        time.perf_counter() - started,
-        passes,
-        phases,
-    )
+    return aimed(distinct(cands), r.opts, r.facts, None)
 
 
 @dataclass(frozen=True)
@@ -243,35 +227,28 @@ class Size:
         return " and ".join(parts)
 
 
-def _curves(
-    model: Any,
-    layers: Any,
-    moe_layers: list[int],
-    facts: ModelFacts,
-    scores: ScoreTables,
-    drop: int,
-    windows: list,
-    opts: Options,
-) -> tuple[list[int], dict[int, Any]]:
+def _curves(r: Run, drop: int) -> Allocation:
     """Each layer's loss when its lowest experts by ALLOCATE_BY are dropped alone, at
     the counts of `probe_counts(drop)`, rescaled, on the first PROBE_WINDOWS
     calibration windows: what `allocate_experts` spreads the drops by."""
-    metric = ALLOCATE_BY
-    order = {k: drop_order(facts, scores.tables, metric, k) for k in moe_layers}
+    assert r.scores is not None
+    facts, tables = r.facts, r.scores.tables
+    moe_layers = _moe_layers(facts)
+    order = {k: drop_order(facts, tables, ALLOCATE_BY, k) for k in moe_layers}
     counts = probe_counts(facts, drop)
-    prob = {k: scores.tables[table_name("router_prob", k, "experts")] for k in moe_layers}
+    prob = {k: tables[table_name("router_prob", k, "experts")] for k in moe_layers}
     curves = removal_curves(
-        model,
-        layers,
+        r.model,
+        _layers(r),
         moe_layers,
         facts.experts or 0,
         order,
         counts,
-        windows[:PROBE_WINDOWS],
+        r.calib[:PROBE_WINDOWS],
         prob,
-        batch_size=opts.batch_size,
-        device=opts.device,
-        progress=opts.progress,
+        batch_size=r.opts.batch_size,
+        device=r.opts.device,
+        progress=r.opts.progress,
     )
     return counts, curves
 
@@ -282,8 +259,8 @@ def _sized(
     metrics: list[str],
     drop: int,
     shrink: float | None,
-    allocation: tuple[list[int], dict[int, Any]] | None,
-) -> list[Any]:
+    allocation: Allocation | None,
+) -> list[Candidate]:
     """`--drop-experts` and/or `--shrink-experts`: every score's drops, plain and
     rescaled, and the allocated drops, each narrowed by `shrink` when asked; the
     routed experts only (their parameters are the bulk; the shared expert's width is
@@ -321,8 +298,8 @@ def _budgeted(
     scores: ScoreTables,
     metrics: list[str],
     keep_params: int,
-    allocation: tuple[list[int], dict[int, Any]] | None,
-) -> list[Any]:
+    allocation: Allocation | None,
+) -> list[Candidate]:
     """`--target-params` on a MoE model: the splits of `moe_budget` for every score;
     ALLOCATE_BY's also allocated over layers, with the shared expert narrowed too and
     with KV groups dropped (one score's worth of each: on the fixture, narrowing the
@@ -341,25 +318,7 @@ def _budgeted(
     return cands
 
 
-def _distinct(cands: list[Any]) -> list[Any]:
-    """Candidates that drop different experts or rescale differently (the first kept)."""
-    seen, out = set(), []
-    for c in cands:
-        key = (
-            tuple(sorted(c.experts_dropped.items())),
-            c.experts_rescale,
-            c.expert_width,
-            c.shared_width,
-            tuple(sorted(c.groups_dropped.items())),
-            tuple(sorted(c.mlp_width.items())),
-        )
-        if key not in seen:
-            seen.add(key)
-            out.append(c)
-    return out
-
-
-def _size(opts: Any, facts: ModelFacts, error: type[Exception]) -> Size:
+def moe_size(opts: Options, facts: ModelFacts) -> Size:
     """The MoE size options: `--drop-experts F`, `--shrink-experts F` (either or both),
     or `--target-params F` (a budget over both); `--drop-experts 0.25` by default."""
     others = [
@@ -372,7 +331,7 @@ def _size(opts: Any, facts: ModelFacts, error: type[Exception]) -> Size:
         if value is not None
     ]
     if others:
-        raise error(
+        raise AnalyzeError(
             f"{others[0]} on a mixture-of-experts model: its size options are "
             "--drop-experts F (the fraction of routed experts to remove from every MoE "
             "layer), --shrink-experts F (of every expert's channels) or --target-params F "
@@ -381,7 +340,7 @@ def _size(opts: Any, facts: ModelFacts, error: type[Exception]) -> Size:
     try:
         if opts.target_params is not None:
             if opts.drop_experts is not None or opts.shrink_experts is not None:
-                raise error(
+                raise AnalyzeError(
                     "--target-params with --drop-experts or --shrink-experts: give the "
                     "budget alone (it picks the split between drops and width) or the "
                     "sizes alone"
@@ -398,14 +357,27 @@ def _size(opts: Any, facts: ModelFacts, error: type[Exception]) -> Size:
         fraction = opts.drop_experts if opts.drop_experts is not None else DEFAULT_DROP_EXPERTS
         return Size(experts_to_drop(facts, fraction), shrink=opts.shrink_experts)
     except StrategyError as exc:
-        raise error(str(exc)) from None
+        raise AnalyzeError(str(exc)) from None
 
 
-def _metrics(opts: Any, error: type[Exception]) -> list[str]:
+def _metrics(opts: Options) -> list[str]:
+    """The router scores to measure: the default ones, or the one `--metric` names."""
     if opts.metric is None:
         return list(DEFAULT_SCORES)
     if opts.metric not in EXPERT_SCORES:
-        raise error(
+        raise AnalyzeError(
             f"--metric {opts.metric!r} does not score experts (one of {', '.join(EXPERT_SCORES)})"
         )
     return [opts.metric]
+
+
+MOE = Kind(
+    name="moe",
+    applies=lambda facts: facts.is_moe,
+    prepare=_prepare,
+    measure=_measure,
+    candidates=_candidates,
+    finish=nothing,
+    beside=nothing,
+    lone_strategy=False,
+)

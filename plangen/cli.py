@@ -29,7 +29,7 @@ from compiler.cli import (
     ArgumentParser,
     describe_os_error,
 )
-from compiler.targets import ANY, TARGETS
+from executor.device import add_device_argument, resolve_device
 
 PROG = "plangen"
 
@@ -90,7 +90,7 @@ def _configure_reconstruct(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=Path, metavar="DIR", help="the checkpoint (default: the plan's source)"
     )
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    add_device_argument(parser, "where the layers are re-solved")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--batch-size", type=int, default=4, metavar="B")
     parser.add_argument(
@@ -114,7 +114,7 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
         done = refresh(
             args.plan,
             args.model,
-            device=args.device,
+            device=resolve_device(args.device),
             dtype=args.dtype,
             batch_size=args.batch_size,
             damp=args.damp,
@@ -190,268 +190,10 @@ def _run_graph(args: argparse.Namespace) -> int:
 # ---- analyze ------------------------------------------------------------------------
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a fraction such as 0.75, got {text!r}"
-        ) from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
-    return value
-
-
-def _split(text: str) -> float:
-    if text == "half":
-        return 0.5
-    if text.startswith("ratio"):
-        text = text.removeprefix("ratio").strip() or "0.5"
-    return _fraction(text)
-
-
 def _configure_analyze(parser: argparse.ArgumentParser) -> None:
-    from plangen.analyze import ALIASES, STRATEGIES
-    from plangen.metrics import DAMP, WIDTH_METRIC_NAMES
+    from plangen.options import add_arguments
 
-    parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="checkpoint directory")
-    parser.add_argument(
-        "-o",
-        "--output",
-        type=Path,
-        required=True,
-        metavar="PLAN.prn",
-        help="the plan to write; PLAN.scores.safetensors is written beside it",
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing plan and its sidecar (otherwise refused)",
-    )
-    size = parser.add_argument_group(
-        "how much to remove (one of; default --target-params 0.75, on a mixture-of-experts "
-        "model --drop-experts 0.25)"
-    )
-    one = size.add_mutually_exclusive_group()
-    one.add_argument(
-        "--target-params",
-        type=_fraction,
-        metavar="F",
-        help="keep this fraction of all parameters, embeddings counted (on a "
-        "mixture-of-experts model: spent on expert drops and expert width together, the "
-        "split judged on held-out loss)",
-    )
-    one.add_argument("--drop", type=int, metavar="N", help="depth: drop N layers")
-    one.add_argument(
-        "--drop-experts",
-        type=_fraction,
-        metavar="F",
-        help="mixture of experts: remove this fraction of the routed experts of every MoE "
-        "layer (never below top_k); candidates by frequency, routing weight, router "
-        "probability, REAP and NAEE, each with and without `rescale`, judged on held-out loss",
-    )
-    size.add_argument(
-        "--shrink-experts",
-        type=_fraction,
-        metavar="F",
-        help="mixture of experts: remove this fraction of every routed expert's channels, "
-        "each expert its own, by Wanda scores of its routed activations (the sidecar also "
-        "scores the shared expert's channels, `wanda.L.shared`, for hand edits); with "
-        "--drop-experts, both",
-    )
-    one.add_argument(
-        "--drop-frac", type=_fraction, metavar="F", help="depth: drop this fraction of the layers"
-    )
-    one.add_argument(
-        "--ratio",
-        type=_fraction,
-        metavar="R",
-        help="uniform: remove this fraction of KV groups and channels per layer",
-    )
-    how = parser.add_argument_group("strategy")
-    how.add_argument(
-        "--strategy",
-        choices=(*STRATEGIES, *ALIASES),
-        default="auto",
-        help="auto (default): candidates of every strategy, with and without compensation "
-        "and reconstruction; the one with the lowest held-out calibration loss wins "
-        "(`best` is its old name)",
-    )
-    how.add_argument(
-        "--metric",
-        metavar="NAME",
-        help="width: " + ", ".join(WIDTH_METRIC_NAMES) + ", obs (MLP channels picked by "
-        "Optimal Brain Surgeon in the reconstruction walk; widths from taylor; implies "
-        "--reconstruct); depth: block_influence, angular, removal (default: taylor; flap "
-        "for --strategy flap)",
-    )
-    how.add_argument(
-        "--parts",
-        choices=("both", "mlp", "attn"),
-        default="both",
-        help="uniform/global: what to prune (mlp = MLP-only preset, attn = attention-only)",
-    )
-    how.add_argument(
-        "--attn-layers", metavar="A..B", help="layers whose attention may be pruned (default all)"
-    )
-    how.add_argument(
-        "--mlp-layers", metavar="A..B", help="layers whose MLP may be pruned (default all)"
-    )
-    how.add_argument(
-        "--round-groups",
-        choices=("nearest", "down"),
-        default="nearest",
-        help="uniform: KV groups per layer = R * kv_heads rounded (down: LLM-Pruner's int())",
-    )
-    how.add_argument(
-        "--compensate",
-        action="store_true",
-        help="add FLAP's bias compensation to width cuts (loads with the plancc loader)",
-    )
-    how.add_argument(
-        "--reconstruct",
-        action="store_true",
-        help="re-solve the kept columns of o_proj / down_proj by damped least squares on "
-        "the calibration inputs, layer by layer (SlimGPT-style); stock-loadable",
-    )
-    how.add_argument(
-        "--damp",
-        type=float,
-        default=DAMP,
-        metavar="F",
-        help="reconstruction damping toward the kept weights, as a fraction of the mean "
-        f"input energy (default {DAMP:g})",
-    )
-    how.add_argument(
-        "--reconstruct-mode",
-        choices=("sequential", "one-shot", "residual"),
-        default="sequential",
-        help="sequential (default): each layer solved on the outputs of the pruned layers "
-        "before it; one-shot: on the unpruned model's (measured worse); residual: down_proj "
-        "fitted to the original model's layer output (better in-domain, worse on unseen text)",
-    )
-    how.add_argument(
-        "--keep-last-layer",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="depth: never drop the last layer (default on)",
-    )
-    how.add_argument(
-        "--split",
-        type=_split,
-        metavar="half|ratio R",
-        help="depth: bundle B gets this fraction of the dropped layers, C the rest",
-    )
-    how.add_argument(
-        "--allocation",
-        choices=("inverse", "uniform"),
-        default="inverse",
-        help="unbalanced: per-layer share of the cut, 1/importance or equal",
-    )
-    how.add_argument(
-        "--importance",
-        choices=("block_influence", "angular", "removal"),
-        default="block_influence",
-        help="unbalanced: the layer score",
-    )
-    how.add_argument(
-        "--distribution",
-        default="0:1",
-        metavar="A:M",
-        help="unbalanced: attention:MLP split of the removed parameters (default 0:1)",
-    )
-    how.add_argument(
-        "--freeze-top",
-        type=int,
-        default=0,
-        metavar="N",
-        help="unbalanced: leave the N most important layers whole",
-    )
-    how.add_argument(
-        "--rank",
-        choices=("per-param", "score"),
-        default="per-param",
-        help="global: order units by score per parameter (knapsack) or by score (FLAP)",
-    )
-    how.add_argument(
-        "--max-layer-cut",
-        metavar="F|none",
-        default=None,
-        help="global: no layer loses more than this fraction of its units (default: 1.25 x "
-        "the average cut, a trust region for first-order scores; `none`: unbounded)",
-    )
-    how.add_argument(
-        "--target",
-        choices=(*TARGETS, ANY),
-        default=ANY,
-        help="keep every candidate runnable on this serving target ("
-        + "; ".join(f"{name}: {t.what}" for name, t in TARGETS.items())
-        + "); widths are rounded to the target's granularity with the budget still met "
-        "(`plancc check --target` lists each target's rules); default any",
-    )
-    how.add_argument(
-        "--remove-empty-layers",
-        action="store_true",
-        help="global: a layer left with nothing becomes a dropped layer",
-    )
-    how.add_argument(
-        "--csv", type=Path, metavar="FILE", help="write the per-unit score table as CSV"
-    )
-    data = parser.add_argument_group("calibration")
-    data.add_argument(
-        "--calib",
-        default="builtin",
-        metavar="builtin|wikitext2|ptb|c4|FILE",
-        help="calibration text (default builtin, no network needed)",
-    )
-    data.add_argument(
-        "--data-files",
-        nargs="+",
-        metavar="FILE",
-        help="read wikitext2/ptb/c4 from these local files instead of the hub",
-    )
-    data.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    data.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    data.add_argument(
-        "--heldout",
-        type=int,
-        default=4,
-        help="windows after the calibration ones that judge candidates (default 4)",
-    )
-    data.add_argument(
-        "--batch-size", type=int, default=4, help="windows per forward pass (default 4)"
-    )
-    data.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default 0)")
-    data.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    data.add_argument(
-        "--checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="recompute activations in the backward pass (gradient checkpointing; default: on "
-        "with --device cuda), so gradient metrics on an 8B model fit one 80 GB card in bfloat16",
-    )
-    data.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    data.add_argument(
-        "--scores",
-        type=Path,
-        metavar="FILE",
-        help="re-plan from an earlier PLAN.scores.safetensors without calibrating; it must "
-        "have been measured on this model (structure and weights), and its calibration "
-        "settings (text, samples, seqlen, seed) become the plan's",
-    )
-    data.add_argument(
-        "--no-memory-check",
-        dest="memory_check",
-        action="store_false",
-        help="skip the up-front estimate of whether the model fits in memory (also: "
-        "PLANCC_NO_MEMORY_CHECK=1)",
-    )
-    outp = parser.add_argument_group("output")
-    outp.add_argument(
-        "--plot", action="store_true", help="write PLAN.png: layer importance and kept fraction"
-    )
-    outp.add_argument("--json", action="store_true", help="print the summary as JSON")
-    outp.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_arguments(parser)  # one argument per field of `plangen.options.Options`
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
@@ -459,71 +201,15 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
     from compiler.corpus import CorpusError
     from compiler.sidecar import SidecarError
-    from plangen.analyze import AnalyzeError, Options, outcome_json, render, run
+    from plangen.options import OptionError, Options
+
+    try:
+        opts = Options.from_args(args, command=args.argv)
+    except OptionError as exc:
+        return _error(str(exc))
+    from plangen.analyze import AnalyzeError, outcome_json, render, run
     from plangen.strategies import StrategyError
 
-    for name in ("nsamples", "seqlen", "heldout", "batch_size"):
-        if getattr(args, name) < 1:
-            return _error(f"--{name.replace('_', '-')} must be at least 1")
-    max_cut = None
-    if args.max_layer_cut not in (None, "none"):
-        try:
-            max_cut = _fraction(args.max_layer_cut)
-        except argparse.ArgumentTypeError as exc:
-            return _error(f"--max-layer-cut: {exc} (or `none`)")
-    opts = Options(
-        model_dir=args.model_dir,
-        output=args.output,
-        target_params=args.target_params,
-        drop_experts=args.drop_experts,
-        shrink_experts=args.shrink_experts,
-        drop=args.drop,
-        drop_frac=args.drop_frac,
-        ratio=args.ratio,
-        strategy=args.strategy,
-        metric=args.metric,
-        calib=args.calib,
-        data_files=args.data_files,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        heldout=args.heldout,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        checkpointing=args.checkpointing,
-        scores=args.scores,
-        parts=args.parts,
-        attn_layers=args.attn_layers,
-        mlp_layers=args.mlp_layers,
-        keep_last_layer=args.keep_last_layer,
-        split=args.split,
-        allocation=args.allocation,
-        importance=args.importance,
-        distribution=args.distribution,
-        freeze_top=args.freeze_top,
-        rank=args.rank,
-        compensate=args.compensate,
-        reconstruct=args.reconstruct,
-        damp=args.damp,
-        one_shot=args.reconstruct_mode == "one-shot",
-        residual=args.reconstruct_mode == "residual",
-        round_groups=args.round_groups,
-        remove_empty_layers=args.remove_empty_layers,
-        max_layer_cut=max_cut,
-        trust=args.max_layer_cut != "none",
-        csv=args.csv,
-        plot=args.plot,
-        progress=not args.quiet and not args.json,
-        command=args.argv,
-        force=args.force,
-        memory_check=args.memory_check,
-        target=args.target,
-    )
-    if args.ratio is not None and args.strategy in ("auto", "best"):
-        opts.strategy = "uniform"
-    if (args.drop is not None or args.drop_frac is not None) and args.strategy in ("auto", "best"):
-        opts.strategy = "depth"
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -533,7 +219,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
                 _warning(str(w.message))
     except (AnalyzeError, StrategyError, CheckpointError, CorpusError, SidecarError) as exc:
         return _error(str(exc))
-    print(outcome_json(outcome) if args.json else render(outcome))
+    print(outcome_json(outcome) if opts.json else render(outcome))
     return EXIT_OK
 
 

@@ -1,8 +1,11 @@
-"""What the dense (`plangen.analyze`) and MoE (`plangen.analyze_moe`) pipelines share.
+"""What the dense (`plangen.analyze_dense`) and MoE (`plangen.analyze_moe`) rows of the
+one `plangen analyze` pipeline (`plangen.analyze.run`) share.
 
-The options and results of `plangen analyze`, the calibration windows, the
-candidates brought inside `--target`, the plan's opening comment, and the plan
-and its sidecar written and checked together (`write_outputs`).
+A row of the pipeline's table is a `Kind`; one analysis in progress is a `Run`,
+which every stage reads and adds to. Also here: the results (`Measured`,
+`Outcome`), the calibration windows, the candidates brought inside `--target`
+and told apart (`distinct`), the plan's opening comment, and the plan and its
+sidecar written and checked together (`write_outputs`).
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ import math
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compiler.check import check_text
 from compiler.checkpoint import CheckpointFacts
@@ -26,64 +29,16 @@ from compiler.targets import ANY, TARGETS
 from plangen import emit
 from plangen.aim import aim
 from plangen.candidate import Candidate
-from plangen.metrics import DAMP
+from plangen.options import Options
 from plangen.scores import ScoreTables, metadata_json, write_sidecar
 from plangen.strategies import Budget
+
+if TYPE_CHECKING:  # torch is imported by the stages that load the model, not here
+    import torch
 
 
 class AnalyzeError(Exception):
     """The analysis cannot run as asked; the message says why and what to do."""
-
-
-@dataclass
-class Options:
-    model_dir: Path
-    output: Path
-    target_params: float | None = None
-    drop: int | None = None
-    drop_frac: float | None = None
-    ratio: float | None = None
-    drop_experts: float | None = None  # MoE: the fraction of routed experts to remove
-    shrink_experts: float | None = None  # MoE: the fraction of each expert's channels
-    strategy: str = "auto"
-    metric: str | None = None
-    calib: str = "builtin"
-    data_files: list[str] | None = None
-    nsamples: int = 32
-    seqlen: int = 512
-    heldout: int = 4
-    batch_size: int = 4
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    checkpointing: bool | None = None  # None: on for CUDA, where memory is the limit
-    scores: Path | None = None
-    parts: str = "both"
-    attn_layers: str | None = None
-    mlp_layers: str | None = None
-    keep_last_layer: bool = True
-    split: float | None = None
-    allocation: str = "inverse"
-    importance: str = "block_influence"
-    distribution: str = "0:1"
-    freeze_top: int = 0
-    rank: str = "per-param"
-    compensate: bool = False
-    reconstruct: bool = False  # re-solve the narrowed output projections (plangen.reconstruct)
-    damp: float = DAMP  # reconstruction's damping toward the kept weights (x mean diag G_KK)
-    one_shot: bool = False  # reconstruction on the unpruned model's inputs (a measured variant)
-    residual: bool = False  # reconstruction toward the original's residual stream
-    round_groups: str = "nearest"
-    remove_empty_layers: bool = False
-    max_layer_cut: float | None = None  # global: bound on one layer's cut (fraction)
-    trust: bool = True  # global: bound it at TRUST_REGION x the average cut when unset
-    csv: Path | None = None
-    plot: bool = False
-    progress: bool = True
-    command: Sequence[str] = field(default_factory=list)
-    force: bool = False  # replace an existing plan (and its sidecar)
-    memory_check: bool = True  # refuse a model that does not fit (--no-memory-check: don't)
-    target: str = ANY  # the serving target every candidate must run on (`plangen.aim`)
 
 
 @dataclass
@@ -106,6 +61,69 @@ class Outcome:
     seconds: float
     forward_passes: float  # calibration-set forward-pass equivalents spent
     phases: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+Solutions = Callable[[Candidate], list]  # a candidate's reconstructed weights (`plangen.heldout`)
+
+
+@dataclass
+class Run:
+    """One analysis as it goes through the stages of `plangen.analyze.run`: what the
+    first stages found (checkpoint, facts, weights digest, `--scores` tables) and what
+    each later stage leaves for the next (windows, model, tables, candidates), with
+    the seconds per stage and the forward passes spent so far."""
+
+    opts: Options
+    kind: Kind
+    ckpt: CheckpointFacts
+    facts: ModelFacts
+    weights: str  # the checkpoint's weights digest, bound into the plan and sidecar
+    given: ScoreTables | None  # the checked tables of --scores; None: calibrate
+    started: float  # time.perf_counter() at the start
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    passes: float = 0.0  # calibration-set forward-pass equivalents spent
+    metrics: list[str] = field(default_factory=list)  # the tables the calibration measures
+    pools: TokenPools | None = None
+    calib: list = field(default_factory=list)  # the windows the scores are measured on
+    held: list = field(default_factory=list)  # the windows that judge the candidates
+    model: torch.nn.Module | None = None
+    scores: ScoreTables | None = None
+    cands: list[Candidate] | None = None  # made before loading when --scores allows
+    solutions: Solutions | None = None  # reconstructs a candidate for the judge
+
+    @property
+    def text_sha(self) -> str:
+        assert self.pools is not None  # read by `calibration_windows` before any use
+        return self.pools.text_sha256
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One row of the pipeline's table: a kind of model (dense, MoE) and the stages
+    that differ for it. `plangen.analyze.run` runs the shared stages between them:
+
+      prepare      what to measure and the checks that need no weights (before any
+                   window is read or the model loaded)
+      measure      the calibration: score tables (not run with --scores)
+      candidates   the candidate plans from the tables, inside --target
+      finish       the chosen candidate before the plan is written
+      beside       files written beside the plan after it (dense: --csv, --plot)
+
+    `lone_strategy`: a single candidate is said as `--strategy S` (dense); a MoE
+    plan always says how many candidates were judged."""
+
+    name: str
+    applies: Callable[[ModelFacts], bool]
+    prepare: Callable[[Run], None]
+    measure: Callable[[Run], ScoreTables]
+    candidates: Callable[[Run], list[Candidate]]
+    finish: Callable[[Run, Candidate], None]
+    beside: Callable[[Run, Candidate, Path], None]
+    lone_strategy: bool
+
+
+def nothing(*_args: object) -> None:
+    """A stage a row does not have."""
 
 
 def scores_path_for(plan: Path) -> Path:
@@ -142,7 +160,8 @@ def aimed(
 
 
 def distinct(cands: list[Candidate]) -> list[Candidate]:
-    """The candidates that remove different things (the first of equal ones is kept)."""
+    """The candidates that remove different things (the first of equal ones is kept),
+    dense and MoE alike (`shape_key`)."""
     seen: set[tuple[object, ...]] = set()
     out = []
     for c in cands:
@@ -154,14 +173,23 @@ def distinct(cands: list[Candidate]) -> list[Candidate]:
 
 
 def shape_key(c: Candidate) -> tuple[object, ...]:
-    """What a candidate removes and how it treats what is left (labels aside)."""
+    """What a candidate removes and how it treats what is left (labels aside): the
+    layers, KV groups and channels, the table that picks the groups and channels (a
+    MoE candidate's `width_metric`, a dense one's `metric`), compensation and
+    reconstruction, and on a MoE model the experts dropped, `rescale` and the
+    experts' and shared expert's widths. The router score that picked the dropped
+    experts is not in it: two scores that drop the same experts are one candidate."""
     return (
         c.drop,
         tuple(sorted(c.groups_dropped.items())),
         tuple(sorted(c.mlp_width.items())),
-        c.metric if c.mlp_width or c.groups_dropped else None,
+        c.unit_metric if c.mlp_width or c.groups_dropped else None,
         c.compensate,
         c.reconstruct,
+        tuple(sorted(c.experts_dropped.items())),
+        c.experts_rescale,
+        c.expert_width,
+        c.shared_width,
     )
 
 

@@ -124,19 +124,29 @@ def test_same_inputs_give_identical_bytes_and_scores_replan(tmp_path: Path, caps
         (["--nsamples", "100000"], "lower --nsamples or --seqlen"),
         (["--metric", "nope", "--strategy", "global"], "unknown --metric 'nope'"),
         (["--strategy", "uniform", "--attn-layers", "3..1"], "is reversed: write 1..3"),
-        (["--device", "cuda"], "no CUDA device is visible"),
         (["--strategy", "global", "--max-layer-cut", "2"], "--max-layer-cut: expected a fraction"),
     ],
 )
 def test_bad_options_exit_2_and_write_nothing(args, message, tmp_path: Path, capsys) -> None:
-    import torch
-
-    if "cuda" in args and torch.cuda.is_available():
-        pytest.skip("a CUDA device is visible here")
     model = _model(tmp_path, "llama", layers=2)
     plan = tmp_path / "p.prn"
     assert _analyze(model, plan, *args) == 2
     assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+
+
+def test_cuda_without_a_gpu_is_a_usage_error_naming_cpu(tmp_path: Path, capsys) -> None:
+    """`--device` is checked by argparse (`executor.device`): one line, exit 2."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    model = _model(tmp_path, "llama", layers=2)
+    with pytest.raises(SystemExit) as exc:
+        _analyze(model, tmp_path / "p.prn", "--device", "cuda")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device: cuda: no CUDA device is visible here; use --device cpu" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
 
 
@@ -215,14 +225,14 @@ def test_single_kv_group_models_get_no_attention_cut() -> None:
 
 
 def test_a_model_that_does_not_fit_is_refused_before_any_work(monkeypatch, tmp_path) -> None:
-    from plangen import analyze
+    from plangen import analyze_dense
     from plangen.analyze import AnalyzeError, Options, check_memory
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal: 8192 kB\nMemFree: 1024 kB\nMemAvailable: 4096 kB\n")
-    monkeypatch.setattr(analyze, "MEMINFO", meminfo)
-    monkeypatch.delenv(analyze.MEMORY_CHECK_ENV, raising=False)
-    opts = Options(Path("m"), Path("p.prn"))
+    monkeypatch.setattr(analyze_dense, "MEMINFO", meminfo)
+    monkeypatch.delenv(analyze_dense.MEMORY_CHECK_ENV, raising=False)
+    opts = Options(Path("m"), Path("p.prn"), device="cpu")
     check_memory(1_000_000, opts, gradients=False)  # 4 MB of weights fit in 4 MiB... barely
     with pytest.raises(AnalyzeError, match=r"needs about 19 MiB on cpu .* only 4 MiB memory"):
         check_memory(2_000_000, opts, gradients=True)

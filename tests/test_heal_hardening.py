@@ -469,7 +469,6 @@ def test_ctrl_c_while_installing_removes_the_staging_and_keeps_the_stages(
         (["--temperature", "nan"], "--temperature must be a positive finite number"),
         (["--max-grad-norm", "nan"], "--max-grad-norm must be positive (inf: no clipping)"),
         (["--warmup=-1"], "--warmup must be a whole number of at least 0"),
-        (["--device", "banana"], "--device 'banana': use cpu or cuda"),
     ],
 )
 def test_bad_options_are_refused_with_the_values_allowed(
@@ -483,6 +482,32 @@ def test_bad_options_are_refused_with_the_values_allowed(
     _no_training(monkeypatch)
     dest = tmp_path / "healed"
     _refused(_heal(out, dest, *args), capsys, text)
+    _nothing_beside(dest)
+    assert not (tmp_path / "healed.work").exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "text"),
+    [
+        ("banana", "argument --device: 'banana' is not a device: use cpu, cuda or cuda:N"),
+        ("cuda:x", "argument --device: 'cuda:x' is not a device"),
+    ],
+)
+def test_a_bad_device_is_refused_by_argparse_with_the_values_allowed(
+    out: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    text: str,
+) -> None:
+    """`--device` is one option of every command (`executor.device`): a usage error."""
+    _no_training(monkeypatch)
+    dest = tmp_path / "healed"
+    with pytest.raises(SystemExit) as exc:
+        main(_heal(out, dest, "--device", device))
+    assert exc.value.code == 2
+    assert text in capsys.readouterr().err
     _nothing_beside(dest)
     assert not (tmp_path / "healed.work").exists()
 

@@ -34,8 +34,14 @@ MAY_IMPORT = {
     "plangen": {"grammar", "compiler", "executor", "plangen"},
     "heal": {"grammar", "compiler", "executor", "heal"},
 }
-# The executor modules the planner may import: loading a model, nothing else.
-PLANGEN_MAY_USE_FROM_EXECUTOR = {"executor.loader", "executor.layerwise", "executor.lm_loss"}
+# The executor modules the planner may import: loading a model (whole or one layer
+# at a time), its loss, and the device it runs on.
+PLANGEN_MAY_USE_FROM_EXECUTOR = {
+    "executor.loader",
+    "executor.layerwise",
+    "executor.lm_loss",
+    "executor.device",
+}
 
 # (importer, imported) edges against the layering, each with why it stays.
 ALLOWED_UPWARD = {
