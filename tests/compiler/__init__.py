@@ -1,0 +1,1 @@
+"""Tests of the compiler: parsing, checking, formatting, checkpoint facts, targets."""

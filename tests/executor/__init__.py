@@ -1,0 +1,1 @@
+"""Tests of the executor: apply, restore, output formats, loading, the layer walk, eval."""

@@ -1,0 +1,1 @@
+"""Tests of `plancc heal` (the `heal` package)."""

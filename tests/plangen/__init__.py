@@ -1,0 +1,1 @@
+"""Tests of the planner (`plangen`): analyze, metrics, reconstruction, header, graph."""

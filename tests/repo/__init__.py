@@ -1,0 +1,1 @@
+"""The repository as a whole: the README, both programs, the import layering, benchmark scripts."""
