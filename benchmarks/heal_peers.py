@@ -43,8 +43,9 @@ def main() -> None:
     from executor.evaluate import evaluate
     from heal.options import HealOptions
     from heal.stages import heal
-    from plangen.analyze import Options, run
+    from plangen.analyze import run
     from plangen.demo import demo_model_dir
+    from plangen.options import Options
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=demo_model_dir())

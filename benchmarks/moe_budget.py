@@ -31,8 +31,9 @@ def main() -> None:
     from compiler.checkpoint import load_checkpoint_facts
     from executor.apply import apply_plan
     from executor.evaluate import evaluate
-    from plangen.analyze import Options, model_facts, run
+    from plangen.analyze import model_facts, run
     from plangen.candidate import Candidate, original_params
+    from plangen.options import Options
     from plangen.strategies.moe_budget import drops_for, narrowed_to
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

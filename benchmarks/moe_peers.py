@@ -44,8 +44,9 @@ def main() -> None:
     from executor.apply import apply_plan
     from executor.evaluate import evaluate, perplexity
     from executor.loader import load
-    from plangen.analyze import Options, run
+    from plangen.analyze import run
     from plangen.metrics.router import collect_router, naee_orders
+    from plangen.options import Options
     from plangen.surgery import experts_removed
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

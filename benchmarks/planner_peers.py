@@ -196,7 +196,8 @@ def main() -> None:
     from executor.evaluate import evaluate
     from executor.loader import load
     from plangen import emit
-    from plangen.analyze import Options, model_facts, run
+    from plangen.analyze import model_facts, run
+    from plangen.options import Options
     from plangen.pipeline import calibration_line
     from plangen.scores import read_sidecar
     from plangen.strategies import Budget

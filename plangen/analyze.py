@@ -32,16 +32,10 @@ from compiler.facts import ModelFacts, validate_facts
 from compiler.parse import parse
 from compiler.sidecar import WEIGHTS_KEY
 from compiler.targets import ANY, TARGETS
-from plangen.analyze_dense import (
-    DENSE,
-    MEMINFO,
-    MEMORY_CHECK_ENV,
-    candidates,
-    check_memory,
-)
+from plangen.analyze_dense import DENSE
 from plangen.analyze_moe import MOE
 from plangen.candidate import original_params
-from plangen.options import ALIASES, STRATEGIES, OptionError, Options
+from plangen.options import OptionError, Options
 from plangen.pipeline import (
     AnalyzeError,
     Kind,
@@ -59,22 +53,6 @@ from plangen.pipeline import (
 )
 from plangen.plot import PLOT_EXTRA, plot_available
 from plangen.scores import ScoreTables, read_sidecar
-
-# The names tests and benchmarks import from here.
-__all__ = [
-    "ALIASES",
-    "MEMINFO",
-    "MEMORY_CHECK_ENV",
-    "STRATEGIES",
-    "AnalyzeError",
-    "Options",
-    "candidates",
-    "check_memory",
-    "model_facts",
-    "outcome_json",
-    "render",
-    "run",
-]
 
 # The pipeline's table: one row per kind of model, the first that applies runs.
 KINDS: tuple[Kind, ...] = (MOE, DENSE)

@@ -226,7 +226,9 @@ def test_single_kv_group_models_get_no_attention_cut() -> None:
 
 def test_a_model_that_does_not_fit_is_refused_before_any_work(monkeypatch, tmp_path) -> None:
     from plangen import analyze_dense
-    from plangen.analyze import AnalyzeError, Options, check_memory
+    from plangen.analyze_dense import check_memory
+    from plangen.options import Options
+    from plangen.pipeline import AnalyzeError
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal: 8192 kB\nMemFree: 1024 kB\nMemAvailable: 4096 kB\n")

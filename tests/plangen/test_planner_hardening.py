@@ -445,7 +445,8 @@ def _fake_memory(monkeypatch, tmp_path: Path, text: str = MEMINFO) -> None:
 
 def test_memory_is_what_the_kernel_can_give_not_memfree(monkeypatch, tmp_path) -> None:
     """MemFree 284 MB, MemAvailable 10.7 GB: a 513 MiB need fits."""
-    from plangen.analyze import Options, check_memory
+    from plangen.analyze_dense import check_memory
+    from plangen.options import Options
 
     _fake_memory(monkeypatch, tmp_path)
     params = 513 * 2**20 // 4  # float32 weights, forward only
@@ -453,7 +454,9 @@ def test_memory_is_what_the_kernel_can_give_not_memfree(monkeypatch, tmp_path) -
 
 
 def test_a_refusal_names_the_override_and_the_override_works(monkeypatch, tmp_path) -> None:
-    from plangen.analyze import AnalyzeError, Options, check_memory
+    from plangen.analyze_dense import check_memory
+    from plangen.options import Options
+    from plangen.pipeline import AnalyzeError
 
     _fake_memory(monkeypatch, tmp_path)
     opts = Options(Path("m"), Path("p.prn"), device="cpu")
@@ -474,8 +477,9 @@ def test_a_refusal_names_the_override_and_the_override_works(monkeypatch, tmp_pa
 
 
 def test_the_candidate_table_keeps_whole_labels_and_says_which_wins() -> None:
-    from plangen.analyze import Measured, Outcome, render
+    from plangen.analyze import render
     from plangen.candidate import Candidate
+    from plangen.pipeline import Measured, Outcome
 
     long = "global taylor (attention and MLP): 0 KV groups and 146 channels over 4 layers, " * 2
     finalist = Measured(Candidate("global", long + "A"), 80, 4.8, 4.9)

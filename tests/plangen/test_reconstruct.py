@@ -205,7 +205,8 @@ def test_a_reconstructed_plan_checks_applies_loads_and_restores(analyzed, tmp_pa
     out = apply_and_restore(plan, model_dir, tmp_path)
 
     # The applied model is the in-memory one with the sidecar's solved columns.
-    from plangen.analyze import Options, candidates
+    from plangen.analyze_dense import candidates
+    from plangen.options import Options
 
     ck = load_checkpoint_facts(model_dir)
     facts = model_facts(ck)
