@@ -98,15 +98,13 @@ def test_readme_commands_are_all_accounted_for():
         assert any(c == prefix or c.startswith(prefix + " ") for c, _ in commands), prefix
 
 
-def test_readme_commands_run(tmp_path):
-    """The cheap commands, in README order (apply before verify and restore)."""
+def _run_readme_commands(tmp_path: Path, demo: bool) -> list[str]:
+    """Run the README's runnable commands that need the demo checkpoint (`demo`) or
+    not, in README order (apply before verify and restore); return those run."""
     (tmp_path / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
-    ran, skipped = [], []
+    ran = []
     for command, expected in readme_commands():
-        if not_run_reason(command) is not None:
-            continue
-        if needs_demo(command) and not DEMO.is_dir():
-            skipped.append(command)
+        if not_run_reason(command) is not None or needs_demo(command) != demo:
             continue
         result = run(argv_of(command, tmp_path), tmp_path)
         assert result.returncode == expected, (
@@ -114,9 +112,20 @@ def test_readme_commands_run(tmp_path):
             f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         )
         ran.append(command)
-    assert ran, "no README command ran"
-    if skipped:
-        pytest.skip(f"{DEMO} absent: not run: {skipped}")
+    return ran
+
+
+def test_readme_commands_run(tmp_path):
+    """The cheap commands that need no checkpoint (fmt, diff, check)."""
+    assert _run_readme_commands(tmp_path, demo=False), "no README command ran"
+
+
+@pytest.mark.model
+def test_readme_demo_commands_run(smollm2_dir, tmp_path):
+    """The cheap commands on the demo checkpoint, at the path the README names."""
+    if smollm2_dir.resolve() != DEMO.resolve():
+        pytest.skip(f"the README names {DEMO}; the demo checkpoint is at {smollm2_dir}")
+    assert _run_readme_commands(tmp_path, demo=True), "no README demo command ran"
 
 
 def help_commands(program: str) -> list[str]:
