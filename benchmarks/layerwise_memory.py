@@ -26,7 +26,7 @@ formula, the whole 32-layer model under 4 GB.
 Usage: python benchmarks/layerwise_memory.py [--dir /tmp/plancc-layerwise] [--whole]
            [--layers 0,4,8,16] [--dtype float32] [--tokens 256] [--out FILE.md]
 
-`--child DIR` (internal, also used by tests/test_layerwise.py) runs one
+`--child DIR` (internal, also used by tests/executor/test_layerwise.py) runs one
 measurement in this process and prints one JSON line; `--mode whole` loads the
 checkpoint with `AutoModelForCausalLM.from_pretrained` instead, and
 `--data-limit BYTES` sets RLIMIT_DATA first.

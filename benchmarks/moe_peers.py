@@ -6,7 +6,7 @@ builtin corpus's calibration pool, fp32, perplexity on the first 24 evaluation
 windows of 512, no healing. K of 16 experts are dropped in every layer.
 
 Every score row is measured in memory (the dropped experts' router logits set
-to -inf, which `tests/test_experts.py` proves equal to what `plancc apply`
+to -inf, which `tests/executor/test_experts.py` proves equal to what `plancc apply`
 writes); the default row is the real thing: `plangen analyze --drop-experts`,
 `plancc apply`, then `plancc eval` of A.
 
@@ -131,7 +131,7 @@ def main() -> None:
         peer = PEERS.get((name, k))
         cells = f"{name:<52} {k:>3} {values[0]:>8.2f} {peer if peer else '':>7}"
         print(cells + (f" {values[1]:>8.2f}" if args.unseen else ""))
-    # The aim (once a threshold in tests/test_analyze_moe.py): the default beats the best
+    # The aim (once a threshold in tests/plangen/test_analyze_moe.py): the default beats the best
     # single score's published figure at each K (K=8: routing weight, 25.29).
     for k in (4, 8):
         best, figure = min(((n, v) for (n, kk), v in PEERS.items() if kk == k), key=lambda p: p[1])

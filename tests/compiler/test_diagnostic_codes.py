@@ -179,10 +179,10 @@ def test_target_code_line_column(
 
 
 def test_every_code_is_tested() -> None:
-    # P124 (stale reconstruction) needs a solved sidecar: tests/test_reconstruct.py.
+    # P124 (stale reconstruction) needs a solved sidecar: tests/plangen/test_reconstruct.py.
     # P127 (sidecar measured on other weights) and P132 (`check --model` of other
-    # weights): tests/test_planner_hardening.py.
-    # P141 (`compensate` on a target) needs a sidecar: tests/test_targets.py.
+    # weights): tests/plangen/test_planner_hardening.py.
+    # P141 (`compensate` on a target) needs a sidecar: tests/compiler/test_targets.py.
     tested = {c[0] for c in CASES} | {c[0] for c in TARGET_CASES}
     tested |= {"P121", "P122", "P123", "P124", "P127", "P130", "P131", "P132", "P141"}
     assert tested == set(CODES)

@@ -93,7 +93,7 @@ def test_p141_compensate_adds_a_bias(tmp_path: Path) -> None:
     for target in ("stock", "vllm"):
         assert errors(text, target, tmp_path) == [("P141", B + 1, 29)], target
     # llama.cpp adds optional o_proj/down_proj biases in its graphs, and the GGUF
-    # writer writes them (tests/test_gguf.py runs them in llama.cpp)
+    # writer writes them (tests/executor/test_gguf.py runs them in llama.cpp)
     assert errors(text, "llamacpp", tmp_path) == []
     [d] = check_text(text, base_dir=tmp_path, target="vllm").errors
     assert "down_proj bias in layers 0..29" in d.message and "silently skips" in d.message

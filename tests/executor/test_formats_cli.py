@@ -1,6 +1,6 @@
 """`plancc apply --format gguf` and `plancc export --format gguf` through the CLI.
 
-The GGUF writer itself is tested in test_gguf.py (structure, llama.cpp runs);
+The GGUF writer itself is tested in tests/executor/test_gguf.py (structure, llama.cpp runs);
 here: the file lands beside A and is recorded (so `verify` covers it), export
 writes the same bytes from an existing result, and a result llama.cpp cannot
 run is refused before anything is written, with the target table's rule.
