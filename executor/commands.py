@@ -137,7 +137,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_verify(sub)
     _add_eval(sub)
     # `plancc heal` lives in the top-level `heal` package, which imports the executor;
-    # registered here lazily (the one executor → heal import: see tests/test_imports.py).
+    # registered here lazily (the one executor → heal import: see tests/repo/test_imports.py).
     from heal.cli import add_heal
 
     add_heal(sub)

@@ -46,7 +46,7 @@ Then, as SparseGPT, Wanda and llm-compressor's sequential pipeline do:
   gradients (in autograd's order), `on_layer(i, module)` the parameters'
   `.grad` summed over batches; the input's gradient goes down, the layer and
   its boundary are freed. Bit-identical to the full model's sums
-  (tests/test_layerwise_gradients.py); one extra forward of each layer.
+  (tests/executor/test_layerwise_gradients.py); one extra forward of each layer.
 
 The embedding is loaded by `inputs` and freed after; the final norm and LM
 head by `loss`/`logits` and freed after (tied heads read the embedding's
