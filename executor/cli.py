@@ -1,12 +1,20 @@
-"""The `plancc` program: the compiler's commands (check, fmt, diff) plus the
-executor's (apply, restore, eval, from `executor.commands`)."""
+"""The `plancc` program: the compiler's commands (check, fmt, diff), the
+executor's (apply, export, restore, verify, eval, from `executor.commands`), and
+those other packages register under the `plancc.commands` entry-point group
+(`plancc heal`, from the top-level `heal` package: the executor never imports it,
+so the layering stays one-way and heal stays an optional extra)."""
 
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import entry_points
 
 from compiler import cli as compiler_cli
 from executor import commands as executor_commands
+
+# Each entry point names a function that adds one subcommand to `plancc`'s subparsers
+# (pyproject.toml: `[project.entry-points."plancc.commands"]`).
+PLUGIN_GROUP = "plancc.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     compiler_cli.add_commands(sub)
     executor_commands.add_commands(sub)
+    for plugin in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        plugin.load()(sub)
     return parser
 
 

@@ -130,17 +130,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register apply, restore and eval on a `plancc` subparser set."""
+    """Register apply, export, restore, verify and eval on a `plancc` subparser set
+    (`plancc heal` comes from the `heal` package, through `executor.cli`'s entry points)."""
     _add_apply(sub)
     _add_export(sub)
     _add_restore(sub)
     _add_verify(sub)
     _add_eval(sub)
-    # `plancc heal` lives in the top-level `heal` package, which imports the executor;
-    # registered here lazily (the one executor → heal import: see tests/repo/test_imports.py).
-    from heal.cli import add_heal
-
-    add_heal(sub)
 
 
 def _add_apply(sub: argparse._SubParsersAction) -> None:
