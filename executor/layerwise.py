@@ -106,6 +106,11 @@ class _Recorded(Exception):
     """Raised at the final norm once every layer's call arguments are recorded."""
 
 
+class StopLayer(Exception):
+    """Raised by a hook inside a layer to end its run on one batch early (`observe`,
+    `forward_batch`): what the layer computes after that point is not needed."""
+
+
 # --------------------------------------------------------------------------- skeleton
 
 
@@ -323,6 +328,21 @@ class LayerWalk:
             walk._load_outside(walk._outside_names())
             for i in range(walk.num_layers):
                 walk._load_layer(i)
+        return walk
+
+    @classmethod
+    def over(
+        cls,
+        model: nn.Module,
+        arch: Architecture,
+        device: str | torch.device = "cpu",
+        batch_size: int = 4,
+        cache: str | Path = "device",
+    ) -> LayerWalk:
+        """The walk over a model already loaded whole (`executor.loader.load`): resident,
+        nothing read or freed; states where `cache` says (default: beside the model)."""
+        walk = cls(Path(), model, arch, {}, torch.device(device), batch_size, cache, True)
+        walk._loaded_outside.update(walk._outside_names())
         return walk
 
     @property
@@ -582,14 +602,35 @@ class LayerWalk:
         the memory, but the boundary is gone; a reverse sweep keeps them)."""
         if states.layer != i:
             raise ValueError(f"these states are the input of layer {states.layer}, not {i}")
-        module = module if module is not None else self.layers[i]
         out = states.cache if inplace else self.new_cache()
-        with torch.no_grad():
-            for k, batch in enumerate(states.batches):
-                hidden = states.get(k, self.device)
-                result = module(hidden, *batch.args[i], **batch.kwargs[i])
-                out.put(k, result[0] if isinstance(result, tuple) else result)
+        for k in range(len(states)):
+            out.put(k, self.forward_batch(i, states, k, module))
         return States(states.batches, out, i + 1)
+
+    def skip(self, i: int, states: States) -> States:
+        """Layer i left out (a dropped layer passes its input on): the same states as its output."""
+        if states.layer != i:
+            raise ValueError(f"these states are the input of layer {states.layer}, not {i}")
+        return States(states.batches, states.cache, i + 1)
+
+    def forward_batch(
+        self, i: int, states: States, k: int, module: nn.Module | None = None
+    ) -> torch.Tensor:
+        """Decoder layer i on batch k of `states` (its input): the output; `states` unchanged."""
+        if states.layer != i:
+            raise ValueError(f"these states are the input of layer {states.layer}, not {i}")
+        module = module if module is not None else self.layers[i]
+        batch = states.batches[k]
+        with torch.no_grad():
+            result = module(states.get(k, self.device), *batch.args[i], **batch.kwargs[i])
+        return result[0] if isinstance(result, tuple) else result
+
+    def observe(self, i: int, states: States, module: nn.Module | None = None) -> None:
+        """Decoder layer i on every batch of `states` for the sake of hooks on its modules
+        (outputs dropped); a hook may end a batch's run early by raising `StopLayer`."""
+        for k in range(len(states)):
+            with contextlib.suppress(StopLayer):
+                self.forward_batch(i, states, k, module)
 
     def run(self, windows: Sequence[Sequence[int]] | torch.Tensor) -> States:
         """`inputs`, then every layer loaded, run and freed in turn: the final states."""

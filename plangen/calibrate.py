@@ -10,14 +10,19 @@ the output projections, i.e. the tensors whose input axis is the `q` space
 The statistics are organised as a walk over decoder layers in order: each
 layer owns a `LayerStats` that only ever sees that layer's own inputs (the
 residual state entering it, the inputs of its two output projections, its
-weights' gradients). Today a full forward pass with hooks feeds them; an
-offloaded mode for models larger than memory would run one layer at a time on
-the cached inputs and feed the same objects, without touching the metrics.
+weights' gradients). The pass is the executor's layer walk
+(`executor.layerwise.LayerWalk`): per layer, inside `walk.layer(i)`, hooks on
+its output projections feed the input moments while it runs over every batch,
+and the states entering and leaving it feed the depth statistics. The
+in-memory path is the walk with every layer resident (`LayerWalk.over` the
+loaded model); a walk opened on the checkpoint runs the same code with one
+layer in memory at a time.
 
-Per batch: one forward (residual states, input moments, the calibration loss)
-and, when a gradient metric is asked for, one backward on the same graph;
-gradients are summed (first order) and squared-summed (the diagonal Fisher)
-per weight, then cleared. Nothing of size layers x tokens x hidden is kept.
+When a gradient metric is asked for, the walk keeps every layer boundary and
+the reverse sweep (`LayerWalk.backward_sweep`) gives, bit for bit, the
+gradients of a full model's per-batch backward: each batch's gradient folded
+into the Fisher term per unit as it arrives, the sums over batches per weight.
+Without gradients nothing of size layers x tokens x hidden is kept.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 
 from compiler.architectures import Architecture, TensorSpec
 from compiler.geometry import Geometry
-from executor import lm_loss
+from executor.layerwise import LayerWalk, States
 from plangen.metrics.depth import DepthStats
 from plangen.metrics.units import Accumulator, fold_elements
 
@@ -110,15 +115,6 @@ def module_path(arch: Architecture, layer: int, spec: TensorSpec) -> str:
     return arch.layer_prefix.format(i=layer) + spec.name.removesuffix(".weight")
 
 
-def _layer_parameters(
-    params: dict[str, torch.nn.Parameter], arch: Architecture, layer: int
-) -> dict[str, torch.nn.Parameter]:
-    """The layer's attention and dense-MLP weights that the table names, by relative name."""
-    prefix = arch.layer_prefix.format(i=layer)
-    specs = arch.attention + arch.dense_mlp
-    return {s.name: params[prefix + s.name] for s in specs if prefix + s.name in params}
-
-
 def collect(
     model: Any,
     arch: Architecture,
@@ -131,126 +127,114 @@ def collect(
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
+    walk: LayerWalk | None = None,
 ) -> Calibration:
     """One pass over `windows`: depth scores, projection-input moments and, with
     `gradients`, the summed weight gradients of every layer and, with `fisher`
     (which needs the layer `geom`), the Fisher term folded per unit.
-    `checkpointing` recomputes each layer's activations in the backward instead
-    of keeping them (transformers' gradient checkpointing): what a gradient
-    pass over an 8B model needs to fit one 80 GB card; the scores are the same."""
-    layers_mod = model.get_submodule(arch.layers_module)
-    n = len(layers_mod)
+
+    The pass walks the decoder layer by layer: `walk` (e.g. `LayerWalk.open` on the
+    checkpoint, the model never whole in memory; `model` is then unused), or the
+    walk over the loaded `model` with every layer resident. `checkpointing` has
+    nothing left to do (the sweep recomputes one layer at a time); it is accepted
+    for the callers that still pass it."""
+    del checkpointing
+    if walk is None:
+        walk = LayerWalk.over(model, arch, device, batch_size)
+    from tqdm import tqdm
+
+    n = walk.num_layers
     stats = [LayerStats() for _ in range(n)]
     depth = DepthStats(n)
-    states: dict[int, torch.Tensor] = {}
-    handles = watch_residual(layers_mod, states)
-
-    handles += watch_inputs(model, arch, stats)
-
-    params = dict(model.named_parameters())
-    watched = {k: _layer_parameters(params, arch, k) for k in range(n)} if gradients else {}
-    was_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    states = walk.inputs(windows)
+    bounds = [states]
+    for i in tqdm(range(n), desc="calibrate", unit="layer", disable=not progress, leave=False):
+        with walk.layer(i) as module:
+            states = _forward_observed(walk, i, states, module, arch, stats[i], depth, gradients)
+        if gradients:
+            bounds.append(states)
+    tokens = sum(b.ids.shape[0] * (b.ids.shape[1] - 1) for b in states.batches)
+    loss = math.nan
     if gradients:
-        handles += _watch_gradients(model, arch, stats, watched, fisher, geom)
+        loss = _sweep(walk, arch, bounds, stats, fisher, geom)
+    return Calibration(depth, stats, len(states), tokens, loss, gradients)
 
-    checkpointed = gradients and checkpointing
-    if checkpointed:
-        _layer_checkpointing(model, layers_mod, True)
+
+def _forward_observed(
+    walk: LayerWalk,
+    i: int,
+    states: States,
+    module: Any,
+    arch: Architecture,
+    stats: LayerStats,
+    depth: DepthStats,
+    keep: bool,
+) -> States:
+    """Layer i over every batch with its input hooks in place; the depth statistics
+    from the states entering and leaving it. The input boundary is kept with `keep`
+    (the sweep needs it), else overwritten by the output."""
+    handles = watch_layer_inputs(module, arch, stats)
+    out = walk.new_cache() if keep else states.cache
     try:
-        loss_sum, tokens, batches = _run_batches(
-            model, windows, depth, states, gradients, batch_size, device, progress
-        )
-        for k, per in watched.items():
-            for name, p in per.items():
-                if p.grad is not None:
-                    stats[k].grad_sum[name] = p.grad.detach()
-                    p.grad = None
+        for k in range(len(states)):
+            h_in = states.get(k, walk.device)
+            h_out = walk.forward_batch(i, states, k, module)
+            depth.update_layer(i, k, h_in, h_out)
+            out.put(k, h_out)
+            del h_in, h_out
     finally:
-        if checkpointed:
-            _layer_checkpointing(model, layers_mod, False)
         for h in handles:
             h.remove()
-        for name, p in model.named_parameters():
-            p.requires_grad_(was_grad[name])
-    return Calibration(depth, stats, batches, tokens, loss_sum / max(tokens, 1), gradients)
+    return States(states.batches, out, i + 1)
 
 
-def _watch_gradients(
-    model: Any,
+def _sweep(
+    walk: LayerWalk,
     arch: Architecture,
+    bounds: list[States],
     stats: Sequence[LayerStats],
-    watched: dict[int, dict[str, torch.nn.Parameter]],
     fisher: bool,
     geom: Geometry | None,
-) -> list[Any]:
-    """Gradients for the layers' own weights only (not embeddings or norms), and with
-    `fisher` a hook per weight; returns the hooks' handles for the caller to remove.
-    Autograd sums the batches' gradients into .grad by itself (the first-order sum);
-    a hook sees each batch's gradient once, for the Fisher diagonal."""
-    wanted = {id(p) for per in watched.values() for p in per.values()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in wanted)
-        p.grad = None
-    handles: list[Any] = []
+) -> float:
+    """The reverse sweep over the kept boundaries: the layers' own weights' gradients
+    (not embeddings or norms) summed per weight and, with `fisher`, each batch's
+    folded per unit; returns the mean calibration loss."""
+    specs = {s.name: s for s in arch.attention + arch.dense_mlp}
     if fisher:
         if geom is None:
             raise ValueError("the Fisher diagonal needs the layer geometry (`geom`)")
-        specs = {s.name: s for s in arch.attention + arch.dense_mlp}
-        for k, per in watched.items():
-            stats[k].fisher = Accumulator(geom)
-            for name, p in per.items():
-                handles.append(p.register_hook(_fisher_into(stats[k], specs[name], p)))
-    return handles
+        for layer_stats in stats:
+            layer_stats.fisher = Accumulator(geom)
 
+    def on_batch(i: int, _k: int, module: Any, grads: dict[str, torch.Tensor]) -> None:
+        for name, g in grads.items():
+            stats[i].add_fisher(specs[name], module.get_parameter(name), g)
 
-def _layer_checkpointing(model: Any, layers: Any, on: bool) -> None:
-    """transformers checkpoints a decoder layer only when that module is in training
-    mode; its children (dropout, attention) stay in eval mode."""
-    _checkpointing(model, on)
-    for layer in layers:
-        layer.training = on
+    def on_layer(i: int, module: Any) -> None:
+        own = dict(module.named_parameters())
+        for name in specs:
+            p = own.get(name)
+            if p is not None and p.grad is not None:
+                stats[i].grad_sum[name] = p.grad.detach()
 
-
-def _run_batches(
-    model: Any,
-    windows: Sequence[Sequence[int]],
-    depth: DepthStats,
-    states: dict[int, torch.Tensor],
-    gradients: bool,
-    batch_size: int,
-    device: str,
-    progress: bool,
-) -> tuple[float, int, int]:
-    """The pass itself, the hooks already in place: per batch one forward (and with
-    `gradients` one backward); returns the summed loss (NaN when the LM head was
-    skipped), the predicted tokens and the batches."""
-    from tqdm import tqdm
-
-    n = depth.layers
-    loss_sum, tokens, batches = 0.0, 0, 0
-    starts = range(0, len(windows), batch_size)
-    for i in tqdm(starts, desc="calibrate", unit="batch", disable=not progress, leave=False):
-        ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
-        predicted = ids.shape[0] * (ids.shape[1] - 1)
-        if gradients:
-            loss = lm_loss.next_token_loss(model, ids)
-            loss_sum += float(loss.detach()) * predicted
-        else:  # the statistics live before the LM head: skip it (a fifth of the work)
-            with torch.no_grad():
-                model.base_model(input_ids=ids, use_cache=False)
-            loss_sum = math.nan
-        depth.update([states[k] for k in range(n + 1)])
-        tokens += predicted
-        batches += 1
-        if gradients:
-            loss.backward()
-            del loss
-        states.clear()
-    return loss_sum, tokens, batches
+    return walk.backward_sweep(
+        bounds,
+        on_layer,
+        on_batch=on_batch if fisher else None,
+        wants=lambda _i, name: name in specs,
+    )
 
 
 def watch_inputs(model: Any, arch: Architecture, stats: Sequence[LayerStats]) -> list[Any]:
     """Hooks that feed every layer's o_proj and dense down_proj inputs into its
+    `LayerStats` (`attn_in`, `mlp_in`); a MoE layer has no dense down_proj, so only
+    its attention is watched. The caller removes the handles."""
+    layers = model.get_submodule(arch.layers_module)
+    return [h for k, s in enumerate(stats) for h in watch_layer_inputs(layers[k], arch, s)]
+
+
+def watch_layer_inputs(layer: Any, arch: Architecture, stats: LayerStats) -> list[Any]:
+    """Hooks that feed one decoder layer's o_proj and dense down_proj inputs into its
     `LayerStats` (`attn_in`, `mlp_in`); a MoE layer has no dense down_proj, so only
     its attention is watched. The caller removes the handles."""
 
@@ -261,37 +245,16 @@ def watch_inputs(model: Any, arch: Architecture, stats: Sequence[LayerStats]) ->
         return hook
 
     handles = []
-    for k, layer_stats in enumerate(stats):
-        for space, target in (("q", layer_stats.attn_in), ("ffn", layer_stats.mlp_in)):
-            spec = output_projection(arch.attention + arch.dense_mlp, space)
-            if spec is None:
-                continue
-            try:
-                module = model.get_submodule(module_path(arch, k, spec))
-            except AttributeError:
-                continue  # a MoE layer has no dense down_proj
-            handles.append(module.register_forward_pre_hook(moments(target)))
+    for space, target in (("q", stats.attn_in), ("ffn", stats.mlp_in)):
+        spec = output_projection(arch.attention + arch.dense_mlp, space)
+        if spec is None:
+            continue
+        try:
+            module = layer.get_submodule(spec.name.removesuffix(".weight"))
+        except AttributeError:
+            continue  # a MoE layer has no dense down_proj
+        handles.append(module.register_forward_pre_hook(moments(target)))
     return handles
-
-
-def _checkpointing(model: Any, on: bool) -> None:
-    """transformers 5.x calls it activation checkpointing; older releases, gradient."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        if on:
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
-
-
-def _fisher_into(stats: LayerStats, spec: TensorSpec, weight: torch.Tensor) -> Any:
-    def hook(grad: torch.Tensor) -> None:
-        stats.add_fisher(spec, weight, grad)
-
-    return hook
 
 
 def watch_residual(layers: Any, states: dict[int, torch.Tensor]) -> list[Any]:

@@ -17,7 +17,8 @@ scale. Only G is needed, accumulated batch by batch in float64.
 
 Sequential (the default, and what the peers do): layer l is solved on inputs
 produced by the model with layers < l already pruned and reconstructed, so
-each layer also absorbs the error of the ones before it. `LayerWalk` runs the
+each layer also absorbs the error of the ones before it. The executor's walk
+(`executor.layerwise.LayerWalk`, resident over the loaded model) runs the
 decoder one layer at a time over cached hidden states for that, the layer-
 ordered walk `plangen.calibrate` was shaped for; each layer costs about two
 layer-forwards over the calibration set (Gram pass, then the output pass).
@@ -38,11 +39,12 @@ from compiler import ir
 from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
 from compiler.geometry import top_channels
+from executor.layerwise import LayerWalk, States, StopLayer
 from plangen.calibrate import module_path, output_projection
 from plangen.candidate import Candidate
 from plangen.metrics import DAMP, OBS
 from plangen.scores import ScoreTables
-from plangen.surgery import LayerWalk, Solved, StopWalk, applied
+from plangen.surgery import Solved, applied
 
 
 def solve(
@@ -85,7 +87,7 @@ class GramHook:
         g = x.T @ x
         self.gram = g if self.gram is None else self.gram + g
         if self.stop:
-            raise StopWalk
+            raise StopLayer
 
     def remove(self) -> torch.Tensor:
         self.handle.remove()
@@ -131,16 +133,15 @@ class ResidualHook:
         return self.gram, self.cross
 
 
-def residual_targets(
-    model: Any, arch: Architecture, batches: Sequence[torch.Tensor]
-) -> list[list[torch.Tensor]]:
-    """Every layer's output on every batch, of the model as it is (the original):
-    [layer][batch]. One forward pass; held in memory (layers x tokens x hidden)."""
-    walk = LayerWalk(model, arch, batches)
+def residual_targets(walk: LayerWalk, states: States) -> list[list[torch.Tensor]]:
+    """Every layer's output on every batch of `states` (the walk's inputs), of the model
+    as it is (the original): [layer][batch]. One forward pass; held in memory (layers x
+    tokens x hidden)."""
     outs = []
-    for k in range(len(walk.layers)):
-        walk.run(k)
-        outs.append(list(walk.states))
+    for k in range(walk.num_layers):
+        with walk.layer(k) as module:
+            states = walk.forward_layer(k, states, module)
+        outs.append([states.get(b) for b in range(len(states))])
     return outs
 
 
@@ -232,16 +233,15 @@ def sequential(
         groups_dropped={k: g for k, g in cand.groups_dropped.items() if (k, "attn") not in chosen},
         mlp_width={k: w for k, w in cand.mlp_width.items() if (k, "mlp") not in chosen},
     )
-    batches = [
-        torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
-        for i in range(0, len(windows), batch_size)
-    ]
-    originals = residual_targets(model, arch, batches) if residual else None
+    walk = LayerWalk.over(model, arch, device, batch_size)
+    states = walk.inputs(windows)  # the embedding: the same pruned or not
+    originals = residual_targets(walk, states) if residual else None
     with applied(model, arch, facts, rest, scores):
         return _walk(
             model,
             arch,
-            batches,
+            walk,
+            states,
             originals,
             chosen,
             cand,
@@ -265,7 +265,8 @@ def _projections(arch: Architecture) -> list[tuple[str, str, Any]]:
 def _walk(
     model: Any,
     arch: Architecture,
-    batches: Sequence[torch.Tensor],
+    walk: LayerWalk,
+    states: States,
     originals: list[list[torch.Tensor]] | None,
     chosen: set[tuple[int, str]],
     cand: Candidate,
@@ -277,14 +278,14 @@ def _walk(
 ) -> list[Solved]:
     from tqdm import tqdm
 
-    walk = LayerWalk(model, arch, batches)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     solved: list[Solved] = []
     try:
         for k in tqdm(
-            range(len(walk.layers)), desc="reconstruct", unit="layer", disable=not progress
+            range(walk.num_layers), desc="reconstruct", unit="layer", disable=not progress
         ):
             if k in cand.drop:
+                states = walk.skip(k, states)
                 continue
             pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             for space, part, spec in _projections(arch):
@@ -295,14 +296,14 @@ def _walk(
                 if originals is not None and part == "mlp":
                     rhook = ResidualHook(module)
                     try:
-                        for b in range(len(batches)):
-                            rhook.add(walk.forward(k, b), originals[k][b])
+                        for b in range(len(states)):
+                            rhook.add(walk.forward_batch(k, states, b), originals[k][b])
                     finally:
                         gram, cross = rhook.remove()
                 else:
                     hook = GramHook(module, stop=True)
                     try:
-                        walk.observe(k)
+                        walk.observe(k, states)
                     finally:
                         gram = hook.remove()
                 w = module.weight
@@ -319,12 +320,12 @@ def _walk(
                 pending.append((w, cols, new))
                 if not one_shot:  # the layer's next projection sees this one pruned
                     _write(w, cols, new, saved)
-            if one_shot:
-                walk.run(k)  # the unpruned layer's output feeds the next
+            if one_shot:  # the unpruned layer's output feeds the next
+                states = walk.forward_layer(k, states, inplace=True)
             for w, cols, new in pending if one_shot else ():
                 _write(w, cols, new, saved)
             if not one_shot:
-                walk.run(k)
+                states = walk.forward_layer(k, states, inplace=True)
     finally:
         with torch.no_grad():
             for w, before in reversed(saved):

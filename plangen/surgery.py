@@ -1,4 +1,4 @@
-"""In-memory model surgery: a candidate applied to the loaded model, and the layer walk.
+"""In-memory model surgery: a candidate applied to the loaded model.
 
 What the planner does to a model it measures, undone afterwards bit for bit:
 `applied` zeroes what the removed units write into the residual stream (a
@@ -6,14 +6,14 @@ KV group's o_proj columns, an MLP channel's down_proj column, a dropped
 layer's output projections, routed experts masked or narrowed), optionally
 with solved weights (`Solved`, from `plangen.reconstruct`) in place;
 `masked_experts` / `experts_removed` simulate dropped experts through the
-router; `LayerWalk` runs the decoder one layer at a time on cached inputs.
-`heldout` judges with these, `reconstruct` solves, `metrics.router` measures.
+router. `heldout` judges with these, `reconstruct` solves and `metrics.router`
+measures with them (walking the decoder layer by layer on `executor.layerwise`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,98 +29,6 @@ from compiler.sidecar import table_name
 from plangen.calibrate import module_path, output_projection
 from plangen.candidate import Candidate
 from plangen.scores import ScoreTables, geometry
-
-
-class StopWalk(Exception):
-    """Raised by a hook to end a forward early: what comes after is not needed."""
-
-
-@dataclass
-class _Call:
-    """How the model called one decoder layer: positional and keyword arguments
-    other than the hidden states (masks, rotary tables, cache flags)."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-
-class LayerWalk:
-    """The decoder, one layer at a time, over the hidden states of every batch.
-
-    The calls the model makes to each layer (masks, position embeddings, which
-    differ per layer in sliding-window families) are recorded on one full
-    forward per batch shape; the embeddings' output is recorded for every
-    batch. `run(k)` then applies layer k to the current states in place.
-    """
-
-    def __init__(self, model: Any, arch: Architecture, batches: Sequence[torch.Tensor]):
-        self.layers = model.get_submodule(arch.layers_module)
-        self.states: list[torch.Tensor] = []
-        self._calls: dict[tuple[int, ...], list[_Call]] = {}
-        self._shape_of: list[tuple[int, ...]] = []
-        for ids in batches:
-            shape = tuple(ids.shape)
-            self._shape_of.append(shape)
-            if shape not in self._calls:
-                self._calls[shape] = self._record_calls(model, ids)
-            self.states.append(self._embedded(model, ids))
-
-    def _record_calls(self, model: Any, ids: torch.Tensor) -> list[_Call]:
-        calls: dict[int, _Call] = {}
-
-        def record(k: int) -> Callable[..., None]:
-            def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                rest = {key: v for key, v in kwargs.items() if key != "hidden_states"}
-                calls[k] = _Call(args[1:] if args else (), rest)
-
-            return hook
-
-        handles = [
-            layer.register_forward_pre_hook(record(k), with_kwargs=True)
-            for k, layer in enumerate(self.layers)
-        ]
-        try:
-            with torch.no_grad():
-                model.base_model(input_ids=ids, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        return [calls[k] for k in range(len(self.layers))]
-
-    def _embedded(self, model: Any, ids: torch.Tensor) -> torch.Tensor:
-        got: list[torch.Tensor] = []
-
-        def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            got.append((args[0] if args else kwargs["hidden_states"]).detach())
-            raise StopWalk
-
-        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                model.base_model(input_ids=ids, use_cache=False)
-        except StopWalk:
-            pass
-        finally:
-            handle.remove()
-        return got[0]
-
-    def forward(self, k: int, b: int) -> torch.Tensor:
-        """Layer k on batch b's current state (the state is left as it was)."""
-        call = self._calls[self._shape_of[b]][k]
-        with torch.no_grad():
-            out = self.layers[k](self.states[b], *call.args, **call.kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
-    def observe(self, k: int) -> None:
-        """Layer k on every batch, for its hooks' sake; a hook may end it early (`StopWalk`)."""
-        for b in range(len(self.states)):
-            with contextlib.suppress(StopWalk):
-                self.forward(k, b)
-
-    def run(self, k: int) -> None:
-        """Replace every batch's state by layer k's output."""
-        for b in range(len(self.states)):
-            self.states[b] = self.forward(k, b)
 
 
 @dataclass(frozen=True)

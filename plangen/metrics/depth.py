@@ -42,6 +42,7 @@ class DepthStats:
     _last: list[list[torch.Tensor]] = field(default_factory=list)  # per boundary
     _bi_sum: torch.Tensor | None = None
     _tokens: int = 0
+    _rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # per batch, per layer
 
     def update(self, hidden: Any, mask: torch.Tensor | None = None) -> None:
         """One batch: `hidden` has L+1 tensors [batch, seq, dim] (h[0] .. h[L]);
@@ -63,6 +64,34 @@ class DepthStats:
         )
         self._bi_sum = sums if self._bi_sum is None else self._bi_sum + sums
         self._tokens += int(mask.sum())
+
+    def update_layer(
+        self,
+        k: int,
+        b: int,
+        h_in: torch.Tensor,
+        h_out: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Layer k on batch b, as a layer walk sees it: its input h[k] and output h[k+1].
+        The per-layer form of `update`, with the same sums: layers in order, each over
+        the batches in order; a batch's layer sums are added once its last layer is seen."""
+        batch, seq = h_in.shape[:2]
+        if mask is None:
+            mask = torch.ones(batch, seq, dtype=torch.bool)
+        mask = mask.bool()
+        last = mask.long().cumsum(1).argmax(1)
+        rows = torch.arange(batch)
+        if not self._last:
+            self._last = [[] for _ in range(self.layers + 1)]
+        if k == 0:
+            self._last[0].append(h_in[rows, last].detach().double().cpu())
+            self._tokens += int(mask.sum())
+        self._last[k + 1].append(h_out[rows, last].detach().double().cpu())
+        self._rows.setdefault(b, []).append((_cos(h_in, h_out) * mask).sum().cpu())
+        if k == self.layers - 1:
+            sums = torch.stack(self._rows.pop(b))
+            self._bi_sum = sums if self._bi_sum is None else self._bi_sum + sums
 
     def block_influence(self) -> list[float]:
         """BI(l) for every layer l."""

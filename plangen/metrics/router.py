@@ -14,9 +14,9 @@ layer's router and one on its experts, measures per expert (higher = keep):
 per layer, the experts are removed greedily, each time the one whose removal
 (tokens re-routed among the others, as the executor's result will route them)
 changes the MoE block's output least on the calibration inputs; the score is
-the removal order. It runs layer by layer over cached states
-(`plangen.reconstruct.LayerWalk`), each layer seeing the layers before it
-already pruned at the candidate count.
+the removal order. It runs layer by layer over cached states (the executor's
+walk, `executor.layerwise.LayerWalk`, resident over the loaded model), each
+layer seeing the layers before it already pruned at the candidate count.
 
 The router and the experts are found in the loaded model, not named: the
 decoder layer's submodule whose `weight` is (experts, hidden) and that has a
@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from executor.layerwise import LayerWalk, States, StopLayer
 from plangen.heldout import mean_loss
-from plangen.surgery import LayerWalk, MoeModules, StopWalk, experts_removed, moe_modules
+from plangen.surgery import MoeModules, experts_removed, moe_modules
 
 ROUTER_METRICS = ("frequency", "routing_weight", "router_prob", "reap")
 NAEE = "naee"
@@ -233,11 +234,8 @@ def naee_orders(
     removal step)."""
     from tqdm import tqdm
 
-    batches = [
-        torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
-        for i in range(0, len(windows), batch_size)
-    ]
-    walk = LayerWalk(model, arch, batches)
+    walk = LayerWalk.over(model, arch, device, batch_size)
+    states = walk.inputs(windows)
     layers = walk.layers
     chosen: dict[int, list[int]] = {}
     orders: dict[int, np.ndarray] = {}
@@ -245,7 +243,7 @@ def naee_orders(
         if k in moe_layers:
             mods = moe_modules(layers[k], experts)
             assert mods is not None
-            x = _block_inputs(walk, k, mods.block, tokens, StopWalk)
+            x = _block_inputs(walk, states, k, mods.block, tokens)
             with torch.no_grad():
                 ref = mods.block(x)
             removed: list[int] = []
@@ -266,26 +264,28 @@ def naee_orders(
                 score[e] = step
             orders[k] = score
         with experts_removed(layers, chosen if sequential else {}, experts, prob):
-            walk.run(k)
+            states = walk.forward_layer(k, states, inplace=True)
     return orders
 
 
-def _block_inputs(walk: Any, k: int, block: Any, tokens: int | None, stop: type[Exception]) -> Any:
+def _block_inputs(
+    walk: LayerWalk, states: States, k: int, block: Any, tokens: int | None
+) -> torch.Tensor:
     """The first `tokens` (None: all) inputs of layer k's MoE block, as one batch
     (1, tokens, hidden)."""
     got: list[torch.Tensor] = []
 
     def hook(_m: Any, args: tuple[Any, ...]) -> None:
         got.append(args[0].detach().reshape(-1, args[0].shape[-1]))
-        raise stop
+        raise StopLayer
 
     handle = block.register_forward_pre_hook(hook)
     try:
-        for b in range(len(walk.states)):
+        for b in range(len(states)):
             if tokens is not None and sum(len(g) for g in got) >= tokens:
                 break
-            with contextlib.suppress(stop):
-                walk.forward(k, b)
+            with contextlib.suppress(StopLayer):
+                walk.forward_batch(k, states, b)
     finally:
         handle.remove()
     return torch.cat(got)[:tokens].unsqueeze(0)  # [:None] is everything

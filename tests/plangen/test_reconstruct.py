@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from compiler.checkpoint import load_checkpoint_facts
+from executor.layerwise import LayerWalk
 from plangen.analyze import model_facts
 from plangen.candidate import Candidate
 from plangen.metrics import DAMP  # what sequential() uses by default
 from plangen.reconstruct import sequential, solve
 from plangen.scores import ScoreTables
-from plangen.surgery import LayerWalk
 
 L = 3
 
@@ -105,14 +105,15 @@ def test_the_walk_reproduces_the_models_layers(tmp_path, model_type):
     g = torch.Generator().manual_seed(2)
     windows = torch.randint(3, 128, (6, 12), generator=g).tolist()
     batches = [torch.tensor(windows[i : i + 4]) for i in range(0, len(windows), 4)]
-    walk = LayerWalk(model, ck.arch, batches)  # batches of 4 and 2: two recorded shapes
+    walk = LayerWalk.over(model, ck.arch, batch_size=4)  # batches of 4 and 2
+    states = walk.inputs(windows)
     with torch.no_grad():
         full = [model.base_model(input_ids=b, use_cache=False) for b in batches]
     for k in range(4):
-        walk.run(k)
+        states = walk.forward_layer(k, states, inplace=True)
     final_norm = model.base_model.norm
-    for state, out in zip(walk.states, full, strict=True):
-        torch.testing.assert_close(final_norm(state), out.last_hidden_state)
+    for b, out in enumerate(full):
+        torch.testing.assert_close(final_norm(states.get(b)), out.last_hidden_state)
 
 
 def test_sequential_equals_direct_solves_layer_by_layer(tiny):
