@@ -346,14 +346,13 @@ def _measure(r: Run) -> ScoreTables:
         gradients=gradients,
         fisher="taylor2" in r.metrics,
         geom=geometry(r.facts),
-        checkpointing=(
-            opts.device.startswith("cuda") if opts.checkpointing is None else opts.checkpointing
-        ),
         batch_size=opts.batch_size,
         device=opts.device,
         progress=opts.progress,
     )
-    r.passes += 3.0 if gradients else 1.0  # backward ~ twice a forward
+    # The forward walk, then the reverse sweep: each layer recomputed (one forward) and
+    # back-propagated (about two).
+    r.passes += 4.0 if gradients else 1.0
     r.phases["calibrate"] = time.perf_counter() - r.started - sum(r.phases.values())
     scores = compute_tables(model, r.ckpt.arch, r.facts, calib, r.metrics, opts.seed)
     r.phases["score"] = time.perf_counter() - r.started - sum(r.phases.values())

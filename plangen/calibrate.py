@@ -123,7 +123,6 @@ def collect(
     gradients: bool = False,
     fisher: bool = False,
     geom: Geometry | None = None,
-    checkpointing: bool = False,
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
@@ -135,10 +134,9 @@ def collect(
 
     The pass walks the decoder layer by layer: `walk` (e.g. `LayerWalk.open` on the
     checkpoint, the model never whole in memory; `model` is then unused), or the
-    walk over the loaded `model` with every layer resident. `checkpointing` has
-    nothing left to do (the sweep recomputes one layer at a time); it is accepted
-    for the callers that still pass it."""
-    del checkpointing
+    walk over the loaded `model` with every layer resident. The reverse sweep
+    recomputes one layer at a time, so the gradient pass holds one layer's
+    activations, as gradient checkpointing would."""
     if walk is None:
         walk = LayerWalk.over(model, arch, device, batch_size)
     from tqdm import tqdm

@@ -395,14 +395,6 @@ class Options:
         group=CALIBRATION,
         **device_argument("where the model is calibrated and judged"),
     )
-    checkpointing: bool | None = option(
-        "--checkpointing",
-        help="recompute activations in the backward pass (gradient checkpointing; default: on "
-        "with --device cuda), so gradient metrics on an 8B model fit one 80 GB card in bfloat16",
-        group=CALIBRATION,
-        default=None,
-        action=argparse.BooleanOptionalAction,
-    )
     dtype: str = option(
         "--dtype",
         help=None,

@@ -212,26 +212,3 @@ def test_random_baseline_is_seeded_per_layer(setup) -> None:
     assert not np.array_equal(scores(3, 1), scores(4, 1))
     assert not np.array_equal(scores(3, 0), scores(3, 1))
     assert scores(3, 0).shape == (facts.ffn,)
-
-
-def test_gradient_checkpointing_gives_the_same_scores(setup) -> None:
-    from plangen.scores import geometry
-
-    model, windows, facts, tables = setup
-    arch = facts.arch
-    calib = collect(
-        model,
-        arch,
-        windows,
-        gradients=True,
-        fisher=True,
-        geom=geometry(facts),
-        checkpointing=True,
-        batch_size=2,
-        progress=False,
-    )
-    again = compute_tables(model, arch, facts, calib, ["taylor", "taylor2", "wanda"], seed=3)
-    assert not getattr(model, "is_activation_checkpointing", False) and not model.training
-    for name, table in again.tables.items():
-        if name.split(".")[0] in ("taylor", "taylor2", "wanda"):
-            np.testing.assert_allclose(table, tables.tables[name], rtol=1e-5, atol=1e-12)

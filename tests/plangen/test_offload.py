@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
 
 from compiler.checkpoint import load_checkpoint_facts
 from executor.layerwise import LayerWalk
 from plangen.calibrate import Calibration, collect
+from tests.helpers.models import make_tiny_model
 
 FAMILIES = ("llama", "qwen2_moe")
 BATCH = 2  # five windows: batches of 2, 2 and 1
