@@ -223,10 +223,14 @@ def _cross_checks(
     dense = values.pop("dense_layers", None)
     layers = values.get("layers")
     if isinstance(dense, ir.Selection) and isinstance(layers, int):
+        fact = block.fact("dense_layers")
         for r in dense.ranges:
             if r.lo > r.hi or r.hi >= layers:
+                # A lone integer (`dense_layers 15`) reaches here as a value without a
+                # range of its own: the fact's value is then the place to point at.
+                where = r.span if r.span.line else (fact.value_span if fact else block.span)
                 diags.append(
-                    error("P104", f"dense_layers {r.lo}..{r.hi} is outside 0..{layers - 1}", r.span)
+                    error("P104", f"dense_layers {r.lo}..{r.hi} is outside 0..{layers - 1}", where)
                 )
                 dense = None
                 break

@@ -50,6 +50,15 @@ CASES: list[tuple[str, str, int, int, str]] = [
     ("P104", SMOL_HEADER + "drop layers 31\n", B, 13, "layer 31 is out of range"),
     ("P104", SMOL_HEADER + "attn layers 1 drop groups 3\n", B, 27, "group 3"),
     ("P104", MOE_HEADER + "moe layers 1 drop experts 16\n", M, 27, "expert 16"),
+    # A lone integer out of range in the model block points at the fact's value (it had
+    # no position: line 0, found by test_properties' mutations).
+    (
+        "P104",
+        MOE_HEADER.replace("  dense_layers 5\n", "  dense_layers 15\n"),
+        9,
+        16,
+        "dense_layers 15..15 is outside 0..5",
+    ),
     (
         "P105",
         SMOL_HEADER + "mlp layers 5 width 512\nmlp layers 4..6 width 1024\n",
