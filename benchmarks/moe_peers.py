@@ -40,6 +40,7 @@ PEERS = {  # (score, K) -> the issue's figure
 def main() -> None:
     import torch
 
+    from compiler.checkpoint import load_checkpoint_facts
     from compiler.corpus import TokenPools, load_text, tokenize, windows
     from executor.apply import apply_plan
     from executor.evaluate import evaluate, perplexity
@@ -75,7 +76,8 @@ def main() -> None:
     layers = model.model.layers
     experts = int(model.config.num_experts)
     moe = list(range(len(layers)))
-    stats = collect_router(model, layers, moe, experts, calib, progress=False)
+    arch = load_checkpoint_facts(args.model).arch
+    stats = collect_router(model, arch, moe, experts, calib, progress=False)
     prob = {k: stats[k].tables()["router_prob"] for k in moe}
 
     def ppl(dropped: dict[int, list[int]], rescale: bool = False) -> list[float]:

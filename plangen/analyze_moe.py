@@ -28,7 +28,7 @@ import torch
 
 from compiler.facts import ModelFacts
 from compiler.sidecar import table_name
-from plangen.calibrate import LayerStats, watch_inputs
+from plangen.calibrate import LayerStats, watch_layer_inputs
 from plangen.candidate import Candidate, original_params
 from plangen.metrics.router import (
     NAEE,
@@ -110,10 +110,10 @@ def _measure(r: Run) -> ScoreTables:
     unit_stats = [LayerStats() for _ in range(facts.layers or 0)]
     watch = None
     if size.keep_params is not None:
-        watch = lambda: watch_inputs(model, r.ckpt.arch, unit_stats)  # noqa: E731
+        watch = lambda i, layer: watch_layer_inputs(layer, r.ckpt.arch, unit_stats[i])  # noqa: E731
     stats = collect_router(
         model,
-        _layers(r),
+        r.ckpt.arch,
         moe_layers,
         experts,
         r.calib,

@@ -223,14 +223,6 @@ def _sweep(
     )
 
 
-def watch_inputs(model: Any, arch: Architecture, stats: Sequence[LayerStats]) -> list[Any]:
-    """Hooks that feed every layer's o_proj and dense down_proj inputs into its
-    `LayerStats` (`attn_in`, `mlp_in`); a MoE layer has no dense down_proj, so only
-    its attention is watched. The caller removes the handles."""
-    layers = model.get_submodule(arch.layers_module)
-    return [h for k, s in enumerate(stats) for h in watch_layer_inputs(layers[k], arch, s)]
-
-
 def watch_layer_inputs(layer: Any, arch: Architecture, stats: LayerStats) -> list[Any]:
     """Hooks that feed one decoder layer's o_proj and dense down_proj inputs into its
     `LayerStats` (`attn_in`, `mlp_in`); a MoE layer has no dense down_proj, so only

@@ -127,7 +127,7 @@ def unit_tables(
     """A forward-only width metric's KV-group table of every layer and MLP-channel table
     of every dense layer, on a MoE model: what its parameter budget drops groups and
     narrows dense MLPs by (`plangen.strategies.moe_budget`). `stats` come from
-    `calibrate.watch_inputs` hooked into the router pass."""
+    `calibrate.watch_layer_inputs` hooked into the router pass."""
     from plangen.metrics.registry import WIDTH_METRICS
 
     tables: dict[str, np.ndarray] = {}

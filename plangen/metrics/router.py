@@ -167,7 +167,7 @@ def _shared_hook(stats: RouterStats) -> Any:
 
 def collect_router(
     model: Any,
-    layers: Sequence[Any],
+    arch: Any,
     moe_layers: Sequence[int],
     experts: int,
     windows: Sequence[Sequence[int]],
@@ -175,38 +175,48 @@ def collect_router(
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
-    also: Callable[[], list[Any]] | None = None,
+    also: Callable[[int, Any], list[Any]] | None = None,
+    walk: LayerWalk | None = None,
 ) -> dict[int, RouterStats]:
-    """One forward over `windows`: every MoE layer's router statistics (no LM head).
-    `also` registers more hooks for the same pass (`calibrate.watch_inputs`: the
-    attention and dense-MLP statistics a parameter budget needs) and returns them."""
+    """One forward over `windows`, layer by layer on the executor's walk (`walk`, e.g.
+    opened on the checkpoint with one layer in memory at a time; else the walk over
+    the loaded `model`, every layer resident): every MoE layer's router statistics
+    (no LM head). `also(i, layer)` registers more hooks on layer i for the same pass
+    (`calibrate.watch_layer_inputs`: the attention and dense-MLP statistics a
+    parameter budget needs) and returns them."""
     from tqdm import tqdm
 
+    if walk is None:
+        walk = LayerWalk.over(model, arch, device, batch_size)
+    wanted = set(moe_layers)
     stats: dict[int, RouterStats] = {}
-    handles = list(also()) if also is not None else []
-    try:
-        for k in moe_layers:
-            mods = moe_modules(layers[k], experts)
-            if mods is None:
-                raise ValueError(f"layer {k} is a MoE layer but has no router the model shows")
-            stats[k] = RouterStats(experts, expert_ffn=int(mods.experts.down_proj.shape[-1]))
-            handles.append(mods.router.register_forward_hook(_router_hook(stats[k])))
-            handles.append(mods.experts.register_forward_hook(_experts_hook(stats[k])))
-            if mods.shared is not None:
-                handles.append(mods.shared.register_forward_pre_hook(_shared_hook(stats[k])))
-        starts = range(0, len(windows), batch_size)
-        for i in tqdm(starts, desc="router", unit="batch", disable=not progress, leave=False):
-            ids = torch.tensor([list(w) for w in windows[i : i + batch_size]], device=device)
-            with torch.no_grad():
-                model.base_model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    for k in moe_layers:
-        mods = moe_modules(layers[k], experts)
-        assert mods is not None
-        stats[k].score_channels(mods)
-    return stats
+    states = walk.inputs(windows)
+    for i in tqdm(range(walk.num_layers), desc="router", unit="layer", disable=not progress):
+        with walk.layer(i) as layer:
+            handles = list(also(i, layer)) if also is not None else []
+            try:
+                mods = moe_modules(layer, experts) if i in wanted else None
+                if i in wanted:
+                    if mods is None:
+                        raise ValueError(
+                            f"layer {i} is a MoE layer but has no router the model shows"
+                        )
+                    stats[i] = RouterStats(
+                        experts, expert_ffn=int(mods.experts.down_proj.shape[-1])
+                    )
+                    handles.append(mods.router.register_forward_hook(_router_hook(stats[i])))
+                    handles.append(mods.experts.register_forward_hook(_experts_hook(stats[i])))
+                    if mods.shared is not None:
+                        handles.append(
+                            mods.shared.register_forward_pre_hook(_shared_hook(stats[i]))
+                        )
+                states = walk.forward_layer(i, states, layer, inplace=True)
+            finally:
+                for h in handles:
+                    h.remove()
+            if mods is not None:
+                stats[i].score_channels(mods)
+    return {k: stats[k] for k in moe_layers}
 
 
 def naee_orders(

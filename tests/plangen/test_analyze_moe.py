@@ -61,6 +61,7 @@ def test_router_statistics_are_exact_on_a_hand_checked_case(tmp_path: Path) -> N
     outputs recomputed in the test; REAP against each expert's output norm."""
     import torch
 
+    from compiler.checkpoint import load_checkpoint_facts
     from executor.loader import load
     from plangen.metrics.router import collect_router
     from plangen.surgery import moe_modules
@@ -69,7 +70,8 @@ def test_router_statistics_are_exact_on_a_hand_checked_case(tmp_path: Path) -> N
     model = load(model_dir, "cpu", torch.float32)
     layers = model.model.layers
     windows = [list(range(3, 27)), list(range(30, 54))]
-    stats = collect_router(model, layers, [0, 1], 4, windows, batch_size=2, progress=False)
+    arch = load_checkpoint_facts(model_dir).arch
+    stats = collect_router(model, arch, [0, 1], 4, windows, batch_size=2, progress=False)
     seen: list[torch.Tensor] = []
     mods = moe_modules(layers[1], 4)
     assert mods is not None
