@@ -2,12 +2,14 @@
 opened on the checkpoint, one decoder layer in memory at a time, measures exactly
 what it measures over the loaded model (the walk with every layer resident):
 depth statistics, projection-input moments, the calibration loss, the summed
-gradients and the Fisher term per unit, compared with `torch.equal`."""
+gradients and the Fisher term per unit, compared with `torch.equal`; and the MoE
+router statistics (`collect_router`) the same way."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +122,35 @@ def test_an_error_mid_walk_leaves_no_cache(
     with pytest.raises(KeyboardInterrupt), LayerWalk.open(model_dir, cache=cache) as walk:
         collect(None, arch, _windows(), gradients=True, walk=walk, progress=False)
     assert list(cache.iterdir()) == []
+
+
+def test_router_statistics_offloaded_equal_in_memory(models: dict[str, Path]) -> None:
+    """`collect_router` on a walk opened on the checkpoint (one layer at a time) gives
+    every MoE layer's router tables and expert-channel scores of the loaded model's
+    walk, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from plangen.analyze import model_facts
+    from plangen.metrics.router import collect_router
+
+    model_dir = models["qwen2_moe"]
+    ckpt = load_checkpoint_facts(model_dir)
+    facts = model_facts(ckpt)
+    moe = [i for i in range(facts.layers or 0) if facts.is_moe_layer(i)]
+    assert moe, "the tiny qwen2_moe has MoE layers"
+    experts, windows = facts.experts or 0, _windows()
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    want = collect_router(full, ckpt.arch, moe, experts, windows, batch_size=BATCH, progress=False)
+    del full
+    with LayerWalk.open(model_dir, batch_size=BATCH) as walk:
+        got = collect_router(
+            None, ckpt.arch, moe, experts, windows, batch_size=BATCH, progress=False, walk=walk
+        )
+        assert _materialized(walk) == []
+    assert sorted(got) == sorted(want) == moe
+    for k in moe:
+        g, w = got[k].tables(), want[k].tables()
+        assert sorted(g) == sorted(w)
+        for name, table in w.items():
+            assert np.array_equal(g[name], table), (k, name)
+        assert np.array_equal(got[k].expert_channels, want[k].expert_channels)
