@@ -10,8 +10,6 @@ in fp32, to 1e-5.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from executor.apply import apply_plan
 from executor.cli import main
 from executor.loader import load
 from executor.restore import restore
+from plangen.surgery import masked_experts
 from tests.helpers.models import fused_copy, load_original, logits, make_tiny_model, tokens
 from tests.helpers.outputs import read_json, tensor_hashes
 from tests.helpers.plans import write_plan
@@ -41,34 +40,6 @@ def _router_weight(layer: Any, experts: int) -> Any:
     ]
     assert len(found) == 1, [n for n, _ in layer.named_parameters()]
     return found[0]
-
-
-@contextlib.contextmanager
-def masked_experts(model: Any, dropped: Mapping[int, list[int]], experts: int) -> Iterator[None]:
-    """The model as if the `dropped` experts of each layer did not exist: their router
-    logits are -inf wherever the family computes them (`F.linear` with the router's
-    weight), so its own softmax / top-k / renormalization handles the rest."""
-    import torch
-    import torch.nn.functional as F
-
-    masks = {
-        id(_router_weight(_moe_layers(model)[i], experts)): gone for i, gone in dropped.items()
-    }
-    real = F.linear
-
-    def linear(x: Any, weight: Any, bias: Any = None) -> Any:
-        out = real(x, weight, bias)
-        gone = masks.get(id(weight))
-        if gone:
-            out = out.clone()
-            out[..., gone] = -torch.inf
-        return out
-
-    F.linear = linear
-    try:
-        yield
-    finally:
-        F.linear = real
 
 
 def _fused_down(layer: Any, expert_ffn: int) -> Any:
@@ -107,7 +78,7 @@ def test_dropped_experts_equal_masked_routing(family: str, tmp_path: Path) -> No
     assert getattr(pruned.config, experts_key) == 3
     ids = tokens()
     ref = load_original(model)
-    with masked_experts(ref, {0: [2], 1: [0]}, 4):
+    with masked_experts(_moe_layers(ref), {0: [2], 1: [0]}, 4):
         want = logits(ref, ids)
     torch.testing.assert_close(logits(pruned, ids), want, atol=1e-5, rtol=0)
     # the survivors are renumbered and their router rows kept in order
@@ -197,7 +168,7 @@ def test_layers_with_different_experts_load_with_executor_load(family: str, tmp_
     from tests.helpers.models import hooked
 
     ids = tokens()
-    with masked_experts(ref, {0: [1]}, 4), hooked(ref, identity=(2,)) as h:
+    with masked_experts(_moe_layers(ref), {0: [1]}, 4), hooked(ref, identity=(2,)) as h:
         want = logits(h, ids)
     pruned = load(out / "A")
     torch.testing.assert_close(logits(pruned, ids), want, atol=1e-5, rtol=0)
@@ -248,7 +219,7 @@ def test_rescale_scales_the_kept_experts(family: str, tmp_path: Path) -> None:
         for i, layer in enumerate(_moe_layers(ref)):
             _fused_down(layer, 32 if family == "qwen2_moe" else 96).mul_(alpha[i])
     ids = tokens()
-    with masked_experts(ref, {0: [1, 2], 1: [0, 3]}, 4):
+    with masked_experts(_moe_layers(ref), {0: [1, 2], 1: [0, 3]}, 4):
         want = logits(ref, ids)
     torch.testing.assert_close(logits(load_original(out / "A"), ids), want, atol=1e-5, rtol=0)
     log = read_json(out / "A" / "prune_log.json")["tensors"]
@@ -297,7 +268,7 @@ def test_fused_experts_drop_narrow_and_rescale(family: str, tmp_path: Path) -> N
                 gone = sorted(set(range(expert_ffn)) - set(sel[f"{i}.expert_ffn.{e}"]))
                 down[e][:, gone] = 0.0
     ids = tokens()
-    with masked_experts(ref, {0: [1], 1: [1]}, 4):
+    with masked_experts(_moe_layers(ref), {0: [1], 1: [1]}, 4):
         want = logits(ref, ids)
     torch.testing.assert_close(logits(load_original(out / "A"), ids), want, atol=1e-5, rtol=0)
     # channels were chosen by each expert's own magnitude, read from the fused slices
@@ -314,7 +285,7 @@ def test_fused_experts_of_different_sizes_load_with_executor_load(tmp_path: Path
     assert read_json(out / "A" / "manifest.json")["loader"] == "executor.load"
     ref = load_original(model)
     ids = tokens()
-    with masked_experts(ref, {0: [0, 3]}, 4):
+    with masked_experts(_moe_layers(ref), {0: [0, 3]}, 4):
         want = logits(ref, ids)
     torch.testing.assert_close(logits(load(out / "A"), ids), want, atol=1e-5, rtol=0)
     _restored_exactly(out, model, tmp_path)
@@ -362,8 +333,6 @@ def test_deepseek_drops_experts_group_by_group(tmp_path: Path) -> None:
     from selection; restore is bit-exact."""
     import torch
 
-    from plangen.surgery import masked_experts as excluded
-
     model = _deepseek(tmp_path)
     out = tmp_path / "out"
     apply_plan(write_plan(tmp_path, model, "moe layers 1..2 drop experts 1, 6"), out)
@@ -371,7 +340,7 @@ def test_deepseek_drops_experts_group_by_group(tmp_path: Path) -> None:
     assert pruned.config.n_routed_experts == 6 and pruned.config.n_group == 2
     ref = load_original(model)
     ids = tokens()
-    with excluded(list(ref.model.layers), {1: [1, 6], 2: [1, 6]}, 8):
+    with masked_experts(list(ref.model.layers), {1: [1, 6], 2: [1, 6]}, 8):
         want = logits(ref, ids)
     torch.testing.assert_close(logits(pruned, ids), want, atol=1e-5, rtol=0)
     bias = pruned.model.layers[1].mlp.gate.e_score_correction_bias
