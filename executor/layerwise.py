@@ -62,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import mmap
+import os
 import shutil
 import tempfile
 import warnings
@@ -172,12 +173,18 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- states
 
 
+CACHE_PREFIX = "plancc-walk-"  # a state cache's directory: CACHE_PREFIX + PID + "-" + random
+
+
 class StateCache:
     """The hidden states of every batch at one layer boundary, by batch index.
 
     In memory on `device` (the host or the accelerator), or, with `directory`,
-    one safetensors file per batch in a fresh temporary directory under it,
-    removed by `close` (or when the cache is garbage collected).
+    one safetensors file per batch in a fresh temporary directory under it
+    (`CACHE_PREFIX`, this process's id, a random part), removed by `close` (or
+    when the cache is garbage collected). A process killed with SIGKILL removes
+    nothing; the next run removes the directories of processes that are gone
+    (`plangen.staging.remove_stale_caches`).
     """
 
     def __init__(self, device: str | torch.device = "cpu", directory: str | Path | None = None):
@@ -186,7 +193,8 @@ class StateCache:
         self._dir: Path | None = None
         if directory is not None:
             Path(directory).mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="plancc-walk-", dir=directory))
+            prefix = f"{CACHE_PREFIX}{os.getpid()}-"  # the pid: a killed run's is removable
+            self._dir = Path(tempfile.mkdtemp(prefix=prefix, dir=directory))
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         self._count = 0
 

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -238,7 +239,17 @@ def run(opts: Options) -> Outcome:
     started = time.perf_counter()
     r = _checked(opts, started)
     r.kind.prepare(r)
+    _place(r)
     _read_windows(r)
+    try:
+        return _analyzed(r)
+    finally:
+        if r.walk is not None:
+            r.walk.close()  # a state cache on disk is removed here, also on Ctrl-C
+
+
+def _analyzed(r: Run) -> Outcome:
+    """The stages that run the model: load, measure, candidates, judge, finish, write."""
     _load(r)
     if r.given is not None:
         r.scores = r.given
@@ -262,7 +273,7 @@ def run(opts: Options) -> Outcome:
         original_params(r.facts),
         loss_before,
         why,
-        time.perf_counter() - started,
+        time.perf_counter() - r.started,
         r.passes,
         r.phases,
     )
@@ -299,14 +310,54 @@ def _read_windows(r: Run) -> None:
         check_same_text(r.opts, r.given, r.pools)
 
 
-def _load(r: Run) -> None:
-    import torch
-
-    from executor.loader import load
+def _place(r: Run) -> None:
+    """Whole in memory or one decoder layer at a time (`plangen.memory.placement`),
+    decided before any window is read; said on stderr when chosen for the user."""
+    from plangen.memory import DoesNotFit, Footprint, placement
 
     assert r.opts.device is not None  # resolved
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[r.opts.dtype]
-    r.model = load(r.opts.model_dir, r.opts.device, dtype)
+    try:
+        r.placement = placement(
+            r.opts.offload,
+            r.opts.memory_check,
+            r.opts.device,
+            r.opts.dtype,
+            Footprint.of(r.ckpt),
+            r.opts.nsamples * r.opts.seqlen,
+            r.gradients,
+        )
+    except DoesNotFit as exc:
+        raise AnalyzeError(str(exc)) from None
+    if r.placement.said is not None:
+        print(r.placement.said, file=sys.stderr)
+    if isinstance(r.placement.states, Path):
+        from plangen import staging
+
+        staging.remove_stale_caches(r.placement.states)
+
+
+def _load(r: Run) -> None:
+    """The walk every stage runs the model through: over the loaded model (every layer
+    resident), or opened on the checkpoint (each layer read when reached, then freed)."""
+    import torch
+
+    from executor.layerwise import LayerWalk
+    from executor.loader import load
+
+    opts = r.opts
+    assert opts.device is not None  # resolved
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
+    if r.placement.layerwise:
+        r.walk = LayerWalk.open(
+            opts.model_dir,
+            opts.device,
+            dtype,
+            batch_size=opts.batch_size,
+            cache=r.placement.states,
+        )
+    else:
+        r.model = load(opts.model_dir, opts.device, dtype)
+        r.walk = LayerWalk.over(r.model, r.ckpt.arch, opts.device, opts.batch_size)
     r.phases["load"] = time.perf_counter() - r.started
 
 

@@ -13,7 +13,6 @@ beside       --csv and --plot
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -24,9 +23,8 @@ from compiler.architectures import Architecture
 from compiler.checkpoint import CheckpointFacts
 from compiler.facts import ModelFacts
 from compiler.parse import parse
-from executor.device import resolve_device
 from plangen import emit
-from plangen.candidate import Candidate, original_params
+from plangen.candidate import Candidate
 from plangen.metrics import OBS
 from plangen.options import Options
 from plangen.pipeline import (
@@ -78,62 +76,6 @@ def needs_removal(opts: Options) -> bool:
     return (opts.strategy == "depth" and opts.metric == "removal") or (
         opts.strategy == "unbalanced" and opts.importance == "removal"
     )
-
-
-MEMINFO = Path("/proc/meminfo")
-MEMORY_CHECK_ENV = "PLANCC_NO_MEMORY_CHECK"  # set to 1: the same as --no-memory-check
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel could give a new process without swapping: MemAvailable,
-    which counts reclaimable page cache (MemFree does not, and on a machine that has
-    read a few checkpoints it is a small fraction of what is usable). None: unknown."""
-    try:
-        for line in MEMINFO.read_text(encoding="ascii").splitlines():
-            key, _, value = line.partition(":")
-            if key == "MemAvailable":
-                number, _, unit = value.strip().partition(" ")
-                return int(number) * (1024 if unit.strip() == "kB" else 1)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def check_memory(facts_params: int, opts: Options, gradients: bool) -> None:
-    """Refuse before loading when the model cannot fit the device (weights + gradients).
-
-    An estimate, so the user can override it: --no-memory-check, or
-    PLANCC_NO_MEMORY_CHECK=1 in the environment. A cuda device without a GPU was
-    refused before (`Options.resolved`)."""
-    if not opts.memory_check or os.environ.get(MEMORY_CHECK_ENV, "") not in ("", "0"):
-        return
-    width = 2 if opts.dtype == "bfloat16" else 4
-    # Weights; with gradients also their .grad (the first-order sum) and about half
-    # as much again for activations (the Fisher term is folded per unit as it comes).
-    need = int(facts_params * width * (2.5 if gradients else 1.0))
-    device = resolve_device(opts.device)
-    if device.startswith("cuda"):
-        free, _total = torch.cuda.mem_get_info()
-        where = "GPU memory free"
-    else:
-        available = available_memory()
-        if available is None:  # not Linux: no estimate worth refusing on
-            return
-        free = available
-        where = "memory available (MemAvailable)"
-    if need > free:
-        advice = "--dtype bfloat16, " if opts.dtype == "float32" else ""
-        advice += "a forward-only --metric (such as wanda), " if gradients else ""
-        raise AnalyzeError(
-            f"the model needs about {_size(need)} on {device} "
-            f"({'weights, gradients and activations' if gradients else 'weights'}, "
-            f"{opts.dtype}) but only {_size(free)} {where}; use {advice}a larger device, "
-            f"or, if the estimate is wrong, --no-memory-check (or {MEMORY_CHECK_ENV}=1)"
-        )
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def checked_candidates(opts: Options, facts: ModelFacts, scores: ScoreTables) -> list[Candidate]:
@@ -305,16 +247,16 @@ def _auto(opts: Options, budget: Budget, n: int) -> list[Candidate]:
 
 
 def _prepare(r: Run) -> None:
-    """The tables to measure, refused when unknown; the memory estimate; with --scores
-    the candidates, so a table the sidecar lacks is said before the model is loaded."""
+    """The tables to measure, refused when unknown, and whether that takes gradients
+    (what the memory estimate counts); with --scores the candidates, so a table the
+    sidecar lacks is said before the model is loaded."""
     from plangen.metrics.registry import WIDTH_METRICS
 
     r.metrics = needed_metrics(r.opts)
     for m in r.metrics:
         if m not in WIDTH_METRICS:
             raise AnalyzeError(f"unknown --metric {m!r} (one of {', '.join(WIDTH_METRICS)})")
-    gradients = _gradients(r.metrics)
-    check_memory(original_params(r.facts), r.opts, gradients and r.opts.scores is None)
+    r.gradients = _gradients(r.metrics) and r.given is None
     if r.given is not None:
         r.cands = checked_candidates(r.opts, r.facts, r.given)
 

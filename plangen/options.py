@@ -420,6 +420,20 @@ class Options:
         default=True,
         action="store_false",
     )
+    # "": layer-wise, states in memory; a directory: states on disk under it; None:
+    # layer-wise only when the model does not fit (`plangen.memory.placement`).
+    offload: str | None = option(
+        "--offload",
+        help="analyze one decoder layer at a time, each read from the checkpoint when the "
+        "walk reaches it and freed after (the model is never whole in memory; same plan); "
+        "with DIR the states between layers are kept on disk under DIR. Chosen "
+        "automatically, and said, when the model does not fit",
+        group=CALIBRATION,
+        default=None,
+        nargs="?",
+        const="",
+        metavar="DIR",
+    )
     # ---- output
     plot: bool = option(
         "--plot",

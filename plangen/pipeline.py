@@ -29,12 +29,15 @@ from compiler.targets import ANY, TARGETS
 from plangen import emit
 from plangen.aim import aim
 from plangen.candidate import Candidate
+from plangen.memory import IN_MEMORY, Placement
 from plangen.options import Options
 from plangen.scores import ScoreTables, metadata_json, write_sidecar
 from plangen.strategies import Budget
 
 if TYPE_CHECKING:  # torch is imported by the stages that load the model, not here
     import torch
+
+    from executor.layerwise import LayerWalk
 
 
 class AnalyzeError(Exception):
@@ -83,10 +86,13 @@ class Run:
     phases: dict[str, float] = field(default_factory=dict)  # seconds per stage
     passes: float = 0.0  # calibration-set forward-pass equivalents spent
     metrics: list[str] = field(default_factory=list)  # the tables the calibration measures
+    gradients: bool = False  # whether measuring them takes a backward pass
+    placement: Placement = IN_MEMORY  # the whole model in memory, or layer by layer
     pools: TokenPools | None = None
     calib: list = field(default_factory=list)  # the windows the scores are measured on
     held: list = field(default_factory=list)  # the windows that judge the candidates
-    model: torch.nn.Module | None = None
+    model: torch.nn.Module | None = None  # None when layer by layer: see `walk`
+    walk: LayerWalk | None = None  # the layer walk every stage runs the model through
     scores: ScoreTables | None = None
     cands: list[Candidate] | None = None  # made before loading when --scores allows
     solutions: Solutions | None = None  # reconstructs a candidate for the judge

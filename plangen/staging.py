@@ -114,6 +114,27 @@ def remove_stale(dest: Path) -> list[Path]:
     return removed
 
 
+def remove_stale_caches(directory: Path) -> list[Path]:
+    """Remove the layer walk's state-cache directories under `directory` left by runs
+    that are gone (killed with SIGKILL: `executor.layerwise.CACHE_PREFIX` + their pid);
+    a live run's, and anything not named so, are left alone."""
+    import shutil
+
+    from executor.layerwise import CACHE_PREFIX
+
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in sorted(directory.iterdir()):
+        pid, dash, _ = p.name.removeprefix(CACHE_PREFIX).partition("-")
+        named = p.name.startswith(CACHE_PREFIX) and dash and pid.isdigit()
+        if not named or not p.is_dir() or p.is_symlink() or _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def uninterruptible() -> Iterator[None]:
     """Hold back SIGINT (Ctrl-C) for the few renames that must happen together;

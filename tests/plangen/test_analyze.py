@@ -224,22 +224,6 @@ def test_single_kv_group_models_get_no_attention_cut() -> None:
         assert not uniform(b, "taylor", [0, 1], [0, 1], ratio=0.5).groups_dropped
 
 
-def test_a_model_that_does_not_fit_is_refused_before_any_work(monkeypatch, tmp_path) -> None:
-    from plangen import analyze_dense
-    from plangen.analyze_dense import check_memory
-    from plangen.options import Options
-    from plangen.pipeline import AnalyzeError
-
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal: 8192 kB\nMemFree: 1024 kB\nMemAvailable: 4096 kB\n")
-    monkeypatch.setattr(analyze_dense, "MEMINFO", meminfo)
-    monkeypatch.delenv(analyze_dense.MEMORY_CHECK_ENV, raising=False)
-    opts = Options(Path("m"), Path("p.prn"), device="cpu")
-    check_memory(1_000_000, opts, gradients=False)  # 4 MB of weights fit in 4 MiB... barely
-    with pytest.raises(AnalyzeError, match=r"needs about 19 MiB on cpu .* only 4 MiB memory"):
-        check_memory(2_000_000, opts, gradients=True)
-
-
 @pytest.mark.model
 @pytest.mark.slow
 def test_analyze_check_apply_eval_on_smollm2(smollm2_dir: Path, tmp_path: Path, capsys) -> None:

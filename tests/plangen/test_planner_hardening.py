@@ -425,54 +425,6 @@ def test_no_option_is_taken_as_an_abbreviation(models, tmp_path, capsys) -> None
     assert not parser.allow_abbrev and all(not p.allow_abbrev for p in subparsers.values())
 
 
-# ---- case 10: the memory check reads MemAvailable and can be overridden ---------------------
-
-MEMINFO = "MemTotal: 16000000 kB\nMemFree: 284000 kB\nMemAvailable: 10700000 kB\n"
-
-
-def _fake_memory(monkeypatch, tmp_path: Path, text: str = MEMINFO) -> None:
-    from plangen import analyze_dense
-
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text(text)
-    monkeypatch.setattr(analyze_dense, "MEMINFO", meminfo)
-    free_pages = 284_000 * 1024 // 4096  # what SC_AVPHYS_PAGES says: MemFree only
-    monkeypatch.setattr(
-        os, "sysconf", lambda name: free_pages if name == "SC_AVPHYS_PAGES" else 4096
-    )
-    monkeypatch.delenv("PLANCC_NO_MEMORY_CHECK", raising=False)
-
-
-def test_memory_is_what_the_kernel_can_give_not_memfree(monkeypatch, tmp_path) -> None:
-    """MemFree 284 MB, MemAvailable 10.7 GB: a 513 MiB need fits."""
-    from plangen.analyze_dense import check_memory
-    from plangen.options import Options
-
-    _fake_memory(monkeypatch, tmp_path)
-    params = 513 * 2**20 // 4  # float32 weights, forward only
-    check_memory(params, Options(Path("m"), Path("p.prn"), device="cpu"), gradients=False)
-
-
-def test_a_refusal_names_the_override_and_the_override_works(monkeypatch, tmp_path) -> None:
-    from plangen.analyze_dense import check_memory
-    from plangen.options import Options
-    from plangen.pipeline import AnalyzeError
-
-    _fake_memory(monkeypatch, tmp_path)
-    opts = Options(Path("m"), Path("p.prn"), device="cpu")
-    params = 20 * 2**30 // 4  # 20 GiB of float32 weights
-    with pytest.raises(AnalyzeError) as exc:
-        check_memory(params, opts, gradients=False)
-    message = str(exc.value)
-    assert "only 10.2 GiB memory available (MemAvailable)" in message
-    assert "--no-memory-check" in message and "PLANCC_NO_MEMORY_CHECK=1" in message
-    check_memory(
-        params, Options(Path("m"), Path("p.prn"), device="cpu", memory_check=False), gradients=False
-    )
-    monkeypatch.setenv("PLANCC_NO_MEMORY_CHECK", "1")
-    check_memory(params, opts, gradients=False)
-
-
 # ---- case 12: the candidate table ---------------------------------------------------------
 
 

@@ -1,0 +1,180 @@
+"""Where `plangen analyze` runs the model: whole in memory, or one decoder layer at a time.
+
+Both run the same code: the executor's layer walk (`executor.layerwise.LayerWalk`),
+over the loaded model with every layer resident, or opened on the checkpoint so
+that each decoder layer is read when the walk reaches it and freed after. The
+choice is `--offload [DIR]`; without it the model is analyzed in memory when the
+estimate below says it fits, and layer by layer otherwise (said on stderr).
+
+The estimates, in bytes of the compute dtype (`width`):
+
+  in memory    parameters x width, and with gradients 2.5 x that (their `.grad`
+               while one layer is swept, activations)
+  layer-wise   base + largest layer (x 3 with gradients: its weights, its
+               gradients, its recomputed activations) + max(embedding, head)
+               + the state cache: calibration tokens x hidden x width per layer
+               boundary, kept at every boundary (layers + 1) for the reverse
+               sweep, two boundaries without gradients; under --offload DIR on
+               disk, not in memory
+
+`benchmarks/layerwise_memory.py` measures the layer-wise peak against this
+formula (`benchmarks/results/layerwise-memory.md`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from compiler.checkpoint import CheckpointFacts
+
+MEMINFO = Path("/proc/meminfo")
+MEMORY_CHECK_ENV = "PLANCC_NO_MEMORY_CHECK"  # set to 1: the same as --no-memory-check
+RUNTIME_BASE = 1 << 30  # python, torch and the tokenizer before any weight: ~1 GiB
+
+
+class DoesNotFit(Exception):
+    """Not even the layer-wise walk fits; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the analysis runs the model: `layerwise` (one decoder layer at a time) with
+    the states between layers `states` ("host": in memory, or a directory on disk);
+    `said`: the line that tells the user when it was chosen for them."""
+
+    layerwise: bool
+    states: str | Path = "host"
+    said: str | None = None
+
+
+IN_MEMORY = Placement(False)
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel could give a new process without swapping: MemAvailable,
+    which counts reclaimable page cache (MemFree does not, and on a machine that has
+    read a few checkpoints it is a small fraction of what is usable). None: unknown."""
+    try:
+        for line in MEMINFO.read_text(encoding="ascii").splitlines():
+            key, _, value = line.partition(":")
+            if key == "MemAvailable":
+                number, _, unit = value.strip().partition(" ")
+                return int(number) * (1024 if unit.strip() == "kB" else 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def free_memory(device: str) -> tuple[int | None, str]:
+    """Bytes free where the model would live, and the words for it."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return free, "GPU memory free"
+    return available_memory(), "memory available (MemAvailable)"
+
+
+def checks_disabled(memory_check: bool) -> bool:
+    return not memory_check or os.environ.get(MEMORY_CHECK_ENV, "") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """The sizes the estimates are made of, in parameters (tensor elements)."""
+
+    params: int  # every tensor of the checkpoint
+    largest_layer: int  # the largest decoder layer
+    outside: int  # the larger of the embedding and the LM head (with the final norm)
+    hidden: int
+    layers: int
+
+    @classmethod
+    def of(cls, ckpt: CheckpointFacts) -> Footprint:
+        head, _, tail = ckpt.arch.layer_prefix.partition("{i}")
+        in_layer = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+        per_layer: dict[str, int] = {}
+        outside: list[int] = []
+        for name, info in ckpt.index.items():
+            n = math.prod(info.shape)
+            found = in_layer.match(name)
+            if found:
+                per_layer[found[1]] = per_layer.get(found[1], 0) + n
+            else:
+                outside.append(n)
+        facts = ckpt.facts
+        return cls(
+            params=sum(per_layer.values()) + sum(outside),
+            largest_layer=max(per_layer.values(), default=0),
+            outside=max(outside, default=0),
+            hidden=int(facts.get("hidden") or 0),
+            layers=len(per_layer),
+        )
+
+    def in_memory(self, width: int, gradients: bool) -> int:
+        return int(self.params * width * (2.5 if gradients else 1.0))
+
+    def state_cache(self, width: int, tokens: int, gradients: bool) -> int:
+        boundaries = self.layers + 1 if gradients else 2
+        return tokens * self.hidden * width * boundaries
+
+    def layerwise(self, width: int, tokens: int, gradients: bool, on_disk: bool) -> int:
+        layer = self.largest_layer * width * (3 if gradients else 1)
+        states = 0 if on_disk else self.state_cache(width, tokens, gradients)
+        return RUNTIME_BASE + layer + self.outside * width + states
+
+
+def size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def placement(
+    offload: str | None,
+    memory_check: bool,
+    device: str,
+    dtype: str,
+    footprint: Footprint,
+    tokens: int,
+    gradients: bool,
+) -> Placement:
+    """In memory or layer by layer: `--offload` decides when given ("" : states in
+    memory, else the directory for them); otherwise in memory when the model fits
+    the device, layer by layer when only that fits, and an error (DoesNotFit) that
+    names the way out when neither does. --no-memory-check: in memory, unchecked."""
+    width = 2 if dtype == "bfloat16" else 4
+    if offload is not None:
+        return Placement(True, Path(offload) if offload else "host")
+    if checks_disabled(memory_check):
+        return IN_MEMORY
+    free, where = free_memory(device)
+    whole = footprint.in_memory(width, gradients)
+    if free is None or whole <= free:  # not Linux: no estimate worth acting on
+        return IN_MEMORY
+    walk = footprint.layerwise(width, tokens, gradients, on_disk=False)
+    what = "weights, gradients and activations" if gradients else "weights"
+    need = f"the model needs about {size(whole)} on {device} ({what}, {dtype})"
+    if walk <= free:
+        return Placement(
+            True,
+            "host",
+            f"plangen: {need} but only {size(free)} {where}: analyzing it one decoder "
+            f"layer at a time (--offload; about {size(walk)})",
+        )
+    on_disk = footprint.layerwise(width, tokens, gradients, on_disk=True)
+    advice = (
+        f"--offload DIR (the {size(footprint.state_cache(width, tokens, gradients))} of "
+        "states between layers on disk under DIR), "
+        if on_disk <= free
+        else ""
+    )
+    advice += "--dtype bfloat16, " if dtype == "float32" else ""
+    advice += "fewer --nsamples, " if not advice.startswith("--offload") else ""
+    raise DoesNotFit(
+        f"{need} but only {size(free)} {where}, and about {size(walk)} even one decoder "
+        f"layer at a time; use {advice}a larger device, or, if the estimate is wrong, "
+        f"--no-memory-check (or {MEMORY_CHECK_ENV}=1)"
+    )
