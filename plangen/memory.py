@@ -10,7 +10,7 @@ The estimates, in bytes of the compute dtype (`width`):
 
   in memory    parameters x width, and with gradients 2.5 x that (their `.grad`
                while one layer is swept, activations)
-  layer-wise   base + largest layer (x 3 with gradients: its weights, its
+  layer-wise   256 MiB + largest layer (x 3 with gradients: its weights, its
                gradients, its recomputed activations) + max(embedding, head)
                + the state cache: calibration tokens x hidden x width per layer
                boundary, kept at every boundary (layers + 1) for the reverse
@@ -33,7 +33,9 @@ from compiler.checkpoint import CheckpointFacts
 
 MEMINFO = Path("/proc/meminfo")
 MEMORY_CHECK_ENV = "PLANCC_NO_MEMORY_CHECK"  # set to 1: the same as --no-memory-check
-RUNTIME_BASE = 1 << 30  # python, torch and the tokenizer before any weight: ~1 GiB
+# What the run allocates besides the model once placed: the tokenizer, the skeleton's
+# buffers, the tables (python and torch are in use already: not in what is free).
+RUNTIME_BASE = 256 << 20
 
 
 class DoesNotFit(Exception):
@@ -69,6 +71,36 @@ def available_memory() -> int | None:
     return None
 
 
+STATUS = Path("/proc/self/status")
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        for line in STATUS.read_text(encoding="ascii").splitlines():
+            name, _, value = line.partition(":")
+            if name == key:
+                return int(value.split()[0]) * 1024  # always kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def process_headroom() -> int | None:
+    """Bytes this process may still allocate under its own limits: RLIMIT_DATA (heap
+    and private maps; `VmData` used) and RLIMIT_AS (every map; `VmSize` used). None:
+    no limit set. A container's or a batch system's limit is often one of these."""
+    import resource
+
+    room = None
+    for limit, used_key in ((resource.RLIMIT_DATA, "VmData"), (resource.RLIMIT_AS, "VmSize")):
+        soft, _hard = resource.getrlimit(limit)
+        used = _status_bytes(used_key)
+        if soft == resource.RLIM_INFINITY or used is None:
+            continue
+        room = max(0, soft - used) if room is None else min(room, max(0, soft - used))
+    return room
+
+
 def free_memory(device: str) -> tuple[int | None, str]:
     """Bytes free where the model would live, and the words for it."""
     if device.startswith("cuda"):
@@ -76,7 +108,10 @@ def free_memory(device: str) -> tuple[int | None, str]:
 
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return free, "GPU memory free"
-    return available_memory(), "memory available (MemAvailable)"
+    available, headroom = available_memory(), process_headroom()
+    if headroom is not None and (available is None or headroom < available):
+        return headroom, "memory left under this process's limit (ulimit -d / -v)"
+    return available, "memory available (MemAvailable)"
 
 
 def checks_disabled(memory_check: bool) -> bool:

@@ -131,3 +131,22 @@ def test_offload_takes_an_optional_directory() -> None:
     assert Options.from_args(parser.parse_args(base)).offload is None
     assert Options.from_args(parser.parse_args([*base, "--offload"])).offload == ""
     assert Options.from_args(parser.parse_args([*base, "--offload", "/x"])).offload == "/x"
+
+
+def test_a_process_limit_below_memavailable_is_what_is_free(
+    fake_memory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import resource
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmSize:\t 9000000 kB\nVmData:\t  250000 kB\n")
+    monkeypatch.setattr(memory, "STATUS", status)
+    limits = {resource.RLIMIT_DATA: (700_000_000, resource.RLIM_INFINITY)}
+    monkeypatch.setattr(
+        resource, "getrlimit", lambda r: limits.get(r, (resource.RLIM_INFINITY,) * 2)
+    )
+    free, where = memory.free_memory("cpu")
+    assert free == 700_000_000 - 250_000 * 1024
+    assert where == "memory left under this process's limit (ulimit -d / -v)"
+    got = _place(_footprint(600_000_000 // 4, layers=32, hidden=512))  # 0.6 GB of weights
+    assert got.layerwise and got.said is not None and "ulimit -d" in got.said
