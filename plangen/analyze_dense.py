@@ -310,9 +310,9 @@ def _measure(r: Run) -> ScoreTables:
 def _candidates_and_solver(r: Run) -> list[Candidate]:
     """The candidates (made already with --scores), and the solver that reconstructs
     one for the judge, once."""
-    assert r.model is not None and r.scores is not None
+    assert r.scores is not None
     cands = r.cands if r.cands is not None else checked_candidates(r.opts, r.facts, r.scores)
-    r.solutions = _Solver(r.model, r.ckpt.arch, r.facts, r.scores, r.calib, r.opts)
+    r.solutions = _Solver(r, cands)
     return cands
 
 
@@ -359,48 +359,46 @@ def removal_losses(
 
 
 class _Solver:
-    """Sequential reconstruction of a candidate, solved once and kept for the judge and
-    for the sidecar; the time and forward passes it spends are counted apart."""
+    """The reconstruction of every reconstructed candidate, solved together in one walk
+    (`reconstruct.solve_all`: each layer loaded once serves them all) when the first
+    is asked for, and kept for the judge and the sidecar; the time and forward passes
+    it spends are counted apart."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        arch: Architecture,
-        facts: ModelFacts,
-        scores: ScoreTables,
-        windows: list,
-        opts: Options,
-    ) -> None:
-        self.model, self.arch, self.facts, self.scores = model, arch, facts, scores
-        self.windows, self.opts = windows, opts
+    def __init__(self, r: Run, cands: list[Candidate]) -> None:
+        assert r.walk is not None and r.scores is not None
+        self.walk, self.arch, self.facts, self.scores = r.walk, r.ckpt.arch, r.facts, r.scores
+        self.windows, self.opts = r.calib, r.opts
+        self.todo = [c for c in cands if c.reconstruct]
         self.cache: dict[tuple[object, ...], list] = {}
         self.seconds = 0.0
         self.passes = 0.0
 
     def __call__(self, cand: Candidate) -> list:
-        from plangen.reconstruct import sequential
+        from plangen.reconstruct import Settings, solve_all
 
         key = shape_key(cand)
         if key not in self.cache:
+            jobs = [c for c in self.todo if shape_key(c) not in self.cache]
+            if key not in {shape_key(c) for c in jobs}:
+                jobs.append(cand)
             started = time.perf_counter()
-            solved = sequential(
-                self.model,
+            opts = self.opts
+            settings = Settings(opts.damp, opts.one_shot, opts.residual)
+            solved = solve_all(
+                self.walk,
                 self.arch,
                 self.facts,
-                cand,
+                [(c, None) for c in jobs],
                 self.scores,
                 self.windows,
-                damp=self.opts.damp,
-                one_shot=self.opts.one_shot,
-                residual=self.opts.residual,
-                batch_size=self.opts.batch_size,
-                device=self.opts.device,
-                progress=self.opts.progress,
+                settings,
+                opts.progress,
             )
             self.seconds += time.perf_counter() - started
             layers = self.facts.layers or 1
-            self.passes += (layers + len(solved)) / layers  # one walk plus a partial per solve
-            self.cache[key] = solved
+            for c, s in zip(jobs, solved, strict=True):
+                self.passes += (layers + len(s)) / layers  # a walk plus a partial per solve
+                self.cache[shape_key(c)] = s
         return self.cache[key]
 
 

@@ -157,14 +157,14 @@ def _router_tables(stats: dict[int, RouterStats]) -> dict[str, np.ndarray]:
 def _naee(r: Run, tables: dict[str, np.ndarray], drop: int, forward: float) -> None:
     """NAEE's greedy searches (plain, and with `rescale` in its error) when asked, into
     `tables`; their cost is counted in forward passes of the router pass (`forward`)."""
-    assert r.model is not None
+    assert r.walk is not None
     moe_layers = _moe_layers(r.facts)
     mark = time.perf_counter()
     prob = {k: tables[table_name("router_prob", k, "experts")] for k in moe_layers}
     for name, rescaled in ((NAEE, None), (NAEE_RESCALED, prob)):
         if name in r.metrics:
             orders = naee_orders(
-                r.model,
+                None,
                 r.ckpt.arch,
                 moe_layers,
                 r.facts.experts or 0,
@@ -174,6 +174,7 @@ def _naee(r: Run, tables: dict[str, np.ndarray], drop: int, forward: float) -> N
                 batch_size=r.opts.batch_size,
                 device=r.opts.device,
                 progress=r.opts.progress,
+                walk=r.walk,
             )
             tables |= {table_name(name, k, "experts"): v for k, v in orders.items()}
     if any(m in r.metrics for m in (NAEE, NAEE_RESCALED)):

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,11 +41,11 @@ from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
 from compiler.geometry import top_channels
 from executor.layerwise import LayerWalk, States, StopLayer
-from plangen.calibrate import module_path, output_projection
+from plangen.calibrate import output_projection
 from plangen.candidate import Candidate
 from plangen.metrics import DAMP, OBS
 from plangen.scores import ScoreTables
-from plangen.surgery import Solved, applied
+from plangen.surgery import Solved, applied_layer
 
 
 def solve(
@@ -133,18 +134,6 @@ class ResidualHook:
         return self.gram, self.cross
 
 
-def residual_targets(walk: LayerWalk, states: States) -> list[list[torch.Tensor]]:
-    """Every layer's output on every batch of `states` (the walk's inputs), of the model
-    as it is (the original): [layer][batch]. One forward pass; held in memory (layers x
-    tokens x hidden)."""
-    outs = []
-    for k in range(walk.num_layers):
-        with walk.layer(k) as module:
-            states = walk.forward_layer(k, states, module)
-        outs.append([states.get(b) for b in range(len(states))])
-    return outs
-
-
 def obs_ranking(weight: torch.Tensor, gram: torch.Tensor, damp: float, blocks: int = 64):
     """Input columns ranked by Optimal Brain Surgeon, removing greedily (SlimGPT's
     structured OBS): removing column j and re-fitting the rest costs
@@ -191,6 +180,16 @@ def narrows(cand: Candidate, layer: int, part: str) -> bool:
     return layer in cand.mlp_width
 
 
+@dataclass(frozen=True)
+class Settings:
+    """How every projection is re-solved: the damping, and on whose inputs (`one_shot`:
+    the unpruned layers'; `residual`: down_proj toward the original's layer output)."""
+
+    damp: float = DAMP
+    one_shot: bool = False
+    residual: bool = False
+
+
 def sequential(
     model: Any,
     arch: Architecture,
@@ -206,51 +205,176 @@ def sequential(
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
+    walk: LayerWalk | None = None,
 ) -> list[Solved]:
     """Re-solve, layer by layer in order, the projections the candidate narrows
-    (or only the (layer, "attn" | "mlp") pairs in `targets`).
+    (or only the (layer, "attn" | "mlp") pairs in `targets`): `solve_all` for one
+    candidate, on `walk` (opened on the checkpoint: one layer in memory at a time) or
+    the walk over the loaded `model`."""
+    if walk is None:
+        walk = LayerWalk.over(model, arch, device, batch_size)
+    settings = Settings(damp, one_shot, residual)
+    return solve_all(walk, arch, facts, [(cand, targets)], scores, windows, settings, progress)[0]
 
-    What the candidate does besides (dropped layers, cuts that are not re-solved,
-    their compensation) is applied first (`surgery.applied`); each re-solved
-    projection is written in as the walk reaches it, so layer l sees the pruned
-    and reconstructed layers < l, and is solved against its own original
-    weights. With metric `obs` the walk also picks the MLP channels
-    (`obs_ranking`, on the same inputs). `one_shot` solves every layer on the
-    unpruned model's inputs instead (what a single calibration pass would give;
-    measured worse). Everything is restored bit for bit before returning.
-    Dropped layers pass their input on.
-    """
 
-    n = facts.layers or 0
-    chosen = {
+Job = tuple[Candidate, Collection[tuple[int, str]] | None]  # a candidate, its targets
+
+
+def solve_all(
+    walk: LayerWalk,
+    arch: Architecture,
+    facts: ModelFacts,
+    jobs: Sequence[Job],
+    scores: ScoreTables,
+    windows: Sequence[Sequence[int]],
+    settings: Settings = Settings(),
+    progress: bool = True,
+) -> list[list[Solved]]:
+    """Every job's reconstruction in one walk: each decoder layer is loaded once and
+    serves every candidate, each of which advances its own states through it.
+
+    For a candidate at layer l: what it does besides the re-solved cuts (dropped
+    layers, cuts not re-solved, their compensation) is applied to the layer
+    (`surgery.applied_layer`); each chosen projection (o_proj, then down_proj) is
+    solved on the inputs its own earlier layers, pruned and re-solved, give it,
+    against its original weights, and written in, so the layer's next projection
+    sees it pruned; then its states go through the layer, and the layer is put
+    back bit for bit for the next candidate. With metric `obs` the walk also picks
+    the MLP channels (`obs_ranking`, on the same inputs). `settings.one_shot`:
+    every projection solved on the inputs of the candidate's unsolved layers
+    (what a single calibration pass would give; measured worse);
+    `settings.residual`: the original model's states are walked alongside and
+    down_proj is fitted toward its layer output. Dropped layers pass their
+    input on."""
+    from tqdm import tqdm
+
+    chosen = [_chosen(cand, targets, facts) for cand, targets in jobs]
+    rest = [_rest(cand, parts) for (cand, _), parts in zip(jobs, chosen, strict=True)]
+    first = walk.inputs(windows)  # the embedding: the same pruned or not
+    states = [first] + [States(first.batches, _copy(walk, first), 0) for _ in jobs[1:]]
+    original = States(first.batches, _copy(walk, first), 0) if settings.residual else None
+    solved: list[list[Solved]] = [[] for _ in jobs]
+    for k in tqdm(range(walk.num_layers), desc="reconstruct", unit="layer", disable=not progress):
+        with walk.layer(k) as module:
+            targets = None
+            if original is not None:
+                targets = [walk.forward_batch(k, original, b, module) for b in range(len(original))]
+            for j, (cand, _) in enumerate(jobs):
+                if k in cand.drop:
+                    states[j] = walk.skip(k, states[j])
+                    continue
+                step = _Step(walk, arch, facts, scores, settings, module, k, targets)
+                with applied_layer(module, k, arch, facts, rest[j], scores):
+                    states[j], new = step.run(cand, chosen[j], states[j])
+                solved[j] += new
+            if original is not None and targets is not None:
+                original = _advance(walk, k, original, targets)
+    for s in states:
+        s.cache.close()
+    return solved
+
+
+def _chosen(
+    cand: Candidate, targets: Collection[tuple[int, str]] | None, facts: ModelFacts
+) -> set[tuple[int, str]]:
+    return {
         (k, part)
-        for k in range(n)
+        for k in range(facts.layers or 0)
         for part in ("attn", "mlp")
         if narrows(cand, k, part) and (targets is None or (k, part) in targets)
     }
-    rest = dataclasses.replace(
+
+
+def _rest(cand: Candidate, chosen: set[tuple[int, str]]) -> Candidate:
+    """The candidate without the cuts that are re-solved: what `applied_layer` does."""
+    return dataclasses.replace(
         cand,
         groups_dropped={k: g for k, g in cand.groups_dropped.items() if (k, "attn") not in chosen},
         mlp_width={k: w for k, w in cand.mlp_width.items() if (k, "mlp") not in chosen},
     )
-    walk = LayerWalk.over(model, arch, device, batch_size)
-    states = walk.inputs(windows)  # the embedding: the same pruned or not
-    originals = residual_targets(walk, states) if residual else None
-    with applied(model, arch, facts, rest, scores):
-        return _walk(
-            model,
-            arch,
-            walk,
-            states,
-            originals,
-            chosen,
-            cand,
-            scores,
-            facts,
-            damp,
-            one_shot,
-            progress,
-        )
+
+
+def _copy(walk: LayerWalk, states: States) -> Any:
+    """A new state cache holding the same tensors as `states` (each candidate's own)."""
+    cache = walk.new_cache()
+    for b in range(len(states)):
+        cache.put(b, states.get(b))
+    return cache
+
+
+def _advance(walk: LayerWalk, k: int, states: States, outputs: list[torch.Tensor]) -> States:
+    """Layer k's outputs, computed already, as the states after it (in place)."""
+    for b, out in enumerate(outputs):
+        states.cache.put(b, out)
+    return States(states.batches, states.cache, k + 1)
+
+
+@dataclass
+class _Step:
+    """One candidate through one loaded layer: its chosen projections re-solved on its
+    states and written in, its states advanced, the layer's weights put back."""
+
+    walk: LayerWalk
+    arch: Architecture
+    facts: ModelFacts
+    scores: ScoreTables
+    settings: Settings
+    module: Any  # the loaded decoder layer
+    k: int
+    originals: list[torch.Tensor] | None  # the original's layer output per batch (residual)
+
+    def run(
+        self, cand: Candidate, chosen: set[tuple[int, str]], states: States
+    ) -> tuple[States, list[Solved]]:
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        solved: list[Solved] = []
+        try:
+            for space, part, spec in _projections(self.arch):
+                if (self.k, part) not in chosen or spec is None:
+                    continue
+                proj = self.module.get_submodule(spec.name.removesuffix(".weight"))
+                gram, cross = self._statistics(proj, part, states)
+                w = proj.weight
+                ranking = None
+                if part == "mlp" and cand.metric == OBS:
+                    ranking = obs_ranking(w, gram, self.settings.damp)
+                    kept = np.asarray(top_channels(ranking, cand.mlp_width[self.k]), dtype=np.int64)
+                else:
+                    kept = cand.kept_inputs(self.k, space, self.facts, self.scores)
+                assert kept is not None
+                cols = torch.from_numpy(kept).to(w.device)
+                new = solve(w, gram, cols, self.settings.damp, cross)
+                solved.append(Solved(self.k, part, kept, new, ranking))
+                if not self.settings.one_shot:  # the layer's next projection sees this one
+                    _write(w, cols, new, saved)
+            # The layer as solved, or with one_shot unsolved, feeds the next.
+            states = self.walk.forward_layer(self.k, states, self.module, inplace=True)
+        finally:
+            with torch.no_grad():
+                for w, before in reversed(saved):
+                    w.copy_(before)
+        return states, solved
+
+    def _statistics(
+        self, proj: Any, part: str, states: States
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """X^T X of the projection's inputs over every batch (and X^T T toward the
+        original's output, for down_proj in residual mode)."""
+        if self.originals is not None and part == "mlp":
+            rhook = ResidualHook(proj)
+            try:
+                for b in range(len(states)):
+                    out = self.walk.forward_batch(self.k, states, b, self.module)
+                    rhook.add(out, self.originals[b])
+            finally:
+                gram, cross = rhook.remove()
+            return gram, cross
+        hook = GramHook(proj, stop=True)
+        try:
+            self.walk.observe(self.k, states, self.module)
+        finally:
+            gram = hook.remove()
+        return gram, None
 
 
 def _projections(arch: Architecture) -> list[tuple[str, str, Any]]:
@@ -260,77 +384,6 @@ def _projections(arch: Architecture) -> list[tuple[str, str, Any]]:
         (space, part, output_projection(specs, space))
         for space, part in (("q", "attn"), ("ffn", "mlp"))
     ]
-
-
-def _walk(
-    model: Any,
-    arch: Architecture,
-    walk: LayerWalk,
-    states: States,
-    originals: list[list[torch.Tensor]] | None,
-    chosen: set[tuple[int, str]],
-    cand: Candidate,
-    scores: ScoreTables,
-    facts: ModelFacts,
-    damp: float,
-    one_shot: bool,
-    progress: bool,
-) -> list[Solved]:
-    from tqdm import tqdm
-
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    solved: list[Solved] = []
-    try:
-        for k in tqdm(
-            range(walk.num_layers), desc="reconstruct", unit="layer", disable=not progress
-        ):
-            if k in cand.drop:
-                states = walk.skip(k, states)
-                continue
-            pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-            for space, part, spec in _projections(arch):
-                if (k, part) not in chosen or spec is None:
-                    continue
-                module = model.get_submodule(module_path(arch, k, spec))
-                cross = None
-                if originals is not None and part == "mlp":
-                    rhook = ResidualHook(module)
-                    try:
-                        for b in range(len(states)):
-                            rhook.add(walk.forward_batch(k, states, b), originals[k][b])
-                    finally:
-                        gram, cross = rhook.remove()
-                else:
-                    hook = GramHook(module, stop=True)
-                    try:
-                        walk.observe(k, states)
-                    finally:
-                        gram = hook.remove()
-                w = module.weight
-                ranking = None
-                if part == "mlp" and cand.metric == OBS:
-                    ranking = obs_ranking(w, gram, damp)
-                    kept = np.asarray(top_channels(ranking, cand.mlp_width[k]), dtype=np.int64)
-                else:
-                    kept = cand.kept_inputs(k, space, facts, scores)
-                assert kept is not None
-                cols = torch.from_numpy(kept).to(w.device)
-                new = solve(w, gram, cols, damp, cross)
-                solved.append(Solved(k, part, kept, new, ranking))
-                pending.append((w, cols, new))
-                if not one_shot:  # the layer's next projection sees this one pruned
-                    _write(w, cols, new, saved)
-            if one_shot:  # the unpruned layer's output feeds the next
-                states = walk.forward_layer(k, states, inplace=True)
-            for w, cols, new in pending if one_shot else ():
-                _write(w, cols, new, saved)
-            if not one_shot:
-                states = walk.forward_layer(k, states, inplace=True)
-    finally:
-        with torch.no_grad():
-            for w, before in reversed(saved):
-                w.copy_(before)
-    return solved
 
 
 def _write(

@@ -233,6 +233,7 @@ def naee_orders(
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
+    walk: LayerWalk | None = None,
 ) -> dict[int, np.ndarray]:
     """NAEE's greedy elimination, per MoE layer in order: remove `drop` experts one at a
     time, each time the one whose removal changes the block's output least (squared
@@ -241,41 +242,57 @@ def naee_orders(
     on inputs from the model with layers < l already pruned. With `prob` (each layer's
     mean router probabilities) the error is that of the `rescale`d result. Returns
     per layer a score per expert, higher = kept longer (the removed ones get their
-    removal step)."""
+    removal step). On `walk` (opened on the checkpoint: one layer in memory at a
+    time), or the walk over the loaded `model`."""
     from tqdm import tqdm
 
-    walk = LayerWalk.over(model, arch, device, batch_size)
+    if walk is None:
+        walk = LayerWalk.over(model, arch, device, batch_size)
     states = walk.inputs(windows)
-    layers = walk.layers
-    chosen: dict[int, list[int]] = {}
     orders: dict[int, np.ndarray] = {}
-    for k in tqdm(range(len(layers)), desc="naee", unit="layer", disable=not progress):
-        if k in moe_layers:
-            mods = moe_modules(layers[k], experts)
-            assert mods is not None
-            x = _block_inputs(walk, states, k, mods.block, tokens)
-            with torch.no_grad():
-                ref = mods.block(x)
+    for k in tqdm(range(walk.num_layers), desc="naee", unit="layer", disable=not progress):
+        with walk.layer(k) as layer:
             removed: list[int] = []
-            for _ in range(drop):
-                best, best_err = -1, float("inf")
-                for e in range(experts):
-                    if e in removed:
-                        continue
-                    trial = {k: [*removed, e]}
-                    with experts_removed(layers, trial, experts, prob), torch.no_grad():
-                        err = float((mods.block(x) - ref).double().pow(2).sum())
-                    if err < best_err:
-                        best, best_err = e, err
-                removed.append(best)
-            chosen[k] = removed
-            score = np.full(experts, float(drop), dtype=np.float64)
-            for step, e in enumerate(removed):
-                score[e] = step
-            orders[k] = score
-        with experts_removed(layers, chosen if sequential else {}, experts, prob):
-            states = walk.forward_layer(k, states, inplace=True)
+            if k in moe_layers:
+                removed = _naee_layer(walk, states, k, layer, experts, drop, tokens, prob)
+                orders[k] = np.full(experts, float(drop), dtype=np.float64)
+                orders[k][removed] = np.arange(len(removed), dtype=np.float64)
+            # Layer k's own experts removed (the only layer this forward runs).
+            here = {k: removed} if sequential and removed else {}
+            with experts_removed(walk.layers, here, experts, prob):
+                states = walk.forward_layer(k, states, layer, inplace=True)
     return orders
+
+
+def _naee_layer(
+    walk: LayerWalk,
+    states: States,
+    k: int,
+    layer: Any,
+    experts: int,
+    drop: int,
+    tokens: int | None,
+    prob: Mapping[int, np.ndarray] | None,
+) -> list[int]:
+    """NAEE's greedy search in one loaded MoE layer: the experts removed, in order."""
+    mods = moe_modules(layer, experts)
+    assert mods is not None
+    x = _block_inputs(walk, states, k, mods.block, tokens)
+    with torch.no_grad():
+        ref = mods.block(x)
+    removed: list[int] = []
+    for _ in range(drop):
+        best, best_err = -1, float("inf")
+        for e in range(experts):
+            if e in removed:
+                continue
+            trial = {k: [*removed, e]}
+            with experts_removed(walk.layers, trial, experts, prob), torch.no_grad():
+                err = float((mods.block(x) - ref).double().pow(2).sum())
+            if err < best_err:
+                best, best_err = e, err
+        removed.append(best)
+    return removed
 
 
 def _block_inputs(

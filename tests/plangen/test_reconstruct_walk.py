@@ -1,0 +1,138 @@
+"""Reconstruction of several candidates in one walk (`plangen.reconstruct.solve_all`)
+equals each candidate's own walk, bit for bit, on the loaded model and on a walk
+opened on the checkpoint with one decoder layer in memory at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compiler.checkpoint import load_checkpoint_facts
+from executor.layerwise import LayerWalk
+from plangen.analyze import model_facts
+from plangen.candidate import Candidate
+from plangen.metrics import OBS
+from plangen.reconstruct import Settings, sequential, solve_all
+from plangen.scores import ScoreTables
+from tests.helpers.models import make_tiny_model
+
+L = 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(
+        tmp_path_factory.mktemp("rw"), "qwen2", num_hidden_layers=L, initializer_range=0.2
+    )
+
+
+def _windows() -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randint(3, 128, (6, 10), generator=g).tolist()
+
+
+def _scores(facts) -> ScoreTables:
+    rng = np.random.default_rng(0)
+    tables = {}
+    for i in range(facts.layers):
+        tables[f"s.{i}.mlp"] = rng.random(facts.ffn)
+        tables[f"s.{i}.attn"] = rng.random(facts.kv_heads)
+        tables[f"mean_in.{i}.mlp"] = rng.random(facts.ffn)
+        tables[f"mean_in.{i}.attn"] = rng.random(facts.heads * facts.head_dim)
+    return ScoreTables(tables, {})
+
+
+CANDIDATES = [
+    Candidate(
+        "u",
+        "both",
+        groups_dropped={0: (1,)},
+        mlp_width={0: 40, 2: 50},
+        metric="s",
+        reconstruct=True,
+    ),
+    Candidate("u", "obs", mlp_width={0: 64, 1: 48, 2: 30}, metric=OBS, reconstruct=True),
+    # A dropped layer, and a compensated cut that is not re-solved (targets below).
+    Candidate(
+        "u",
+        "drop",
+        drop=(1,),
+        groups_dropped={2: (0,)},
+        mlp_width={0: 32, 2: 70},
+        metric="s",
+        reconstruct=True,
+        compensate=True,
+    ),
+]
+TARGETS = [None, None, {(0, "mlp"), (2, "attn")}]
+
+
+def _same(got, want) -> None:
+    assert [(s.layer, s.part) for s in got] == [(s.layer, s.part) for s in want]
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(a.kept, b.kept)
+        assert torch.equal(a.weight, b.weight), (a.layer, a.part)
+        assert (a.ranking is None) == (b.ranking is None)
+        if a.ranking is not None:
+            assert np.array_equal(a.ranking, b.ranking)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "one-shot", "residual"])
+def test_one_walk_for_every_candidate_equals_one_walk_each(model_dir: Path, mode: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ck = load_checkpoint_facts(model_dir)
+    facts, scores, windows = model_facts(ck), _scores(model_facts(ck)), _windows()
+    settings = Settings(one_shot=mode == "one-shot", residual=mode == "residual")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    each = [
+        sequential(
+            model,
+            ck.arch,
+            facts,
+            c,
+            scores,
+            windows,
+            targets=t,
+            batch_size=4,
+            damp=settings.damp,
+            one_shot=settings.one_shot,
+            residual=settings.residual,
+            progress=False,
+        )
+        for c, t in zip(CANDIDATES, TARGETS, strict=True)
+    ]
+    for n, p in model.named_parameters():  # the model is left as it was
+        assert torch.equal(p, before[n]), n
+    assert all(each)
+    jobs = list(zip(CANDIDATES, TARGETS, strict=True))
+    resident = solve_all(
+        LayerWalk.over(model, ck.arch, batch_size=4),
+        ck.arch,
+        facts,
+        jobs,
+        scores,
+        windows,
+        settings,
+        progress=False,
+    )
+    for got, want in zip(resident, each, strict=True):
+        _same(got, want)
+    loaded: list[int] = []
+    with LayerWalk.open(model_dir, batch_size=4) as walk:
+        real = walk._load_layer
+
+        def load(i: int):
+            loaded.append(i)
+            return real(i)
+
+        walk._load_layer = load  # type: ignore[method-assign]
+        offloaded = solve_all(walk, ck.arch, facts, jobs, scores, windows, settings, progress=False)
+        assert not any(p.device.type != "meta" for p in walk.layers.parameters())
+    assert loaded == list(range(L))  # each layer read once for all three candidates
+    for got, want in zip(offloaded, each, strict=True):
+        _same(got, want)
