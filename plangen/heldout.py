@@ -119,7 +119,7 @@ class _Chains:
         for j, variant in enumerate(self.variants):
             context = variant(i, module) if variant is not None else None
             if j in self.own:
-                with context or contextlib.nullcontext():
+                with context if context is not None else contextlib.nullcontext():
                     self.own[j] = walk.forward_layer(i, self.own[j], module, inplace=True)
             elif context is not None:  # its first change: off the original's states
                 assert self.shared is not None
