@@ -34,7 +34,9 @@ Then, as SparseGPT, Wanda and llm-compressor's sequential pipeline do:
   (`executor.lm_loss`: the head over slices of tokens, log-sum-exp in float32
   summed in float64, one float32 mean per batch weighted by its predicted
   tokens; the model's own loss function where the head is not a plain linear
-  map), so it is bit-identical to the full model's.
+  map), so it is bit-identical to the full model's. `losses` gives it for the
+  final states of several variants of the model walked through the same loaded
+  layers (`plangen.heldout.walk_losses`), the head loaded once for all.
 - `backward_sweep(windows, on_layer, on_batch=..., wants=...)` gives the
   gradients of that loss exactly as a full model's per-batch backward does
   (calibration's batching and normalisation): `boundaries` walks forward
@@ -673,13 +675,24 @@ class LayerWalk:
 
     def loss(self, states: States) -> float:
         """Mean next-token loss (nats) over the walked windows, as `mean_loss` computes it."""
-        self._check_final(states)
-        total, count = 0.0, 0
+        return self.losses([states])[0]
+
+    def losses(self, finals: Sequence[States]) -> list[float]:
+        """`loss` of each of several final states (of one or more walks over the same
+        layers: variants of the model), the final norm and head loaded once for all."""
+        for states in finals:
+            self._check_final(states)
         with self._outside(head=True), torch.no_grad():
-            for k, batch in enumerate(states.batches):
-                predicted = batch.ids[:, 1:].numel()
-                total += float(self._head_loss(states.get(k, self.device), batch.ids)) * predicted
-                count += predicted
+            return [self._mean_head_loss(states) for states in finals]
+
+    def _mean_head_loss(self, states: States) -> float:
+        """The mean over batches weighted by predicted tokens, summed in batch order as
+        `mean_loss` sums it (head loaded)."""
+        total, count = 0.0, 0
+        for k, batch in enumerate(states.batches):
+            predicted = batch.ids[:, 1:].numel()
+            total += float(self._head_loss(states.get(k, self.device), batch.ids)) * predicted
+            count += predicted
         return total / count if count else float("nan")
 
     def _head_loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

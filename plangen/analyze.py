@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compiler.checkpoint import CheckpointFacts, load_checkpoint_facts, weights_digest
 from compiler.facts import ModelFacts, validate_facts
@@ -54,6 +54,9 @@ from plangen.pipeline import (
 )
 from plangen.plot import PLOT_EXTRA, plot_available
 from plangen.scores import ScoreTables, read_sidecar
+
+if TYPE_CHECKING:
+    from executor.layerwise import LayerWalk
 
 # The pipeline's table: one row per kind of model, the first that applies runs.
 KINDS: tuple[Kind, ...] = (MOE, DENSE)
@@ -361,27 +364,22 @@ def _load(r: Run) -> None:
     r.phases["load"] = time.perf_counter() - r.started
 
 
-def _judged(r: Run) -> tuple[list[Measured], float]:
+def _judged(r: Run, walk: LayerWalk | None = None) -> tuple[list[Measured], float]:
     """Every candidate's held-out loss (successive halving, `heldout.judge`), and the
-    original's; reconstruction for the judge is counted apart (`Run.solutions`)."""
-    from plangen.heldout import judge, mean_loss
+    original's from the same walks; reconstruction for the judge is counted apart
+    (`Run.solutions`). `walk`: where the candidates run (e.g. a non-resident walk on
+    the checkpoint); by default the walk over the loaded model."""
+    from executor.layerwise import LayerWalk
+    from plangen.heldout import judge
 
-    assert r.model is not None and r.scores is not None and r.cands is not None
+    assert r.scores is not None and r.cands is not None
     opts, device = r.opts, r.opts.device
     assert device is not None  # resolved
+    if walk is None:
+        assert r.model is not None
+        walk = LayerWalk.over(r.model, r.ckpt.arch, device, opts.batch_size)
     mark = time.perf_counter()
-    loss_before = mean_loss(r.model, r.held, opts.batch_size, device)
-    judged = judge(
-        r.model,
-        r.ckpt.arch,
-        r.facts,
-        r.scores,
-        r.cands,
-        r.held,
-        opts.batch_size,
-        device,
-        r.solutions,
-    )
+    judged, loss_before = judge(walk, r.facts, r.scores, r.cands, r.held, r.solutions)
     solving = r.solutions.seconds if r.solutions is not None else 0.0
     r.phases["judge"] = time.perf_counter() - mark - solving
     r.passes += (len(r.held) + sum(j.windows for j in judged)) / len(r.calib)

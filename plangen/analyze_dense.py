@@ -345,17 +345,21 @@ def removal_losses(
     held: list,
     opts: Options,
 ) -> list[float]:
-    """Held-out loss with each layer bypassed in turn (higher = the layer matters more)."""
-    from tqdm import tqdm
+    """Held-out loss with each layer bypassed in turn (higher = the layer matters more),
+    all in one walk: the variant without layer d shares the original's states up to d."""
+    from executor.layerwise import LayerWalk
+    from plangen.heldout import Variant, walk_losses
+    from plangen.surgery import applied_layer
 
-    from plangen.heldout import mean_loss
-    from plangen.surgery import applied
+    def bypassed(d: int) -> Variant:
+        cand = Candidate("depth", "", drop=(d,))
+        return lambda i, layer: (
+            applied_layer(layer, i, arch, facts, cand, scores) if i == d else None
+        )
 
-    out = []
-    for i in tqdm(range(facts.layers or 0), desc="removal", disable=not opts.progress, leave=False):
-        with applied(model, arch, facts, Candidate("depth", "", drop=(i,)), scores):
-            out.append(mean_loss(model, held, opts.batch_size, opts.device))
-    return out
+    walk = LayerWalk.over(model, arch, opts.device, opts.batch_size)
+    variants = [bypassed(d) for d in range(facts.layers or 0)]
+    return walk_losses(walk, held, variants, progress=opts.progress, desc="removal")
 
 
 class _Solver:

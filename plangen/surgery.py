@@ -1,13 +1,15 @@
-"""In-memory model surgery: a candidate applied to the loaded model.
+"""In-memory model surgery: a candidate applied to the loaded model, or to one layer.
 
 What the planner does to a model it measures, undone afterwards bit for bit:
-`applied` zeroes what the removed units write into the residual stream (a
-KV group's o_proj columns, an MLP channel's down_proj column, a dropped
-layer's output projections, routed experts masked or narrowed), optionally
-with solved weights (`Solved`, from `plangen.reconstruct`) in place;
-`masked_experts` / `experts_removed` simulate dropped experts through the
-router. `heldout` judges with these, `reconstruct` solves and `metrics.router`
-measures with them (walking the decoder layer by layer on `executor.layerwise`).
+`applied_layer` does it to one decoder layer (the module a layer walk has
+loaded), `applied` to every layer of a loaded model. Each zeroes what the
+removed units write into the residual stream (a KV group's o_proj columns,
+an MLP channel's down_proj column, a dropped layer's output projections,
+routed experts masked or narrowed), optionally with solved weights
+(`Solved`, from `plangen.reconstruct`) in place; `masked_experts` /
+`experts_removed` simulate dropped experts through the router. `heldout`
+judges with these, `reconstruct` solves and `metrics.router` measures with
+them (walking the decoder layer by layer on `executor.layerwise`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
 from compiler.geometry import complement, top_channels
 from compiler.sidecar import table_name
-from plangen.calibrate import module_path, output_projection
+from plangen.calibrate import output_projection
 from plangen.candidate import Candidate
 from plangen.scores import ScoreTables, geometry
 
@@ -207,43 +209,76 @@ def applied(
     solved: Sequence[Solved] = (),
 ) -> Iterator[None]:
     """The model behaves as the candidate's result inside the block; `solved` are its
-    re-solved projections (`plangen.reconstruct`), written into the kept columns."""
+    re-solved projections (`plangen.reconstruct`), written into the kept columns.
+    Every decoder layer under `applied_layer`: the whole model is the walk's layers."""
+    layers = model.get_submodule(arch.layers_module)
+    with contextlib.ExitStack() as stack:
+        for i in range(facts.layers or 0):
+            stack.enter_context(applied_layer(layers[i], i, arch, facts, cand, scores, solved))
+        yield
+
+
+@contextlib.contextmanager
+def applied_layer(
+    layer: Any,
+    i: int,
+    arch: Architecture,
+    facts: ModelFacts,
+    cand: Candidate,
+    scores: ScoreTables,
+    solved: Sequence[Solved] = (),
+) -> Iterator[None]:
+    """Decoder layer `i` (the module itself: what `LayerWalk.layer(i)` yields, its
+    parameters named without the layer prefix) behaves as the candidate's layer i
+    inside the block, and is restored bit for bit after. One layer at a time is what
+    a walk with one layer in memory can change; `applied` is this for every layer.
+    `solved`: the candidate's re-solved projections (those of other layers ignored)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_projections_applied(layer, i, arch, facts, cand, scores, solved))
+        stack.enter_context(_experts_removed(layer, i, facts, cand, scores))
+        yield
+
+
+@contextlib.contextmanager
+def _projections_applied(
+    layer: Any,
+    i: int,
+    arch: Architecture,
+    facts: ModelFacts,
+    cand: Candidate,
+    scores: ScoreTables,
+    solved: Sequence[Solved],
+) -> Iterator[None]:
+    """Layer i's o_proj / down_proj: the removed input columns zeroed (a dropped layer:
+    all), solved weights in the kept ones, the `compensate` bias added by a hook."""
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # weight, cols, values
     handles = []
-    rebuilt = {(s.layer, s.part): s for s in solved}
-    projections = [
-        (space, part, output_projection(arch.attention + arch.dense_mlp, space))
-        for space, part in (("q", "attn"), ("ffn", "mlp"))
-    ]
+    rebuilt = {s.part: s for s in solved if s.layer == i}
     try:
         with torch.no_grad():
-            for layer in range(facts.layers or 0):
-                for space, part, spec in projections:
-                    new = rebuilt.get((layer, part))
-                    if new is not None:  # the walk's own choice of columns (`by obs`)
-                        removed = complement(new.kept, geometry(facts).size(space))
-                    else:
-                        removed = _removed_columns(cand, layer, space, facts, scores)
-                    if spec is None or removed is None or not len(removed):
-                        continue
-                    module = model.get_submodule(module_path(arch, layer, spec))
-                    w = module.weight
-                    cols = torch.from_numpy(removed).to(w.device)
-                    saved.append((w, cols, w[:, cols].clone()))  # only what is zeroed
-                    if new is not None:
-                        kept = torch.from_numpy(new.kept).to(w.device)
-                        saved.append((w, kept, w[:, kept].clone()))
-                        w[:, kept] = new.weight.to(w.device, w.dtype)
-                    compensate = cand.compensate and layer not in cand.drop
-                    if compensate:
-                        mean = torch.from_numpy(scores.tables[table_name("mean_in", layer, part)])
-                        bias = (w.detach().double()[:, cols] @ mean[removed].to(w.device)).to(
-                            w.dtype
-                        )
-                        handles.append(module.register_forward_hook(_add(bias)))
-                    w[:, cols] = 0
-        with _experts_removed(model, arch, facts, cand, scores):
-            yield
+            for space, part in (("q", "attn"), ("ffn", "mlp")):
+                spec = output_projection(arch.attention + arch.dense_mlp, space)
+                new = rebuilt.get(part)
+                if new is not None:  # the walk's own choice of columns (`by obs`)
+                    removed = complement(new.kept, geometry(facts).size(space))
+                else:
+                    removed = _removed_columns(cand, i, space, facts, scores)
+                if spec is None or removed is None or not len(removed):
+                    continue
+                module = layer.get_submodule(spec.name.removesuffix(".weight"))
+                w = module.weight
+                cols = torch.from_numpy(removed).to(w.device)
+                saved.append((w, cols, w[:, cols].clone()))  # only what is zeroed
+                if new is not None:
+                    kept = torch.from_numpy(new.kept).to(w.device)
+                    saved.append((w, kept, w[:, kept].clone()))
+                    w[:, kept] = new.weight.to(w.device, w.dtype)
+                if cand.compensate and i not in cand.drop:
+                    mean = torch.from_numpy(scores.tables[table_name("mean_in", i, part)])
+                    bias = (w.detach().double()[:, cols] @ mean[removed].to(w.device)).to(w.dtype)
+                    handles.append(module.register_forward_hook(_add(bias)))
+                w[:, cols] = 0
+        yield
     finally:
         with torch.no_grad():
             for w, cols, values in saved:
@@ -254,56 +289,50 @@ def applied(
 
 @contextlib.contextmanager
 def _experts_removed(
-    model: Any, arch: Architecture, facts: ModelFacts, cand: Candidate, scores: ScoreTables
+    layer: Any, i: int, facts: ModelFacts, cand: Candidate, scores: ScoreTables
 ) -> Iterator[None]:
-    """The candidate's expert widths (`_experts_narrowed`) and expert drops
-    (`plangen.metrics.router.experts_removed`), together when it has both."""
-
+    """Layer i's expert widths (`_experts_narrowed`) and expert drops (`experts_removed`,
+    rescaled by the layer's `router_prob` when the candidate says), together when it
+    has both."""
     with contextlib.ExitStack() as stack:
-        if cand.expert_width is not None or cand.shared_width is not None:
-            stack.enter_context(_experts_narrowed(model, arch, facts, cand, scores))
-        if cand.experts_dropped:
-            layers = model.get_submodule(arch.layers_module)
+        narrowed = cand.expert_width is not None or cand.shared_width is not None
+        if narrowed and i in cand.moe_layers:
+            stack.enter_context(_experts_narrowed(layer, i, facts, cand, scores))
+        gone = cand.experts_dropped.get(i)
+        if gone:
             prob = None
             if cand.experts_rescale:
-                prob = {
-                    k: scores.tables[table_name("router_prob", k, "experts")]
-                    for k in cand.experts_dropped
-                }
-            stack.enter_context(
-                experts_removed(layers, cand.experts_dropped, facts.experts or 0, prob)
-            )
+                prob = {0: scores.tables[table_name("router_prob", i, "experts")]}
+            stack.enter_context(experts_removed([layer], {0: gone}, facts.experts or 0, prob))
         yield
 
 
 @contextlib.contextmanager
 def _experts_narrowed(
-    model: Any, arch: Architecture, facts: ModelFacts, cand: Candidate, scores: ScoreTables
+    layer: Any, i: int, facts: ModelFacts, cand: Candidate, scores: ScoreTables
 ) -> Iterator[None]:
-    """A `shrink` candidate: the removed channels' down-projection columns zeroed in
-    every routed expert (each by its own row of `METRIC.L.experts_ffn`) and in the
-    shared expert (`METRIC.L.shared`), as `top_channels` picks them for apply."""
-
-    layers = model.get_submodule(arch.layers_module)
+    """A `shrink` candidate in MoE layer i: the removed channels' down-projection
+    columns zeroed in every routed expert (each by its own row of
+    `METRIC.i.experts_ffn`) and in the shared expert (`METRIC.i.shared`), as
+    `top_channels` picks them for apply."""
+    mods = moe_modules(layer, facts.experts or 0)
+    assert mods is not None
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
-            for k in cand.moe_layers:
-                mods = moe_modules(layers[k], facts.experts or 0)
-                assert mods is not None
-                if cand.expert_width is not None:
-                    table = scores.tables[table_name(cand.unit_metric, k, "experts_ffn")]
-                    down = mods.experts.down_proj
-                    saved.append((down, down.detach().clone()))
-                    for e in range(down.shape[0]):
-                        kept = top_channels(table[e], cand.expert_width)
-                        down[e][:, complement(np.asarray(kept), down.shape[-1])] = 0
-                if cand.shared_width is not None and mods.shared is not None:
-                    table = scores.tables[table_name(cand.unit_metric, k, "shared")]
-                    w = mods.shared.weight
-                    saved.append((w, w.detach().clone()))
-                    kept = top_channels(table, cand.shared_width)
-                    w[:, complement(np.asarray(kept), w.shape[-1])] = 0
+            if cand.expert_width is not None:
+                table = scores.tables[table_name(cand.unit_metric, i, "experts_ffn")]
+                down = mods.experts.down_proj
+                saved.append((down, down.detach().clone()))
+                for e in range(down.shape[0]):
+                    kept = top_channels(table[e], cand.expert_width)
+                    down[e][:, complement(np.asarray(kept), down.shape[-1])] = 0
+            if cand.shared_width is not None and mods.shared is not None:
+                table = scores.tables[table_name(cand.unit_metric, i, "shared")]
+                w = mods.shared.weight
+                saved.append((w, w.detach().clone()))
+                kept = top_channels(table, cand.shared_width)
+                w[:, complement(np.asarray(kept), w.shape[-1])] = 0
         yield
     finally:
         with torch.no_grad():

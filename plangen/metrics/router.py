@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from compiler.checkpoint import architecture_of
 from executor.layerwise import LayerWalk, States, StopLayer
-from plangen.heldout import mean_loss
+from plangen.heldout import Variant, walk_losses
 from plangen.surgery import MoeModules, experts_removed, moe_modules
 
 ROUTER_METRICS = ("frequency", "routing_weight", "router_prob", "reap")
@@ -331,23 +332,37 @@ def removal_curves(
     batch_size: int = 4,
     device: str = "cpu",
     progress: bool = True,
+    walk: LayerWalk | None = None,
 ) -> dict[int, np.ndarray]:
     """Per MoE layer, the next-token loss on `windows` with only that layer's first
     `c` experts of `order` dropped (and, `prob` given, rescaled), for every c in
     `counts`, minus the loss of the original: what each layer's drops cost, measured
-    (the allocator's input). Returns {layer: losses aligned with `counts`}."""
-    from tqdm import tqdm
+    (the allocator's input). Returns {layer: losses aligned with `counts`}.
 
-    base = mean_loss(model, windows, batch_size, device)
-    out: dict[int, np.ndarray] = {}
-    steps = [(k, c) for k in moe_layers for c in counts]
-    curves: dict[int, list[float]] = {k: [] for k in moe_layers}
-    for k, c in tqdm(steps, desc="probe", unit="probe", disable=not progress, leave=False):
-        if c == 0:
-            curves[k].append(0.0)
-            continue
-        with experts_removed(layers, {k: list(order[k][:c])}, experts, prob):
-            curves[k].append(mean_loss(model, windows, batch_size, device) - base)
-    for k, values in curves.items():
-        out[k] = np.asarray(values, dtype=np.float64)
-    return out
+    Every probe and the original in one walk (`heldout.walk_losses`; `walk`, else the
+    walk over the loaded `model`): a probe of layer k shares the original's states up
+    to k. `layers` (the model's decoder layers) is what the walk finds itself; it
+    stays for the callers written before the walk."""
+    if walk is None:
+        arch = architecture_of(model.config.to_dict())
+        walk = LayerWalk.over(model, arch, device, batch_size)
+    probes = [(k, c) for k in moe_layers for c in counts if c > 0]
+    variants = [None] + [_dropped(k, list(order[k][:c]), experts, prob) for k, c in probes]
+    base, *losses = walk_losses(walk, windows, variants, progress=progress, desc="probe")
+    measured = dict(zip(probes, losses, strict=True))
+    return {
+        k: np.asarray([measured[k, c] - base if c else 0.0 for c in counts], dtype=np.float64)
+        for k in moe_layers
+    }
+
+
+def _dropped(
+    k: int, gone: list[int], experts: int, prob: Mapping[int, np.ndarray] | None
+) -> Variant:
+    """Layer k's `gone` experts removed (`experts_removed`), the other layers as they are."""
+    scale = {0: prob[k]} if prob is not None else None
+
+    def context(i: int, layer: Any) -> Any:
+        return experts_removed([layer], {0: gone}, experts, scale) if i == k else None
+
+    return context

@@ -177,6 +177,31 @@ def test_forward_layer_checks_the_boundary(models: dict[str, Path]) -> None:
             walk.loss(states)
 
 
+def test_losses_load_the_head_once_for_several_walks(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`losses` of several final states: each `loss`'s float (`mean_loss`'s), the final
+    norm and head loaded once, freed after; states not at the end are refused."""
+    windows, other = token_windows(), token_windows(n=3)[::-1]
+    want = [_reference(models["llama"], w, batch_size=2)[0] for w in (windows, other)]
+    with LayerWalk.open(models["llama"], batch_size=2) as walk:
+        finals = [walk.run(windows), walk.run(other)]
+        loaded: list[list[str]] = []
+        load = LayerWalk._load_outside
+
+        def record(self: LayerWalk, names: list[str]) -> None:
+            loaded.append(sorted(names))
+            load(self, names)
+
+        monkeypatch.setattr(LayerWalk, "_load_outside", record)
+        assert walk.losses(finals) == want
+        assert loaded == [sorted(walk._outside_names(head=True))]
+        assert on_meta(walk.model)
+        assert walk.losses([]) == []
+        with pytest.raises(ValueError, match="head needs"):
+            walk.losses([finals[0], walk.inputs(windows)])
+
+
 # ----------------------------------------------------------------- larger than memory
 
 

@@ -111,3 +111,63 @@ def test_every_family_masks_as_the_process_wide_patch(arch: str, tmp_path: Path)
         got = logits(model, ids)
     assert not torch.equal(want, logits(model, ids))
     assert torch.equal(got, want)
+
+
+def test_applied_layer_changes_its_layer_only_and_restores_it_bit_for_bit(
+    tmp_path: Path,
+) -> None:
+    """Layer 1 of a Qwen2-MoE under a candidate that changes both layers: its KV group's
+    o_proj columns (with the `compensate` hook), its experts dropped (rescaled) and
+    narrowed, its shared expert narrowed; layer 0 untouched. On exit every tensor is
+    bit for bit what it was, and no hook or instance forward is left."""
+    import numpy as np
+
+    from compiler.checkpoint import load_checkpoint_facts
+    from plangen.analyze import model_facts
+    from plangen.candidate import Candidate
+    from plangen.scores import ScoreTables
+    from plangen.surgery import applied_layer
+    from tests.helpers.models import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path, "qwen2_moe")
+    ck = load_checkpoint_facts(model_dir)
+    facts = model_facts(ck)
+    model = load(model_dir, "cpu", torch.float32)
+    layers = model.model.layers
+    rng = np.random.default_rng(0)
+    scores = ScoreTables(
+        {
+            "mean_in.1.attn": rng.standard_normal(64),
+            "router_prob.1.experts": rng.dirichlet(np.ones(4)),
+            "wanda.1.experts_ffn": rng.random((4, 32)),
+            "wanda.1.shared": rng.random(48),
+        },
+        {},
+    )
+    cand = Candidate(
+        "moe",
+        "",
+        groups_dropped={0: (0,), 1: (1,)},
+        compensate=True,
+        experts_dropped={0: (0,), 1: (2,)},
+        experts_rescale=True,
+        expert_width=16,
+        shared_width=24,
+        moe_layers=(1,),
+        width_metric="wanda",
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with applied_layer(layers[1], 1, ck.arch, facts, cand, scores):
+        inside = model.state_dict()
+        changed = sorted(k for k, v in before.items() if not torch.equal(inside[k], v))
+        mods = moe_modules(layers[1], 4)
+        assert mods is not None and "forward" in vars(mods.router)
+        assert layers[1].self_attn.o_proj._forward_hooks
+    assert changed == [
+        "model.layers.1.mlp.experts.down_proj",
+        "model.layers.1.mlp.shared_expert.down_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+    ]
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(not m._forward_hooks and "forward" not in vars(m) for m in model.modules())
