@@ -39,7 +39,7 @@ from plangen.pipeline import (
     shape_key,
 )
 from plangen.plot import plot_plan
-from plangen.scores import ScoreTables, compute_tables, geometry
+from plangen.scores import ScoreTables, compute_tables, dense_layers, geometry
 from plangen.strategies import Budget, StrategyError, parse_layer_range
 from plangen.strategies.depth import depth, layers_for_budget
 from plangen.strategies.global_budget import TRUST_REGION, global_budget
@@ -269,8 +269,9 @@ def _gradients(metrics: list[str]) -> bool:
 
 
 def _measure(r: Run) -> ScoreTables:
-    """One calibration pass (a backward too for gradient metrics), the score tables,
-    and the layer-removal losses when the strategy ranks layers by them."""
+    """One calibration pass (a backward too for gradient metrics) that scores the width
+    metrics layer by layer as it walks, the score tables assembled from it, and the
+    layer-removal losses when the strategy ranks layers by them."""
     from plangen.calibrate import collect
 
     opts, model = r.opts, r.model
@@ -285,6 +286,9 @@ def _measure(r: Run) -> ScoreTables:
         model,
         r.ckpt.arch,
         r.calib,
+        metrics=r.metrics,
+        scored=dense_layers(r.facts),
+        seed=opts.seed,
         gradients=gradients,
         fisher="taylor2" in r.metrics,
         geom=geometry(r.facts),
@@ -296,7 +300,7 @@ def _measure(r: Run) -> ScoreTables:
     # back-propagated (about two).
     r.passes += 4.0 if gradients else 1.0
     r.phases["calibrate"] = time.perf_counter() - r.started - sum(r.phases.values())
-    scores = compute_tables(model, r.ckpt.arch, r.facts, calib, r.metrics, opts.seed)
+    scores = compute_tables(r.facts, calib, r.metrics)
     r.phases["score"] = time.perf_counter() - r.started - sum(r.phases.values())
     del calib
     if needs_removal(opts):
