@@ -40,10 +40,8 @@ class LayerInputs:
         """Decoder layer `index` while the walk has it loaded (`module`): the weights of
         its attention and dense-MLP tensors (a MoE layer's: its attention only)."""
         own = dict(module.named_parameters())
-        weights = {
-            s.name: own[s.name].detach() for s in arch.attention + arch.dense_mlp if s.name in own
-        }
-        present = tuple(s for s in arch.attention + arch.dense_mlp if s.name in weights)
+        present = tuple(s for s in arch.attention + arch.dense_mlp if s.name in own)
+        weights = {s.name: own[s.name].detach() for s in present}
         return cls(index, weights, present, stats, geom, seed, grads or {})
 
     def output_projections(self) -> list[tuple[TensorSpec, torch.Tensor, InputMoments]]:
