@@ -32,7 +32,8 @@ from plangen.metrics import OBS, LayerScores
 RECONSTRUCT = "reconstruct"  # tables `reconstruct.L.attn|mlp`: re-solved weights (float32)
 
 if TYPE_CHECKING:
-    from plangen.calibrate import Calibration, LayerStats
+    from plangen.calibrate import Calibration
+    from plangen.metrics.inputs import LayerStats
 
 
 @dataclass
@@ -112,7 +113,8 @@ class UnitTables:
 
     def watch(self, i: int, layer: Any) -> list[Any]:
         """Hooks on layer i's o_proj and dense down_proj inputs; the caller removes them."""
-        from plangen.calibrate import LayerStats, watch_layer_inputs
+        from plangen.calibrate import watch_layer_inputs
+        from plangen.metrics.inputs import LayerStats
 
         self.stats[i] = LayerStats()
         return watch_layer_inputs(layer, self.arch, self.stats[i])
