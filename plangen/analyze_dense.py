@@ -274,8 +274,8 @@ def _measure(r: Run) -> ScoreTables:
     layer-removal losses when the strategy ranks layers by them."""
     from plangen.calibrate import collect
 
-    opts, model = r.opts, r.model
-    assert model is not None and opts.device is not None
+    opts = r.opts
+    assert r.walk is not None and opts.device is not None
     gradients = _gradients(r.metrics)
     say(
         opts,
@@ -283,7 +283,7 @@ def _measure(r: Run) -> ScoreTables:
         + (" (forward + backward)" if gradients else ""),
     )
     calib = collect(
-        model,
+        None,
         r.ckpt.arch,
         r.calib,
         metrics=r.metrics,
@@ -292,9 +292,8 @@ def _measure(r: Run) -> ScoreTables:
         gradients=gradients,
         fisher="taylor2" in r.metrics,
         geom=geometry(r.facts),
-        batch_size=opts.batch_size,
-        device=opts.device,
         progress=opts.progress,
+        walk=r.walk,
     )
     # The forward walk, then the reverse sweep: each layer recomputed (one forward) and
     # back-propagated (about two).
@@ -304,7 +303,8 @@ def _measure(r: Run) -> ScoreTables:
     r.phases["score"] = time.perf_counter() - r.started - sum(r.phases.values())
     del calib
     if needs_removal(opts):
-        losses = removal_losses(model, r.ckpt.arch, r.facts, scores, r.held, opts)
+        assert r.model is not None  # the removal losses are not measured on the walk yet
+        losses = removal_losses(r.model, r.ckpt.arch, r.facts, scores, r.held, opts)
         scores.tables["removal"] = np.asarray(losses)
         r.passes += (r.facts.layers or 0) * len(r.held) / len(r.calib)
     scores.metadata = scores_metadata(opts, r.facts, r.text_sha, r.metrics, r.weights)

@@ -93,8 +93,8 @@ def _moe_layers(facts: ModelFacts) -> list[int]:
 def _measure(r: Run) -> ScoreTables:
     """One forward pass for every MoE layer's router statistics (and, for a budget,
     the dense axes' input statistics), then NAEE's searches when asked."""
-    opts, model, facts = r.opts, r.model, r.facts
-    assert model is not None
+    opts, facts = r.opts, r.facts
+    assert r.walk is not None
     size = moe_size(opts, facts)
     moe_layers = _moe_layers(facts)
     experts = facts.experts or 0
@@ -111,16 +111,15 @@ def _measure(r: Run) -> ScoreTables:
     if size.keep_params is not None:
         units = UnitTables(r.ckpt.arch, facts, WIDTH_SCORE)
     stats = collect_router(
-        model,
+        None,
         r.ckpt.arch,
         moe_layers,
         experts,
         r.calib,
-        batch_size=opts.batch_size,
-        device=opts.device,
         progress=opts.progress,
         also=None if units is None else units.watch,
         after=None if units is None else units.score,
+        walk=r.walk,
     )
     forward = time.perf_counter() - mark
     r.passes += 1.0
