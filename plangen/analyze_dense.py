@@ -39,7 +39,7 @@ from plangen.pipeline import (
     shape_key,
 )
 from plangen.plot import plot_plan
-from plangen.scores import ScoreTables, compute_tables, geometry
+from plangen.scores import ScoreTables, compute_tables, dense_layers, geometry
 from plangen.strategies import Budget, StrategyError, parse_layer_range
 from plangen.strategies.depth import depth, layers_for_budget
 from plangen.strategies.global_budget import TRUST_REGION, global_budget
@@ -269,12 +269,13 @@ def _gradients(metrics: list[str]) -> bool:
 
 
 def _measure(r: Run) -> ScoreTables:
-    """One calibration pass (a backward too for gradient metrics), the score tables,
-    and the layer-removal losses when the strategy ranks layers by them."""
+    """One calibration pass (a backward too for gradient metrics) that scores the width
+    metrics layer by layer as it walks, the score tables assembled from it, and the
+    layer-removal losses when the strategy ranks layers by them."""
     from plangen.calibrate import collect
 
-    opts, model = r.opts, r.model
-    assert model is not None and opts.device is not None
+    opts = r.opts
+    assert r.walk is not None and opts.device is not None
     gradients = _gradients(r.metrics)
     say(
         opts,
@@ -282,25 +283,28 @@ def _measure(r: Run) -> ScoreTables:
         + (" (forward + backward)" if gradients else ""),
     )
     calib = collect(
-        model,
+        None,
         r.ckpt.arch,
         r.calib,
+        metrics=r.metrics,
+        scored=dense_layers(r.facts),
+        seed=opts.seed,
         gradients=gradients,
         fisher="taylor2" in r.metrics,
         geom=geometry(r.facts),
-        batch_size=opts.batch_size,
-        device=opts.device,
         progress=opts.progress,
+        walk=r.walk,
     )
     # The forward walk, then the reverse sweep: each layer recomputed (one forward) and
     # back-propagated (about two).
     r.passes += 4.0 if gradients else 1.0
     r.phases["calibrate"] = time.perf_counter() - r.started - sum(r.phases.values())
-    scores = compute_tables(model, r.ckpt.arch, r.facts, calib, r.metrics, opts.seed)
+    scores = compute_tables(r.facts, calib, r.metrics)
     r.phases["score"] = time.perf_counter() - r.started - sum(r.phases.values())
     del calib
     if needs_removal(opts):
-        losses = removal_losses(model, r.ckpt.arch, r.facts, scores, r.held, opts)
+        assert r.model is not None  # the removal losses are not measured on the walk yet
+        losses = removal_losses(r.model, r.ckpt.arch, r.facts, scores, r.held, opts)
         scores.tables["removal"] = np.asarray(losses)
         r.passes += (r.facts.layers or 0) * len(r.held) / len(r.calib)
     scores.metadata = scores_metadata(opts, r.facts, r.text_sha, r.metrics, r.weights)

@@ -28,7 +28,6 @@ import torch
 
 from compiler.facts import ModelFacts
 from compiler.sidecar import table_name
-from plangen.calibrate import LayerStats, watch_layer_inputs
 from plangen.candidate import Candidate, original_params
 from plangen.metrics.router import (
     NAEE,
@@ -49,7 +48,7 @@ from plangen.pipeline import (
     say,
     scores_metadata,
 )
-from plangen.scores import ScoreTables, unit_tables
+from plangen.scores import ScoreTables, UnitTables
 from plangen.strategies import StrategyError
 from plangen.strategies.experts import (
     DEFAULT_DROP_EXPERTS,
@@ -94,8 +93,8 @@ def _moe_layers(facts: ModelFacts) -> list[int]:
 def _measure(r: Run) -> ScoreTables:
     """One forward pass for every MoE layer's router statistics (and, for a budget,
     the dense axes' input statistics), then NAEE's searches when asked."""
-    opts, model, facts = r.opts, r.model, r.facts
-    assert model is not None
+    opts, facts = r.opts, r.facts
+    assert r.walk is not None
     size = moe_size(opts, facts)
     moe_layers = _moe_layers(facts)
     experts = facts.experts or 0
@@ -106,28 +105,28 @@ def _measure(r: Run) -> ScoreTables:
     )
     mark = time.perf_counter()
     # A budget also weighs the dense axes: the same pass measures the inputs of
-    # every layer's o_proj and dense down_proj (KV groups, dense MLP channels).
-    unit_stats = [LayerStats() for _ in range(facts.layers or 0)]
-    watch = None
+    # every layer's o_proj and dense down_proj and scores its KV groups and dense
+    # MLP channels while the layer is loaded.
+    units = None
     if size.keep_params is not None:
-        watch = lambda i, layer: watch_layer_inputs(layer, r.ckpt.arch, unit_stats[i])  # noqa: E731
+        units = UnitTables(r.ckpt.arch, facts, WIDTH_SCORE)
     stats = collect_router(
-        model,
+        None,
         r.ckpt.arch,
         moe_layers,
         experts,
         r.calib,
-        batch_size=opts.batch_size,
-        device=opts.device,
         progress=opts.progress,
-        also=watch,
+        also=None if units is None else units.watch,
+        after=None if units is None else units.score,
+        walk=r.walk,
     )
     forward = time.perf_counter() - mark
     r.passes += 1.0
     r.phases["calibrate"] = forward
     tables = _router_tables(stats)
-    if watch is not None:
-        tables |= unit_tables(model, r.ckpt.arch, facts, unit_stats, WIDTH_SCORE)
+    if units is not None:
+        tables |= units.tables
     _naee(r, tables, size.drop, forward)
     return ScoreTables(tables, scores_metadata(opts, facts, r.text_sha, r.metrics, r.weights))
 

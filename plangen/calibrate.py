@@ -23,13 +23,21 @@ the reverse sweep (`LayerWalk.backward_sweep`) gives, bit for bit, the
 gradients of a full model's per-batch backward: each batch's gradient folded
 into the Fisher term per unit as it arrives, the sums over batches per weight.
 Without gradients nothing of size layers x tokens x hidden is kept.
+
+The width metrics asked for are scored in the same walk, while their layer is
+in memory and its inputs are complete (`LayerStats.scores`): the forward-only
+ones once the layer has run over every batch, the gradient ones in the sweep
+once its gradients are summed over the batches. A layer's summed gradients are
+dropped as soon as it is scored, so the pass never holds more than one layer's
+worth of them (an 8B model's would be 32 GB of float32), and the sidecar's
+tables need no weight after the walk (`scores.compute_tables`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,60 +46,9 @@ from compiler.architectures import Architecture, TensorSpec
 from compiler.geometry import Geometry
 from executor.layerwise import LayerWalk, States
 from plangen.metrics.depth import DepthStats
-from plangen.metrics.units import Accumulator, fold_elements
-
-
-@dataclass
-class InputMoments:
-    """Running float64 sums of an input's columns: count, sum and sum of squares."""
-
-    count: int = 0
-    total: torch.Tensor | None = None
-    squares: torch.Tensor | None = None
-
-    def update(self, x: torch.Tensor) -> None:
-        # One batch is summed in its own dtype (float32: a few thousand rows lose
-        # nothing that matters), batches are accumulated in float64.
-        rows = x.detach().reshape(-1, x.shape[-1])
-        rows = rows if rows.dtype == torch.float64 else rows.float()
-        s, q = rows.sum(0).double().cpu(), (rows * rows).sum(0).double().cpu()
-        self.total = s if self.total is None else self.total + s
-        self.squares = q if self.squares is None else self.squares + q
-        self.count += rows.shape[0]
-
-    @property
-    def mean(self) -> torch.Tensor:
-        assert self.total is not None, "no batch was seen"
-        return self.total / self.count
-
-    @property
-    def mean_square(self) -> torch.Tensor:
-        """E[x^2] per column (Wanda's ||X_j||^2 / tokens)."""
-        assert self.squares is not None, "no batch was seen"
-        return self.squares / self.count
-
-    @property
-    def variance(self) -> torch.Tensor:
-        """Population variance per column (FLAP's fluctuation of the input)."""
-        return (self.mean_square - self.mean**2).clamp_min(0.0)
-
-
-@dataclass
-class LayerStats:
-    """What one decoder layer's metrics read: its projections' inputs and its gradients."""
-
-    attn_in: InputMoments = field(default_factory=InputMoments)  # o_proj input (q space)
-    mlp_in: InputMoments = field(default_factory=InputMoments)  # down_proj input (ffn space)
-    grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # layer-relative name
-    # The Fisher term 1/2 * w^2 * g_b^2, summed over batches and folded onto the
-    # layer's KV groups and channels as each batch's gradient arrives: one number
-    # per unit instead of a second copy of every weight (what lets an 8B model's
-    # gradient pass fit one 80 GB card).
-    fisher: Accumulator | None = None
-
-    def add_fisher(self, spec: TensorSpec, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        wg = weight.detach().float() * grad.detach().float()
-        self.fisher.add(fold_elements(0.5 * wg * wg, spec, self.fisher.geom))
+from plangen.metrics.inputs import InputMoments, LayerInputs, LayerStats, output_projection
+from plangen.metrics.registry import WIDTH_METRICS
+from plangen.metrics.units import Accumulator
 
 
 @dataclass
@@ -106,11 +63,6 @@ class Calibration:
     gradients: bool
 
 
-def output_projection(specs: Sequence[TensorSpec], space: str) -> TensorSpec | None:
-    """The weight whose input axis is `space` (o_proj for q, down_proj for ffn)."""
-    return next((s for s in specs if s.dims == ("hidden", space)), None)
-
-
 def module_path(arch: Architecture, layer: int, spec: TensorSpec) -> str:
     return arch.layer_prefix.format(i=layer) + spec.name.removesuffix(".weight")
 
@@ -120,6 +72,9 @@ def collect(
     arch: Architecture,
     windows: Sequence[Sequence[int]],
     *,
+    metrics: Sequence[str] = (),
+    scored: Collection[int] | None = None,
+    seed: int = 0,
     gradients: bool = False,
     fisher: bool = False,
     geom: Geometry | None = None,
@@ -129,14 +84,18 @@ def collect(
     walk: LayerWalk | None = None,
 ) -> Calibration:
     """One pass over `windows`: depth scores, projection-input moments and, with
-    `gradients`, the summed weight gradients of every layer and, with `fisher`
-    (which needs the layer `geom`), the Fisher term folded per unit.
+    `gradients`, a reverse sweep for the gradient metrics and, with `fisher`, the
+    Fisher term folded per unit. The width `metrics` (they and `fisher` need the layer
+    `geom`; `seed` seeds the random baseline) are scored in the walk on the `scored`
+    layers (default: all) into `LayerStats.scores`; no summed gradient is kept.
 
     The pass walks the decoder layer by layer: `walk` (e.g. `LayerWalk.open` on the
     checkpoint, the model never whole in memory; `model` is then unused), or the
     walk over the loaded `model` with every layer resident. The reverse sweep
     recomputes one layer at a time, so the gradient pass holds one layer's
     activations, as gradient checkpointing would."""
+    score = _Scoring(arch, tuple(metrics), scored, geom, seed)
+    score.check(gradients)
     if walk is None:
         walk = LayerWalk.over(model, arch, device, batch_size)
     from tqdm import tqdm
@@ -149,13 +108,49 @@ def collect(
     for i in tqdm(range(n), desc="calibrate", unit="layer", disable=not progress, leave=False):
         with walk.layer(i) as module:
             states = _forward_observed(walk, i, states, module, arch, stats[i], depth, gradients)
+            score(i, module, stats[i])
         if gradients:
             bounds.append(states)
     tokens = sum(b.ids.shape[0] * (b.ids.shape[1] - 1) for b in states.batches)
     loss = math.nan
     if gradients:
-        loss = _sweep(walk, arch, bounds, stats, fisher, geom)
+        loss = _sweep(walk, arch, bounds, stats, fisher, geom, score)
     return Calibration(depth, stats, len(states), tokens, loss, gradients)
+
+
+@dataclass(frozen=True)
+class _Scoring:
+    """The width metrics the walk scores, on which layers: each as soon as its layer's
+    inputs are complete, so that no weight and no summed gradient is needed after."""
+
+    arch: Architecture
+    metrics: tuple[str, ...]
+    layers: Collection[int] | None  # None: every layer
+    geom: Geometry | None
+    seed: int
+
+    def check(self, gradients: bool) -> None:
+        """Refuse, before any pass, what the walk could not score."""
+        if self.metrics and self.geom is None:
+            raise ValueError("the width metrics need the layer geometry (`geom`)")
+        unmet = [m for m in self.metrics if WIDTH_METRICS[m].needs == "gradients"]
+        if unmet and not gradients:
+            raise ValueError(f"{', '.join(unmet)} need the gradient pass (`gradients=True`)")
+
+    def __call__(
+        self, i: int, module: Any, stats: LayerStats, grads: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Layer i's scores, into `stats.scores`: of the forward-only metrics (after its
+        forward over every batch), or with `grads` (its gradients summed over the
+        batches, in the sweep) of the gradient metrics."""
+        swept = grads is not None
+        now = [m for m in self.metrics if (WIDTH_METRICS[m].needs == "gradients") == swept]
+        if not now or (self.layers is not None and i not in self.layers):
+            return
+        assert self.geom is not None
+        layer = LayerInputs.of(module, self.arch, i, stats, self.geom, self.seed, grads)
+        for name in now:
+            stats.scores[name] = WIDTH_METRICS[name].score(layer)
 
 
 def _forward_observed(
@@ -193,10 +188,12 @@ def _sweep(
     stats: Sequence[LayerStats],
     fisher: bool,
     geom: Geometry | None,
+    score: _Scoring,
 ) -> float:
-    """The reverse sweep over the kept boundaries: the layers' own weights' gradients
-    (not embeddings or norms) summed per weight and, with `fisher`, each batch's
-    folded per unit; returns the mean calibration loss."""
+    """The reverse sweep over the kept boundaries: the gradients of the layers' own
+    weights (not embeddings or norms), each batch's folded per unit with `fisher`,
+    their sums over batches handed to `score` while the layer is loaded and dropped
+    after (the walk clears `.grad`); returns the mean calibration loss."""
     specs = {s.name: s for s in arch.attention + arch.dense_mlp}
     if fisher:
         if geom is None:
@@ -209,11 +206,12 @@ def _sweep(
             stats[i].add_fisher(specs[name], module.get_parameter(name), g)
 
     def on_layer(i: int, module: Any) -> None:
-        own = dict(module.named_parameters())
-        for name in specs:
-            p = own.get(name)
-            if p is not None and p.grad is not None:
-                stats[i].grad_sum[name] = p.grad.detach()
+        summed = {
+            name: p.grad.detach()
+            for name, p in module.named_parameters()
+            if name in specs and p.grad is not None
+        }
+        score(i, module, stats[i], summed)
 
     return walk.backward_sweep(
         bounds,

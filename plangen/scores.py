@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +32,8 @@ from plangen.metrics import OBS, LayerScores
 RECONSTRUCT = "reconstruct"  # tables `reconstruct.L.attn|mlp`: re-solved weights (float32)
 
 if TYPE_CHECKING:
-    from plangen.calibrate import Calibration, LayerStats
-    from plangen.metrics.inputs import LayerInputs
+    from plangen.calibrate import Calibration
+    from plangen.metrics.inputs import LayerStats
 
 
 @dataclass
@@ -97,72 +97,63 @@ def geometry(facts: ModelFacts) -> Geometry:
     return Geometry(facts.heads or 0, facts.kv_heads or 0, facts.head_dim or 0, facts.ffn or 0)
 
 
-def layer_inputs(
-    model: Any,
-    arch: Architecture,
-    facts: ModelFacts,
-    stats: Sequence[LayerStats],
-    seed: int,
-    layers: Sequence[int] | None = None,
-) -> Iterator[LayerInputs]:
-    """What the width metrics read of each of `layers` (default: the dense ones); a
-    MoE layer's holds its attention only."""
-    from plangen.metrics.inputs import LayerInputs
-
-    params = dict(model.named_parameters())
-    specs = arch.attention + arch.dense_mlp
-    geom = geometry(facts)
-    for i in dense_layers(facts) if layers is None else layers:
-        prefix = arch.layer_prefix.format(i=i)
-        weights = {
-            s.name: params[prefix + s.name].detach() for s in specs if prefix + s.name in params
-        }
-        present = tuple(s for s in specs if s.name in weights)
-        yield LayerInputs(i, weights, present, stats[i], geom, seed)
-
-
-def unit_tables(
-    model: Any, arch: Architecture, facts: ModelFacts, stats: Sequence[LayerStats], metric: str
-) -> dict[str, np.ndarray]:
+@dataclass
+class UnitTables:
     """A forward-only width metric's KV-group table of every layer and MLP-channel table
     of every dense layer, on a MoE model: what its parameter budget drops groups and
-    narrows dense MLPs by (`plangen.strategies.moe_budget`). `stats` come from
-    `calibrate.watch_layer_inputs` hooked into the router pass."""
-    from plangen.metrics.registry import WIDTH_METRICS
+    narrows dense MLPs by (`plangen.strategies.moe_budget`). Measured in the router
+    pass, each layer while the walk has it loaded (`collect_router`: `watch` as its
+    `also`, `score` as its `after`), so no weight is read after the pass."""
 
-    tables: dict[str, np.ndarray] = {}
-    every = range(facts.layers or 0)
-    for layer in layer_inputs(model, arch, facts, stats, 0, layers=every):
-        if not layer.stats.attn_in.count:
-            continue
-        scores = WIDTH_METRICS[metric].score(layer)
-        tables[table_name(metric, layer.index, "attn")] = scores.groups
-        if not facts.is_moe_layer(layer.index) and layer.stats.mlp_in.count:
-            tables[table_name(metric, layer.index, "mlp")] = scores.channels
-    return tables
+    arch: Architecture
+    facts: ModelFacts
+    metric: str
+    tables: dict[str, np.ndarray] = field(default_factory=dict)
+    stats: dict[int, LayerStats] = field(default_factory=dict)  # the layers being measured
+
+    def watch(self, i: int, layer: Any) -> list[Any]:
+        """Hooks on layer i's o_proj and dense down_proj inputs; the caller removes them."""
+        from plangen.calibrate import watch_layer_inputs
+        from plangen.metrics.inputs import LayerStats
+
+        self.stats[i] = LayerStats()
+        return watch_layer_inputs(layer, self.arch, self.stats[i])
+
+    def score(self, i: int, layer: Any) -> None:
+        """Layer i's tables, once it has run over every batch (its statistics dropped)."""
+        from plangen.metrics.inputs import LayerInputs
+        from plangen.metrics.registry import WIDTH_METRICS
+
+        stats = self.stats.pop(i)
+        if not stats.attn_in.count:
+            return
+        inputs = LayerInputs.of(layer, self.arch, i, stats, geometry(self.facts))
+        scores = WIDTH_METRICS[self.metric].score(inputs)
+        self.tables[table_name(self.metric, i, "attn")] = scores.groups
+        if not self.facts.is_moe_layer(i) and stats.mlp_in.count:
+            self.tables[table_name(self.metric, i, "mlp")] = scores.channels
 
 
 def compute_tables(
-    model: Any,
-    arch: Architecture,
     facts: ModelFacts,
     calib: Calibration,
     metrics: Sequence[str],
-    seed: int = 0,
     removal: Sequence[float] | None = None,
 ) -> ScoreTables:
-    """The sidecar tables of `metrics` (width metric names) plus depth and mean_in tables."""
-    from plangen.metrics.registry import WIDTH_METRICS
-
+    """The sidecar tables of `metrics` (width metric names, scored on the dense layers in
+    the calibration walk: `calibrate.collect(metrics=..., scored=dense_layers(facts))`)
+    plus depth and mean_in tables; no weight is read."""
     tables: dict[str, np.ndarray] = {}
-    for layer in layer_inputs(model, arch, facts, calib.layers, seed):
+    for i in dense_layers(facts):
+        stats = calib.layers[i]
         for name in metrics:
-            scores = WIDTH_METRICS[name].score(layer)
-            tables[table_name(name, layer.index, "attn")] = scores.groups
-            tables[table_name(name, layer.index, "mlp")] = scores.channels
-        for part, moments in (("attn", layer.stats.attn_in), ("mlp", layer.stats.mlp_in)):
+            if name not in stats.scores:
+                raise ValueError(f"layer {i}: `{name}` was not scored in the calibration walk")
+            tables[table_name(name, i, "attn")] = stats.scores[name].groups
+            tables[table_name(name, i, "mlp")] = stats.scores[name].channels
+        for part, moments in (("attn", stats.attn_in), ("mlp", stats.mlp_in)):
             if moments.count:
-                tables[table_name("mean_in", layer.index, part)] = moments.mean.numpy()
+                tables[table_name("mean_in", i, part)] = moments.mean.numpy()
     n = facts.layers or 0
     tables["block_influence"] = np.asarray(calib.depth.block_influence(), dtype=np.float64)
     angular = np.full((n, n), np.nan)

@@ -1,7 +1,7 @@
 """Activation-aware scores of the output projections' input columns: Wanda, FLAP.
 
 Both read one calibration statistic per input column j of o_proj and down_proj
-(`calibrate.InputMoments`) and that column of the weight, W[:, j]; a unit's
+(`inputs.InputMoments`) and that column of the weight, W[:, j]; a unit's
 score folds its columns (a KV group's heads, an MLP channel's one column).
 
 * Wanda-sp (Sun et al.; structured form from An et al.): sum_i |W_ij| * ||X_j||,

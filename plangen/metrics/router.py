@@ -177,6 +177,7 @@ def collect_router(
     device: str = "cpu",
     progress: bool = True,
     also: Callable[[int, Any], list[Any]] | None = None,
+    after: Callable[[int, Any], None] | None = None,
     walk: LayerWalk | None = None,
 ) -> dict[int, RouterStats]:
     """One forward over `windows`, layer by layer on the executor's walk (`walk`, e.g.
@@ -184,7 +185,9 @@ def collect_router(
     the loaded `model`, every layer resident): every MoE layer's router statistics
     (no LM head). `also(i, layer)` registers more hooks on layer i for the same pass
     (`calibrate.watch_layer_inputs`: the attention and dense-MLP statistics a
-    parameter budget needs) and returns them."""
+    parameter budget needs) and returns them; `after(i, layer)` is called once layer i
+    has run over every batch, its hooks removed, while it is still loaded (to score
+    it from those statistics: `scores.UnitTables`)."""
     from tqdm import tqdm
 
     if walk is None:
@@ -217,6 +220,8 @@ def collect_router(
                     h.remove()
             if mods is not None:
                 stats[i].score_channels(mods)
+            if after is not None:
+                after(i, layer)
     return {k: stats[k] for k in moe_layers}
 
 

@@ -3,7 +3,8 @@
 The loss change from zeroing a weight w with gradient g is, to first order,
 -w*g and, to second order, adds 1/2 * w^2 * H, with H approximated by the
 Fisher diagonal (the sum of squared per-batch gradients). `calibrate` sums g
-over the calibration batches (the gradient of the total loss) and g^2 per
+over the calibration batches (the gradient of the total loss, `LayerInputs.grads`,
+handed over in the reverse sweep while the layer is loaded) and g^2 per
 batch; these read them for every tensor a unit owns (q/k/v rows and o columns
 of a KV group; gate/up rows and the down column of a channel, biases too):
 
@@ -30,7 +31,7 @@ def _score(
     absolute_after: bool = False,
 ) -> LayerScores:
     """`element(w, g)` per weight, g the gradient summed over the calibration batches."""
-    grads = layer.stats.grad_sum
+    grads = layer.grads
     if not grads:
         raise ValueError(f"layer {layer.index}: no gradients were collected")
     acc = Accumulator(layer.geom)

@@ -32,20 +32,23 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(1)
     windows = torch.randint(3, 128, (4, 12), generator=g).tolist()
-    from plangen.scores import geometry
+    from plangen.scores import dense_layers, geometry
 
+    names = ["magnitude", "wanda", "fluctuation", "flap", "taylor", "taylor_vec", "taylor2"]
     calib = collect(
         model,
         ck.arch,
         windows,
+        metrics=names,
+        scored=dense_layers(facts),
+        seed=3,
         gradients=True,
         fisher=True,
         geom=geometry(facts),
         batch_size=2,
         progress=False,
     )
-    names = ["magnitude", "wanda", "fluctuation", "flap", "taylor", "taylor_vec", "taylor2"]
-    tables = compute_tables(model, ck.arch, facts, calib, names, seed=3)
+    tables = compute_tables(facts, calib, names)
     return model, windows, facts, tables
 
 
