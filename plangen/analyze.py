@@ -56,7 +56,7 @@ from plangen.plot import PLOT_EXTRA, plot_available
 from plangen.scores import ScoreTables, read_sidecar
 
 if TYPE_CHECKING:
-    from executor.layerwise import LayerWalk
+    pass
 
 # The pipeline's table: one row per kind of model, the first that applies runs.
 KINDS: tuple[Kind, ...] = (MOE, DENSE)
@@ -364,22 +364,15 @@ def _load(r: Run) -> None:
     r.phases["load"] = time.perf_counter() - r.started
 
 
-def _judged(r: Run, walk: LayerWalk | None = None) -> tuple[list[Measured], float]:
+def _judged(r: Run) -> tuple[list[Measured], float]:
     """Every candidate's held-out loss (successive halving, `heldout.judge`), and the
-    original's from the same walks; reconstruction for the judge is counted apart
-    (`Run.solutions`). `walk`: where the candidates run (e.g. a non-resident walk on
-    the checkpoint); by default the walk over the loaded model."""
-    from executor.layerwise import LayerWalk
+    original's from the same walks (the run's: each layer loaded once per round serves
+    every candidate); reconstruction for the judge is counted apart (`Run.solutions`)."""
     from plangen.heldout import judge
 
-    assert r.scores is not None and r.cands is not None
-    opts, device = r.opts, r.opts.device
-    assert device is not None  # resolved
-    if walk is None:
-        assert r.model is not None
-        walk = LayerWalk.over(r.model, r.ckpt.arch, device, opts.batch_size)
+    assert r.scores is not None and r.cands is not None and r.walk is not None
     mark = time.perf_counter()
-    judged, loss_before = judge(walk, r.facts, r.scores, r.cands, r.held, r.solutions)
+    judged, loss_before = judge(r.walk, r.facts, r.scores, r.cands, r.held, r.solutions)
     solving = r.solutions.seconds if r.solutions is not None else 0.0
     r.phases["judge"] = time.perf_counter() - mark - solving
     r.passes += (len(r.held) + sum(j.windows for j in judged)) / len(r.calib)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from compiler.architectures import Architecture
 from compiler.checkpoint import CheckpointFacts
@@ -45,6 +45,9 @@ from plangen.strategies.depth import depth, layers_for_budget
 from plangen.strategies.global_budget import TRUST_REGION, global_budget
 from plangen.strategies.unbalanced import parse_distribution, unbalanced
 from plangen.strategies.uniform import uniform
+
+if TYPE_CHECKING:
+    from executor.layerwise import LayerWalk
 
 OBS_ALLOCATION = "taylor"  # ... with the widths allocated by this measured table
 DEFAULT_TARGET = 0.75
@@ -303,8 +306,7 @@ def _measure(r: Run) -> ScoreTables:
     r.phases["score"] = time.perf_counter() - r.started - sum(r.phases.values())
     del calib
     if needs_removal(opts):
-        assert r.model is not None  # the removal losses are not measured on the walk yet
-        losses = removal_losses(r.model, r.ckpt.arch, r.facts, scores, r.held, opts)
+        losses = removal_losses(r.walk, r.ckpt.arch, r.facts, scores, r.held, opts)
         scores.tables["removal"] = np.asarray(losses)
         r.passes += (r.facts.layers or 0) * len(r.held) / len(r.calib)
     scores.metadata = scores_metadata(opts, r.facts, r.text_sha, r.metrics, r.weights)
@@ -342,7 +344,7 @@ def _beside(r: Run, chosen: Candidate, plan_path: Path) -> None:
 
 
 def removal_losses(
-    model: torch.nn.Module,
+    walk: LayerWalk,
     arch: Architecture,
     facts: ModelFacts,
     scores: ScoreTables,
@@ -351,7 +353,6 @@ def removal_losses(
 ) -> list[float]:
     """Held-out loss with each layer bypassed in turn (higher = the layer matters more),
     all in one walk: the variant without layer d shares the original's states up to d."""
-    from executor.layerwise import LayerWalk
     from plangen.heldout import Variant, walk_losses
     from plangen.surgery import applied_layer
 
@@ -361,7 +362,6 @@ def removal_losses(
             applied_layer(layer, i, arch, facts, cand, scores) if i == d else None
         )
 
-    walk = LayerWalk.over(model, arch, opts.device, opts.batch_size)
     variants = [bypassed(d) for d in range(facts.layers or 0)]
     return walk_losses(walk, held, variants, progress=opts.progress, desc="removal")
 

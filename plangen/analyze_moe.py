@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from compiler.facts import ModelFacts
 from compiler.sidecar import table_name
@@ -131,12 +130,6 @@ def _measure(r: Run) -> ScoreTables:
     return ScoreTables(tables, scores_metadata(opts, facts, r.text_sha, r.metrics, r.weights))
 
 
-def _layers(r: Run) -> torch.nn.Module:
-    """The model's decoder layers (the module list)."""
-    assert r.model is not None
-    return r.model.get_submodule(r.ckpt.arch.layers_module)
-
-
 def _router_tables(stats: dict[int, RouterStats]) -> dict[str, np.ndarray]:
     """The per-expert tables of every MoE layer, and the channel scores inside the
     routed and shared experts."""
@@ -237,17 +230,15 @@ def _curves(r: Run, drop: int) -> Allocation:
     order = {k: drop_order(facts, tables, ALLOCATE_BY, k) for k in moe_layers}
     counts = probe_counts(facts, drop)
     prob = {k: tables[table_name("router_prob", k, "experts")] for k in moe_layers}
+    assert r.walk is not None
     curves = removal_curves(
-        r.model,
-        _layers(r),
+        r.walk,
         moe_layers,
         facts.experts or 0,
         order,
         counts,
         r.calib[:PROBE_WINDOWS],
         prob,
-        batch_size=r.opts.batch_size,
-        device=r.opts.device,
         progress=r.opts.progress,
     )
     return counts, curves

@@ -11,7 +11,8 @@ The estimates, in bytes of the compute dtype (`width`):
   in memory    parameters x width, and with gradients 2.5 x that (their `.grad`
                while one layer is swept, activations)
   layer-wise   256 MiB + largest layer (x 3 with gradients: its weights, its
-               gradients, its recomputed activations) + max(embedding, head)
+               gradients, its recomputed activations) + its largest weight in
+               float64 (the metrics' working copy) + max(embedding, head)
                + the state cache: calibration tokens x hidden x width per layer
                boundary, kept at every boundary (layers + 1) for the reverse
                sweep, two boundaries without gradients; under --offload DIR on
@@ -127,6 +128,7 @@ class Footprint:
     outside: int  # the larger of the embedding and the LM head (with the final norm)
     hidden: int
     layers: int
+    largest_tensor: int = 0  # the largest tensor in a layer (metrics copy it in float64)
 
     @classmethod
     def of(cls, ckpt: CheckpointFacts) -> Footprint:
@@ -134,11 +136,13 @@ class Footprint:
         in_layer = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
         per_layer: dict[str, int] = {}
         outside: list[int] = []
+        largest = 0
         for name, info in ckpt.index.items():
             n = math.prod(info.shape)
             found = in_layer.match(name)
             if found:
                 per_layer[found[1]] = per_layer.get(found[1], 0) + n
+                largest = max(largest, n)
             else:
                 outside.append(n)
         facts = ckpt.facts
@@ -148,6 +152,7 @@ class Footprint:
             outside=max(outside, default=0),
             hidden=int(facts.get("hidden") or 0),
             layers=len(per_layer),
+            largest_tensor=largest,
         )
 
     def in_memory(self, width: int, gradients: bool) -> int:
@@ -159,8 +164,9 @@ class Footprint:
 
     def layerwise(self, width: int, tokens: int, gradients: bool, on_disk: bool) -> int:
         layer = self.largest_layer * width * (3 if gradients else 1)
+        scoring = self.largest_tensor * 8  # a metric's float64 copy of one weight
         states = 0 if on_disk else self.state_cache(width, tokens, gradients)
-        return RUNTIME_BASE + layer + self.outside * width + states
+        return RUNTIME_BASE + layer + scoring + self.outside * width + states
 
 
 def size(n: float) -> str:

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from compiler.checkpoint import architecture_of
 from executor.layerwise import LayerWalk, States, StopLayer
 from plangen.heldout import Variant, walk_losses
 from plangen.surgery import MoeModules, experts_removed, moe_modules
@@ -325,8 +324,7 @@ def _block_inputs(
 
 
 def removal_curves(
-    model: Any,
-    layers: Sequence[Any],
+    walk: LayerWalk,
     moe_layers: Sequence[int],
     experts: int,
     order: Mapping[int, Sequence[int]],
@@ -334,23 +332,16 @@ def removal_curves(
     windows: Sequence[Sequence[int]],
     prob: Mapping[int, np.ndarray] | None,
     *,
-    batch_size: int = 4,
-    device: str = "cpu",
     progress: bool = True,
-    walk: LayerWalk | None = None,
 ) -> dict[int, np.ndarray]:
     """Per MoE layer, the next-token loss on `windows` with only that layer's first
     `c` experts of `order` dropped (and, `prob` given, rescaled), for every c in
     `counts`, minus the loss of the original: what each layer's drops cost, measured
     (the allocator's input). Returns {layer: losses aligned with `counts`}.
 
-    Every probe and the original in one walk (`heldout.walk_losses`; `walk`, else the
-    walk over the loaded `model`): a probe of layer k shares the original's states up
-    to k. `layers` (the model's decoder layers) is what the walk finds itself; it
-    stays for the callers written before the walk."""
-    if walk is None:
-        arch = architecture_of(model.config.to_dict())
-        walk = LayerWalk.over(model, arch, device, batch_size)
+    Every probe and the original in one walk (`heldout.walk_losses`; over the loaded
+    model, or opened on the checkpoint): a probe of layer k shares the original's
+    states up to k."""
     probes = [(k, c) for k in moe_layers for c in counts if c > 0]
     variants = [None] + [_dropped(k, list(order[k][:c]), experts, prob) for k, c in probes]
     base, *losses = walk_losses(walk, windows, variants, progress=progress, desc="probe")

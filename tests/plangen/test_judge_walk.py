@@ -284,7 +284,8 @@ def test_removal_losses_are_the_bypassed_models_mean_losses(setups: dict[str, Se
     s = setups["qwen2"]
     held = token_windows()
     opts = SimpleNamespace(device="cpu", batch_size=BATCH, progress=False)
-    got = removal_losses(s.model, s.arch, s.facts, s.scores, held, opts)  # type: ignore[arg-type]
+    walk = LayerWalk.over(s.model, s.arch, batch_size=BATCH)
+    got = removal_losses(walk, s.arch, s.facts, s.scores, held, opts)  # type: ignore[arg-type]
     want = [s.in_memory(Candidate("depth", "", drop=(i,)), held) for i in range(s.facts.layers)]
     assert got == want
 
@@ -299,9 +300,8 @@ def test_removal_curves_are_the_probed_models_mean_losses(setups: dict[str, Setu
     order = {0: [3, 1, 0, 2], 1: [2, 0, 3, 1]}
     prob = {k: s.scores.tables[f"router_prob.{k}.experts"] for k in (0, 1)}
     counts = [0, 1, 2]
-    got = removal_curves(
-        s.model, layers, [0, 1], 4, order, counts, windows, prob, batch_size=BATCH, progress=False
-    )
+    walk = LayerWalk.over(s.model, s.arch, batch_size=BATCH)
+    got = removal_curves(walk, [0, 1], 4, order, counts, windows, prob, progress=False)
     base = mean_loss(s.model, windows, BATCH)
     for k in (0, 1):
         want = [0.0]

@@ -92,6 +92,7 @@ def test_the_footprint_of_smollm2_is_read_from_the_headers(smollm2_dir: Path) ->
     assert (fp.layers, fp.hidden, fp.largest_layer) == (30, 576, per_layer)
     assert fp.outside == 49152 * 576  # the tied embedding (the final norm is smaller)
     assert fp.params == 30 * per_layer + 49152 * 576 + 576
+    assert fp.largest_tensor == 1536 * 576
 
 
 def test_a_killed_runs_state_caches_are_removed_and_a_live_ones_kept(tmp_path: Path) -> None:
