@@ -1,0 +1,175 @@
+"""What `plangen analyze` costs, in memory and one decoder layer at a time (issue 36).
+
+On a model that fits (default: the SmolLM2-135M demo checkpoint), in one run:
+
+- one plain forward pass over the calibration set (`plangen.heldout.mean_loss`
+  on the loaded model over the 32 x 512 calibration windows `analyze` reads):
+  the unit of the "passes" columns;
+- `plangen analyze MODEL --json` with the options given (default: none, i.e.
+  `auto` at --target-params 0.75), in memory and with `--offload` (and with
+  `--offload DIR` when `--disk` is given);
+
+each in a fresh subprocess, its wall time, the passes it is worth (wall time /
+the forward pass), the passes the planner counts (`forward_passes` of its
+JSON), its phases, and its peak anonymous memory (RssAnon sampled every 2 ms;
+the checkpoint is memory-mapped, so the high-water mark of RSS would count the
+page cache). The plans (less their first line, which quotes the command) and
+sidecars of every run are compared byte for byte.
+
+Usage: python benchmarks/analyze_cost.py [--model DIR] [--disk DIR] [--out FILE.md]
+           [-- ANALYZE OPTIONS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = Path.home() / ".cache" / "plancc" / "SmolLM2-135M-Instruct"
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def timed(cmd: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RssAnon and stdout of a command."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+
+    def sample() -> None:
+        nonlocal peak
+        while proc.poll() is None:
+            peak = max(peak, _rss_anon(proc.pid))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - started
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}):\n{err[-3000:]}")
+    return seconds, peak, out
+
+
+FORWARD = """
+import json, sys, time
+import torch
+from executor.loader import load
+from plangen.heldout import mean_loss
+from plangen.options import Options
+from plangen.pipeline import calibration_windows
+opts = Options(model_dir=__import__("pathlib").Path(sys.argv[1]), output=None).resolved()
+_, calib, _ = calibration_windows(opts)
+model = load(opts.model_dir, "cpu", torch.float32)
+started = time.perf_counter()
+loss = mean_loss(model, calib, opts.batch_size, "cpu")
+print(json.dumps({"seconds": time.perf_counter() - started, "loss": loss}))
+"""
+
+
+def forward_pass(model: Path) -> float:
+    _, _, out = timed([sys.executable, "-c", FORWARD, str(model)])
+    return float(json.loads(out)["seconds"])
+
+
+def analyze(model: Path, plan: Path, extra: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "plangen", "analyze", str(model), "-o", str(plan), "--force"]
+    seconds, peak, out = timed([*cmd, "--json", *extra])
+    result = json.loads(out)
+    result.update(wall=seconds, peak_anon=peak, plan=plan)
+    return result
+
+
+def without_command(plan: Path) -> bytes:
+    return plan.read_bytes().partition(b"\n")[2]
+
+
+def sidecar(plan: Path) -> Path:
+    return plan.with_name(plan.name.removesuffix(".prn") + ".scores.safetensors")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--disk", type=Path, help="also run with --offload DIR (states on disk)")
+    parser.add_argument("--out", type=Path, help="write the table here as Markdown")
+    parser.add_argument("analyze", nargs="*", help="options for plangen analyze (after --)")
+    args = parser.parse_args()
+    unit = forward_pass(args.model)
+    modes = [("in memory", []), ("--offload", ["--offload"])]
+    if args.disk is not None:
+        modes.append((f"--offload {args.disk}", ["--offload", str(args.disk)]))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, flags) in enumerate(modes):
+            plan = Path(tmp) / f"run{i}" / "plan.prn"
+            rows.append((name, analyze(args.model, plan, [*args.analyze, *flags])))
+        first = rows[0][1]["plan"]
+        same = all(
+            without_command(r["plan"]) == without_command(first)
+            and sidecar(r["plan"]).read_bytes() == sidecar(first).read_bytes()
+            for _, r in rows
+        )
+    text = render(args, unit, rows, same)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text, encoding="utf-8")
+
+
+def render(args: argparse.Namespace, unit: float, rows: list, same: bool) -> str:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    options = " ".join(args.analyze) or "(defaults: auto, --target-params 0.75)"
+    lines = [
+        "# What `plangen analyze` costs, in memory and layer by layer",
+        "",
+        f"Command: `python benchmarks/analyze_cost.py{' --disk DIR' if args.disk else ''}"
+        f"{' -- ' + ' '.join(args.analyze) if args.analyze else ''}`",
+        f"Commit: {commit}; date: {datetime.date.today().isoformat()}; model: {args.model.name}; "
+        f"analyze options: {options}; CPU, {os.cpu_count()} cores, float32.",
+        "",
+        f"One plain forward pass over the 32 x 512 calibration windows: {unit:.1f} s "
+        "(the unit of the passes columns).",
+        "",
+        "| run | wall s | passes (wall / forward) | passes counted | peak RssAnon GB | phases s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        phases = ", ".join(f"{k} {v:.0f}" for k, v in r["phases_s"].items())
+        lines.append(
+            f"| {name} | {r['wall']:.0f} | {r['wall'] / unit:.1f} | {r['forward_passes']:.1f} "
+            f"| {r['peak_anon'] / 1e9:.2f} | {phases} |"
+        )
+    ratio = rows[1][1]["wall"] / rows[0][1]["wall"]
+    lines += [
+        "",
+        f"Layer by layer / in memory: {ratio:.2f} x the wall time. Plans (less the line "
+        f"quoting the command) and sidecars byte-identical across the runs: {same}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
