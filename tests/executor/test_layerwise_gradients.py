@@ -159,13 +159,17 @@ def test_wants_picks_parameters(models: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_moe"])
 def test_sweep_feeds_calibration_tables(models: dict[str, Path], family: str) -> None:
-    """The sweep folded into `LayerStats` (first-order sums, the Fisher term per unit)
-    equals `plangen.calibrate.collect`'s gradient pass on the full model, bit for bit."""
+    """The sweep folded into `LayerStats` (the first-order scores from the sums over
+    batches, the Fisher term per unit) equals `plangen.calibrate.collect`'s gradient
+    pass on the full model, bit for bit."""
+    import numpy as np
     from transformers import AutoModelForCausalLM
 
     from compiler.checkpoint import load_checkpoint_facts
     from plangen.analyze import model_facts
-    from plangen.calibrate import LayerStats, collect
+    from plangen.calibrate import collect
+    from plangen.metrics.inputs import LayerInputs, LayerStats
+    from plangen.metrics.taylor import taylor, taylor_vec
     from plangen.metrics.units import Accumulator
     from plangen.scores import geometry
 
@@ -174,9 +178,10 @@ def test_sweep_feeds_calibration_tables(models: dict[str, Path], family: str) ->
     geom = geometry(model_facts(ck))
     windows = token_windows()
     full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    first = {"taylor": taylor, "taylor_vec": taylor_vec}
     calib = collect(
-        full, ck.arch, windows, gradients=True, fisher=True, geom=geom, batch_size=BATCH,
-        progress=False,
+        full, ck.arch, windows, metrics=[*first, "taylor2"], gradients=True, fisher=True,
+        geom=geom, batch_size=BATCH, progress=False,
     )  # fmt: skip
     specs = {s.name: s for s in ck.arch.attention + ck.arch.dense_mlp}
     stats = [LayerStats(fisher=Accumulator(geom)) for _ in range(2)]
@@ -186,10 +191,9 @@ def test_sweep_feeds_calibration_tables(models: dict[str, Path], family: str) ->
             stats[i].add_fisher(specs[name], module.get_parameter(name), g)
 
     def on_layer(i: int, module: torch.nn.Module) -> None:
-        for name in specs:
-            p = module.get_parameter(name) if name in dict(module.named_parameters()) else None
-            if p is not None and p.grad is not None:
-                stats[i].grad_sum[name] = p.grad.clone()
+        summed = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+        layer = LayerInputs.of(module, ck.arch, i, stats[i], geom, grads=summed)
+        stats[i].scores = {name: score(layer) for name, score in first.items()}
 
     with LayerWalk.open(model_dir, batch_size=BATCH) as walk:
         loss = walk.backward_sweep(
@@ -197,8 +201,8 @@ def test_sweep_feeds_calibration_tables(models: dict[str, Path], family: str) ->
         )
     assert loss == calib.loss
     for got, want in zip(stats, calib.layers, strict=True):
-        assert sorted(got.grad_sum) == sorted(want.grad_sum) != []
-        for name, g in want.grad_sum.items():
-            assert torch.equal(got.grad_sum[name], g), name
+        for name in first:
+            assert np.array_equal(got.scores[name].groups, want.scores[name].groups), name
+            assert np.array_equal(got.scores[name].channels, want.scores[name].channels), name
         assert torch.equal(got.fisher.groups, want.fisher.groups)
         assert torch.equal(got.fisher.channels, want.fisher.channels)
