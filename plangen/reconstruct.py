@@ -145,40 +145,63 @@ def residual_targets(walk: LayerWalk, states: States) -> list[list[torch.Tensor]
     return outs
 
 
-def obs_ranking(weight: torch.Tensor, gram: torch.Tensor, damp: float, blocks: int = 64):
+def obs_ranking(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    damp: float,
+    blocks: int = 64,
+    width: int | None = None,
+) -> np.ndarray:
     """Input columns ranked by Optimal Brain Surgeon, removing greedily (SlimGPT's
     structured OBS): removing column j and re-fitting the rest costs
     ||W[:, j]||^2 / [H^-1]_jj of output error, H = G + lam I; the cheapest goes
     first, then W and H^-1 are updated as if it were gone, so correlated
     columns are not all kept or all removed together. Columns leave in `blocks`
     rounds (each the cheapest 1/blocks of the start), the rank within a round by
-    its cost. Returns a score per column, higher = removed later (kept first)."""
-    w = weight.detach().to(torch.float64).clone()
+    its cost. Returns a score per column, higher = removed later (kept first).
+
+    With `width`, only what `top_channels(ranking, width)` reads is decided: the
+    rounds stop with the one that removes the (n - width)-th column, and the columns
+    still in place then rank above every removed one by their cost in that round (a
+    one-shot OBS order). The kept set is the full ranking's; the order among the kept
+    columns is not. Each round works on the columns still in place only (W and H^-1
+    shrink as they go), the same arithmetic per remaining entry as on the full matrices."""
+    w = weight.detach().to(torch.float64)
     g = gram.to(device=w.device, dtype=torch.float64)
     n = g.shape[0]
     lam = damp * float(torch.diagonal(g).mean()) or 1e-8
     hinv = torch.linalg.inv(g + lam * torch.eye(n, dtype=torch.float64, device=w.device))
-    alive = torch.ones(n, dtype=torch.bool, device=w.device)
+    decided = n if width is None else n - width  # removals that decide the kept set
+    alive = torch.arange(n, device=w.device)  # original index of each column still in place
     score = torch.empty(n, dtype=torch.float64)
     step = max(1, math.ceil(n / blocks))
     order = 0
-    while bool(alive.any()):
+    while True:
         cost = (w * w).sum(0) / torch.diagonal(hinv).clamp_min(1e-30)
-        cost[~alive] = math.inf
-        take = min(step, int(alive.sum()))
+        left = len(alive)
+        take = min(step, left)
         gone = torch.topk(cost, take, largest=False).indices
         gone = gone[torch.argsort(cost[gone], stable=True)]
-        score[gone.cpu()] = torch.arange(order, order + take, dtype=torch.float64)
+        score[alive[gone].cpu()] = torch.arange(order, order + take, dtype=torch.float64)
         order += take
-        alive[gone] = False
-        if not bool(alive.any()):
+        if order >= decided or take == left:
             break
         # Block OBS update: the removed columns' weight moves onto the others.
-        hbb = hinv[gone][:, gone]
-        solve_b = torch.linalg.solve(hbb, hinv[gone])  # (take, n)
-        w -= w[:, gone] @ solve_b
-        hinv -= hinv[:, gone] @ solve_b
-        w[:, gone] = 0.0
+        stay = torch.ones(left, dtype=torch.bool, device=w.device)
+        stay[gone] = False
+        stay = stay.nonzero().squeeze(1)
+        hgs = hinv[gone]  # (take, left)
+        solve_b = torch.linalg.solve(hgs[:, gone], hgs[:, stay])  # (take, left - take)
+        w = w[:, stay].sub_(w[:, gone] @ solve_b)
+        rows = hinv[stay]
+        hinv = rows[:, stay].sub_(rows[:, gone] @ solve_b)
+        alive = alive[stay]
+    if order < n:  # decided: the rest, cheapest first by this round's cost
+        stay = torch.ones(len(alive), dtype=torch.bool, device=w.device)
+        stay[gone] = False
+        rest = stay.nonzero().squeeze(1)
+        rest = rest[torch.argsort(cost[rest], stable=True)]
+        score[alive[rest].cpu()] = torch.arange(order, n, dtype=torch.float64)
     return score.numpy()
 
 
@@ -309,8 +332,9 @@ def _walk(
                 w = module.weight
                 ranking = None
                 if part == "mlp" and cand.metric == OBS:
-                    ranking = obs_ranking(w, gram, damp)
-                    kept = np.asarray(top_channels(ranking, cand.mlp_width[k]), dtype=np.int64)
+                    width = cand.mlp_width[k]
+                    ranking = obs_ranking(w, gram, damp, width=width)
+                    kept = np.asarray(top_channels(ranking, width), dtype=np.int64)
                 else:
                     kept = cand.kept_inputs(k, space, facts, scores)
                 assert kept is not None
