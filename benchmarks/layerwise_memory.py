@@ -23,8 +23,16 @@ CPU), where base is the RssAnon of the 0-layer run right after
 loaded). Targets (issue 36): flat in the layer count, at most 1.3 x the
 formula, the whole 32-layer model under 4 GB.
 
+With `--analyze` each run is instead a whole `plangen analyze --offload
+--strategy flap` (calibration walk, FLAP scores, the candidate and the original
+judged on one held-out window in one walk, the plan and sidecar written; the
+SmolLM2 demo tokenizer is copied beside the weights), and the peak is compared
+with the formula the README states, `plangen.memory.Footprint.layerwise`
+(256 MiB + one layer + its largest weight in float64 + max(embedding, head) +
+two state boundaries), added to the RssAnon the process had before analyze ran.
+
 Usage: python benchmarks/layerwise_memory.py [--dir /tmp/plancc-layerwise] [--whole]
-           [--layers 0,4,8,16] [--dtype float32] [--tokens 256] [--out FILE.md]
+           [--layers 0,4,8,16] [--dtype float32] [--tokens 256] [--analyze] [--out FILE.md]
 
 `--child DIR` (internal, also used by tests/executor/test_layerwise.py) runs one
 measurement in this process and prints one JSON line; `--mode whole` loads the
@@ -235,7 +243,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         result: dict[str, Any] = {"mode": args.mode}
         try:
-            if args.mode == "walk":
+            if args.mode == "analyze":
+                result.update(_analyze(args, sampler))
+            elif args.mode == "walk":
                 from executor.layerwise import LayerWalk
 
                 walk = LayerWalk.open(args.child, dtype=dtype, batch_size=args.windows)
@@ -271,6 +281,44 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     result["peak_data"] = sampler.peak["VmData"]
     result["phase_peak"] = sampler.phase_peak
     return result
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+DEMO_MODEL = Path.home() / ".cache" / "plancc" / "SmolLM2-135M-Instruct"
+
+
+def _analyze(args: argparse.Namespace, sampler: PeakSampler) -> dict[str, Any]:
+    """`plangen analyze --offload --strategy flap` on the checkpoint, in this process."""
+    from compiler.checkpoint import load_checkpoint_facts
+    from plangen.analyze import run
+    from plangen.memory import Footprint
+    from plangen.options import Options
+
+    model_dir = Path(args.child)
+    for name in TOKENIZER_FILES:
+        if not (model_dir / name).exists():
+            shutil.copy(DEMO_MODEL / name, model_dir / name)
+    base = sampler.sample()["RssAnon"]
+    plan = model_dir.parent / f"{model_dir.name}.prn"
+    opts = Options(
+        model_dir=model_dir,
+        output=plan,
+        force=True,
+        strategy="flap",
+        nsamples=args.windows,
+        seqlen=args.tokens,
+        heldout=1,
+        batch_size=args.windows,
+        device="cpu",
+        dtype=args.dtype,
+        offload="",
+        quiet=True,
+    )
+    out = run(opts)
+    width = 2 if args.dtype == "bfloat16" else 4
+    fp = Footprint.of(load_checkpoint_facts(model_dir))
+    stated = fp.layerwise(width, args.windows * args.tokens, gradients=False, on_disk=False)
+    return {"base": base, "loss": out.loss_before, "formula": base + stated}
 
 
 def run_child(model_dir: Path, **opts: Any) -> dict[str, Any]:
@@ -318,15 +366,20 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         model_dir = build(root, n)
         write_s = time.perf_counter() - t0
+        mode = "analyze" if args.analyze else "walk"
+        if args.analyze and n == 0:
+            continue  # analyze needs a layer; its formula holds its own base
         r = run_child(
-            model_dir, mode="walk", dtype=args.dtype, tokens=args.tokens, windows=args.windows
+            model_dir, mode=mode, dtype=args.dtype, tokens=args.tokens, windows=args.windows
         )
         if not r.get("ok"):
             raise SystemExit(f"{n} layers: {r.get('error')}")
-        if n == 0:
+        if n == 0 or args.analyze:
             base = r["base"]
         assert base is not None
         formula = base + (layer_bytes if n else 0) + state_bytes + head_bytes
+        if args.analyze:
+            formula = r["formula"]
         # The layer and the head are never loaded together: the tighter bound.
         tight = base + max(layer_bytes if n else 0, head_bytes) + state_bytes
         row = {
@@ -379,7 +432,12 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=1)
     p.add_argument("--out", help="write the table (markdown) here")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--mode", default="walk", choices=("walk", "whole"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--analyze", action="store_true", help="measure plangen analyze --offload, not the walk"
+    )
+    p.add_argument(
+        "--mode", default="walk", choices=("walk", "whole", "analyze"), help=argparse.SUPPRESS
+    )
     p.add_argument("--data-limit", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -400,7 +458,9 @@ def _write_result(path: Path, args: argparse.Namespace, rows: list[dict[str, Any
     ).stdout.strip()
     cmd = "python benchmarks/layerwise_memory.py " + " ".join(sys.argv[1:])
     lines = [
-        "# Layer-wise walk: peak memory against the layer count",
+        "# plangen analyze --offload: peak memory against the layer count"
+        if args.analyze
+        else "# Layer-wise walk: peak memory against the layer count",
         "",
         f"Command: `{cmd}`; commit {commit}; {datetime.date.today().isoformat()}; "
         f"{os.cpu_count()} CPU cores; compute dtype {args.dtype}; "

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from compiler.checkpoint import load_checkpoint_facts
 from executor.layerwise import LayerWalk
@@ -359,6 +361,104 @@ def test_obs_ranking_is_the_exact_greedy_order_one_column_at_a_time():
     lam = damp * float(torch.diagonal(gram).mean())
     expected = _greedy_reference(w, gram + lam * torch.eye(8, dtype=torch.float64))
     assert list(np.argsort(ranking)) == expected
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 96])
+def test_the_gram_by_bands_is_the_float64_product(n):
+    """GramHook multiplies only the bands on and above the diagonal and mirrors them:
+    within float64 rounding of X^T X over every call, and exactly symmetric."""
+    from plangen.reconstruct import GramHook
+
+    g = torch.Generator().manual_seed(4)
+    lin = torch.nn.Linear(n, 3, bias=False)
+    xs = [torch.randn(2, 37, n, generator=g) ** 3 for _ in range(3)]
+    hook = GramHook(lin, stop=False)
+    with torch.no_grad():
+        for x in xs:
+            lin(x)
+    gram = hook.remove()
+    x64 = torch.cat([x.reshape(-1, n) for x in xs]).double()
+    exact = x64.T @ x64
+    assert gram.dtype == torch.float64 and torch.equal(gram, gram.T)
+    torch.testing.assert_close(gram, exact, rtol=1e-13, atol=1e-13 * float(exact.abs().max()))
+
+
+def _obs_full_matrix(weight, gram, damp, blocks):
+    """obs_ranking as it was before it shrank its matrices or stopped early: every round
+    on the full n x n H^-1, to the last column (the reference for both)."""
+    import math
+
+    w = weight.detach().to(torch.float64).clone()
+    g = gram.to(torch.float64)
+    n = g.shape[0]
+    lam = damp * float(torch.diagonal(g).mean()) or 1e-8
+    hinv = torch.linalg.inv(g + lam * torch.eye(n, dtype=torch.float64))
+    alive = torch.ones(n, dtype=torch.bool)
+    score = torch.empty(n, dtype=torch.float64)
+    step = max(1, math.ceil(n / blocks))
+    order = 0
+    while bool(alive.any()):
+        cost = (w * w).sum(0) / torch.diagonal(hinv).clamp_min(1e-30)
+        cost[~alive] = math.inf
+        take = min(step, int(alive.sum()))
+        gone = torch.topk(cost, take, largest=False).indices
+        gone = gone[torch.argsort(cost[gone], stable=True)]
+        score[gone] = torch.arange(order, order + take, dtype=torch.float64)
+        order += take
+        alive[gone] = False
+        if not bool(alive.any()):
+            break
+        solve_b = torch.linalg.solve(hinv[gone][:, gone], hinv[gone])
+        w -= w[:, gone] @ solve_b
+        hinv -= hinv[:, gone] @ solve_b
+        w[:, gone] = 0.0
+    return score.numpy()
+
+
+def _obs_case(seed: int, n: int, out: int = 5):
+    """W and G = X^T X with a correlated pair of inputs and a dead one."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * n + 3, n, generator=g, dtype=torch.float64)
+    x[:, 1] = 0.9 * x[:, 0] + 0.1 * x[:, 1]
+    x[:, n // 2] = 0.0
+    w = torch.randn(out, n, generator=g, dtype=torch.float64)
+    return w, x.T @ x
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(2, 40),
+    blocks=st.sampled_from([1, 3, 8, 64]),
+    damp=st.sampled_from([1e-3, 1e-2]),
+)
+def test_obs_ranking_shrinking_equals_the_full_matrix_rounds(seed, n, blocks, damp):
+    """Rounds on the columns still in place only: the full ranking is the full-matrix
+    one, score for score."""
+    from plangen.reconstruct import obs_ranking
+
+    w, gram = _obs_case(seed, n)
+    got = obs_ranking(w, gram, damp, blocks=blocks)
+    np.testing.assert_array_equal(got, _obs_full_matrix(w, gram, damp, blocks))
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(2, 40),
+    blocks=st.sampled_from([1, 3, 8, 64]),
+    data=st.data(),
+)
+def test_obs_ranking_stopped_at_a_width_keeps_the_full_rankings_channels(seed, n, blocks, data):
+    """With the width given, the rounds stop once the kept set is decided: top_channels
+    at that width is the full ranking's, and the scores are still a ranking."""
+    from compiler.geometry import top_channels
+    from plangen.reconstruct import obs_ranking
+
+    width = data.draw(st.integers(1, n), label="width")
+    w, gram = _obs_case(seed, n)
+    full = obs_ranking(w, gram, DAMP, blocks=blocks)
+    early = obs_ranking(w, gram, DAMP, blocks=blocks, width=width)
+    assert top_channels(early, width) == top_channels(full, width)
+    assert sorted(early) == list(range(n))  # every column a distinct rank
 
 
 def test_one_shot_solves_every_layer_on_the_unpruned_models_inputs(tiny):
