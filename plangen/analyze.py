@@ -2,11 +2,14 @@
 
   options resolved → output checked → checkpoint facts → --scores checked and its
   calibration adopted → option values this model cannot honour refused → weights
-  digest → the row's `prepare` → calibration windows (`compiler.corpus`) → the
-  model loaded → the row's `measure` (skipped with --scores) → its `candidates`
-  → held-out loss of each (`heldout.judge`) → the lowest chosen → the row's
-  `finish` → the plan (`emit`) and `PLAN.scores.safetensors`, both checked,
-  written atomically → the row's `beside`.
+  digest → the row's `prepare` → in memory or layer by layer (`plangen.memory`,
+  `--offload`) → calibration windows (`compiler.corpus`) → the walk every stage
+  runs the model through (over the loaded model, or opened on the checkpoint)
+  → the row's `measure` (skipped with --scores) → its `candidates` → held-out
+  loss of each (`heldout.judge`, every candidate in one walk) → the lowest
+  chosen → the row's `finish` → the plan (`emit`) and
+  `PLAN.scores.safetensors`, both checked, written atomically → the row's
+  `beside`.
 
 The rows are the kinds of model, `KINDS`: dense (`plangen.analyze_dense`: layers,
 KV groups, MLP channels) and mixture-of-experts (`plangen.analyze_moe`: experts);
