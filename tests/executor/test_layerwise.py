@@ -25,6 +25,7 @@ from tests.helpers.layerwise import (
     FAMILIES,
     SEQ,
     SLIDING_WINDOW,
+    SMALL_8B_LIKE,
     build,
     materialized,
     on_meta,
@@ -215,15 +216,7 @@ def _benchmark() -> object:
     return module
 
 
-# ~125 MB bf16 per layer; six layers and the head: a 0.75 GB checkpoint.
-SMALL_8B_LIKE = {
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "head_dim": 128,
-    "vocab_size": 2048,
-}
+# SMALL_8B_LIKE: ~125 MB bf16 per layer; six layers and the head: a 0.75 GB checkpoint.
 DATA_LIMIT = 700_000_000
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from plangen.cli import main as plangen
-from tests.helpers.layerwise import build
+from tests.helpers.layerwise import SMALL_8B_LIKE, build
 from tests.helpers.models import add_char_tokenizer
 from tests.helpers.paths import ROOT
 
@@ -143,15 +143,7 @@ def test_an_interrupted_layerwise_run_leaves_nothing(tmp_path: Path, how: int) -
 
 # ---- larger than memory --------------------------------------------------------------
 
-# ~125 MB bf16 per layer; eight layers and the head: a 1.0 GB checkpoint.
-SMALL_8B_LIKE = {
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "head_dim": 128,
-    "vocab_size": 2048,
-}
+# SMALL_8B_LIKE: ~125 MB bf16 per layer; eight layers and the head: a 1.0 GB checkpoint.
 DATA_LIMIT = 900_000_000
 
 
