@@ -382,7 +382,7 @@ class _Solver:
         self.passes = 0.0
 
     def __call__(self, cand: Candidate) -> list:
-        from plangen.reconstruct import Settings, solve_all
+        from plangen.reconstruct import Settings, solve_all, streams
 
         key = shape_key(cand)
         if key not in self.cache:
@@ -404,8 +404,11 @@ class _Solver:
             )
             self.seconds += time.perf_counter() - started
             layers = self.facts.layers or 1
+            if opts.one_shot:  # one walk per stream of shared inputs
+                self.passes += len(streams([(c, None) for c in jobs], self.facts))
             for c, s in zip(jobs, solved, strict=True):
-                self.passes += (layers + len(s)) / layers  # a walk plus a partial per solve
+                if not opts.one_shot:
+                    self.passes += (layers + len(s)) / layers  # a walk plus a partial per solve
                 self.cache[shape_key(c)] = s
         return self.cache[key]
 

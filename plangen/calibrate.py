@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -63,6 +63,17 @@ class Calibration:
     gradients: bool
 
 
+class LayerObserver(Protocol):
+    """Something else the forward walk should gather while each layer runs over every
+    batch of the unpruned model's states (e.g. `plangen.reconstruct.SharedGrams`):
+    `attach` its hooks to the loaded layer, `detach` them once the layer has seen
+    every batch (also when the walk fails)."""
+
+    def attach(self, i: int, module: Any) -> None: ...
+
+    def detach(self, i: int) -> None: ...
+
+
 def module_path(arch: Architecture, layer: int, spec: TensorSpec) -> str:
     return arch.layer_prefix.format(i=layer) + spec.name.removesuffix(".weight")
 
@@ -82,6 +93,7 @@ def collect(
     device: str = "cpu",
     progress: bool = True,
     walk: LayerWalk | None = None,
+    observers: Sequence[LayerObserver] = (),
 ) -> Calibration:
     """One pass over `windows`: depth scores, projection-input moments and, with
     `gradients`, a reverse sweep for the gradient metrics and, with `fisher`, the
@@ -93,7 +105,8 @@ def collect(
     checkpoint, the model never whole in memory; `model` is then unused), or the
     walk over the loaded `model` with every layer resident. The reverse sweep
     recomputes one layer at a time, so the gradient pass holds one layer's
-    activations, as gradient checkpointing would."""
+    activations, as gradient checkpointing would. `observers` gather more in the
+    forward walk, on the same states."""
     score = _Scoring(arch, tuple(metrics), scored, geom, seed)
     score.check(gradients)
     if walk is None:
@@ -107,7 +120,15 @@ def collect(
     bounds = [states]
     for i in tqdm(range(n), desc="calibrate", unit="layer", disable=not progress, leave=False):
         with walk.layer(i) as module:
-            states = _forward_observed(walk, i, states, module, arch, stats[i], depth, gradients)
+            for o in observers:
+                o.attach(i, module)
+            try:
+                states = _forward_observed(
+                    walk, i, states, module, arch, stats[i], depth, gradients
+                )
+            finally:
+                for o in observers:
+                    o.detach(i)
             score(i, module, stats[i])
         if gradients:
             bounds.append(states)

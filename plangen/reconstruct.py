@@ -42,9 +42,9 @@ from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
 from compiler.geometry import top_channels
 from executor.layerwise import LayerWalk, States, StopLayer
-from plangen.calibrate import output_projection
 from plangen.candidate import Candidate
 from plangen.metrics import DAMP, OBS
+from plangen.metrics.inputs import output_projection
 from plangen.scores import ScoreTables
 from plangen.surgery import Solved, applied_layer
 
@@ -114,6 +114,42 @@ class GramHook:
         if self.gram is None:
             raise RuntimeError("the projection never ran: nothing to reconstruct from")
         return self.gram
+
+
+class SharedGrams:
+    """The Grams of o_proj's and down_proj's inputs on the unpruned model, gathered by
+    the calibration's forward walk (a `plangen.calibrate.LayerObserver`) for a one-shot
+    reconstruction: those are the inputs it solves on, so it then needs no walk of
+    its own (the same batches, the same states: the same Grams bit for bit). They are
+    kept in memory until the solves: (q width^2 + ffn^2) x 8 bytes per layer
+    (`nbytes`), which `plangen.analyze_dense` checks fits before asking for them."""
+
+    def __init__(self, arch: Architecture) -> None:
+        self.specs = [(part, spec) for _, part, spec in _projections(arch) if spec is not None]
+        self.grams: dict[tuple[int, str], torch.Tensor] = {}
+        self._hooks: dict[str, GramHook] = {}
+
+    @staticmethod
+    def nbytes(facts: ModelFacts) -> int:
+        """What the Grams of every layer take, in float64."""
+        q = (facts.heads or 0) * (facts.head_dim or 0)
+        return (facts.layers or 0) * (q * q + (facts.ffn or 0) ** 2) * 8
+
+    def attach(self, i: int, module: Any) -> None:
+        for part, spec in self.specs:
+            try:
+                proj = module.get_submodule(_module_name(spec))
+            except AttributeError:
+                continue  # a MoE layer has no dense down_proj
+            self._hooks[part] = GramHook(proj, stop=False)
+
+    def detach(self, i: int) -> None:
+        hooks, self._hooks = self._hooks, {}
+        for part, hook in hooks.items():
+            self.grams[(i, part)] = hook.remove()
+
+    def covers(self, wanted: Collection[tuple[int, str]]) -> bool:
+        return all(key in self.grams for key in wanted)
 
 
 class ResidualHook:
@@ -271,6 +307,7 @@ def solve_all(
     windows: Sequence[Sequence[int]],
     settings: Settings = Settings(),
     progress: bool = True,
+    grams: SharedGrams | None = None,
 ) -> list[list[Solved]]:
     """Every job's reconstruction in one walk: each decoder layer is loaded once and
     serves every candidate, each of which advances its own states through it.
@@ -283,8 +320,9 @@ def solve_all(
     sees it pruned; then its states go through the layer, and the layer is put
     back bit for bit for the next candidate. With metric `obs` the walk also picks
     the MLP channels (`obs_ranking`, on the same inputs). `settings.one_shot`:
-    every projection solved on the inputs of the candidate's unsolved layers
-    (what a single calibration pass would give; measured worse);
+    every projection solved on the inputs of the candidate's unsolved layers, which
+    candidates share (`_Shared`: one forward for all of `auto`'s, none when the
+    calibration gathered the unpruned model's Grams, `grams`);
     `settings.residual`: the original model's states are walked alongside and
     down_proj is fitted toward its layer output. Dropped layers pass their
     input on."""
@@ -292,6 +330,9 @@ def solve_all(
 
     chosen = [_chosen(cand, targets, facts) for cand, targets in jobs]
     rest = [_rest(cand, parts) for (cand, _), parts in zip(jobs, chosen, strict=True)]
+    if settings.one_shot:
+        shared = _Shared(walk, arch, facts, scores, settings.damp, grams)
+        return shared.solve(jobs, chosen, rest, windows, progress)
     first = walk.inputs(windows)  # the embedding: the same pruned or not
     states = [first] + [States(first.batches, _copy(walk, first), 0) for _ in jobs[1:]]
     original = States(first.batches, _copy(walk, first), 0) if settings.residual else None
@@ -314,6 +355,176 @@ def solve_all(
     for s in states:
         s.cache.close()
     return solved
+
+
+def streams(jobs: Sequence[Job], facts: ModelFacts) -> dict[tuple[object, ...], list[int]]:
+    """The jobs grouped by the states a one-shot solve reads: a candidate's layers run
+    with what it does besides the re-solved cuts (`_rest`), so candidates alike in that
+    (all of `auto`'s reconstructed ones: nothing besides) read the same inputs at every
+    layer, and one forward and one Gram per projection serve them all."""
+    out: dict[tuple[object, ...], list[int]] = {}
+    for j, (cand, targets) in enumerate(jobs):
+        out.setdefault(_stream_key(_rest(cand, _chosen(cand, targets, facts))), []).append(j)
+    return out
+
+
+def _stream_key(rest: Candidate) -> tuple[object, ...]:
+    """What `applied_layer` does with a candidate's cuts that are not re-solved."""
+    cuts = bool(rest.groups_dropped or rest.mlp_width)
+    return (
+        rest.drop,
+        tuple(sorted(rest.groups_dropped.items())),
+        tuple(sorted(rest.mlp_width.items())),
+        rest.unit_metric if cuts else None,
+        rest.compensate and cuts,
+        tuple(sorted(rest.experts_dropped.items())),
+        rest.experts_rescale,
+        rest.expert_width,
+        rest.shared_width,
+    )
+
+
+@dataclass
+class _Shared:
+    """One-shot: every projection solved on the inputs of the candidate's layers as they
+    are without the re-solved cuts. Candidates that read the same inputs (`streams`)
+    share one state stream, one pass through each layer that also gathers the Grams of
+    o_proj and down_proj, and one OBS ranking per MLP (greedy: the ranking decided down
+    to the narrowest width asked decides every wider kept set the same way); only the
+    solves are per candidate. `auto`'s reconstructed candidates are one stream, the
+    unpruned model's: its Grams, when the calibration gathered them (`grams`), need no
+    pass at all."""
+
+    walk: LayerWalk
+    arch: Architecture
+    facts: ModelFacts
+    scores: ScoreTables
+    damp: float
+    grams: SharedGrams | None
+
+    def solve(
+        self,
+        jobs: Sequence[Job],
+        chosen: Sequence[set[tuple[int, str]]],
+        rest: Sequence[Candidate],
+        windows: Sequence[Sequence[int]],
+        progress: bool,
+    ) -> list[list[Solved]]:
+        from tqdm import tqdm
+
+        groups = streams(jobs, self.facts)
+        walked = [key for key, members in groups.items() if not self._given(key, members, chosen)]
+        states: dict[tuple[object, ...], States] = {}
+        if walked:
+            first = self.walk.inputs(windows)
+            for n, key in enumerate(walked):
+                states[key] = first if n == 0 else States(first.batches, _copy(self.walk, first), 0)
+        solved: list[list[Solved]] = [[] for _ in jobs]
+        desc = "reconstruct" if walked else "reconstruct (calibration's Grams)"
+        for k in tqdm(range(self.walk.num_layers), desc=desc, unit="layer", disable=not progress):
+            with self.walk.layer(k) as module:
+                for key, members in groups.items():
+                    parts = {p for j in members for (layer, p) in chosen[j] if layer == k}
+                    if key in states:
+                        grams = self._walked(k, module, rest[members[0]], parts, states, key)
+                    else:
+                        assert self.grams is not None
+                        grams = {p: self.grams.grams[(k, p)] for p in parts}
+                    rankings: dict[str, np.ndarray] = {}
+                    narrowest = _narrowest_obs(jobs, members, k)
+                    for j in members:
+                        for space, part, spec in _projections(self.arch):
+                            if (k, part) not in chosen[j] or spec is None:
+                                continue
+                            weight = module.get_submodule(_module_name(spec)).weight
+                            cand = jobs[j][0]
+                            one = self._one(
+                                cand, k, space, part, weight, grams[part], rankings, narrowest
+                            )
+                            solved[j].append(one)
+        for st in states.values():
+            st.cache.close()
+        return solved
+
+    def _given(
+        self,
+        key: tuple[object, ...],
+        members: Sequence[int],
+        chosen: Sequence[set[tuple[int, str]]],
+    ) -> bool:
+        """Whether the calibration's Grams serve this stream: the unpruned model's, and
+        every projection it solves gathered."""
+        return (
+            self.grams is not None
+            and key == _stream_key(Candidate("", ""))
+            and self.grams.covers(set().union(*(chosen[j] for j in members)))
+        )
+
+    def _walked(
+        self,
+        k: int,
+        module: Any,
+        lead: Candidate,
+        parts: set[str],
+        states: dict[tuple[object, ...], States],
+        key: tuple[object, ...],
+    ) -> dict[str, torch.Tensor]:
+        """The stream's states through layer k (passed on when the stream drops it), and
+        the Grams of the projections `parts` gathered on the way."""
+        if k in lead.drop:
+            states[key] = self.walk.skip(k, states[key])
+            return {}
+        specs = {part: spec for _, part, spec in _projections(self.arch)}
+        hooks = {
+            p: GramHook(module.get_submodule(_module_name(specs[p])), stop=False)
+            for p in parts
+            if specs[p] is not None
+        }
+        try:
+            with applied_layer(module, k, self.arch, self.facts, lead, self.scores):
+                states[key] = self.walk.forward_layer(k, states[key], module, inplace=True)
+        finally:
+            grams = {p: h.remove() for p, h in hooks.items()}
+        return grams
+
+    def _one(
+        self,
+        cand: Candidate,
+        k: int,
+        space: str,
+        part: str,
+        weight: torch.Tensor,
+        gram: torch.Tensor,
+        rankings: dict[str, np.ndarray],
+        narrowest: int | None,
+    ) -> Solved:
+        """One candidate's projection re-solved from the shared Gram; the OBS ranking
+        (MLP channels picked in the walk) computed once per layer, kept in `rankings`."""
+        ranking = None
+        if part == "mlp" and cand.metric == OBS:
+            if part not in rankings:
+                rankings[part] = obs_ranking(weight, gram, self.damp, width=narrowest)
+            ranking = rankings[part]
+            kept = np.asarray(top_channels(ranking, cand.mlp_width[k]), dtype=np.int64)
+        else:
+            kept = cand.kept_inputs(k, space, self.facts, self.scores)
+        assert kept is not None
+        new = solve(weight, gram, torch.from_numpy(kept).to(weight.device), self.damp)
+        return Solved(k, part, kept, new, ranking)
+
+
+def _module_name(spec: Any) -> str:
+    return str(spec.name).removesuffix(".weight")
+
+
+def _narrowest_obs(jobs: Sequence[Job], members: Sequence[int], k: int) -> int | None:
+    """The narrowest MLP width the stream's OBS candidates ask of layer k."""
+    widths = [
+        jobs[j][0].mlp_width[k]
+        for j in members
+        if jobs[j][0].metric == OBS and k in jobs[j][0].mlp_width
+    ]
+    return min(widths) if widths else None
 
 
 def _chosen(
@@ -388,9 +599,8 @@ class _Step:
                 cols = torch.from_numpy(kept).to(w.device)
                 new = solve(w, gram, cols, self.settings.damp, cross)
                 solved.append(Solved(self.k, part, kept, new, ranking))
-                if not self.settings.one_shot:  # the layer's next projection sees this one
-                    _write(w, cols, new, saved)
-            # The layer as solved, or with one_shot unsolved, feeds the next.
+                _write(w, cols, new, saved)  # the layer's next projection sees this one
+            # The layer as solved feeds the next.
             states = self.walk.forward_layer(self.k, states, self.module, inplace=True)
         finally:
             with torch.no_grad():

@@ -136,3 +136,52 @@ def test_one_walk_for_every_candidate_equals_one_walk_each(model_dir: Path, mode
     assert loaded == list(range(L))  # each layer read once for all three candidates
     for got, want in zip(offloaded, each, strict=True):
         _same(got, want)
+
+
+def test_one_shot_candidates_share_one_forward_and_one_obs_ranking(model_dir: Path) -> None:
+    """One-shot: candidates whose layers read the same inputs share the forward, the
+    Grams and the OBS ranking (decided down to the narrowest width); each one's kept
+    sets and solved weights are what it gets alone."""
+    from transformers import AutoModelForCausalLM
+
+    ck = load_checkpoint_facts(model_dir)
+    facts, scores, windows = model_facts(ck), _scores(model_facts(ck)), _windows()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cands = [
+        Candidate("u", "wide", mlp_width={0: 64, 1: 48, 2: 30}, metric=OBS, reconstruct=True),
+        Candidate("u", "narrow", mlp_width={0: 20, 1: 70, 2: 12}, metric=OBS, reconstruct=True),
+        Candidate(
+            "u", "s", groups_dropped={1: (0,)}, mlp_width={0: 40}, metric="s", reconstruct=True
+        ),
+    ]
+    settings = Settings(one_shot=True)
+    alone = [
+        solve_all(
+            LayerWalk.over(model, ck.arch, batch_size=4),
+            ck.arch, facts, [(c, None)], scores, windows, settings, progress=False,
+        )[0]
+        for c in cands
+    ]  # fmt: skip
+    walk = LayerWalk.over(model, ck.arch, batch_size=4)
+    runs: list[int] = []
+    real = walk.forward_batch
+
+    def counted(i, states, k, module=None):
+        runs.append(i)
+        return real(i, states, k, module)
+
+    walk.forward_batch = counted  # type: ignore[method-assign]
+    together = solve_all(
+        walk, ck.arch, facts, [(c, None) for c in cands], scores, windows, settings, progress=False
+    )
+    batches = -(-len(windows) // 4)
+    assert runs == [i for i in range(L) for _ in range(batches)]  # one forward for all three
+    for got, want in zip(together, alone, strict=True):
+        assert [(s.layer, s.part) for s in got] == [(s.layer, s.part) for s in want]
+        for a, b in zip(got, want, strict=True):
+            assert np.array_equal(a.kept, b.kept)
+            assert torch.equal(a.weight, b.weight), (a.layer, a.part)
+    # The wide candidate's ranking is the one decided to the narrow widths: the same
+    # object for both, the same kept sets as its own.
+    for a, b in zip(together[0], together[1], strict=True):
+        assert a.ranking is b.ranking
