@@ -48,6 +48,7 @@ from plangen.strategies.uniform import uniform
 
 if TYPE_CHECKING:
     from executor.layerwise import LayerWalk
+    from plangen.reconstruct import SharedGrams
 
 OBS_ALLOCATION = "taylor"  # ... with the widths allocated by this measured table
 DEFAULT_TARGET = 0.75
@@ -285,6 +286,7 @@ def _measure(r: Run) -> ScoreTables:
         f"plangen: calibrating on {len(r.calib)} x {opts.seqlen} tokens of {opts.calib}"
         + (" (forward + backward)" if gradients else ""),
     )
+    r.grams = _shared_grams(r)
     calib = collect(
         None,
         r.ckpt.arch,
@@ -297,6 +299,7 @@ def _measure(r: Run) -> ScoreTables:
         geom=geometry(r.facts),
         progress=opts.progress,
         walk=r.walk,
+        observers=[r.grams] if r.grams is not None else (),
     )
     # The forward walk, then the reverse sweep: each layer recomputed (one forward) and
     # back-propagated (about two).
@@ -311,6 +314,35 @@ def _measure(r: Run) -> ScoreTables:
         r.passes += (r.facts.layers or 0) * len(r.held) / len(r.calib)
     scores.metadata = scores_metadata(opts, r.facts, r.text_sha, r.metrics, r.weights)
     return scores
+
+
+def reconstructs(opts: Options) -> bool:
+    """Whether some candidate will be reconstructed (auto's always are)."""
+    return opts.strategy == "auto" or opts.reconstruct or opts.metric == OBS
+
+
+def _shared_grams(r: Run) -> SharedGrams | None:
+    """The unpruned model's Grams, gathered by the calibration's forward walk, when a
+    one-shot reconstruction will solve on them and they fit beside the calibration in
+    memory (else the reconstruction walks the model once more to gather them; said)."""
+    from plangen.memory import Footprint, room_beside, size
+    from plangen.reconstruct import SharedGrams
+
+    opts = r.opts
+    if not (opts.one_shot and reconstructs(opts)):
+        return None
+    need = SharedGrams.nbytes(r.facts)
+    width = 2 if opts.dtype == "bfloat16" else 4
+    tokens = opts.nsamples * opts.seqlen
+    on_disk = r.placement.states != "host"
+    if room_beside(need, Footprint.of(r.ckpt), width, tokens, r.gradients, on_disk):
+        return SharedGrams(r.ckpt.arch)
+    say(
+        opts,
+        f"plangen: the one-shot reconstruction's Grams ({size(need)}) do not fit beside the "
+        "calibration: they are gathered in a walk of their own after it",
+    )
+    return None
 
 
 def _candidates_and_solver(r: Run) -> list[Candidate]:
@@ -375,14 +407,14 @@ class _Solver:
     def __init__(self, r: Run, cands: list[Candidate]) -> None:
         assert r.walk is not None and r.scores is not None
         self.walk, self.arch, self.facts, self.scores = r.walk, r.ckpt.arch, r.facts, r.scores
-        self.windows, self.opts = r.calib, r.opts
+        self.windows, self.opts, self.grams = r.calib, r.opts, r.grams
         self.todo = [c for c in cands if c.reconstruct]
         self.cache: dict[tuple[object, ...], list] = {}
         self.seconds = 0.0
         self.passes = 0.0
 
     def __call__(self, cand: Candidate) -> list:
-        from plangen.reconstruct import Settings, solve_all, streams
+        from plangen.reconstruct import Settings, one_shot_walks, solve_all
 
         key = shape_key(cand)
         if key not in self.cache:
@@ -401,11 +433,12 @@ class _Solver:
                 self.windows,
                 settings,
                 opts.progress,
+                grams=self.grams,
             )
             self.seconds += time.perf_counter() - started
             layers = self.facts.layers or 1
-            if opts.one_shot:  # one walk per stream of shared inputs
-                self.passes += len(streams([(c, None) for c in jobs], self.facts))
+            if opts.one_shot:  # one walk per stream of shared inputs not gathered already
+                self.passes += one_shot_walks([(c, None) for c in jobs], self.facts, self.grams)
             for c, s in zip(jobs, solved, strict=True):
                 if not opts.one_shot:
                     self.passes += (layers + len(s)) / layers  # a walk plus a partial per solve

@@ -169,6 +169,19 @@ class Footprint:
         return RUNTIME_BASE + layer + scoring + self.outside * width + states
 
 
+def room_beside(
+    extra: int, footprint: Footprint, width: int, tokens: int, gradients: bool, on_disk: bool
+) -> bool:
+    """Whether `extra` bytes more of host memory fit beside what the calibration still
+    allocates once the model is placed (its state cache, unless on disk, and the
+    runtime's share), by what is free now. Unknown (not Linux): yes."""
+    free, _ = free_memory("cpu")
+    if free is None:
+        return True
+    states = 0 if on_disk else footprint.state_cache(width, tokens, gradients)
+    return extra + states + RUNTIME_BASE <= free
+
+
 def size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # torch is imported by the stages that load the model, not he
     import torch
 
     from executor.layerwise import LayerWalk
+    from plangen.reconstruct import SharedGrams
 
 
 class AnalyzeError(Exception):
@@ -96,6 +97,7 @@ class Run:
     scores: ScoreTables | None = None
     cands: list[Candidate] | None = None  # made before loading when --scores allows
     solutions: Solutions | None = None  # reconstructs a candidate for the judge
+    grams: SharedGrams | None = None  # the calibration's Grams for a one-shot reconstruction
 
     @property
     def text_sha(self) -> str:

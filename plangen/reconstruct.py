@@ -368,6 +368,29 @@ def streams(jobs: Sequence[Job], facts: ModelFacts) -> dict[tuple[object, ...], 
     return out
 
 
+def one_shot_walks(jobs: Sequence[Job], facts: ModelFacts, grams: SharedGrams | None) -> int:
+    """The walks a one-shot reconstruction of `jobs` takes: one per stream, but none for
+    the unpruned model's when the calibration gathered its Grams."""
+    groups = streams(jobs, facts)
+    chosen = [_chosen(cand, targets, facts) for cand, targets in jobs]
+    return sum(not _given(grams, key, members, chosen) for key, members in groups.items())
+
+
+def _given(
+    grams: SharedGrams | None,
+    key: tuple[object, ...],
+    members: Sequence[int],
+    chosen: Sequence[set[tuple[int, str]]],
+) -> bool:
+    """Whether the calibration's Grams serve this stream: the unpruned model's, and
+    every projection it solves gathered."""
+    return (
+        grams is not None
+        and key == _stream_key(Candidate("", ""))
+        and grams.covers(set().union(*(chosen[j] for j in members)))
+    )
+
+
 def _stream_key(rest: Candidate) -> tuple[object, ...]:
     """What `applied_layer` does with a candidate's cuts that are not re-solved."""
     cuts = bool(rest.groups_dropped or rest.mlp_width)
@@ -413,7 +436,9 @@ class _Shared:
         from tqdm import tqdm
 
         groups = streams(jobs, self.facts)
-        walked = [key for key, members in groups.items() if not self._given(key, members, chosen)]
+        walked = [
+            key for key, members in groups.items() if not _given(self.grams, key, members, chosen)
+        ]
         states: dict[tuple[object, ...], States] = {}
         if walked:
             first = self.walk.inputs(windows)
@@ -445,20 +470,6 @@ class _Shared:
         for st in states.values():
             st.cache.close()
         return solved
-
-    def _given(
-        self,
-        key: tuple[object, ...],
-        members: Sequence[int],
-        chosen: Sequence[set[tuple[int, str]]],
-    ) -> bool:
-        """Whether the calibration's Grams serve this stream: the unpruned model's, and
-        every projection it solves gathered."""
-        return (
-            self.grams is not None
-            and key == _stream_key(Candidate("", ""))
-            and self.grams.covers(set().union(*(chosen[j] for j in members)))
-        )
 
     def _walked(
         self,

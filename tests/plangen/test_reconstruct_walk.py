@@ -185,3 +185,36 @@ def test_one_shot_candidates_share_one_forward_and_one_obs_ranking(model_dir: Pa
     # object for both, the same kept sets as its own.
     for a, b in zip(together[0], together[1], strict=True):
         assert a.ranking is b.ranking
+
+
+def test_one_shot_on_the_calibrations_grams_equals_its_own_walk(model_dir: Path) -> None:
+    """The Grams the calibration's forward walk gathers (`SharedGrams`) are the ones a
+    one-shot walk gathers, bit for bit: the solves need no forward of their own."""
+    from transformers import AutoModelForCausalLM
+
+    from plangen.calibrate import collect
+    from plangen.reconstruct import SharedGrams, one_shot_walks
+
+    ck = load_checkpoint_facts(model_dir)
+    facts, scores, windows = model_facts(ck), _scores(model_facts(ck)), _windows()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    jobs = [(c, None) for c in CANDIDATES[:2]]
+    settings = Settings(one_shot=True)
+    walked = solve_all(
+        LayerWalk.over(model, ck.arch, batch_size=4),
+        ck.arch, facts, jobs, scores, windows, settings, progress=False,
+    )  # fmt: skip
+    grams = SharedGrams(ck.arch)
+    collect(model, ck.arch, windows, observers=[grams], batch_size=4, progress=False)
+    assert len(grams.grams) == 2 * L
+    assert one_shot_walks(jobs, facts, None) == 1 and one_shot_walks(jobs, facts, grams) == 0
+    walk = LayerWalk.over(model, ck.arch, batch_size=4)
+    walk.forward_batch = None  # type: ignore[assignment,method-assign]  # never called
+    given = solve_all(
+        walk, ck.arch, facts, jobs, scores, windows, settings, progress=False, grams=grams
+    )
+    for got, want in zip(given, walked, strict=True):
+        _same(got, want)
+    # A stream that is not the unpruned model's (a dropped layer) still walks.
+    dropped = [(CANDIDATES[2], TARGETS[2])]
+    assert one_shot_walks(dropped, facts, grams) == 1
