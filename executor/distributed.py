@@ -236,29 +236,9 @@ def start(device: str) -> tuple[Shard, str]:
 
 
 def stop() -> None:
-    """Leave the process group (after a last barrier, so no process exits mid-collective)."""
+    """Leave the process group; this process walks every batch again."""
     import torch.distributed as dist
 
     _CURRENT.set(None)
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def agree(ok: bool) -> bool:
-    """Whether every process says `ok` (a collective; True with one process)."""
-    shard = current()
-    if shard is None:
-        return ok
-    flag = torch.tensor([int(ok)], dtype=torch.long, device=shard.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def broadcast_object(value: Any, src: int = 0) -> Any:
-    """`value` of process `src` on every process (itself with one process)."""
-    shard = current()
-    if shard is None:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src)
-    return box[0]
