@@ -79,7 +79,7 @@ from torch import nn
 
 from compiler.architectures import Architecture
 from compiler.checkpoint import TensorInfo, architecture_of, read_config, tensor_index
-from executor import lm_loss
+from executor import distributed, lm_loss
 from executor.family_config import PLANCC_KEY
 from executor.loader import fuse_experts
 
@@ -237,6 +237,9 @@ class Batch:
     ids: torch.Tensor  # [B, T] token ids, on the host
     args: list[tuple[Any, ...]]  # per layer: positional arguments after the hidden states
     kwargs: list[dict[str, Any]]  # per layer: keyword arguments (masks, rotary cos/sin, ...)
+    # Under torchrun: (its global index, the number of batches all processes walk);
+    # None when one process walks every batch (`executor.distributed`).
+    at: tuple[int, int] | None = None
 
 
 @dataclass
@@ -549,14 +552,23 @@ class LayerWalk:
 
     def inputs(self, windows: Sequence[Sequence[int]] | torch.Tensor) -> States:
         """The embeddings of the windows (`batch_size` per batch) and every layer's call
-        arguments, recorded from the model's own forward without running any decoder layer."""
+        arguments, recorded from the model's own forward without running any decoder layer.
+
+        Under torchrun (`executor.distributed.current()`), only this process's share of
+        the batches (`Shard.mine`: the one place the split is decided), each knowing its
+        global index; every later step of the walk runs on that share."""
         cache = self.new_cache()
         batches = []
+        every = self._ids_batches(windows)
+        shard = distributed.current()
+        mine = shard.mine(len(every)) if shard is not None else range(len(every))
         with self._outside(head=False), torch.no_grad():
-            for k, ids in enumerate(self._ids_batches(windows)):
+            for k, b in enumerate(mine):
+                ids = every[b]
                 hidden, args, kwargs = self._record(ids.to(self.device))
                 cache.put(k, hidden)
-                batches.append(Batch(ids, args, kwargs))
+                at = (b, len(every)) if shard is not None else None
+                batches.append(Batch(ids, args, kwargs, at))
         return States(batches, cache, 0)
 
     def _record(
@@ -631,7 +643,7 @@ class LayerWalk:
             raise ValueError(f"these states are the input of layer {states.layer}, not {i}")
         module = module if module is not None else self.layers[i]
         batch = states.batches[k]
-        with torch.no_grad():
+        with torch.no_grad(), distributed.running(batch.at):  # hooks see the global batch
             result = module(states.get(k, self.device), *batch.args[i], **batch.kwargs[i])
         return result[0] if isinstance(result, tuple) else result
 
@@ -687,13 +699,14 @@ class LayerWalk:
 
     def _mean_head_loss(self, states: States) -> float:
         """The mean over batches weighted by predicted tokens, summed in batch order as
-        `mean_loss` sums it (head loaded)."""
-        total, count = 0.0, 0
+        `mean_loss` sums it (head loaded); under torchrun every process's batches, in
+        global batch order (a collective)."""
+        terms = []
         for k, batch in enumerate(states.batches):
             predicted = batch.ids[:, 1:].numel()
-            total += float(self._head_loss(states.get(k, self.device), batch.ids)) * predicted
-            count += predicted
-        return total / count if count else float("nan")
+            loss = float(self._head_loss(states.get(k, self.device), batch.ids))
+            terms.append((loss * predicted, predicted))
+        return _weighted_mean(terms)
 
     def _head_loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """One batch's mean next-token loss from its final states (head loaded), as
@@ -766,7 +779,7 @@ class LayerWalk:
             raise ValueError("the sweep needs the states at every layer boundary, 0 to L")
         batches = bounds[0].batches
         grads = self.new_cache()
-        total, count = 0.0, 0
+        terms = []
         with self._outside(head=True):
             for k, batch in enumerate(batches):
                 final = bounds[-1].get(k, self.device).detach().requires_grad_()
@@ -775,9 +788,9 @@ class LayerWalk:
                     (grad,) = torch.autograd.grad(loss, final)
                 grads.put(k, grad)
                 predicted = batch.ids[:, 1:].numel()
-                total += float(loss.detach()) * predicted
-                count += predicted
+                terms.append((float(loss.detach()) * predicted, predicted))
                 del final, loss, grad
+        mean = _weighted_mean(terms)
         bounds[-1].cache.close()
         for i in reversed(range(self.num_layers)):
             below = self.new_cache() if i > 0 else None  # layer 0's input needs none
@@ -798,7 +811,7 @@ class LayerWalk:
             bounds[i].cache.close()
             if below is not None:
                 grads = below
-        return total / count if count else float("nan")
+        return mean
 
     def _backward_layer(
         self,
@@ -811,8 +824,12 @@ class LayerWalk:
         on_batch: Callable[[int, int, nn.Module, dict[str, torch.Tensor]], None] | None,
     ) -> None:
         """Layer i's backward, batch by batch: its parameters' `.grad` summed in batch
-        order (as autograd accumulates them), its input's gradient put in `below`."""
+        order (as autograd accumulates them), its input's gradient put in `below`. Under
+        torchrun the sums go round the processes in global batch order
+        (`distributed.Ring`), and every process ends with the sums over every batch."""
         params = [p for _, p in chosen]
+        shard = distributed.current()
+        ring = distributed.Ring(shard, params, _grad_add) if shard is not None else None
         # The order in which autograd computes the parameters' gradients: `on_batch`
         # gets them in that order, the order a full model's parameter hooks see them
         # (calibration folds the Fisher term in it; float sums depend on the order).
@@ -842,10 +859,17 @@ class LayerWalk:
                     g = got[j]
                     name, p = chosen[j]
                     per_batch[name] = g
-                    p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+                    if ring is None:
+                        p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+                if ring is not None and batch.at is not None:
+                    done = set(order)
+                    ring.add(*batch.at, [got[j] if j in done else None for j in range(len(got))])
                 if on_batch is not None:
                     on_batch(i, k, module, per_batch)
                 del hidden, got, per_batch
+            if ring is not None:
+                for p, total in zip(params, ring.result(), strict=True):
+                    p.grad = total
         finally:
             for h in handles:
                 h.remove()
@@ -856,6 +880,26 @@ class LayerWalk:
                 f"these states are the input of layer {states.layer}; "
                 f"the head needs the output of all {self.num_layers}"
             )
+
+
+def _grad_add(total: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+    """How autograd's `.grad` takes one more batch (the first: a copy)."""
+    return g.clone() if total is None else total.add_(g)
+
+
+def _weighted_mean(terms: Sequence[tuple[float, int]]) -> float:
+    """The mean of per-batch (loss x predicted tokens, predicted tokens), summed in
+    batch order: this process's batches, or under torchrun every process's in global
+    batch order (`distributed.replay`, a collective)."""
+    total, count = 0.0, 0
+
+    def add(term: tuple[float, int]) -> None:
+        nonlocal total, count
+        total += term[0]
+        count += term[1]
+
+    distributed.replay(terms, add)
+    return total / count if count else float("nan")
 
 
 def _note(order: list[int], j: int, grad: torch.Tensor) -> None:

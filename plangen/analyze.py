@@ -36,6 +36,7 @@ from compiler.facts import ModelFacts, validate_facts
 from compiler.parse import parse
 from compiler.sidecar import WEIGHTS_KEY
 from compiler.targets import ANY, TARGETS
+from executor.device import resolve_device
 from plangen.analyze_dense import DENSE
 from plangen.analyze_moe import MOE
 from plangen.candidate import original_params
@@ -241,7 +242,32 @@ def adopt_calibration(opts: Options, scores: ScoreTables) -> Options:
 
 
 def run(opts: Options) -> Outcome:
-    """Analyze the checkpoint of `opts` and write its plan and sidecar."""
+    """Analyze the checkpoint of `opts` and write its plan and sidecar.
+
+    Under torchrun (`executor.distributed.launched`) the processes join one group for
+    the run: each walks its share of the calibration and held-out batches, the sums
+    over batches are combined in global batch order (the plan and sidecar are the
+    single process's, byte for byte), and only rank 0 writes and prints."""
+    from executor import distributed
+
+    if not distributed.launched():
+        return _run(opts)
+    shard, device = distributed.start(resolve_device(opts.device))
+    quiet = opts.quiet or shard.rank != 0
+    try:
+        return _run(dataclasses.replace(opts, device=device, quiet=quiet))
+    finally:
+        distributed.stop()
+
+
+def lead() -> bool:
+    """Whether this process writes and prints: the only one, or torchrun's rank 0."""
+    from executor import distributed
+
+    return not distributed.launched() or os.environ.get("RANK", "0") == "0"
+
+
+def _run(opts: Options) -> Outcome:
     started = time.perf_counter()
     r = _checked(opts, started)
     r.kind.prepare(r)
@@ -267,10 +293,10 @@ def _analyzed(r: Run) -> Outcome:
     chosen, why = _choice(r, measured)
     r.kind.finish(r, chosen.candidate)
     provenance = provenance_lines(r.opts, r.facts, r.text_sha, why, measured, loss_before)
-    plan_path, sidecar = write_outputs(
-        r.opts, r.ckpt, r.facts, r.scores, chosen.candidate, provenance, r.weights
-    )
-    r.kind.beside(r, chosen.candidate, plan_path)
+    plan_path, sidecar = r.opts.output, scores_path_for(r.opts.output)
+    if lead():  # under torchrun, every rank has the same outcome; rank 0 writes it
+        write_outputs(r.opts, r.ckpt, r.facts, r.scores, chosen.candidate, provenance, r.weights)
+        r.kind.beside(r, chosen.candidate, plan_path)
     return Outcome(
         plan_path,
         sidecar,
@@ -334,7 +360,7 @@ def _place(r: Run) -> None:
         )
     except DoesNotFit as exc:
         raise AnalyzeError(str(exc)) from None
-    if r.placement.said is not None:
+    if r.placement.said is not None and lead():
         print(r.placement.said, file=sys.stderr)
     if isinstance(r.placement.states, Path):
         from plangen import staging

@@ -90,6 +90,16 @@ def _moe_layers(facts: ModelFacts) -> list[int]:
 
 
 def _measure(r: Run) -> ScoreTables:
+    """`_measured` on every window in every process under torchrun: the router
+    statistics and NAEE's search are not split (NAEE reads the first tokens of all the
+    windows at once); the probes and the judge after them are."""
+    from executor import distributed
+
+    with distributed.whole():
+        return _measured(r)
+
+
+def _measured(r: Run) -> ScoreTables:
     """One forward pass for every MoE layer's router statistics (and, for a budget,
     the dense axes' input statistics), then NAEE's searches when asked."""
     opts, facts = r.opts, r.facts

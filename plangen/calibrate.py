@@ -44,6 +44,7 @@ import torch
 
 from compiler.architectures import Architecture, TensorSpec
 from compiler.geometry import Geometry
+from executor import distributed
 from executor.layerwise import LayerWalk, States
 from plangen.metrics.depth import DepthStats
 from plangen.metrics.inputs import InputMoments, LayerInputs, LayerStats, output_projection
@@ -114,8 +115,9 @@ def collect(
     from tqdm import tqdm
 
     n = walk.num_layers
+    split = distributed.current() is not None  # torchrun: this process's share of batches
     stats = [LayerStats() for _ in range(n)]
-    depth = DepthStats(n)
+    depth = DepthStats(n, split=split)
     states = walk.inputs(windows)
     bounds = [states]
     for i in tqdm(range(n), desc="calibrate", unit="layer", disable=not progress, leave=False):
@@ -129,14 +131,21 @@ def collect(
             finally:
                 for o in observers:
                     o.detach(i)
+            if split:  # every process's batches, in global batch order
+                stats[i].attn_in.settle()
+                stats[i].mlp_in.settle()
             score(i, module, stats[i])
         if gradients:
             bounds.append(states)
-    tokens = sum(b.ids.shape[0] * (b.ids.shape[1] - 1) for b in states.batches)
+    if split:
+        depth.settle()
+    sizes: list[tuple[int, int]] = []  # (windows, tokens predicted) per batch
+    distributed.replay([(b.ids.shape[0], b.ids.shape[1] - 1) for b in states.batches], sizes.append)
+    tokens = sum(rows * width for rows, width in sizes)
     loss = math.nan
     if gradients:
         loss = _sweep(walk, arch, bounds, stats, fisher, geom, score)
-    return Calibration(depth, stats, len(states), tokens, loss, gradients)
+    return Calibration(depth, stats, len(sizes), tokens, loss, gradients)
 
 
 @dataclass(frozen=True)
@@ -222,11 +231,29 @@ def _sweep(
         for layer_stats in stats:
             layer_stats.fisher = Accumulator(geom)
 
+    # Under torchrun each batch's folded Fisher terms wait for `on_layer`, which adds
+    # every process's in global batch order (`distributed.replay`).
+    split = distributed.current() is not None
+    pending: list[list[list[tuple[str, torch.Tensor]]]] = []
+
     def on_batch(i: int, _k: int, module: Any, grads: dict[str, torch.Tensor]) -> None:
+        if split:
+            parts = [
+                stats[i].fisher_parts(specs[n], module.get_parameter(n), g)
+                for n, g in grads.items()
+            ]
+            pending.append(parts)
+            return
         for name, g in grads.items():
             stats[i].add_fisher(specs[name], module.get_parameter(name), g)
 
     def on_layer(i: int, module: Any) -> None:
+        if fisher and split:
+            accumulator = stats[i].fisher
+            assert accumulator is not None
+            mine = list(pending)
+            pending.clear()
+            distributed.replay(mine, lambda batch: [accumulator.add(p) for p in batch])
         summed = {
             name: p.grad.detach()
             for name, p in module.named_parameters()

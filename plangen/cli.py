@@ -207,7 +207,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         opts = Options.from_args(args, command=args.argv)
     except OptionError as exc:
         return _error(str(exc))
-    from plangen.analyze import AnalyzeError, outcome_json, render, run
+    from plangen.analyze import AnalyzeError, lead, outcome_json, render, run
     from plangen.strategies import StrategyError
 
     try:
@@ -219,7 +219,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
                 _warning(str(w.message))
     except (AnalyzeError, StrategyError, CheckpointError, CorpusError, SidecarError) as exc:
         return _error(str(exc))
-    print(outcome_json(outcome) if opts.json else render(outcome))
+    if lead():  # under torchrun: rank 0 prints, the other ranks say nothing
+        print(outcome_json(outcome) if opts.json else render(outcome))
     return EXIT_OK
 
 

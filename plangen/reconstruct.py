@@ -41,6 +41,7 @@ from compiler import ir
 from compiler.architectures import Architecture
 from compiler.facts import ModelFacts
 from compiler.geometry import top_channels
+from executor import distributed
 from executor.layerwise import LayerWalk, States, StopLayer
 from plangen.candidate import Candidate
 from plangen.metrics import DAMP, OBS
@@ -96,21 +97,34 @@ def batch_gram(x: torch.Tensor, parts: int = 8) -> torch.Tensor:
 
 class GramHook:
     """X^T X of a module's input over every call, float64 (`batch_gram`); optionally
-    ends the forward."""
+    ends the forward. Under torchrun (calls on split batches, `executor.distributed`)
+    the sum goes round the processes in global batch order (`distributed.Ring`: the
+    single process's sum, bit for bit, holding one batch's Gram besides it), and
+    `remove` gives every process the Gram over every batch (a collective)."""
 
     def __init__(self, module: Any, stop: bool):
         self.gram: torch.Tensor | None = None
         self.stop = stop
         self.handle = module.register_forward_pre_hook(self)
+        self.ring: distributed.Ring | None = None
 
     def __call__(self, _module: Any, args: tuple[Any, ...]) -> None:
         g = batch_gram(args[0])
-        self.gram = g if self.gram is None else self.gram + g
+        at = distributed.running_batch()
+        if at is None:
+            self.gram = g if self.gram is None else self.gram + g
+        else:
+            shard, b, n = at
+            self.ring = self.ring or distributed.Ring(shard)
+            self.ring.add(b, n, [g])
         if self.stop:
             raise StopLayer
 
     def remove(self) -> torch.Tensor:
         self.handle.remove()
+        shard = distributed.current()
+        if shard is not None:  # also where this process walked no batch
+            (self.gram,) = (self.ring or distributed.Ring(shard)).result() or [None]
         if self.gram is None:
             raise RuntimeError("the projection never ran: nothing to reconstruct from")
         return self.gram
@@ -163,10 +177,14 @@ class ResidualHook:
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
         self.handle = module.register_forward_hook(self)
+        # Under torchrun, as `GramHook`: the batch seen last, the sums going round.
+        self._at: tuple[distributed.Shard, int, int] | None = None
+        self.ring: distributed.Ring | None = None
 
     def __call__(self, _module: Any, args: tuple[Any, ...], out: torch.Tensor) -> None:
         self._x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
         self._y = out.detach().reshape(-1, out.shape[-1]).to(torch.float64)
+        self._at = distributed.running_batch()
 
     def add(self, layer_out: torch.Tensor, original: torch.Tensor) -> None:
         """One batch: the pruned layer's output and the original model's, same tokens."""
@@ -178,12 +196,22 @@ class ResidualHook:
             + self._y
         )
         g, c = self._x.T @ self._x, self._x.T @ target
-        self.gram = g if self.gram is None else self.gram + g
-        self.cross = c if self.cross is None else self.cross + c
+        if self._at is None:
+            self.gram = g if self.gram is None else self.gram + g
+            self.cross = c if self.cross is None else self.cross + c
+        else:
+            shard, b, n = self._at
+            self.ring = self.ring or distributed.Ring(shard)
+            self.ring.add(b, n, [g, c])
         self._x = self._y = None
+        self._at = None
 
     def remove(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.handle.remove()
+        shard = distributed.current()
+        if shard is not None:  # also where this process walked no batch
+            totals = (self.ring or distributed.Ring(shard)).result()
+            self.gram, self.cross = totals if totals else (None, None)
         if self.gram is None or self.cross is None:
             raise RuntimeError("the projection never ran: nothing to reconstruct from")
         return self.gram, self.cross

@@ -43,6 +43,9 @@ class DepthStats:
     _bi_sum: torch.Tensor | None = None
     _tokens: int = 0
     _rows: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # per batch, per layer
+    # Under torchrun (`split`): each batch's token count and layer sums, kept for `settle`.
+    split: bool = False
+    _pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
     def update(self, hidden: Any, mask: torch.Tensor | None = None) -> None:
         """One batch: `hidden` has L+1 tensors [batch, seq, dim] (h[0] .. h[L]);
@@ -86,12 +89,39 @@ class DepthStats:
             self._last = [[] for _ in range(self.layers + 1)]
         if k == 0:
             self._last[0].append(h_in[rows, last].detach().double().cpu())
-            self._tokens += int(mask.sum())
+            if self.split:
+                self._pending.append((int(mask.sum()), torch.empty(0)))
+            else:
+                self._tokens += int(mask.sum())
         self._last[k + 1].append(h_out[rows, last].detach().double().cpu())
         self._rows.setdefault(b, []).append((_cos(h_in, h_out) * mask).sum().cpu())
         if k == self.layers - 1:
             sums = torch.stack(self._rows.pop(b))
+            if self.split:
+                self._pending[b] = (self._pending[b][0], sums)
+            else:
+                self._bi_sum = sums if self._bi_sum is None else self._bi_sum + sums
+
+    def settle(self) -> None:
+        """Under torchrun (`split`, this process's batches walked, `b` their local
+        index): every process's batches put in global batch order, as one process
+        would have added them (a collective: every process calls it)."""
+        from executor import distributed
+
+        mine = [
+            (tokens, sums, [last[t] for last in self._last])
+            for t, (tokens, sums) in enumerate(self._pending)
+        ]
+        self._pending, self._last = [], [[] for _ in range(self.layers + 1)]
+
+        def add(item: tuple[int, torch.Tensor, list[torch.Tensor]]) -> None:
+            tokens, sums, lasts = item
+            self._tokens += tokens
             self._bi_sum = sums if self._bi_sum is None else self._bi_sum + sums
+            for boundary, vector in zip(self._last, lasts, strict=True):
+                boundary.append(vector)
+
+        distributed.replay(mine, add)
 
     def block_influence(self) -> list[float]:
         """BI(l) for every layer l."""

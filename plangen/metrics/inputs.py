@@ -12,6 +12,7 @@ import torch
 
 from compiler.architectures import Architecture, TensorSpec
 from compiler.geometry import Geometry
+from executor import distributed
 from plangen.metrics import LayerScores
 from plangen.metrics.units import Accumulator, fold_elements
 
@@ -23,16 +24,32 @@ class InputMoments:
     count: int = 0
     total: torch.Tensor | None = None
     squares: torch.Tensor | None = None
+    # Under torchrun, this process's batches' (sum, squares, rows), added by `settle`
+    # with every process's in global batch order (a float sum depends on its order).
+    pending: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
 
     def update(self, x: torch.Tensor) -> None:
         # One batch is summed in its own dtype (float32: a few thousand rows lose
         # nothing that matters), batches are accumulated in float64.
         rows = x.detach().reshape(-1, x.shape[-1])
         rows = rows if rows.dtype == torch.float64 else rows.float()
-        s, q = rows.sum(0).double().cpu(), (rows * rows).sum(0).double().cpu()
+        part = rows.sum(0).double().cpu(), (rows * rows).sum(0).double().cpu(), rows.shape[0]
+        if distributed.running_batch() is not None:
+            self.pending.append(part)
+        else:
+            self._add(part)
+
+    def _add(self, part: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        s, q, rows = part
         self.total = s if self.total is None else self.total + s
         self.squares = q if self.squares is None else self.squares + q
-        self.count += rows.shape[0]
+        self.count += rows
+
+    def settle(self) -> None:
+        """Every process's pending batches added in global batch order (a collective
+        under torchrun: every process calls it once its share has run)."""
+        pending, self.pending = self.pending, []
+        distributed.replay(pending, self._add)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -67,8 +84,15 @@ class LayerStats:
     scores: dict[str, LayerScores] = field(default_factory=dict)  # by width metric
 
     def add_fisher(self, spec: TensorSpec, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        self.fisher.add(self.fisher_parts(spec, weight, grad))
+
+    def fisher_parts(
+        self, spec: TensorSpec, weight: torch.Tensor, grad: torch.Tensor
+    ) -> list[tuple[str, torch.Tensor]]:
+        """One batch's Fisher term of one weight, folded per unit (what `add_fisher` adds)."""
+        assert self.fisher is not None
         wg = weight.detach().float() * grad.detach().float()
-        self.fisher.add(fold_elements(0.5 * wg * wg, spec, self.fisher.geom))
+        return fold_elements(0.5 * wg * wg, spec, self.fisher.geom)
 
 
 def output_projection(specs: Sequence[TensorSpec], space: str) -> TensorSpec | None:
