@@ -85,6 +85,7 @@ def _run_header(args: argparse.Namespace) -> int:
 
 def _configure_reconstruct(parser: argparse.ArgumentParser) -> None:
     from plangen.metrics import DAMP
+    from plangen.options import add_options
 
     parser.add_argument("plan", type=Path, metavar="PLAN.prn", help="the edited plan")
     parser.add_argument(
@@ -102,6 +103,8 @@ def _configure_reconstruct(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-files", nargs="+", metavar="FILE", help="local files for the calibration corpus"
     )
+    # analyze's own definitions: the same placement (`plangen.memory`), the same words
+    add_options(parser, "memory_check", "offload")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -120,6 +123,8 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
             damp=args.damp,
             progress=not args.quiet,
             data_files=args.data_files,
+            offload=args.offload,
+            memory_check=args.memory_check,
         )
     except (ReconstructError, CheckpointError, CorpusError, SidecarError) as exc:
         return _error(str(exc))
@@ -300,11 +305,14 @@ COMMANDS: tuple[Command, ...] = (
             "layer and every layer after it as stale (P124): each layer is solved on the outputs "
             "of the pruned layers before it. This re-solves them for the plan as written, on the "
             "plan's calibration windows and score tables, rewrites the sidecar and re-pins its "
-            "sha256 in the plan. Nothing else in the plan changes."
+            "sha256 in the plan. Nothing else in the plan changes. A model larger than memory "
+            "is re-solved one decoder layer at a time, as `plangen analyze` walks it "
+            "(--offload)."
         ),
         examples=(
             "  plangen reconstruct smol.prn\n"
-            "  plangen reconstruct smol.prn --model ~/models/SmolLM2 --device cuda"
+            "  plangen reconstruct smol.prn --model ~/models/SmolLM2 --device cuda\n"
+            "  plangen reconstruct llama70b.prn --dtype bfloat16 --offload /scratch/states"
         ),
         configure=_configure_reconstruct,
         run=_run_reconstruct,

@@ -194,11 +194,15 @@ def placement(
     footprint: Footprint,
     tokens: int,
     gradients: bool,
+    doing: str = "analyzing",
+    fewer: str | None = "fewer --nsamples",
 ) -> Placement:
     """In memory or layer by layer: `--offload` decides when given ("" : states in
     memory, else the directory for them); otherwise in memory when the model fits
     the device, layer by layer when only that fits, and an error (DoesNotFit) that
-    names the way out when neither does. --no-memory-check: in memory, unchecked."""
+    names the way out when neither does. --no-memory-check: in memory, unchecked.
+    `doing` and `fewer` word the line and the advice for the command asking (`plangen
+    reconstruct` re-solves, and its token count is the plan's, not an option)."""
     width = 2 if dtype == "bfloat16" else 4
     if offload is not None:
         return Placement(True, Path(offload) if offload else "host")
@@ -215,7 +219,7 @@ def placement(
         return Placement(
             True,
             "host",
-            f"plangen: {need} but only {size(free)} {where}: analyzing it one decoder "
+            f"plangen: {need} but only {size(free)} {where}: {doing} it one decoder "
             f"layer at a time (--offload; about {size(walk)})",
         )
     on_disk = footprint.layerwise(width, tokens, gradients, on_disk=True)
@@ -226,7 +230,7 @@ def placement(
         else ""
     )
     advice += "--dtype bfloat16, " if dtype == "float32" else ""
-    advice += "fewer --nsamples, " if not advice.startswith("--offload") else ""
+    advice += f"{fewer}, " if fewer and not advice.startswith("--offload") else ""
     raise DoesNotFit(
         f"{need} but only {size(free)} {where}, and about {size(walk)} even one decoder "
         f"layer at a time; use {advice}a larger device, or, if the estimate is wrong, "

@@ -6,7 +6,8 @@ generates the parser from the fields in their order, and `Options.from_args`
 builds the options from what it parsed, so a new option is one field here. What
 several options decide together (the strategy `--ratio` or `--drop` implies, the
 reconstruction mode, the layer-cut bound, the device) is worked out once, by
-`Options.resolved`, or read from a property.
+`Options.resolved`, or read from a property. `add_options` lends a few of them
+(--offload, --no-memory-check) to `plangen reconstruct`, text and all.
 
 No torch here: `plangen --help` builds this parser.
 """
@@ -424,10 +425,10 @@ class Options:
     # layer-wise only when the model does not fit (`plangen.memory.placement`).
     offload: str | None = option(
         "--offload",
-        help="analyze one decoder layer at a time, each read from the checkpoint when the "
-        "walk reaches it and freed after (the model is never whole in memory; same plan); "
-        "with DIR the states between layers are kept on disk under DIR. Chosen "
-        "automatically, and said, when the model does not fit",
+        help="run the model one decoder layer at a time, each read from the checkpoint "
+        "when the walk reaches it and freed after (the model is never whole in memory; "
+        "same output); with DIR the states between layers are kept on disk under DIR. "
+        "Chosen automatically, and said, when the model does not fit",
         group=CALIBRATION,
         default=None,
         nargs="?",
@@ -540,10 +541,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if flag.group not in exclusive:
                 exclusive[flag.group] = where.add_mutually_exclusive_group()
             where = exclusive[flag.group]
-        keywords: dict[str, object] = {**flag.keywords, "help": flag.help}
-        if not flag.names:  # a positional: its dest is its name
-            where.add_argument(f.name, **keywords)
-            continue
-        if f.default is not dataclasses.MISSING:
-            keywords["default"] = f.default
-        where.add_argument(*flag.names, dest=f.name, **keywords)
+        _add(where, f, flag)
+
+
+def add_options(parser: argparse.ArgumentParser, *names: str) -> None:
+    """Add these fields' options of `Options` to another command's parser (`plangen
+    reconstruct` takes --offload and --no-memory-check): one definition, one help text,
+    the same dest and default, so the other command reads them by the field's name."""
+    by_name = {f.name: f for f in fields(Options) if OPTION in f.metadata}
+    for name in names:
+        flag: Flag = by_name[name].metadata[OPTION]
+        assert flag.names and not flag.one_of, f"{name}: only a plain flag is shared"
+        _add(parser, by_name[name], flag)
+
+
+def _add(where: argparse._ActionsContainer, f: dataclasses.Field, flag: Flag) -> None:
+    """One field's argument, with its default, in `where` (a parser or a group)."""
+    keywords: dict[str, object] = {**flag.keywords, "help": flag.help}
+    if not flag.names:  # a positional: its dest is its name
+        where.add_argument(f.name, **keywords)
+        return
+    if f.default is not dataclasses.MISSING:
+        keywords["default"] = f.default
+    where.add_argument(*flag.names, dest=f.name, **keywords)

@@ -9,13 +9,20 @@ plan as written: same model, same calibration windows (the plan's
 old one (tables kept, reconstructed weights replaced, the solved-for plan
 recorded) and re-pins the plan's `scores ... sha256`. Both files are replaced
 atomically, and only when the result checks.
+
+The model runs through the executor's layer walk, placed as `plangen analyze`
+places it (`plangen.memory.placement`): loaded whole when it fits, otherwise, or
+with `--offload [DIR]`, one decoder layer at a time read from the checkpoint, so a
+plan for a model larger than memory can be re-solved where it was analyzed.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compiler import ir
 from compiler.check import check_text
@@ -29,6 +36,13 @@ from compiler.sidecar import WEIGHTS_KEY
 from plangen import staging
 from plangen.candidate import Candidate
 from plangen.scores import ScoreTables, metadata_json, read_sidecar, write_sidecar
+
+if TYPE_CHECKING:
+    import torch
+
+    from compiler.checkpoint import CheckpointFacts
+    from executor.layerwise import LayerWalk
+    from plangen.memory import Placement
 
 # What the re-solve itself repairs: stale or missing reconstruction tables.
 _REPAIRABLE = {"P124"}
@@ -181,14 +195,16 @@ def refresh(
     damp: float | None = None,
     progress: bool = True,
     data_files: list[str] | None = None,
+    offload: str | None = None,
+    memory_check: bool = True,
 ) -> Refreshed:
-    """Re-solve `plan_path`'s reconstruction; rewrite its sidecar and its sha256 pin."""
+    """Re-solve `plan_path`'s reconstruction; rewrite its sidecar and its sha256 pin.
+    `offload` and `memory_check` are analyze's --offload [DIR] and --no-memory-check."""
     import time
 
     import torch
     from transformers import AutoTokenizer
 
-    from executor.loader import load
     from plangen.analyze import model_facts
     from plangen.metrics import DAMP
     from plangen.pipeline import sidecar_meta
@@ -211,27 +227,32 @@ def refresh(
         )
     weights = weights_digest(ck.model_dir, ck.index)
     _same_weights(model_dir, weights, facts.weights, meta.get(WEIGHTS_KEY))
+    placed = _placement(ck, device, dtype, offload, memory_check, samples * seqlen)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     calib = _calibration_windows(tokenizer, calibration, data, data_files, seqlen, samples)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = load(model_dir, device, torch_dtype)
     scores = old.without_reconstruction()
     scores.metadata = metadata_json({**sidecar_meta(scores), WEIGHTS_KEY: weights})
-    solved = sequential(
-        model,
-        ck.arch,
-        facts,
-        cand,
-        scores,
-        calib,
-        targets=targets,
-        damp=damp,
-        one_shot=one_shot,
-        residual=residual,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-    )
+    walk = _walk(ck, placed, device, torch_dtype, batch_size)
+    try:
+        solved = sequential(
+            None,  # unused: the walk carries the model
+            ck.arch,
+            facts,
+            cand,
+            scores,
+            calib,
+            targets=targets,
+            damp=damp,
+            one_shot=one_shot,
+            residual=residual,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            walk=walk,
+        )
+    finally:
+        walk.close()  # a state cache on disk is removed here, also on Ctrl-C
     attach(
         scores,
         solved,
@@ -246,6 +267,57 @@ def refresh(
 
     _replace_both(plan_path, sidecar, text, plan.scores, scores)
     return Refreshed(plan_path, sidecar, len(solved), time.perf_counter() - started)
+
+
+def _placement(
+    ck: CheckpointFacts,
+    device: str,
+    dtype: str,
+    offload: str | None,
+    memory_check: bool,
+    tokens: int,
+) -> Placement:
+    """Whole in memory or one decoder layer at a time, decided as `plangen analyze`
+    decides (no gradients: a re-solve only runs forward), before any window is read;
+    said on stderr when chosen for the user. A state directory's leftovers from a
+    killed run are removed first."""
+    from plangen.memory import DoesNotFit, Footprint, placement
+
+    try:
+        placed = placement(
+            offload,
+            memory_check,
+            device,
+            dtype,
+            Footprint.of(ck),
+            tokens,
+            gradients=False,
+            doing="re-solving",
+            fewer=None,  # the token count is the plan's calibration, not an option here
+        )
+    except DoesNotFit as exc:
+        raise ReconstructError(str(exc)) from None
+    if placed.said is not None:
+        print(placed.said, file=sys.stderr)
+    if isinstance(placed.states, Path):
+        staging.remove_stale_caches(placed.states)
+    return placed
+
+
+def _walk(
+    ck: CheckpointFacts, placed: Placement, device: str, dtype: torch.dtype, batch_size: int
+) -> LayerWalk:
+    """The walk the re-solve runs the model through: opened on the checkpoint (each
+    layer read when reached, then freed) or over the model loaded whole."""
+    from executor.layerwise import LayerWalk
+    from executor.loader import load
+
+    if placed.layerwise:
+        return LayerWalk.open(
+            ck.model_dir, device, dtype, batch_size=batch_size, cache=placed.states
+        )
+    model = load(ck.model_dir, device, dtype)
+    return LayerWalk.over(model, ck.arch, device, batch_size)
 
 
 def _writable(dest: Path) -> None:

@@ -327,6 +327,131 @@ def test_plangen_reconstruct_refuses_a_plan_without_reconstruct(analyzed, tmp_pa
     assert plan.read_text() == before
 
 
+def _stale_copy(original, directory):
+    """The analyzed plan and its sidecar copied to `directory`, layer 2's KV group
+    swapped: layers 2 and 3's reconstruction stale (P124)."""
+    import shutil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    plan = directory / "plan.prn"
+    shutil.copy(original.with_name("plan.scores.safetensors"), directory)
+    text = original.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("attn layers 2 drop groups"))
+    group = int(line.split()[5])
+    plan.write_text(text.replace(line, line.replace(f"groups {group}", f"groups {1 - group}")))
+    return plan
+
+
+def test_plangen_reconstruct_offload_writes_the_in_memory_sidecar(analyzed, tmp_path):
+    """--offload (states in memory) and --offload DIR (on disk, removed after): the
+    model is walked one layer at a time from the checkpoint; the plan and sidecar are
+    byte for byte the in-memory re-solve's."""
+    from plangen.cli import main as plangen
+
+    _model_dir, original = analyzed
+    states = tmp_path / "states"
+    runs = {"memory": [], "offload": ["--offload"], "disk": ["--offload", str(states)]}
+    for name, extra in runs.items():
+        plan = _stale_copy(original, tmp_path / name)
+        assert plangen(["reconstruct", str(plan), "--quiet", *extra]) == 0, name
+    memory = tmp_path / "memory"
+    for name in ("offload", "disk"):
+        for file in ("plan.prn", "plan.scores.safetensors"):
+            assert (tmp_path / name / file).read_bytes() == (memory / file).read_bytes()
+    assert states.is_dir() and not any(states.iterdir())
+
+
+def _headroom(monkeypatch, model_dir, fits: bool) -> None:
+    """This process under a memory limit (`ulimit -d`, as `process_headroom` reads
+    RLIMIT_DATA) that the tiny model does not fit whole: with `fits`, what the walk one
+    layer at a time needs does (the runtime's base share left out: a tiny model is
+    smaller than it); else nothing fits. A real limit that low would stop python."""
+    from plangen import memory
+
+    monkeypatch.setattr(memory, "RUNTIME_BASE", 0)
+    monkeypatch.delenv(memory.MEMORY_CHECK_ENV, raising=False)
+    footprint = memory.Footprint.of(load_checkpoint_facts(model_dir))
+    walk, whole = footprint.layerwise(4, 3 * 24, False, False), footprint.in_memory(4, False)
+    assert walk < whole
+    monkeypatch.setattr(memory, "process_headroom", lambda: (walk + whole) // 2 if fits else 0)
+
+
+def test_plangen_reconstruct_walks_a_model_larger_than_the_limit_layer_by_layer(
+    analyzed, tmp_path, capsys, monkeypatch
+):
+    from plangen.cli import main as plangen
+
+    model_dir, original = analyzed
+    memory = _stale_copy(original, tmp_path / "memory")
+    assert plangen(["reconstruct", str(memory), "--quiet"]) == 0
+    assert "decoder layer" not in capsys.readouterr().err  # fits: in memory, nothing said
+    _headroom(monkeypatch, model_dir, fits=True)
+    plan = _stale_copy(original, tmp_path / "limited")
+    assert plangen(["reconstruct", str(plan), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "re-solving it one decoder layer at a time (--offload" in err
+    assert "ulimit" in err
+    for file in ("plan.prn", "plan.scores.safetensors"):
+        assert (plan.parent / file).read_bytes() == (memory.parent / file).read_bytes()
+
+
+def test_plangen_reconstruct_says_what_would_fit_when_nothing_does(
+    analyzed, tmp_path, capsys, monkeypatch
+):
+    from plangen.cli import main as plangen
+
+    model_dir, original = analyzed
+    _headroom(monkeypatch, model_dir, fits=False)
+    plan = _stale_copy(original, tmp_path)
+    before = plan.read_text(), (tmp_path / "plan.scores.safetensors").read_bytes()
+    assert plangen(["reconstruct", str(plan), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "even one decoder layer at a time" in err
+    assert "--no-memory-check" in err and "--nsamples" not in err
+    assert (plan.read_text(), (tmp_path / "plan.scores.safetensors").read_bytes()) == before
+    assert plangen(["reconstruct", str(plan), "--quiet", "--no-memory-check"]) == 0
+
+
+def test_plangen_reconstruct_interrupted_in_its_walk_leaves_no_state_cache(
+    analyzed, tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C while the walk holds states on disk: exit 130, the cache directory
+    removed, the plan and its sidecar as they were; a stale cache of a killed run
+    (`plancc-walk-PID-...` of a dead pid) is removed by the next run."""
+    from executor.layerwise import CACHE_PREFIX
+    from plangen.cli import main as plangen
+
+    _model_dir, original = analyzed
+    plan, states = _stale_copy(original, tmp_path / "p"), tmp_path / "states"
+    (states / f"{CACHE_PREFIX}999999999-x").mkdir(parents=True)  # no such process
+
+    held = []  # the cache alive past the walk: only `close` removes its directory
+
+    def interrupted(*args, walk, **kwargs):
+        held.append(walk.new_cache())
+        assert held[0].directory is not None and held[0].directory.parent == states
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("plangen.reconstruct.sequential", interrupted)
+    before = plan.read_bytes(), (plan.parent / "plan.scores.safetensors").read_bytes()
+    assert plangen(["reconstruct", str(plan), "--quiet", "--offload", str(states)]) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert not any(states.iterdir())
+    assert (plan.read_bytes(), (plan.parent / "plan.scores.safetensors").read_bytes()) == before
+
+
+def test_plangen_reconstruct_help_has_analyzes_offload(capsys):
+    from plangen.cli import main as plangen
+    from plangen.options import Options
+
+    with pytest.raises(SystemExit):
+        plangen(["reconstruct", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    help_text = Options.__dataclass_fields__["offload"].metadata["plangen.option"].help
+    assert "--offload [DIR]" in out and "--no-memory-check" in out
+    assert " ".join(help_text.split()) in out
+
+
 def _greedy_reference(w: torch.Tensor, h: torch.Tensor) -> list[int]:
     """Columns in the order exact greedy removal takes them: at each step the column
     whose removal (with the others re-fitted) raises tr((V - W) H (V - W)^T) least."""
