@@ -291,7 +291,11 @@ def _analyzed(r: Run) -> Outcome:
     r.cands = r.kind.candidates(r)
     measured, loss_before = _judged(r)
     chosen, why = _choice(r, measured)
-    r.kind.finish(r, chosen.candidate)
+    again = r.kind.finish(r, chosen.candidate)
+    if again is not None:  # re-solved after the judge: measured again, as judged
+        new = dataclasses.replace(chosen, first=again[0], loss=again[1])
+        measured = [new if m is chosen else m for m in measured]
+        chosen = new
     provenance = provenance_lines(r.opts, r.facts, r.text_sha, why, measured, loss_before)
     plan_path, sidecar = r.opts.output, scores_path_for(r.opts.output)
     if lead():  # under torchrun, every rank has the same outcome; rank 0 writes it

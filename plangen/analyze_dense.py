@@ -48,7 +48,7 @@ from plangen.strategies.uniform import uniform
 
 if TYPE_CHECKING:
     from executor.layerwise import LayerWalk
-    from plangen.reconstruct import SharedGrams
+    from plangen.reconstruct import Settings, SharedGrams
 
 OBS_ALLOCATION = "taylor"  # ... with the widths allocated by this measured table
 DEFAULT_TARGET = 0.75
@@ -323,14 +323,15 @@ def reconstructs(opts: Options) -> bool:
 
 def _shared_grams(r: Run) -> SharedGrams | None:
     """The unpruned model's Grams, gathered by the calibration's forward walk, when a
-    one-shot reconstruction will solve on them and they fit beside the calibration in
+    one-shot reconstruction will solve on them (the one-shot mode, and auto's judge of
+    its reconstructed candidates: `_Solver`) and they fit beside the calibration in
     memory (else the reconstruction walks the model once more to gather them; said)."""
     from plangen.memory import Footprint, room_beside, size
     from plangen.reconstruct import SharedGrams
 
     opts = r.opts
-    if not (opts.one_shot and reconstructs(opts)):
-        return None
+    if not (opts.one_shot or opts.strategy == "auto") or not reconstructs(opts):
+        return None  # no one-shot solve: auto's judge, or the one-shot mode
     need = SharedGrams.nbytes(r.facts)
     width = 2 if opts.dtype == "bfloat16" else 4
     tokens = opts.nsamples * opts.seqlen
@@ -354,16 +355,27 @@ def _candidates_and_solver(r: Run) -> list[Candidate]:
     return cands
 
 
-def _finish(r: Run, chosen: Candidate) -> None:
-    """A reconstructed winner's weights (solved for the judge) into the sidecar."""
+def _finish(r: Run, chosen: Candidate) -> tuple[float, float] | None:
+    """A reconstructed winner's weights into the sidecar: solved for the judge, or,
+    judged on shared one-shot solves, solved again in the mode asked and its held-out
+    loss measured again (returned: first round, all windows)."""
+    from plangen.heldout import first_round, judge_again
+
     solver = r.solutions
-    assert solver is not None and r.scores is not None
+    assert isinstance(solver, _Solver) and r.scores is not None and r.walk is not None
+    again = None
     if chosen.reconstruct:
-        solved = solver(chosen)
+        solved = solver.final(chosen)
         _attach_reconstruction(r.scores, solved, chosen, r.ckpt, r.facts, r.opts)
+        if solver.again:
+            assert r.cands is not None
+            first = first_round(len(r.cands), len(r.held))
+            again = judge_again(r.walk, r.facts, r.scores, chosen, r.held, solved, first)
+            r.passes += len(r.held) / len(r.calib)
     if solver.seconds:
         r.phases["reconstruct"] = solver.seconds
         r.passes += solver.passes
+    return again
 
 
 def _beside(r: Run, chosen: Candidate, plan_path: Path) -> None:
@@ -399,51 +411,77 @@ def removal_losses(
 
 
 class _Solver:
-    """The reconstruction of every reconstructed candidate, solved together in one walk
+    """The reconstruction of the reconstructed candidates, for the judge and then for
+    the sidecar; the time and forward passes it spends are counted apart.
+
+    For the judge every reconstructed candidate is solved together in one walk
     (`reconstruct.solve_all`: each layer loaded once serves them all) when the first
-    is asked for, and kept for the judge and the sidecar; the time and forward passes
-    it spends are counted apart."""
+    is asked for. With several of them (auto's three) and a sequential or residual
+    mode, they are judged on one-shot solves, whose statistics they share (one Gram
+    and one OBS ranking per layer on the unpruned model, gathered by the calibration
+    when they fit: `SharedGrams`), and only the winner is then solved in the mode
+    asked (`final`): one walk instead of one per candidate."""
 
     def __init__(self, r: Run, cands: list[Candidate]) -> None:
+        from plangen.reconstruct import Settings
+
         assert r.walk is not None and r.scores is not None
         self.walk, self.arch, self.facts, self.scores = r.walk, r.ckpt.arch, r.facts, r.scores
         self.windows, self.opts, self.grams = r.calib, r.opts, r.grams
         self.todo = [c for c in cands if c.reconstruct]
+        opts = r.opts
+        self.asked = Settings(opts.damp, opts.one_shot, opts.residual)
+        shared = len({shape_key(c) for c in self.todo}) > 1
+        self.judging = Settings(opts.damp, one_shot=True) if shared else self.asked
         self.cache: dict[tuple[object, ...], list] = {}
         self.seconds = 0.0
         self.passes = 0.0
 
-    def __call__(self, cand: Candidate) -> list:
-        from plangen.reconstruct import Settings, one_shot_walks, solve_all
+    @property
+    def again(self) -> bool:
+        """Whether the winner is solved again after the judge (in the mode asked)."""
+        return self.judging != self.asked
 
+    def __call__(self, cand: Candidate) -> list:
+        """The candidate's solves as the judge measures it."""
         key = shape_key(cand)
         if key not in self.cache:
             jobs = [c for c in self.todo if shape_key(c) not in self.cache]
             if key not in {shape_key(c) for c in jobs}:
                 jobs.append(cand)
-            started = time.perf_counter()
-            opts = self.opts
-            settings = Settings(opts.damp, opts.one_shot, opts.residual)
-            solved = solve_all(
-                self.walk,
-                self.arch,
-                self.facts,
-                [(c, None) for c in jobs],
-                self.scores,
-                self.windows,
-                settings,
-                opts.progress,
-                grams=self.grams,
-            )
-            self.seconds += time.perf_counter() - started
-            layers = self.facts.layers or 1
-            if opts.one_shot:  # one walk per stream of shared inputs not gathered already
-                self.passes += one_shot_walks([(c, None) for c in jobs], self.facts, self.grams)
-            for c, s in zip(jobs, solved, strict=True):
-                if not opts.one_shot:
-                    self.passes += (layers + len(s)) / layers  # a walk plus a partial per solve
+            for c, s in zip(jobs, self._solve(jobs, self.judging), strict=True):
                 self.cache[shape_key(c)] = s
         return self.cache[key]
+
+    def final(self, cand: Candidate) -> list:
+        """The candidate's solves in the mode asked: the judge's, or one walk more."""
+        if not self.again:
+            return self(cand)
+        return self._solve([cand], self.asked)[0]
+
+    def _solve(self, jobs: list[Candidate], settings: Settings) -> list[list]:
+        from plangen.reconstruct import one_shot_walks, solve_all
+
+        started = time.perf_counter()
+        pairs = [(c, None) for c in jobs]
+        solved = solve_all(
+            self.walk,
+            self.arch,
+            self.facts,
+            pairs,
+            self.scores,
+            self.windows,
+            settings,
+            self.opts.progress,
+            grams=self.grams if settings.one_shot else None,
+        )
+        self.seconds += time.perf_counter() - started
+        if settings.one_shot:  # one walk per stream of shared inputs not gathered already
+            self.passes += one_shot_walks(pairs, self.facts, self.grams)
+        else:
+            layers = self.facts.layers or 1
+            self.passes += sum((layers + len(s)) / layers for s in solved)  # walk + partials
+        return solved
 
 
 def _attach_reconstruction(

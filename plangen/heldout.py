@@ -182,10 +182,10 @@ def judge(
     def variants(chosen: Sequence[Candidate]) -> list[Variant]:
         return [_variant(walk, facts, scores, c, solutions) for c in chosen]
 
-    if len(cands) <= 2 or len(held) < 2:
+    first = first_round(len(cands), len(held))
+    if first == len(held):
         *losses, before = walk_losses(walk, held, [*variants(cands), None])
         return [Judged(c, x, x, len(held)) for c, x in zip(cands, losses, strict=True)], before
-    first = max(1, len(held) // 4)
     firsts = walk_losses(walk, held[:first], variants(cands))
     round1 = [Judged(c, x, None, first) for c, x in zip(cands, firsts, strict=True)]
     keep = max(2, math.ceil(len(cands) / 2))
@@ -198,6 +198,34 @@ def judge(
         mean = (round1[i].first * first + rest * (len(held) - first)) / len(held)
         out[i] = Judged(cands[i], round1[i].first, mean, len(held))
     return out, before
+
+
+def first_round(candidates: int, windows: int) -> int:
+    """The held-out windows of `judge`'s first round: a quarter, or all of them when
+    there is nothing to halve (two candidates or fewer, or one window)."""
+    if candidates <= 2 or windows < 2:
+        return windows
+    return max(1, windows // 4)
+
+
+def judge_again(
+    walk: LayerWalk,
+    facts: ModelFacts,
+    scores: ScoreTables,
+    cand: Candidate,
+    held: Sequence[Sequence[int]],
+    solved: Sequence[Solved],
+    first: int,
+) -> tuple[float, float]:
+    """A finalist's held-out loss on other solved projections (the winner re-solved in
+    the mode asked after being judged on shared one-shot solves), as `judge` measured
+    it: on the first `first` windows, and on all (one walk, both groups)."""
+    variant = _variant(walk, facts, scores, cand, lambda _c: solved)
+    if first == len(held):
+        (loss,) = walk_losses(walk, held, [variant])
+        return loss, loss
+    (a,), (b,) = walk_groups(walk, [(held[:first], [variant]), (held[first:], [variant])])
+    return a, (a * first + b * (len(held) - first)) / len(held)
 
 
 def _variant(

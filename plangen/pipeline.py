@@ -114,7 +114,8 @@ class Kind:
                    window is read or the model loaded)
       measure      the calibration: score tables (not run with --scores)
       candidates   the candidate plans from the tables, inside --target
-      finish       the chosen candidate before the plan is written
+      finish       the chosen candidate before the plan is written; returns its
+                   held-out loss (first round, all windows) when that changed it
       beside       files written beside the plan after it (dense: --csv, --plot)
 
     `lone_strategy`: a single candidate is said as `--strategy S` (dense); a MoE
@@ -125,7 +126,7 @@ class Kind:
     prepare: Callable[[Run], None]
     measure: Callable[[Run], ScoreTables]
     candidates: Callable[[Run], list[Candidate]]
-    finish: Callable[[Run, Candidate], None]
+    finish: Callable[[Run, Candidate], tuple[float, float] | None]
     beside: Callable[[Run, Candidate, Path], None]
     lone_strategy: bool
 

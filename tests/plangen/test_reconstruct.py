@@ -15,7 +15,7 @@ from executor.layerwise import LayerWalk
 from plangen.analyze import model_facts
 from plangen.candidate import Candidate
 from plangen.metrics import DAMP  # what sequential() uses by default
-from plangen.reconstruct import sequential, solve
+from plangen.reconstruct import Settings, sequential, solve
 from plangen.scores import ScoreTables
 
 L = 3
@@ -698,3 +698,56 @@ def test_reconstruction_on_smollm2_checks_applies_and_beats_plain_slicing(
     with_it, without = json.loads(capsys.readouterr().out)["results"]
     assert with_it["params"] == without["params"]
     assert with_it["perplexity"] < without["perplexity"]
+
+
+def test_auto_judges_on_shared_one_shot_solves_and_re_solves_the_winner(
+    tmp_path, monkeypatch, capsys
+):
+    """auto's reconstructed candidates are judged on one-shot solves that share their
+    statistics (one call for all, on the calibration's Grams), and the winner alone is
+    solved in the mode asked (sequential), the sidecar holding what `plangen
+    reconstruct` gives for the plan as written, and its held-out loss measured again."""
+    import json
+    import math
+    import shutil
+
+    import plangen.analyze as analyze
+    import plangen.reconstruct as rec
+    from plangen.cli import main as plangen
+    from plangen.scores import read_sidecar
+    from tests.helpers.models import add_char_tokenizer, make_tiny_model
+
+    model_dir = add_char_tokenizer(make_tiny_model(tmp_path, "qwen2", num_hidden_layers=4))
+    calls: list[tuple[Settings, int, bool]] = []
+    real = rec.solve_all
+
+    def spy(walk, arch, facts, jobs, scores, windows, settings, progress, grams=None):
+        calls.append((settings, len(jobs), grams is not None))
+        return real(walk, arch, facts, jobs, scores, windows, settings, progress, grams=grams)
+
+    def rebuilt_wins(_r, measured):  # whatever wins on a random tiny model
+        return next(m for m in measured if m.candidate.reconstruct), "the test's choice"
+
+    monkeypatch.setattr(rec, "solve_all", spy)
+    monkeypatch.setattr(analyze, "_choice", rebuilt_wins)
+    plan = tmp_path / "plan.prn"
+    args = ["analyze", str(model_dir), "-o", str(plan), *SMALL, "--json"]
+    assert plangen(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "reconstructed" in out["label"] and math.isfinite(out["heldout_loss_after"])
+    judged, *final = calls
+    assert judged[0].one_shot and judged[1] >= 2 and judged[2]  # all, shared, no walk
+    assert final == [(Settings(), 1, False)]  # the winner alone, sequential
+    sidecar = read_sidecar(plan.with_name("plan.scores.safetensors"))
+    assert json.loads(sidecar.metadata["plancc"])["reconstruction"]["mode"] == "sequential"
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(plan, copy / "plan.prn")
+    shutil.copy(plan.with_name("plan.scores.safetensors"), copy)
+    monkeypatch.setattr(rec, "solve_all", real)
+    assert plangen(["reconstruct", str(copy / "plan.prn"), "--quiet"]) == 0
+    again = read_sidecar(copy / "plan.scores.safetensors")
+    names = [n for n in sidecar.tables if n.startswith("reconstruct.")]
+    assert names
+    for name in names:
+        np.testing.assert_array_equal(again.tables[name], sidecar.tables[name])
