@@ -16,21 +16,17 @@ of a KV group; gate/up rows and the down column of a channel, biases too):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-
 from plangen.metrics import LayerScores
 from plangen.metrics.inputs import LayerInputs
 from plangen.metrics.units import Accumulator, fold_elements
 
 
-def _score(
-    layer: LayerInputs,
-    element: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    absolute_after: bool = False,
-) -> LayerScores:
-    """`element(w, g)` per weight, g the gradient summed over the calibration batches."""
+def _score(layer: LayerInputs, absolute: str) -> LayerScores:
+    """w*g per weight, g the gradient summed over the calibration batches, its absolute
+    value taken per weight (`absolute="each"`) or per unit (`"unit"`). One float64
+    copy of a tensor at a time, multiplied in place (the same values as
+    `w.double() * g.double()`: the float32 w is exact in float64): on an 8B model's
+    down_proj, 0.47 GB where the out-of-place product held four."""
     grads = layer.grads
     if not grads:
         raise ValueError(f"layer {layer.index}: no gradients were collected")
@@ -40,18 +36,22 @@ def _score(
         g = grads.get(spec.name)
         if w is None or g is None:
             continue
-        acc.add(fold_elements(element(w.double(), g.double()), spec, layer.geom))
-    if absolute_after:
+        product = g.detach().double().mul_(w.detach())
+        if absolute == "each":
+            product.abs_()
+        acc.add(fold_elements(product, spec, layer.geom))
+        del product
+    if absolute == "unit":
         acc.groups, acc.channels = acc.groups.abs(), acc.channels.abs()
     return acc.result()
 
 
 def taylor(layer: LayerInputs) -> LayerScores:
-    return _score(layer, lambda w, g: (w * g).abs())
+    return _score(layer, absolute="each")
 
 
 def taylor_vec(layer: LayerInputs) -> LayerScores:
-    return _score(layer, lambda w, g: w * g, absolute_after=True)
+    return _score(layer, absolute="unit")
 
 
 def taylor2(layer: LayerInputs) -> LayerScores:
