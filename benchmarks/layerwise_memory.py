@@ -24,15 +24,25 @@ loaded). Targets (issue 36): flat in the layer count, at most 1.3 x the
 formula, the whole 32-layer model under 4 GB.
 
 With `--analyze` each run is instead a whole `plangen analyze --offload
---strategy flap` (calibration walk, FLAP scores, the candidate and the original
-judged on one held-out window in one walk, the plan and sidecar written; the
-SmolLM2 demo tokenizer is copied beside the weights), and the peak is compared
-with the formula the README states, `plangen.memory.Footprint.layerwise`
-(256 MiB + one layer + its largest weight in float64 + max(embedding, head) +
-two state boundaries), added to the RssAnon the process had before analyze ran.
+--strategy S` (default flap: calibration walk, FLAP scores, the candidate and the
+original judged on one held-out window in one walk, the plan and sidecar
+written; the SmolLM2 demo tokenizer is copied beside the weights). `--metric`
+picks the strategy's metric: a gradient one (`--strategy global --metric
+taylor`) adds the reverse sweep, each layer reloaded, recomputed from its
+stored input and back-propagated, every layer boundary kept. `--offload-dir DIR`
+keeps the states between layers on disk under DIR (`--offload DIR`) instead of
+in memory. The peak is compared with the formula the README states,
+`plangen.memory.Footprint.layerwise` with the arguments analyze's own
+`placement` call received (its footprint, calibration tokens, gradients or not,
+states on disk or not): 256 MiB + one layer (x 3 with gradients) + its largest
+weight in float64 + max(embedding, head) + the state boundaries (two, layers + 1
+with gradients, none on disk), added to the RssAnon the process had before
+analyze ran. The peak is also given per stage (`PHASES`: the calibration walk,
+the reverse sweep within it, the held-out judge, the rest), to say which holds it.
 
 Usage: python benchmarks/layerwise_memory.py [--dir /tmp/plancc-layerwise] [--whole]
-           [--layers 0,4,8,16] [--dtype float32] [--tokens 256] [--analyze] [--out FILE.md]
+           [--layers 0,4,8,16] [--dtype float32] [--tokens 256] [--analyze]
+           [--strategy flap] [--metric NAME] [--offload-dir DIR] [--out FILE.md]
 
 `--child DIR` (internal, also used by tests/executor/test_layerwise.py) runs one
 measurement in this process and prints one JSON line; `--mode whole` loads the
@@ -43,7 +53,9 @@ checkpoint with `AutoModelForCausalLM.from_pretrained` instead, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -51,6 +63,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -288,11 +301,21 @@ DEMO_MODEL = Path.home() / ".cache" / "plancc" / "SmolLM2-135M-Instruct"
 
 
 def _analyze(args: argparse.Namespace, sampler: PeakSampler) -> dict[str, Any]:
-    """`plangen analyze --offload --strategy flap` on the checkpoint, in this process."""
-    from compiler.checkpoint import load_checkpoint_facts
+    """`plangen analyze --offload [DIR] --strategy S [--metric M]` on the checkpoint, in
+    this process; the formula from the arguments of analyze's own `placement` call."""
+    from plangen import memory
     from plangen.analyze import run
-    from plangen.memory import Footprint
     from plangen.options import Options
+
+    placed: dict[str, Any] = {}
+    placement = memory.placement
+
+    def recorded(*a: Any, **kw: Any) -> memory.Placement:
+        names = ("offload", "memory_check", "device", "dtype", "footprint", "tokens")
+        placed.update(zip((*names, "gradients"), a, strict=False), **kw)
+        out = placement(*a, **kw)
+        placed["placement"] = out
+        return out
 
     model_dir = Path(args.child)
     for name in TOKENIZER_FILES:
@@ -304,21 +327,77 @@ def _analyze(args: argparse.Namespace, sampler: PeakSampler) -> dict[str, Any]:
         model_dir=model_dir,
         output=plan,
         force=True,
-        strategy="flap",
+        strategy=args.strategy,
+        metric=args.metric,
         nsamples=args.windows,
         seqlen=args.tokens,
         heldout=1,
         batch_size=args.windows,
         device="cpu",
         dtype=args.dtype,
-        offload="",
+        offload=args.offload_dir or "",
         quiet=True,
     )
-    out = run(opts)
+    memory.placement = recorded
+    try:
+        with _phases(sampler):
+            out = run(opts)
+    finally:
+        memory.placement = placement
     width = 2 if args.dtype == "bfloat16" else 4
-    fp = Footprint.of(load_checkpoint_facts(model_dir))
-    stated = fp.layerwise(width, args.windows * args.tokens, gradients=False, on_disk=False)
-    return {"base": base, "loss": out.loss_before, "formula": base + stated}
+    on_disk = isinstance(placed["placement"].states, Path)
+    stated = placed["footprint"].layerwise(
+        width, placed["tokens"], placed["gradients"], on_disk=on_disk
+    )
+    return {
+        "base": base,
+        "loss": out.loss_before,
+        "formula": base + stated,
+        "gradients": placed["gradients"],
+        "on_disk": on_disk,
+    }
+
+
+PHASES = (  # (module, owner, attribute, phase): the stages `--analyze` reports peaks of
+    ("plangen.calibrate", None, "collect", "calibrate"),
+    ("executor.layerwise", "LayerWalk", "backward_sweep", "sweep"),
+    ("plangen.heldout", None, "judge", "judge"),
+)
+
+
+@contextlib.contextmanager
+def _phases(sampler: PeakSampler) -> Iterator[None]:
+    """While analyze runs: `sampler`'s phase is the stage running (PHASES; "other"
+    outside them), so that `phase_peak` says which stage held the peak."""
+    import importlib
+
+    def marked(fn: Any, phase: str) -> Any:
+        @functools.wraps(fn)
+        def call(*a: Any, **kw: Any) -> Any:
+            before = sampler.phase
+            sampler.enter(phase)
+            try:
+                return fn(*a, **kw)
+            finally:
+                sampler.enter(before)
+
+        return call
+
+    patched = []
+    for module, owner, attr, phase in PHASES:
+        target = importlib.import_module(module)
+        if owner is not None:
+            target = getattr(target, owner)
+        original = getattr(target, attr)
+        patched.append((target, attr, original))
+        setattr(target, attr, marked(original, phase))
+    sampler.enter("other")
+    try:
+        yield
+    finally:
+        sampler.enter("end")
+        for target, attr, original in patched:
+            setattr(target, attr, original)
 
 
 def run_child(model_dir: Path, **opts: Any) -> dict[str, Any]:
@@ -369,8 +448,18 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         mode = "analyze" if args.analyze else "walk"
         if args.analyze and n == 0:
             continue  # analyze needs a layer; its formula holds its own base
+        extra = (
+            {"strategy": args.strategy, "metric": args.metric, "offload_dir": args.offload_dir}
+            if args.analyze
+            else {}
+        )
         r = run_child(
-            model_dir, mode=mode, dtype=args.dtype, tokens=args.tokens, windows=args.windows
+            model_dir,
+            mode=mode,
+            dtype=args.dtype,
+            tokens=args.tokens,
+            windows=args.windows,
+            **extra,
         )
         if not r.get("ok"):
             raise SystemExit(f"{n} layers: {r.get('error')}")
@@ -395,9 +484,12 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             "seconds": r["seconds"],
             "write_s": write_s,
             "loss": r["loss"],
+            "phase_peak": r["phase_peak"],
+            "gradients": r.get("gradients", False),
+            "on_disk": r.get("on_disk", False),
         }
         rows.append(row)
-        print(_row(row), flush=True)
+        print(_analyze_row(row, args) if args.analyze else _row(row), flush=True)
         if n == 32 and not args.keep:
             shutil.rmtree(model_dir)
             for i in range(16, 32):
@@ -421,6 +513,27 @@ def _row(r: dict[str, Any]) -> str:
     )
 
 
+ANALYZE_HEADER = (
+    "| layers | checkpoint GB | strategy / metric | states | peak RssAnon GB | formula GB "
+    "| peak / formula | calibrate / sweep / judge / other peak GB | analyze s |\n"
+    "|---:|---:|---|---|---:|---:|---:|---:|---:|"
+)
+
+
+def _analyze_row(r: dict[str, Any], args: argparse.Namespace) -> str:
+    what = args.strategy + (f" / {args.metric}" if args.metric else "")
+    what += " (gradients)" if r["gradients"] else ""
+    peaks = r["phase_peak"]
+    phases = " / ".join(
+        _gb(peaks[k]) if k in peaks else "-" for k in ("calibrate", "sweep", "judge", "other")
+    )
+    return (
+        f"| {r['layers']} | {_gb(r['checkpoint'])} | {what} | "
+        f"{'disk' if r['on_disk'] else 'memory'} | {_gb(r['peak_anon'])} | "
+        f"{_gb(r['formula'])} | {r['ratio']:.2f} | {phases} | {r['seconds']:.1f} |"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", default="/tmp/plancc-layerwise")
@@ -439,11 +552,14 @@ def main() -> None:
         "--mode", default="walk", choices=("walk", "whole", "analyze"), help=argparse.SUPPRESS
     )
     p.add_argument("--data-limit", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--strategy", default="flap", help="with --analyze: analyze's --strategy")
+    p.add_argument("--metric", help="with --analyze: analyze's --metric (default: its own)")
+    p.add_argument("--offload-dir", help="with --analyze: the states on disk under this directory")
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args)), flush=True)
         return
-    print(HEADER, flush=True)
+    print(ANALYZE_HEADER if args.analyze else HEADER, flush=True)
     rows = measure(args)
     if args.out:
         _write_result(Path(args.out), args, rows)
@@ -466,8 +582,8 @@ def _write_result(path: Path, args: argparse.Namespace, rows: list[dict[str, Any
         f"{os.cpu_count()} CPU cores; compute dtype {args.dtype}; "
         f"{args.windows} x {args.tokens} tokens.",
         "",
-        HEADER,
-        *(_row(r) for r in rows),
+        ANALYZE_HEADER if args.analyze else HEADER,
+        *(_analyze_row(r, args) if args.analyze else _row(r) for r in rows),
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
