@@ -38,7 +38,12 @@ states on disk or not): 256 MiB + one layer (x 3 with gradients) + its largest
 weight in float64 + max(embedding, head) + the state boundaries (two, layers + 1
 with gradients, none on disk), added to the RssAnon the process had before
 analyze ran. The peak is also given per stage (`PHASES`: the calibration walk,
-the reverse sweep within it, the held-out judge, the rest), to say which holds it.
+the reverse sweep within it, a layer's width scoring within either, the held-out
+judge, and the largest of the rest:
+the checks and weights digest, the windows, opening the walk, the candidates,
+the writing; each one's peak is in the raw result printed on stderr), to say
+which holds it; `--census 1` adds, as each stage starts, the bytes of the CPU
+tensors Python holds (`tensor_census`), to tell held tensors from allocator slack.
 
 Usage: python benchmarks/layerwise_memory.py [--dir /tmp/plancc-layerwise] [--whole]
            [--layers 0,4,8,16] [--dtype float32] [--tokens 256] [--analyze]
@@ -338,9 +343,10 @@ def _analyze(args: argparse.Namespace, sampler: PeakSampler) -> dict[str, Any]:
         offload=args.offload_dir or "",
         quiet=True,
     )
+    census: dict[str, Any] | None = {} if args.census else None
     memory.placement = recorded
     try:
-        with _phases(sampler):
+        with _phases(sampler, census):
             out = run(opts)
     finally:
         memory.placement = placement
@@ -355,26 +361,75 @@ def _analyze(args: argparse.Namespace, sampler: PeakSampler) -> dict[str, Any]:
         "formula": base + stated,
         "gradients": placed["gradients"],
         "on_disk": on_disk,
+        **({"census": census} if census is not None else {}),
     }
 
 
 PHASES = (  # (module, owner, attribute, phase): the stages `--analyze` reports peaks of
+    ("plangen.analyze", None, "_checked", "check"),  # options, checkpoint, weights digest
+    ("plangen.analyze", None, "_read_windows", "windows"),
+    ("plangen.analyze", None, "_load", "open"),
     ("plangen.calibrate", None, "collect", "calibrate"),
     ("executor.layerwise", "LayerWalk", "backward_sweep", "sweep"),
+    ("plangen.calibrate", "_Scoring", "__call__", "score"),  # a layer's width scores
     ("plangen.heldout", None, "judge", "judge"),
+    ("plangen.analyze", None, "write_outputs", "write"),
 )
+MAIN_PHASES = ("calibrate", "sweep", "score", "judge")  # the table's columns; the others: "rest"
+
+
+def tensor_census(top: int = 6) -> dict[str, Any]:
+    """The CPU tensors Python holds now (their storages, each counted once): total
+    bytes and the `top` (shape, dtype) groups by bytes; this process's RssAnon, and
+    again after `malloc_trim(0)` (which returns glibc's free pages: changes what follows)."""
+    import gc
+
+    import torch
+
+    seen: set[int] = set()
+    groups: dict[str, list[int]] = {}
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
+                continue
+            storage = obj.untyped_storage()
+            ptr = storage.data_ptr()
+        except Exception:  # a tensor without storage (sparse, wrapper subclasses)
+            continue
+        if ptr in seen or ptr == 0:
+            continue
+        seen.add(ptr)
+        key = f"{tuple(obj.shape)} {str(obj.dtype).removeprefix('torch.')}"
+        g = groups.setdefault(key, [0, 0])
+        g[0] += 1
+        g[1] += storage.nbytes()
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    rss = _status()["RssAnon"]
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what glibc holds free but resident
+    return {
+        "rss_anon": rss,
+        "rss_anon_after_malloc_trim": _status()["RssAnon"],
+        "tensor_bytes": sum(g[1] for g in groups.values()),
+        "tensors": len(seen),
+        "top": [f"{n} x {k}: {b / 1e6:.1f} MB" for k, (n, b) in ranked],
+    }
 
 
 @contextlib.contextmanager
-def _phases(sampler: PeakSampler) -> Iterator[None]:
+def _phases(sampler: PeakSampler, census: dict[str, Any] | None = None) -> Iterator[None]:
     """While analyze runs: `sampler`'s phase is the stage running (PHASES; "other"
-    outside them), so that `phase_peak` says which stage held the peak."""
+    outside them), so that `phase_peak` says which stage held the peak; with `census`,
+    `tensor_census()` as each stage starts, by stage."""
     import importlib
 
     def marked(fn: Any, phase: str) -> Any:
         @functools.wraps(fn)
         def call(*a: Any, **kw: Any) -> Any:
             before = sampler.phase
+            if census is not None:
+                census[phase] = tensor_census()
             sampler.enter(phase)
             try:
                 return fn(*a, **kw)
@@ -449,7 +504,12 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.analyze and n == 0:
             continue  # analyze needs a layer; its formula holds its own base
         extra = (
-            {"strategy": args.strategy, "metric": args.metric, "offload_dir": args.offload_dir}
+            {
+                "strategy": args.strategy,
+                "metric": args.metric,
+                "offload_dir": args.offload_dir,
+                "census": 1 if args.census else None,
+            }
             if args.analyze
             else {}
         )
@@ -463,6 +523,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         if not r.get("ok"):
             raise SystemExit(f"{n} layers: {r.get('error')}")
+        print(json.dumps({"layers": n, **r}), file=sys.stderr, flush=True)  # the raw result
         if n == 0 or args.analyze:
             base = r["base"]
         assert base is not None
@@ -515,7 +576,7 @@ def _row(r: dict[str, Any]) -> str:
 
 ANALYZE_HEADER = (
     "| layers | checkpoint GB | strategy / metric | states | peak RssAnon GB | formula GB "
-    "| peak / formula | calibrate / sweep / judge / other peak GB | analyze s |\n"
+    "| peak / formula | calibrate / sweep / score / judge / rest peak GB | analyze s |\n"
     "|---:|---:|---|---|---:|---:|---:|---:|---:|"
 )
 
@@ -524,9 +585,9 @@ def _analyze_row(r: dict[str, Any], args: argparse.Namespace) -> str:
     what = args.strategy + (f" / {args.metric}" if args.metric else "")
     what += " (gradients)" if r["gradients"] else ""
     peaks = r["phase_peak"]
-    phases = " / ".join(
-        _gb(peaks[k]) if k in peaks else "-" for k in ("calibrate", "sweep", "judge", "other")
-    )
+    rest = max((v for k, v in peaks.items() if k not in MAIN_PHASES), default=0)
+    phases = " / ".join(_gb(peaks[k]) if k in peaks else "-" for k in MAIN_PHASES)
+    phases += f" / {_gb(rest)}"
     return (
         f"| {r['layers']} | {_gb(r['checkpoint'])} | {what} | "
         f"{'disk' if r['on_disk'] else 'memory'} | {_gb(r['peak_anon'])} | "
@@ -554,6 +615,12 @@ def main() -> None:
     p.add_argument("--data-limit", type=int, help=argparse.SUPPRESS)
     p.add_argument("--strategy", default="flap", help="with --analyze: analyze's --strategy")
     p.add_argument("--metric", help="with --analyze: analyze's --metric (default: its own)")
+    p.add_argument(
+        "--census",
+        type=int,
+        default=0,
+        help="with --analyze: the tensors held as each stage starts (in the raw result)",
+    )
     p.add_argument("--offload-dir", help="with --analyze: the states on disk under this directory")
     args = p.parse_args()
     if args.child:
