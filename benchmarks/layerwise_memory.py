@@ -24,15 +24,30 @@ loaded). Targets (issue 36): flat in the layer count, at most 1.3 x the
 formula, the whole 32-layer model under 4 GB.
 
 With `--analyze` each run is instead a whole `plangen analyze --offload
---strategy flap` (calibration walk, FLAP scores, the candidate and the original
-judged on one held-out window in one walk, the plan and sidecar written; the
-SmolLM2 demo tokenizer is copied beside the weights), and the peak is compared
-with the formula the README states, `plangen.memory.Footprint.layerwise`
-(256 MiB + one layer + its largest weight in float64 + max(embedding, head) +
-two state boundaries), added to the RssAnon the process had before analyze ran.
+--strategy S` (default flap: calibration walk, FLAP scores, the candidate and the
+original judged on one held-out window in one walk, the plan and sidecar
+written; the SmolLM2 demo tokenizer is copied beside the weights). `--metric`
+picks the strategy's metric: a gradient one (`--strategy global --metric
+taylor`) adds the reverse sweep, each layer reloaded, recomputed from its
+stored input and back-propagated, every layer boundary kept. `--offload-dir DIR`
+keeps the states between layers on disk under DIR (`--offload DIR`) instead of
+in memory. The peak is compared with the formula the README states,
+`plangen.memory.Footprint.layerwise` with the arguments analyze's own
+`placement` call received (its footprint, calibration tokens, gradients or not,
+states on disk or not): 256 MiB + one layer (x 3 with gradients) + its largest
+weight in float64 + max(embedding, head) + the state boundaries (two, layers + 1
+with gradients, none on disk), added to the RssAnon the process had before
+analyze ran. The peak is also given per stage (`PHASES`: the calibration walk,
+the reverse sweep within it, a layer's width scoring within either, the held-out
+judge, and the largest of the rest:
+the checks and weights digest, the windows, opening the walk, the candidates,
+the writing; each one's peak is in the raw result printed on stderr), to say
+which holds it; `--census 1` adds, as each stage starts, the bytes of the CPU
+tensors Python holds (`tensor_census`), to tell held tensors from allocator slack.
 
 Usage: python benchmarks/layerwise_memory.py [--dir /tmp/plancc-layerwise] [--whole]
-           [--layers 0,4,8,16] [--dtype float32] [--tokens 256] [--analyze] [--out FILE.md]
+           [--layers 0,4,8,16] [--dtype float32] [--tokens 256] [--analyze]
+           [--strategy flap] [--metric NAME] [--offload-dir DIR] [--out FILE.md]
 
 `--child DIR` (internal, also used by tests/executor/test_layerwise.py) runs one
 measurement in this process and prints one JSON line; `--mode whole` loads the
@@ -43,7 +58,9 @@ checkpoint with `AutoModelForCausalLM.from_pretrained` instead, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -51,6 +68,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -288,11 +306,21 @@ DEMO_MODEL = Path.home() / ".cache" / "plancc" / "SmolLM2-135M-Instruct"
 
 
 def _analyze(args: argparse.Namespace, sampler: PeakSampler) -> dict[str, Any]:
-    """`plangen analyze --offload --strategy flap` on the checkpoint, in this process."""
-    from compiler.checkpoint import load_checkpoint_facts
+    """`plangen analyze --offload [DIR] --strategy S [--metric M]` on the checkpoint, in
+    this process; the formula from the arguments of analyze's own `placement` call."""
+    from plangen import memory
     from plangen.analyze import run
-    from plangen.memory import Footprint
     from plangen.options import Options
+
+    placed: dict[str, Any] = {}
+    placement = memory.placement
+
+    def recorded(*a: Any, **kw: Any) -> memory.Placement:
+        names = ("offload", "memory_check", "device", "dtype", "footprint", "tokens")
+        placed.update(zip((*names, "gradients"), a, strict=False), **kw)
+        out = placement(*a, **kw)
+        placed["placement"] = out
+        return out
 
     model_dir = Path(args.child)
     for name in TOKENIZER_FILES:
@@ -304,21 +332,127 @@ def _analyze(args: argparse.Namespace, sampler: PeakSampler) -> dict[str, Any]:
         model_dir=model_dir,
         output=plan,
         force=True,
-        strategy="flap",
+        strategy=args.strategy,
+        metric=args.metric,
         nsamples=args.windows,
         seqlen=args.tokens,
         heldout=1,
         batch_size=args.windows,
         device="cpu",
         dtype=args.dtype,
-        offload="",
+        offload=args.offload_dir or "",
         quiet=True,
     )
-    out = run(opts)
+    census: dict[str, Any] | None = {} if args.census else None
+    memory.placement = recorded
+    try:
+        with _phases(sampler, census):
+            out = run(opts)
+    finally:
+        memory.placement = placement
     width = 2 if args.dtype == "bfloat16" else 4
-    fp = Footprint.of(load_checkpoint_facts(model_dir))
-    stated = fp.layerwise(width, args.windows * args.tokens, gradients=False, on_disk=False)
-    return {"base": base, "loss": out.loss_before, "formula": base + stated}
+    on_disk = isinstance(placed["placement"].states, Path)
+    stated = placed["footprint"].layerwise(
+        width, placed["tokens"], placed["gradients"], on_disk=on_disk
+    )
+    return {
+        "base": base,
+        "loss": out.loss_before,
+        "formula": base + stated,
+        "gradients": placed["gradients"],
+        "on_disk": on_disk,
+        **({"census": census} if census is not None else {}),
+    }
+
+
+PHASES = (  # (module, owner, attribute, phase): the stages `--analyze` reports peaks of
+    ("plangen.analyze", None, "_checked", "check"),  # options, checkpoint, weights digest
+    ("plangen.analyze", None, "_read_windows", "windows"),
+    ("plangen.analyze", None, "_load", "open"),
+    ("plangen.calibrate", None, "collect", "calibrate"),
+    ("executor.layerwise", "LayerWalk", "backward_sweep", "sweep"),
+    ("plangen.calibrate", "_Scoring", "__call__", "score"),  # a layer's width scores
+    ("plangen.heldout", None, "judge", "judge"),
+    ("plangen.analyze", None, "write_outputs", "write"),
+)
+MAIN_PHASES = ("calibrate", "sweep", "score", "judge")  # the table's columns; the others: "rest"
+
+
+def tensor_census(top: int = 6) -> dict[str, Any]:
+    """The CPU tensors Python holds now (their storages, each counted once): total
+    bytes and the `top` (shape, dtype) groups by bytes; this process's RssAnon, and
+    again after `malloc_trim(0)` (which returns glibc's free pages: changes what follows)."""
+    import gc
+
+    import torch
+
+    seen: set[int] = set()
+    groups: dict[str, list[int]] = {}
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
+                continue
+            storage = obj.untyped_storage()
+            ptr = storage.data_ptr()
+        except Exception:  # a tensor without storage (sparse, wrapper subclasses)
+            continue
+        if ptr in seen or ptr == 0:
+            continue
+        seen.add(ptr)
+        key = f"{tuple(obj.shape)} {str(obj.dtype).removeprefix('torch.')}"
+        g = groups.setdefault(key, [0, 0])
+        g[0] += 1
+        g[1] += storage.nbytes()
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    rss = _status()["RssAnon"]
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what glibc holds free but resident
+    return {
+        "rss_anon": rss,
+        "rss_anon_after_malloc_trim": _status()["RssAnon"],
+        "tensor_bytes": sum(g[1] for g in groups.values()),
+        "tensors": len(seen),
+        "top": [f"{n} x {k}: {b / 1e6:.1f} MB" for k, (n, b) in ranked],
+    }
+
+
+@contextlib.contextmanager
+def _phases(sampler: PeakSampler, census: dict[str, Any] | None = None) -> Iterator[None]:
+    """While analyze runs: `sampler`'s phase is the stage running (PHASES; "other"
+    outside them), so that `phase_peak` says which stage held the peak; with `census`,
+    `tensor_census()` as each stage starts, by stage."""
+    import importlib
+
+    def marked(fn: Any, phase: str) -> Any:
+        @functools.wraps(fn)
+        def call(*a: Any, **kw: Any) -> Any:
+            before = sampler.phase
+            if census is not None:
+                census[phase] = tensor_census()
+            sampler.enter(phase)
+            try:
+                return fn(*a, **kw)
+            finally:
+                sampler.enter(before)
+
+        return call
+
+    patched = []
+    for module, owner, attr, phase in PHASES:
+        target = importlib.import_module(module)
+        if owner is not None:
+            target = getattr(target, owner)
+        original = getattr(target, attr)
+        patched.append((target, attr, original))
+        setattr(target, attr, marked(original, phase))
+    sampler.enter("other")
+    try:
+        yield
+    finally:
+        sampler.enter("end")
+        for target, attr, original in patched:
+            setattr(target, attr, original)
 
 
 def run_child(model_dir: Path, **opts: Any) -> dict[str, Any]:
@@ -369,11 +503,27 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         mode = "analyze" if args.analyze else "walk"
         if args.analyze and n == 0:
             continue  # analyze needs a layer; its formula holds its own base
+        extra = (
+            {
+                "strategy": args.strategy,
+                "metric": args.metric,
+                "offload_dir": args.offload_dir,
+                "census": 1 if args.census else None,
+            }
+            if args.analyze
+            else {}
+        )
         r = run_child(
-            model_dir, mode=mode, dtype=args.dtype, tokens=args.tokens, windows=args.windows
+            model_dir,
+            mode=mode,
+            dtype=args.dtype,
+            tokens=args.tokens,
+            windows=args.windows,
+            **extra,
         )
         if not r.get("ok"):
             raise SystemExit(f"{n} layers: {r.get('error')}")
+        print(json.dumps({"layers": n, **r}), file=sys.stderr, flush=True)  # the raw result
         if n == 0 or args.analyze:
             base = r["base"]
         assert base is not None
@@ -395,9 +545,12 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             "seconds": r["seconds"],
             "write_s": write_s,
             "loss": r["loss"],
+            "phase_peak": r["phase_peak"],
+            "gradients": r.get("gradients", False),
+            "on_disk": r.get("on_disk", False),
         }
         rows.append(row)
-        print(_row(row), flush=True)
+        print(_analyze_row(row, args) if args.analyze else _row(row), flush=True)
         if n == 32 and not args.keep:
             shutil.rmtree(model_dir)
             for i in range(16, 32):
@@ -421,6 +574,27 @@ def _row(r: dict[str, Any]) -> str:
     )
 
 
+ANALYZE_HEADER = (
+    "| layers | checkpoint GB | strategy / metric | states | peak RssAnon GB | formula GB "
+    "| peak / formula | calibrate / sweep / score / judge / rest peak GB | analyze s |\n"
+    "|---:|---:|---|---|---:|---:|---:|---:|---:|"
+)
+
+
+def _analyze_row(r: dict[str, Any], args: argparse.Namespace) -> str:
+    what = args.strategy + (f" / {args.metric}" if args.metric else "")
+    what += " (gradients)" if r["gradients"] else ""
+    peaks = r["phase_peak"]
+    rest = max((v for k, v in peaks.items() if k not in MAIN_PHASES), default=0)
+    phases = " / ".join(_gb(peaks[k]) if k in peaks else "-" for k in MAIN_PHASES)
+    phases += f" / {_gb(rest)}"
+    return (
+        f"| {r['layers']} | {_gb(r['checkpoint'])} | {what} | "
+        f"{'disk' if r['on_disk'] else 'memory'} | {_gb(r['peak_anon'])} | "
+        f"{_gb(r['formula'])} | {r['ratio']:.2f} | {phases} | {r['seconds']:.1f} |"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", default="/tmp/plancc-layerwise")
@@ -439,11 +613,20 @@ def main() -> None:
         "--mode", default="walk", choices=("walk", "whole", "analyze"), help=argparse.SUPPRESS
     )
     p.add_argument("--data-limit", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--strategy", default="flap", help="with --analyze: analyze's --strategy")
+    p.add_argument("--metric", help="with --analyze: analyze's --metric (default: its own)")
+    p.add_argument(
+        "--census",
+        type=int,
+        default=0,
+        help="with --analyze: the tensors held as each stage starts (in the raw result)",
+    )
+    p.add_argument("--offload-dir", help="with --analyze: the states on disk under this directory")
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args)), flush=True)
         return
-    print(HEADER, flush=True)
+    print(ANALYZE_HEADER if args.analyze else HEADER, flush=True)
     rows = measure(args)
     if args.out:
         _write_result(Path(args.out), args, rows)
@@ -466,8 +649,8 @@ def _write_result(path: Path, args: argparse.Namespace, rows: list[dict[str, Any
         f"{os.cpu_count()} CPU cores; compute dtype {args.dtype}; "
         f"{args.windows} x {args.tokens} tokens.",
         "",
-        HEADER,
-        *(_row(r) for r in rows),
+        ANALYZE_HEADER if args.analyze else HEADER,
+        *(_analyze_row(r, args) if args.analyze else _row(r) for r in rows),
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
