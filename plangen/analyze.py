@@ -296,6 +296,10 @@ def _analyzed(r: Run) -> Outcome:
         new = dataclasses.replace(chosen, first=again[0], loss=again[1])
         measured = [new if m is chosen else m for m in measured]
         chosen = new
+        why += (
+            f"; reconstructed candidates judged on one-shot solves, the chosen one "
+            f"re-solved ({r.opts.reconstruct_mode})"
+        )
     provenance = provenance_lines(r.opts, r.facts, r.text_sha, why, measured, loss_before)
     plan_path, sidecar = r.opts.output, scores_path_for(r.opts.output)
     if lead():  # under torchrun, every rank has the same outcome; rank 0 writes it

@@ -735,6 +735,7 @@ def test_auto_judges_on_shared_one_shot_solves_and_re_solves_the_winner(
     assert plangen(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert "reconstructed" in out["label"] and math.isfinite(out["heldout_loss_after"])
+    assert out["why"].endswith("judged on one-shot solves, the chosen one re-solved (sequential)")
     judged, *final = calls
     assert judged[0].one_shot and judged[1] >= 2 and judged[2]  # all, shared, no walk
     assert final == [(Settings(), 1, False)]  # the winner alone, sequential
