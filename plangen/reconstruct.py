@@ -135,7 +135,7 @@ class SharedGrams:
     the calibration's forward walk (a `plangen.calibrate.LayerObserver`) for a one-shot
     reconstruction: those are the inputs it solves on, so it then needs no walk of
     its own (the same batches, the same states: the same Grams bit for bit). They are
-    kept in memory until the solves: (q width^2 + ffn^2) x 8 bytes per layer
+    kept in host memory until the solves: (q width^2 + ffn^2) x 8 bytes per layer
     (`nbytes`), which `plangen.analyze_dense` checks fits before asking for them."""
 
     def __init__(self, arch: Architecture) -> None:
@@ -159,8 +159,8 @@ class SharedGrams:
 
     def detach(self, i: int) -> None:
         hooks, self._hooks = self._hooks, {}
-        for part, hook in hooks.items():
-            self.grams[(i, part)] = hook.remove()
+        for part, hook in hooks.items():  # on the host: a GPU keeps only the layer's
+            self.grams[(i, part)] = hook.remove().cpu()
 
     def covers(self, wanted: Collection[tuple[int, str]]) -> bool:
         return all(key in self.grams for key in wanted)
