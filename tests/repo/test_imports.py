@@ -36,12 +36,14 @@ MAY_IMPORT = {
     "heal": {"grammar", "compiler", "executor", "heal"},
 }
 # The executor modules the planner may import: loading a model (whole or one layer
-# at a time), its loss, and the device it runs on.
+# at a time), its loss, the device it runs on, and the processes that share a walk
+# under torchrun (the walk's batches and its sums over them).
 PLANGEN_MAY_USE_FROM_EXECUTOR = {
     "executor.loader",
     "executor.layerwise",
     "executor.lm_loss",
     "executor.device",
+    "executor.distributed",
 }
 
 # (importer, imported) edges against the layering, each with why it stays.
