@@ -247,8 +247,10 @@ class Options:
     reconstruct_mode: str = option(
         "--reconstruct-mode",
         help="sequential (default): each layer solved on the outputs of the pruned layers "
-        "before it; one-shot: on the unpruned model's (measured worse); residual: down_proj "
-        "fitted to the original model's layer output (better in-domain, worse on unseen text)",
+        "before it; one-shot: on the unpruned model's (measured 0.5-3.8%% worse, a third less "
+        "time in auto); residual: down_proj fitted to the original model's layer output "
+        "(better in-domain, worse on unseen text). auto judges its reconstructed candidates "
+        "on shared one-shot solves and solves the winner in this mode",
         group=STRATEGY,
         default="sequential",
         choices=("sequential", "one-shot", "residual"),
