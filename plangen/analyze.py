@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -353,11 +352,11 @@ def _read_windows(r: Run) -> None:
 def _place(r: Run) -> None:
     """Whole in memory or one decoder layer at a time (`plangen.memory.placement`),
     decided before any window is read; said on stderr when chosen for the user."""
-    from plangen.memory import DoesNotFit, Footprint, placement
+    from plangen.memory import DoesNotFit, Footprint, placement, prepared
 
     assert r.opts.device is not None  # resolved
     try:
-        r.placement = placement(
+        placed = placement(
             r.opts.offload,
             r.opts.memory_check,
             r.opts.device,
@@ -368,36 +367,17 @@ def _place(r: Run) -> None:
         )
     except DoesNotFit as exc:
         raise AnalyzeError(str(exc)) from None
-    if r.placement.said is not None and lead():
-        print(r.placement.said, file=sys.stderr)
-    if isinstance(r.placement.states, Path):
-        from plangen import staging
-
-        staging.remove_stale_caches(r.placement.states)
+    r.placement = prepared(placed, tell=lead())
 
 
 def _load(r: Run) -> None:
     """The walk every stage runs the model through: over the loaded model (every layer
     resident), or opened on the checkpoint (each layer read when reached, then freed)."""
-    import torch
-
-    from executor.layerwise import LayerWalk
-    from executor.loader import load
+    from plangen.memory import open_walk
 
     opts = r.opts
     assert opts.device is not None  # resolved
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
-    if r.placement.layerwise:
-        r.walk = LayerWalk.open(
-            opts.model_dir,
-            opts.device,
-            dtype,
-            batch_size=opts.batch_size,
-            cache=r.placement.states,
-        )
-    else:
-        r.model = load(opts.model_dir, opts.device, dtype)
-        r.walk = LayerWalk.over(r.model, r.ckpt.arch, opts.device, opts.batch_size)
+    r.walk, r.model = open_walk(r.ckpt, r.placement, opts.device, opts.dtype, opts.batch_size)
     r.phases["load"] = time.perf_counter() - r.started
 
 

@@ -29,8 +29,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compiler.checkpoint import CheckpointFacts
+
+if TYPE_CHECKING:  # torch and the executor are imported when a walk is opened
+    import torch
+
+    from executor.layerwise import LayerWalk
 
 MEMINFO = Path("/proc/meminfo")
 MEMORY_CHECK_ENV = "PLANCC_NO_MEMORY_CHECK"  # set to 1: the same as --no-memory-check
@@ -236,3 +242,39 @@ def placement(
         f"layer at a time; use {advice}a larger device, or, if the estimate is wrong, "
         f"--no-memory-check (or {MEMORY_CHECK_ENV}=1)"
     )
+
+
+def prepared(placed: Placement, tell: bool = True) -> Placement:
+    """A placement made ready before any window is read: its line said on stderr when
+    it was chosen for the user (`tell`: this process speaks), and the leftovers of a
+    killed run removed from its state directory."""
+    import sys
+
+    if placed.said is not None and tell:
+        print(placed.said, file=sys.stderr)
+    if isinstance(placed.states, Path):
+        from plangen import staging
+
+        staging.remove_stale_caches(placed.states)
+    return placed
+
+
+def open_walk(
+    ckpt: CheckpointFacts, placed: Placement, device: str, dtype: str, batch_size: int
+) -> tuple[LayerWalk, torch.nn.Module | None]:
+    """The walk a placement runs the model through, and the model when it is loaded
+    whole: opened on the checkpoint (each layer read when reached, then freed), or
+    over the loaded model (every layer resident)."""
+    import torch
+
+    from executor.layerwise import LayerWalk
+    from executor.loader import load
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if placed.layerwise:
+        walk = LayerWalk.open(
+            ckpt.model_dir, device, torch_dtype, batch_size=batch_size, cache=placed.states
+        )
+        return walk, None
+    model = load(ckpt.model_dir, device, torch_dtype)
+    return LayerWalk.over(model, ckpt.arch, device, batch_size), model

@@ -19,7 +19,6 @@ plan for a model larger than memory can be re-solved where it was analyzed.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,10 +37,7 @@ from plangen.candidate import Candidate
 from plangen.scores import ScoreTables, metadata_json, read_sidecar, write_sidecar
 
 if TYPE_CHECKING:
-    import torch
-
     from compiler.checkpoint import CheckpointFacts
-    from executor.layerwise import LayerWalk
     from plangen.memory import Placement
 
 # What the re-solve itself repairs: stale or missing reconstruction tables.
@@ -202,10 +198,10 @@ def refresh(
     `offload` and `memory_check` are analyze's --offload [DIR] and --no-memory-check."""
     import time
 
-    import torch
     from transformers import AutoTokenizer
 
     from plangen.analyze import model_facts
+    from plangen.memory import open_walk
     from plangen.metrics import DAMP
     from plangen.pipeline import sidecar_meta
     from plangen.reconstruct import attach, sequential
@@ -230,10 +226,9 @@ def refresh(
     placed = _placement(ck, device, dtype, offload, memory_check, samples * seqlen)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     calib = _calibration_windows(tokenizer, calibration, data, data_files, seqlen, samples)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     scores = old.without_reconstruction()
     scores.metadata = metadata_json({**sidecar_meta(scores), WEIGHTS_KEY: weights})
-    walk = _walk(ck, placed, device, torch_dtype, batch_size)
+    walk, _model = open_walk(ck, placed, device, dtype, batch_size)
     try:
         solved = sequential(
             None,  # unused: the walk carries the model
@@ -281,7 +276,7 @@ def _placement(
     decides (no gradients: a re-solve only runs forward), before any window is read;
     said on stderr when chosen for the user. A state directory's leftovers from a
     killed run are removed first."""
-    from plangen.memory import DoesNotFit, Footprint, placement
+    from plangen.memory import DoesNotFit, Footprint, placement, prepared
 
     try:
         placed = placement(
@@ -297,27 +292,7 @@ def _placement(
         )
     except DoesNotFit as exc:
         raise ReconstructError(str(exc)) from None
-    if placed.said is not None:
-        print(placed.said, file=sys.stderr)
-    if isinstance(placed.states, Path):
-        staging.remove_stale_caches(placed.states)
-    return placed
-
-
-def _walk(
-    ck: CheckpointFacts, placed: Placement, device: str, dtype: torch.dtype, batch_size: int
-) -> LayerWalk:
-    """The walk the re-solve runs the model through: opened on the checkpoint (each
-    layer read when reached, then freed) or over the model loaded whole."""
-    from executor.layerwise import LayerWalk
-    from executor.loader import load
-
-    if placed.layerwise:
-        return LayerWalk.open(
-            ck.model_dir, device, dtype, batch_size=batch_size, cache=placed.states
-        )
-    model = load(ck.model_dir, device, dtype)
-    return LayerWalk.over(model, ck.arch, device, batch_size)
+    return prepared(placed)
 
 
 def _writable(dest: Path) -> None:
