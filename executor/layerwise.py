@@ -82,6 +82,7 @@ from compiler.checkpoint import TensorInfo, architecture_of, read_config, tensor
 from executor import distributed, lm_loss
 from executor.family_config import PLANCC_KEY
 from executor.loader import fuse_experts
+from executor.lockstep import Crew, Stop, in_step
 
 # Attributes with which a config changes the logits after the head's matmul. Gemma-2's
 # soft-capping is applied here; the others are refused rather than silently ignored.
@@ -653,6 +654,34 @@ class LayerWalk:
         for k in range(len(states)):
             with contextlib.suppress(StopLayer):
                 self.forward_batch(i, states, k, module)
+
+    def lockstep(
+        self,
+        i: int,
+        states: States,
+        stops: Sequence[Stop],
+        module: nn.Module | None = None,
+        inplace: bool = False,
+        crew: Crew | None = None,
+    ) -> States:
+        """`forward_layer` with every batch's run in step (`executor.lockstep`): at each
+        stop's module, every batch waits until all have reached it, the stop's `then`
+        runs once (a solve that rewrites the module's weight), and every batch goes on.
+        One layer-forward per batch instead of a pass to each stop and one through the
+        layer, the same arithmetic in the same order; every batch's live tensors at a
+        stop exist at once (`plangen.memory.in_step_fits`). `crew`: the threads, kept
+        from layer to layer (default: a crew for this layer alone)."""
+        if states.layer != i:
+            raise ValueError(f"these states are the input of layer {states.layer}, not {i}")
+        batch = functools.partial(self.forward_batch, i, states, module=module)
+        if crew is None:
+            outputs = in_step(len(states), batch, stops)
+        else:
+            outputs = crew.in_step(len(states), batch, stops)
+        out = states.cache if inplace else self.new_cache()
+        for k, output in enumerate(outputs):
+            out.put(k, output)
+        return States(states.batches, out, i + 1)
 
     def run(self, windows: Sequence[Sequence[int]] | torch.Tensor) -> States:
         """`inputs`, then every layer loaded, run and freed in turn: the final states."""

@@ -460,10 +460,11 @@ class _Solver:
         return self._solve([cand], self.asked)[0]
 
     def _solve(self, jobs: list[Candidate], settings: Settings) -> list[list]:
-        from plangen.reconstruct import one_shot_walks, solve_all
+        from plangen.reconstruct import in_step_walk, one_shot_walks, sequential_passes, solve_all
 
         started = time.perf_counter()
         pairs = [(c, None) for c in jobs]
+        in_step = in_step_walk(self.walk, self.facts, self.windows)
         solved = solve_all(
             self.walk,
             self.arch,
@@ -474,13 +475,13 @@ class _Solver:
             settings,
             self.opts.progress,
             grams=self.grams if settings.one_shot else None,
+            in_step=in_step,
         )
         self.seconds += time.perf_counter() - started
         if settings.one_shot:  # one walk per stream of shared inputs not gathered already
             self.passes += one_shot_walks(pairs, self.facts, self.grams)
         else:
-            layers = self.facts.layers or 1
-            self.passes += sum((layers + len(s)) / layers for s in solved)  # walk + partials
+            self.passes += sequential_passes(self.facts, settings, solved, in_step)
         return solved
 
 

@@ -188,6 +188,22 @@ def room_beside(
     return extra + states + RUNTIME_BASE <= free
 
 
+def in_step_fits(walk: LayerWalk, hidden: int, ffn: int, tokens: int) -> bool:
+    """Whether the sequential reconstruction may run a decoder layer's batches in step
+    (`LayerWalk.lockstep`: one layer-forward instead of about two), which holds every
+    batch's live tensors at down_proj's input at once: per token the layer's input,
+    residual and normed states and the outputs of the batches done (about 6 x hidden)
+    and the MLP's product and its input (2 x ffn), in the compute dtype, on the walk's
+    device. Never when the states are on disk: they are there because memory is short."""
+    if walk.cache not in ("host", "device"):
+        return False
+    free, _ = free_memory(str(walk.device))
+    if free is None:
+        return True
+    width = walk.model.dtype.itemsize
+    return tokens * (6 * hidden + 2 * ffn) * width + RUNTIME_BASE <= free
+
+
 def size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 

@@ -20,8 +20,12 @@ produced by the model with layers < l already pruned and reconstructed, so
 each layer also absorbs the error of the ones before it. The executor's walk
 (`executor.layerwise.LayerWalk`, resident over the loaded model) runs the
 decoder one layer at a time over cached hidden states for that, the layer-
-ordered walk `plangen.calibrate` was shaped for; each layer costs about two
-layer-forwards over the calibration set (Gram pass, then the output pass).
+ordered walk `plangen.calibrate` was shaped for. Each layer costs one
+layer-forward over the calibration set: every batch's forward runs in step
+(`executor.lockstep`), waiting at o_proj's and then down_proj's input while the
+Gram is summed and the solve written in. Where the batches' live tensors do not
+fit beside the states (`plangen.memory.in_step_fits`), or in residual mode, a
+pass to each projection and one through the layer: about two.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import dataclasses
 import itertools
 import json
 import math
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +47,7 @@ from compiler.facts import ModelFacts
 from compiler.geometry import top_channels
 from executor import distributed
 from executor.layerwise import LayerWalk, States, StopLayer
+from executor.lockstep import Crew, Stop
 from plangen.candidate import Candidate
 from plangen.metrics import DAMP, OBS
 from plangen.metrics.inputs import output_projection
@@ -336,6 +341,7 @@ def solve_all(
     settings: Settings = Settings(),
     progress: bool = True,
     grams: SharedGrams | None = None,
+    in_step: bool | None = None,
 ) -> list[list[Solved]]:
     """Every job's reconstruction in one walk: each decoder layer is loaded once and
     serves every candidate, each of which advances its own states through it.
@@ -353,14 +359,38 @@ def solve_all(
     calibration gathered the unpruned model's Grams, `grams`);
     `settings.residual`: the original model's states are walked alongside and
     down_proj is fitted toward its layer output. Dropped layers pass their
-    input on."""
+    input on. `in_step`: each layer's batches run in step (`_Step`; default: as
+    memory allows, `in_step_walk`; never in residual mode)."""
+    if settings.one_shot:
+        chosen = [_chosen(cand, targets, facts) for cand, targets in jobs]
+        rest = [_rest(cand, parts) for (cand, _), parts in zip(jobs, chosen, strict=True)]
+        shared = _Shared(walk, arch, facts, scores, settings.damp, grams)
+        return shared.solve(jobs, chosen, rest, windows, progress)
+    if in_step is None:
+        in_step = in_step_walk(walk, facts, windows)
+    with Crew() as crew:  # the threads of the batches in step, kept from layer to layer
+        return _sequential(
+            walk, arch, facts, jobs, scores, windows, settings, progress,
+            crew if in_step and not settings.residual else None,
+        )  # fmt: skip
+
+
+def _sequential(
+    walk: LayerWalk,
+    arch: Architecture,
+    facts: ModelFacts,
+    jobs: Sequence[Job],
+    scores: ScoreTables,
+    windows: Sequence[Sequence[int]],
+    settings: Settings,
+    progress: bool,
+    crew: Crew | None,
+) -> list[list[Solved]]:
+    """`solve_all`'s sequential and residual walk (`crew`: each layer's batches in step)."""
     from tqdm import tqdm
 
     chosen = [_chosen(cand, targets, facts) for cand, targets in jobs]
     rest = [_rest(cand, parts) for (cand, _), parts in zip(jobs, chosen, strict=True)]
-    if settings.one_shot:
-        shared = _Shared(walk, arch, facts, scores, settings.damp, grams)
-        return shared.solve(jobs, chosen, rest, windows, progress)
     first = walk.inputs(windows)  # the embedding: the same pruned or not
     states = [first] + [States(first.batches, _copy(walk, first), 0) for _ in jobs[1:]]
     original = States(first.batches, _copy(walk, first), 0) if settings.residual else None
@@ -374,7 +404,7 @@ def solve_all(
                 if k in cand.drop:
                     states[j] = walk.skip(k, states[j])
                     continue
-                step = _Step(walk, arch, facts, scores, settings, module, k, targets)
+                step = _Step(walk, arch, facts, scores, settings, module, k, targets, crew)
                 with applied_layer(module, k, arch, facts, rest[j], scores):
                     states[j], new = step.run(cand, chosen[j], states[j])
                 solved[j] += new
@@ -383,6 +413,25 @@ def solve_all(
     for s in states:
         s.cache.close()
     return solved
+
+
+def in_step_walk(walk: LayerWalk, facts: ModelFacts, windows: Sequence[Sequence[int]]) -> bool:
+    """Whether a sequential walk runs each layer's batches in step (one layer-forward
+    per layer: `_Step`), as memory allows (`plangen.memory.in_step_fits`)."""
+    from plangen.memory import in_step_fits
+
+    tokens = sum(len(w) for w in windows)
+    return in_step_fits(walk, facts.hidden or 0, facts.ffn or 0, tokens)
+
+
+def sequential_passes(
+    facts: ModelFacts, settings: Settings, solved: Sequence[Sequence[Solved]], in_step: bool
+) -> float:
+    """Forward passes a sequential (or residual) `solve_all` of these candidates took:
+    one walk each, and a pass to each solved projection unless in step."""
+    layers = facts.layers or 1
+    partial = settings.residual or not in_step
+    return sum((layers + (len(s) if partial else 0)) / layers for s in solved)
 
 
 def streams(jobs: Sequence[Job], facts: ModelFacts) -> dict[tuple[object, ...], list[int]]:
@@ -604,7 +653,13 @@ def _advance(walk: LayerWalk, k: int, states: States, outputs: list[torch.Tensor
 @dataclass
 class _Step:
     """One candidate through one loaded layer: its chosen projections re-solved on its
-    states and written in, its states advanced, the layer's weights put back."""
+    states and written in, its states advanced, the layer's weights put back.
+
+    With a `crew` (`in_step_walk`): every batch's forward runs in step through the
+    layer (`LayerWalk.lockstep`), waiting at each chosen projection's input while its
+    Gram is summed and its solve written in: one layer-forward. Otherwise a pass to each
+    projection (stopped there), then one through the layer as solved: about two. The
+    same arithmetic in the same order either way (bit for bit: tests)."""
 
     walk: LayerWalk
     arch: Architecture
@@ -614,38 +669,83 @@ class _Step:
     module: Any  # the loaded decoder layer
     k: int
     originals: list[torch.Tensor] | None  # the original's layer output per batch (residual)
+    crew: Crew | None = None  # the batches' threads, when they run in step
 
     def run(
         self, cand: Candidate, chosen: set[tuple[int, str]], states: States
     ) -> tuple[States, list[Solved]]:
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         solved: list[Solved] = []
+        todo = [
+            (space, part, self.module.get_submodule(_module_name(spec)))
+            for space, part, spec in _projections(self.arch)
+            if (self.k, part) in chosen and spec is not None
+        ]
         try:
-            for space, part, spec in _projections(self.arch):
-                if (self.k, part) not in chosen or spec is None:
-                    continue
-                proj = self.module.get_submodule(spec.name.removesuffix(".weight"))
-                gram, cross = self._statistics(proj, part, states)
-                w = proj.weight
-                ranking = None
-                if part == "mlp" and cand.metric == OBS:
-                    width = cand.mlp_width[self.k]
-                    ranking = obs_ranking(w, gram, self.settings.damp, width=width)
-                    kept = np.asarray(top_channels(ranking, width), dtype=np.int64)
-                else:
-                    kept = cand.kept_inputs(self.k, space, self.facts, self.scores)
-                assert kept is not None
-                cols = torch.from_numpy(kept).to(w.device)
-                new = solve(w, gram, cols, self.settings.damp, cross)
-                solved.append(Solved(self.k, part, kept, new, ranking))
-                _write(w, cols, new, saved)  # the layer's next projection sees this one
-            # The layer as solved feeds the next.
-            states = self.walk.forward_layer(self.k, states, self.module, inplace=True)
+            if self.crew is not None and self.originals is None:
+                hooks = [GramHook(proj, stop=False) for _, _, proj in todo]
+                try:
+                    stops = [
+                        Stop(proj, self._then(cand, space, part, proj, hook, solved, saved))
+                        for (space, part, proj), hook in zip(todo, hooks, strict=True)
+                    ]
+                    states = self.walk.lockstep(
+                        self.k, states, stops, self.module, inplace=True, crew=self.crew
+                    )
+                finally:
+                    for hook in hooks:
+                        hook.handle.remove()
+            else:
+                for space, part, proj in todo:
+                    gram, cross = self._statistics(proj, part, states)
+                    self._solve(cand, space, part, proj, gram, cross, solved, saved)
+                # The layer as solved feeds the next.
+                states = self.walk.forward_layer(self.k, states, self.module, inplace=True)
         finally:
             with torch.no_grad():
                 for w, before in reversed(saved):
                     w.copy_(before)
         return states, solved
+
+    def _then(
+        self,
+        cand: Candidate,
+        space: str,
+        part: str,
+        proj: Any,
+        hook: GramHook,
+        solved: list[Solved],
+        saved: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> Callable[[], None]:
+        """What runs when every batch waits at `proj`'s input: its Gram summed, the solve."""
+        return lambda: self._solve(cand, space, part, proj, hook.remove(), None, solved, saved)
+
+    def _solve(
+        self,
+        cand: Candidate,
+        space: str,
+        part: str,
+        proj: Any,
+        gram: torch.Tensor,
+        cross: torch.Tensor | None,
+        solved: list[Solved],
+        saved: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """The projection's kept columns re-solved and written in (the layer's next
+        projection sees it pruned)."""
+        w = proj.weight
+        ranking = None
+        if part == "mlp" and cand.metric == OBS:
+            width = cand.mlp_width[self.k]
+            ranking = obs_ranking(w, gram, self.settings.damp, width=width)
+            kept = np.asarray(top_channels(ranking, width), dtype=np.int64)
+        else:
+            kept = cand.kept_inputs(self.k, space, self.facts, self.scores)
+        assert kept is not None
+        cols = torch.from_numpy(kept).to(w.device)
+        new = solve(w, gram, cols, self.settings.damp, cross)
+        solved.append(Solved(self.k, part, kept, new, ranking))
+        _write(w, cols, new, saved)
 
     def _statistics(
         self, proj: Any, part: str, states: States

@@ -721,9 +721,9 @@ def test_auto_judges_on_shared_one_shot_solves_and_re_solves_the_winner(
     calls: list[tuple[Settings, int, bool]] = []
     real = rec.solve_all
 
-    def spy(walk, arch, facts, jobs, scores, windows, settings, progress, grams=None):
+    def spy(walk, arch, facts, jobs, scores, windows, settings, progress, grams=None, **kw):
         calls.append((settings, len(jobs), grams is not None))
-        return real(walk, arch, facts, jobs, scores, windows, settings, progress, grams=grams)
+        return real(walk, arch, facts, jobs, scores, windows, settings, progress, grams, **kw)
 
     def rebuilt_wins(_r, measured):  # whatever wins on a random tiny model
         return next(m for m in measured if m.candidate.reconstruct), "the test's choice"

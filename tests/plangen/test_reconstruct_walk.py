@@ -218,3 +218,71 @@ def test_one_shot_on_the_calibrations_grams_equals_its_own_walk(model_dir: Path)
     # A stream that is not the unpruned model's (a dropped layer) still walks.
     dropped = [(CANDIDATES[2], TARGETS[2])]
     assert one_shot_walks(dropped, facts, grams) == 1
+
+
+def test_in_step_is_one_forward_per_layer_and_the_same_bits(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequential, every batch's forward in step through each layer (waiting at o_proj
+    and down_proj while each is solved) gives the pass-by-pass walk's kept sets, solved
+    weights and OBS rankings bit for bit, with one forward of each batch per layer and
+    candidate (a dropped layer none) instead of a pass to each projection and one more."""
+    from transformers import AutoModelForCausalLM
+
+    import plangen.reconstruct as reconstruct
+
+    ck = load_checkpoint_facts(model_dir)
+    facts, scores, windows = model_facts(ck), _scores(model_facts(ck)), _windows()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    jobs = list(zip(CANDIDATES, TARGETS, strict=True))
+    batches = -(-len(windows) // 4)
+
+    def walked(in_step: bool) -> tuple[list[list], list[int]]:
+        monkeypatch.setattr(reconstruct, "in_step_walk", lambda *_: in_step)
+        walk = LayerWalk.over(model, ck.arch, batch_size=4)
+        runs: list[int] = []
+        real = walk.forward_batch
+
+        def counted(i, states, k, module=None):
+            runs.append(i)
+            return real(i, states, k, module)
+
+        walk.forward_batch = counted  # type: ignore[method-assign]
+        return solve_all(walk, ck.arch, facts, jobs, scores, windows, progress=False), runs
+
+    by_passes, passes = walked(False)
+    in_step, runs = walked(True)
+    for got, want in zip(in_step, by_passes, strict=True):
+        _same(got, want)
+    walked_layers = [i for i in range(L) for c, _ in jobs if i not in c.drop]
+    assert runs == [i for i in walked_layers for _ in range(batches)]
+    assert len(passes) > len(runs)  # passes to the projections besides
+
+
+def test_in_step_is_not_chosen_for_states_on_disk_or_residual(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """States on disk (memory is short) or the residual mode (its statistics need the
+    layer's output): the walk goes pass by pass."""
+    import plangen.reconstruct as reconstruct
+
+    ck = load_checkpoint_facts(model_dir)
+    facts, windows = model_facts(ck), _windows()
+    with LayerWalk.open(model_dir, batch_size=4) as walk:
+        assert reconstruct.in_step_walk(walk, facts, windows)
+    with LayerWalk.open(model_dir, batch_size=4, cache=tmp_path) as walk:
+        assert not reconstruct.in_step_walk(walk, facts, windows)
+    seen: list[bool] = []
+    real = reconstruct._Step.run
+
+    def spy(self, *a):
+        seen.append(self.crew is not None)
+        return real(self, *a)
+
+    monkeypatch.setattr(reconstruct._Step, "run", spy)
+    with LayerWalk.open(model_dir, batch_size=4) as walk:
+        solve_all(
+            walk, ck.arch, facts, [(CANDIDATES[0], None)], _scores(facts), windows,
+            Settings(residual=True), progress=False,
+        )  # fmt: skip
+    assert seen and not any(seen)

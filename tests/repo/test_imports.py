@@ -36,11 +36,13 @@ MAY_IMPORT = {
     "heal": {"grammar", "compiler", "executor", "heal"},
 }
 # The executor modules the planner may import: loading a model (whole or one layer
-# at a time), its loss, the device it runs on, and the processes that share a walk
-# under torchrun (the walk's batches and its sums over them).
+# at a time), its loss, the device it runs on, the processes that share a walk
+# under torchrun (the walk's batches and its sums over them), and the threads that
+# run a layer's batches in step (the sequential reconstruction's one forward a layer).
 PLANGEN_MAY_USE_FROM_EXECUTOR = {
     "executor.loader",
     "executor.layerwise",
+    "executor.lockstep",
     "executor.lm_loss",
     "executor.device",
     "executor.distributed",
