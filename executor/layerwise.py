@@ -842,6 +842,96 @@ class LayerWalk:
                 grads = below
         return mean
 
+    def fused_sweep(
+        self,
+        states: States,
+        on_layer: Callable[[int, nn.Module], None] | None = None,
+        *,
+        on_forward: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+        on_batch: Callable[[int, int, nn.Module, dict[str, torch.Tensor]], None] | None = None,
+        wants: Callable[[int, str], bool] | None = None,
+    ) -> float:
+        """`boundaries` and `backward_sweep` in one, batch by batch, on a resident walk:
+        each batch runs forward through every layer with autograd on and its loss back
+        through them all, so no layer is recomputed (about one forward pass less); the
+        price is one batch's activations of every layer at once
+        (`plangen.memory.fused_fits`), and no boundary is kept.
+
+        `states`: `inputs`' states. `on_forward(i, k, h_in, h_out)` sees layer i's states
+        on batch k (detached) as the forward passes it, and the hooks on the layers'
+        modules fire as in `forward_batch`. The gradients, the `on_batch` calls (per
+        batch, from the last layer down, each layer's in autograd's order), the `on_layer`
+        calls (once every batch is done, from the last layer down, `.grad` the sums in
+        batch order, cleared after) and the mean loss are `backward_sweep`'s, bit for bit
+        (tests/executor/test_layerwise_gradients.py). One process only: under torchrun
+        the layer-wise sweep sums across processes."""
+        if not self.resident:
+            raise ValueError("the fused sweep needs every layer resident (resident=True)")
+        if distributed.current() is not None:
+            raise ValueError("under torchrun the gradients are swept layer by layer")
+        if states.layer != 0:
+            raise ValueError(f"these states are the input of layer {states.layer}, not 0")
+        n = self.num_layers
+        chosen = [
+            [
+                (name, p)
+                for name, p in self.layers[i].named_parameters()
+                if p.requires_grad and (wants is None or wants(i, name))
+            ]
+            for i in range(n)
+        ]
+        slots = [(i, j) for i in range(n) for j in range(len(chosen[i]))]
+        params = [chosen[i][j][1] for i, j in slots]
+        order: list[int] = []  # slots, in the order autograd computes their gradients
+        handles = [
+            p.register_hook(functools.partial(_note, order, s)) for s, p in enumerate(params)
+        ]
+        for p in params:
+            p.grad = None
+        terms = []
+        try:
+            with self._outside(head=True):
+                for k, batch in enumerate(states.batches):
+                    order.clear()
+                    h = states.get(k, self.device).detach()  # layer 0's input: no gradient
+                    with torch.enable_grad():
+                        for i, layer in enumerate(self.layers):
+                            out = layer(h, *batch.args[i], **batch.kwargs[i])
+                            out = out[0] if isinstance(out, tuple) else out
+                            if on_forward is not None:
+                                on_forward(i, k, h.detach(), out.detach())
+                            h = out
+                        loss = self._head_loss(h, batch.ids)
+                        got = torch.autograd.grad(loss, params, allow_unused=True)
+                    predicted = batch.ids[:, 1:].numel()
+                    terms.append((float(loss.detach()) * predicted, predicted))
+                    del h, out, loss
+                    per_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+                    for s in order:
+                        i, j = slots[s]
+                        name, p = chosen[i][j]
+                        per_layer[i][name] = got[s]
+                        p.grad = got[s].clone() if p.grad is None else p.grad.add_(got[s])
+                    del got
+                    if on_batch is not None:
+                        for i in reversed(range(n)):
+                            on_batch(i, k, self.layers[i], per_layer[i])
+                    del per_layer
+            mean = _weighted_mean(terms)
+            for i in reversed(range(n)):
+                try:
+                    if on_layer is not None:
+                        on_layer(i, self.layers[i])
+                finally:
+                    for _, p in chosen[i]:
+                        p.grad = None
+        finally:
+            for h_ in handles:
+                h_.remove()
+            for p in params:
+                p.grad = None
+        return mean
+
     def _backward_layer(
         self,
         i: int,

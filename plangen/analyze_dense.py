@@ -302,8 +302,8 @@ def _measure(r: Run) -> ScoreTables:
         observers=[r.grams] if r.grams is not None else (),
     )
     # The forward walk, then the reverse sweep: each layer recomputed (one forward) and
-    # back-propagated (about two).
-    r.passes += 4.0 if gradients else 1.0
+    # back-propagated (about two); fused, batch by batch, nothing is recomputed.
+    r.passes += (3.0 if calib.fused else 4.0) if gradients else 1.0
     r.phases["calibrate"] = time.perf_counter() - r.started - sum(r.phases.values())
     scores = compute_tables(r.facts, calib, r.metrics)
     r.phases["score"] = time.perf_counter() - r.started - sum(r.phases.values())

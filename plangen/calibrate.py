@@ -36,7 +36,7 @@ tables need no weight after the walk (`scores.compute_tables`).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,13 +62,15 @@ class Calibration:
     tokens: int
     loss: float  # mean next-token loss over the calibration windows (NaN: not measured)
     gradients: bool
+    fused: bool = False  # the gradient pass ran batch by batch, no layer recomputed
 
 
 class LayerObserver(Protocol):
     """Something else the forward walk should gather while each layer runs over every
     batch of the unpruned model's states (e.g. `plangen.reconstruct.SharedGrams`):
     `attach` its hooks to the loaded layer, `detach` them once the layer has seen
-    every batch (also when the walk fails)."""
+    every batch (also when the walk fails). The fused pass (`_fused`) attaches every
+    layer before the first batch and detaches them all after the last."""
 
     def attach(self, i: int, module: Any) -> None: ...
 
@@ -95,6 +97,7 @@ def collect(
     progress: bool = True,
     walk: LayerWalk | None = None,
     observers: Sequence[LayerObserver] = (),
+    fused: bool | None = None,
 ) -> Calibration:
     """One pass over `windows`: depth scores, projection-input moments and, with
     `gradients`, a reverse sweep for the gradient metrics and, with `fisher`, the
@@ -106,8 +109,12 @@ def collect(
     checkpoint, the model never whole in memory; `model` is then unused), or the
     walk over the loaded `model` with every layer resident. The reverse sweep
     recomputes one layer at a time, so the gradient pass holds one layer's
-    activations, as gradient checkpointing would. `observers` gather more in the
-    forward walk, on the same states."""
+    activations, as gradient checkpointing would; `fused` (default: on a resident
+    walk in one process, as memory allows, `plangen.memory.fused_fits`) runs the
+    forward walk and the sweep batch by batch instead (`LayerWalk.fused_sweep`: no
+    layer recomputed, one batch's activations of every layer held), the same
+    statistics bit for bit. `observers` gather more in the forward walk, on the
+    same states."""
     score = _Scoring(arch, tuple(metrics), scored, geom, seed)
     score.check(gradients)
     if walk is None:
@@ -119,6 +126,11 @@ def collect(
     stats = [LayerStats() for _ in range(n)]
     depth = DepthStats(n, split=split)
     states = walk.inputs(windows)
+    if fused is None:
+        fused = gradients and walk.resident and not split and _fused_fits(walk, states)
+    if fused and gradients:
+        loss = _fused(walk, arch, states, stats, depth, observers, fisher, geom, score)
+        return Calibration(depth, stats, len(states), _tokens(states), loss, gradients, True)
     bounds = [states]
     for i in tqdm(range(n), desc="calibrate", unit="layer", disable=not progress, leave=False):
         with walk.layer(i) as module:
@@ -146,6 +158,70 @@ def collect(
     if gradients:
         loss = _sweep(walk, arch, bounds, stats, fisher, geom, score)
     return Calibration(depth, stats, len(sizes), tokens, loss, gradients)
+
+
+def _tokens(states: States) -> int:
+    """Tokens predicted over the batches (one process)."""
+    return sum(b.ids.shape[0] * (b.ids.shape[1] - 1) for b in states.batches)
+
+
+def _fused_fits(walk: LayerWalk, states: States) -> bool:
+    from plangen.memory import fused_fits
+
+    rows = max((b.ids.shape[0] for b in states.batches), default=0)
+    seqlen = max((b.ids.shape[1] for b in states.batches), default=0)
+    return fused_fits(walk, rows * seqlen, seqlen)
+
+
+def _fused(
+    walk: LayerWalk,
+    arch: Architecture,
+    states: States,
+    stats: Sequence[LayerStats],
+    depth: DepthStats,
+    observers: Sequence[LayerObserver],
+    fisher: bool,
+    geom: Geometry | None,
+    score: _Scoring,
+) -> float:
+    """The forward walk's statistics and the sweep's gradients in one pass, batch by
+    batch (`LayerWalk.fused_sweep`): every layer's hooks and observers attached for
+    the pass, each layer's forward-only metrics scored once every batch has passed
+    it, its gradient metrics as the sweep's `on_layer` gives its sums. Each statistic
+    sees the same batches in the same order as in the layer walk."""
+    handles = []
+    attached: list[int] = []
+    try:
+        for i, module in enumerate(walk.layers):
+            handles += watch_layer_inputs(module, arch, stats[i])
+            for o in observers:
+                o.attach(i, module)
+            attached.append(i)
+        forward_done = False
+
+        def scored_forward() -> None:
+            nonlocal forward_done
+            if not forward_done:  # every batch has passed every layer
+                forward_done = True
+                for h in handles:
+                    h.remove()
+                for i in attached:
+                    for o in observers:
+                        o.detach(i)
+                attached.clear()
+                for i, module in enumerate(walk.layers):
+                    score(i, module, stats[i])
+
+        return _sweep(
+            walk, arch, [states], stats, fisher, geom, score,
+            fused=(depth.update_layer, scored_forward),
+        )  # fmt: skip
+    finally:
+        for h in handles:
+            h.remove()
+        for i in attached:
+            for o in observers:
+                o.detach(i)
 
 
 @dataclass(frozen=True)
@@ -219,11 +295,16 @@ def _sweep(
     fisher: bool,
     geom: Geometry | None,
     score: _Scoring,
+    fused: tuple[Callable[[int, int, torch.Tensor, torch.Tensor], None], Callable[[], None]]
+    | None = None,
 ) -> float:
     """The reverse sweep over the kept boundaries: the gradients of the layers' own
     weights (not embeddings or norms), each batch's folded per unit with `fisher`,
     their sums over batches handed to `score` while the layer is loaded and dropped
-    after (the walk clears `.grad`); returns the mean calibration loss."""
+    after (the walk clears `.grad`); returns the mean calibration loss. With `fused`
+    (`on_forward`, and what runs once the forward has passed every batch: before the
+    first `on_layer`), `bounds` is the inputs alone and the walk's `fused_sweep` runs
+    the forward too."""
     specs = {s.name: s for s in arch.attention + arch.dense_mlp}
     if fisher:
         if geom is None:
@@ -248,6 +329,8 @@ def _sweep(
             stats[i].add_fisher(specs[name], module.get_parameter(name), g)
 
     def on_layer(i: int, module: Any) -> None:
+        if fused is not None:
+            fused[1]()
         if fisher and split:
             accumulator = stats[i].fisher
             assert accumulator is not None
@@ -261,6 +344,14 @@ def _sweep(
         }
         score(i, module, stats[i], summed)
 
+    if fused is not None:
+        return walk.fused_sweep(
+            bounds[0],
+            on_layer,
+            on_forward=fused[0],
+            on_batch=on_batch if fisher else None,
+            wants=lambda _i, name: name in specs,
+        )
     return walk.backward_sweep(
         bounds,
         on_layer,

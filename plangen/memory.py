@@ -204,6 +204,29 @@ def in_step_fits(walk: LayerWalk, hidden: int, ffn: int, tokens: int) -> bool:
     return tokens * (6 * hidden + 2 * ffn) * width + RUNTIME_BASE <= free
 
 
+def fused_fits(walk: LayerWalk, batch_tokens: int, seqlen: int) -> bool:
+    """Whether the calibration's gradient pass may run batch by batch through every
+    layer (`LayerWalk.fused_sweep`, no layer recomputed), which holds at once one
+    batch's activations of every layer, per token and layer about 10 x hidden + 6 x
+    ffn values of the compute dtype and a float32 attention row per head (65 KB a
+    token and layer measured on SmolLM2: 10/6 round that up), and every layer's
+    gradients. Only a resident walk (the model in memory) on one process."""
+    config = walk.config
+    sizes = [getattr(config, key, None) for key in ("hidden_size", "intermediate_size")]
+    heads = getattr(config, "num_attention_heads", None)
+    if not walk.resident or None in sizes or heads is None:
+        return False
+    free, _ = free_memory(str(walk.device))
+    if free is None:
+        return True
+    width = walk.model.dtype.itemsize
+    hidden, ffn = int(sizes[0]), int(sizes[1])
+    per_token = (10 * hidden + 6 * ffn) * width + 4 * int(heads) * seqlen
+    activations = batch_tokens * walk.num_layers * per_token
+    grads = sum(p.numel() for p in walk.layers.parameters()) * width
+    return activations + grads + RUNTIME_BASE <= free
+
+
 def size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 

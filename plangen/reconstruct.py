@@ -146,7 +146,7 @@ class SharedGrams:
     def __init__(self, arch: Architecture) -> None:
         self.specs = [(part, spec) for _, part, spec in _projections(arch) if spec is not None]
         self.grams: dict[tuple[int, str], torch.Tensor] = {}
-        self._hooks: dict[str, GramHook] = {}
+        self._hooks: dict[tuple[int, str], GramHook] = {}
 
     @staticmethod
     def nbytes(facts: ModelFacts) -> int:
@@ -160,12 +160,12 @@ class SharedGrams:
                 proj = module.get_submodule(_module_name(spec))
             except AttributeError:
                 continue  # a MoE layer has no dense down_proj
-            self._hooks[part] = GramHook(proj, stop=False)
+            self._hooks[(i, part)] = GramHook(proj, stop=False)
 
     def detach(self, i: int) -> None:
-        hooks, self._hooks = self._hooks, {}
-        for part, hook in hooks.items():  # on the host: a GPU keeps only the layer's
-            self.grams[(i, part)] = hook.remove().cpu()
+        for key in [key for key in self._hooks if key[0] == i]:
+            # On the host: a GPU keeps only the layers' being gathered.
+            self.grams[key] = self._hooks.pop(key).remove().cpu()
 
     def covers(self, wanted: Collection[tuple[int, str]]) -> bool:
         return all(key in self.grams for key in wanted)

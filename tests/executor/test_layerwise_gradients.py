@@ -206,3 +206,108 @@ def test_sweep_feeds_calibration_tables(models: dict[str, Path], family: str) ->
             assert np.array_equal(got.scores[name].channels, want.scores[name].channels), name
         assert torch.equal(got.fisher.groups, want.fisher.groups)
         assert torch.equal(got.fisher.channels, want.fisher.channels)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_sweep_equals_full_backward_and_passes_the_walks_states(
+    models: dict[str, Path], family: str
+) -> None:
+    """`fused_sweep` (forward and backward batch by batch, nothing recomputed) gives the
+    full model's sums, per-batch squares and loss bit for bit, like the sweep, and
+    `on_forward` sees each layer's input and output as the layer walk computes them."""
+    windows = token_windows()
+    want_sums, want_squares, want_loss = _full_model_gradients(models[family], windows)
+    sums: Tables = {}
+    squares: Tables = {}
+    seen: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_batch(i: int, _k: int, _module: torch.nn.Module, grads: Tables) -> None:
+        for name, g in grads.items():
+            k = f"{i}.{name}"
+            squares[k] = g * g if k not in squares else squares[k] + g * g
+
+    def on_layer(i: int, module: torch.nn.Module) -> None:
+        for name, p in module.named_parameters():
+            if p.grad is not None:
+                sums[f"{i}.{name}"] = p.grad.clone()
+
+    def on_forward(i: int, k: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        assert not h_in.requires_grad and not h_out.requires_grad
+        seen[(i, k)] = (h_in, h_out)
+
+    with LayerWalk.open(models[family], resident=True, batch_size=BATCH) as walk:
+        states = walk.inputs(windows)
+        loss = walk.fused_sweep(states, on_layer, on_forward=on_forward, on_batch=on_batch)
+        assert all(p.grad is None for p in walk.model.parameters())
+        bounds = walk.boundaries(windows)
+        for (i, k), (h_in, h_out) in seen.items():
+            assert torch.equal(h_in, bounds[i].get(k)), (i, k)
+            assert torch.equal(h_out, bounds[i + 1].get(k)), (i, k)
+    assert loss == want_loss
+    assert sorted(sums) == sorted(want_sums) and sorted(squares) == sorted(want_squares)
+    for k, g in want_sums.items():
+        assert torch.equal(sums[k], g), k
+        assert torch.equal(squares[k], want_squares[k]), k
+    assert len(seen) == 2 * 3  # two layers, three batches
+
+
+def test_fused_sweep_refuses_a_walk_that_is_not_resident(models: dict[str, Path]) -> None:
+    with (
+        LayerWalk.open(models["llama"], batch_size=BATCH) as walk,
+        pytest.raises(ValueError, match="resident"),
+    ):
+        walk.fused_sweep(walk.inputs(token_windows()))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])
+def test_calibration_fused_equals_the_layer_walk(models: dict[str, Path], family: str) -> None:
+    """`collect` with the forward walk and the sweep fused (batch by batch) measures
+    what the layer walk and its reverse sweep measure, bit for bit: depth statistics,
+    projection-input moments, every width metric (forward-only and gradient), the
+    Fisher term, an observer's Grams and the loss."""
+    import numpy as np
+
+    from compiler.checkpoint import load_checkpoint_facts
+    from plangen.analyze import model_facts
+    from plangen.calibrate import collect
+    from plangen.metrics.registry import WIDTH_METRIC_NAMES
+    from plangen.reconstruct import SharedGrams
+    from plangen.scores import dense_layers, geometry
+
+    model_dir = models[family]
+    ck = load_checkpoint_facts(model_dir)
+    facts = model_facts(ck)
+    geom = geometry(facts)
+    windows = token_windows()
+    got = {}
+    for fused in (False, True):
+        grams = SharedGrams(ck.arch)
+        with LayerWalk.open(model_dir, resident=True, batch_size=BATCH) as walk:
+            calib = collect(
+                None, ck.arch, windows, metrics=list(WIDTH_METRIC_NAMES),
+                scored=dense_layers(facts), gradients=True, fisher=True, geom=geom,
+                progress=False, walk=walk, observers=[grams], fused=fused,
+            )  # fmt: skip
+        got[fused] = (calib, grams)
+    (a, ga), (b, gb) = got[False], got[True]
+    assert a.loss == b.loss and (a.batches, a.tokens) == (b.batches, b.tokens)
+    assert a.depth.block_influence() == b.depth.block_influence()
+    assert a.depth.angular_distance() == b.depth.angular_distance()
+    scored = 0
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert sorted(x.scores) == sorted(y.scores)
+        for name in x.scores:
+            assert np.array_equal(x.scores[name].groups, y.scores[name].groups), name
+            assert np.array_equal(x.scores[name].channels, y.scores[name].channels), name
+            scored += 1
+        for m in ("attn_in", "mlp_in"):
+            mx, my = getattr(x, m), getattr(y, m)
+            assert mx.count == my.count
+            if mx.total is not None:
+                assert torch.equal(mx.total, my.total) and torch.equal(mx.squares, my.squares)
+        if x.fisher is not None:
+            assert torch.equal(x.fisher.groups, y.fisher.groups)
+            assert torch.equal(x.fisher.channels, y.fisher.channels)
+    assert scored > 0 or not dense_layers(facts)  # the MoE model's layers are all MoE
+    assert sorted(ga.grams) == sorted(gb.grams) and ga.grams
+    assert all(torch.equal(ga.grams[k], gb.grams[k]) for k in ga.grams)
