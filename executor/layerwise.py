@@ -169,6 +169,21 @@ def _steady_heap() -> bool:
         return False
 
 
+def _release_heap() -> None:
+    """Give the freed heap back to the system (glibc's `malloc_trim`; nothing where not
+    glibc). After the fused sweep freed one batch's activations of every layer
+    (gigabytes, allocated and freed batch after batch), the walks that followed ran
+    20% slower on a heap left that large (SmolLM2: the reconstruction 62 s instead of
+    53 s); trimmed, they do not."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
@@ -930,6 +945,7 @@ class LayerWalk:
                 h_.remove()
             for p in params:
                 p.grad = None
+            _release_heap()
         return mean
 
     def _backward_layer(
