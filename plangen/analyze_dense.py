@@ -300,6 +300,7 @@ def _measure(r: Run) -> ScoreTables:
         progress=opts.progress,
         walk=r.walk,
         observers=[r.grams] if r.grams is not None else (),
+        reserve=r.grams.nbytes(r.facts) if r.grams is not None else 0,
     )
     # The forward walk, then the reverse sweep: each layer recomputed (one forward) and
     # back-propagated (about two); fused, batch by batch, nothing is recomputed.

@@ -98,6 +98,7 @@ def collect(
     walk: LayerWalk | None = None,
     observers: Sequence[LayerObserver] = (),
     fused: bool | None = None,
+    reserve: int = 0,
 ) -> Calibration:
     """One pass over `windows`: depth scores, projection-input moments and, with
     `gradients`, a reverse sweep for the gradient metrics and, with `fisher`, the
@@ -114,7 +115,8 @@ def collect(
     forward walk and the sweep batch by batch instead (`LayerWalk.fused_sweep`: no
     layer recomputed, one batch's activations of every layer held), the same
     statistics bit for bit. `observers` gather more in the forward walk, on the
-    same states."""
+    same states; `reserve`: the bytes they will hold (the fused pass must fit
+    beside them)."""
     score = _Scoring(arch, tuple(metrics), scored, geom, seed)
     score.check(gradients)
     if walk is None:
@@ -127,7 +129,7 @@ def collect(
     depth = DepthStats(n, split=split)
     states = walk.inputs(windows)
     if fused is None:
-        fused = gradients and walk.resident and not split and _fused_fits(walk, states)
+        fused = gradients and walk.resident and not split and _fused_fits(walk, states, reserve)
     if fused and gradients:
         loss = _fused(walk, arch, states, stats, depth, observers, fisher, geom, score)
         return Calibration(depth, stats, len(states), _tokens(states), loss, gradients, True)
@@ -165,12 +167,12 @@ def _tokens(states: States) -> int:
     return sum(b.ids.shape[0] * (b.ids.shape[1] - 1) for b in states.batches)
 
 
-def _fused_fits(walk: LayerWalk, states: States) -> bool:
+def _fused_fits(walk: LayerWalk, states: States, reserve: int) -> bool:
     from plangen.memory import fused_fits
 
     rows = max((b.ids.shape[0] for b in states.batches), default=0)
     seqlen = max((b.ids.shape[1] for b in states.batches), default=0)
-    return fused_fits(walk, rows * seqlen, seqlen)
+    return fused_fits(walk, rows * seqlen, seqlen, reserve)
 
 
 def _fused(

@@ -204,13 +204,14 @@ def in_step_fits(walk: LayerWalk, hidden: int, ffn: int, tokens: int) -> bool:
     return tokens * (6 * hidden + 2 * ffn) * width + RUNTIME_BASE <= free
 
 
-def fused_fits(walk: LayerWalk, batch_tokens: int, seqlen: int) -> bool:
+def fused_fits(walk: LayerWalk, batch_tokens: int, seqlen: int, reserve: int = 0) -> bool:
     """Whether the calibration's gradient pass may run batch by batch through every
     layer (`LayerWalk.fused_sweep`, no layer recomputed), which holds at once one
     batch's activations of every layer, per token and layer about 10 x hidden + 6 x
     ffn values of the compute dtype and a float32 attention row per head (65 KB a
     token and layer measured on SmolLM2: 10/6 round that up), and every layer's
-    gradients. Only a resident walk (the model in memory) on one process."""
+    gradients, beside `reserve` bytes the pass will also fill (the Grams an observer
+    gathers). Only a resident walk (the model in memory) on one process."""
     config = walk.config
     sizes = [getattr(config, key, None) for key in ("hidden_size", "intermediate_size")]
     heads = getattr(config, "num_attention_heads", None)
@@ -224,7 +225,7 @@ def fused_fits(walk: LayerWalk, batch_tokens: int, seqlen: int) -> bool:
     per_token = (10 * hidden + 6 * ffn) * width + 4 * int(heads) * seqlen
     activations = batch_tokens * walk.num_layers * per_token
     grads = sum(p.numel() for p in walk.layers.parameters()) * width
-    return activations + grads + RUNTIME_BASE <= free
+    return activations + grads + reserve + RUNTIME_BASE <= free
 
 
 def size(n: float) -> str:

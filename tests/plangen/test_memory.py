@@ -151,3 +151,46 @@ def test_a_process_limit_below_memavailable_is_what_is_free(
     assert where == "memory left under this process's limit (ulimit -d / -v)"
     got = _place(_footprint(600_000_000 // 4, layers=32, hidden=512))  # 0.6 GB of weights
     assert got.layerwise and got.said is not None and "ulimit -d" in got.said
+
+
+def test_in_step_and_fused_are_chosen_by_what_is_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconstruction's batches in step and the fused gradient pass each hold more
+    at once: taken when what is free holds it (their estimates), not otherwise, never
+    with the states on disk (in step) or layer by layer (fused)."""
+    from compiler.checkpoint import load_checkpoint_facts
+    from executor.layerwise import LayerWalk
+    from plangen.analyze import model_facts
+    from plangen.calibrate import collect
+    from tests.helpers.layerwise import build, token_windows
+
+    model_dir = build(tmp_path, "llama")
+    ck = load_checkpoint_facts(model_dir)
+    facts = model_facts(ck)
+    free = {"bytes": 64 << 30}
+    monkeypatch.setattr(memory, "free_memory", lambda device: (free["bytes"], "test"))
+    windows = token_windows()  # 5 x 40 tokens
+    tokens = 5 * 40
+    with LayerWalk.open(model_dir, resident=True, batch_size=2) as walk:
+        parked = tokens * (6 * facts.hidden + 2 * facts.ffn) * 4
+        per_token = (10 * facts.hidden + 6 * facts.ffn) * 4 + 4 * facts.heads * 40
+        grads = sum(p.numel() for p in walk.layers.parameters()) * 4
+        fused = 2 * 40 * facts.layers * per_token + grads
+        for room, in_step, fuses in (
+            (parked + memory.RUNTIME_BASE, True, False),
+            (parked + memory.RUNTIME_BASE - 1, False, False),
+            (fused + memory.RUNTIME_BASE, True, True),
+        ):
+            free["bytes"] = room
+            assert memory.in_step_fits(walk, facts.hidden, facts.ffn, tokens) is in_step
+            assert memory.fused_fits(walk, 2 * 40, 40) is fuses
+            calib = collect(None, ck.arch, windows, gradients=True, progress=False, walk=walk)
+            assert calib.fused is fuses
+        assert not memory.fused_fits(walk, 2 * 40, 40, reserve=1)  # the Grams beside it
+    free["bytes"] = 64 << 30
+    with LayerWalk.open(model_dir, batch_size=2) as walk:  # layer by layer
+        assert not memory.fused_fits(walk, 2 * 40, 40)
+        assert memory.in_step_fits(walk, facts.hidden, facts.ffn, tokens)
+    with LayerWalk.open(model_dir, batch_size=2, cache=tmp_path / "states") as walk:
+        assert not memory.in_step_fits(walk, facts.hidden, facts.ffn, tokens)
