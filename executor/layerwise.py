@@ -926,7 +926,7 @@ class LayerWalk:
                         i, j = slots[s]
                         name, p = chosen[i][j]
                         per_layer[i][name] = got[s]
-                        p.grad = got[s].clone() if p.grad is None else p.grad.add_(got[s])
+                        p.grad = _grad_add(p.grad, got[s])
                     del got
                     if on_batch is not None:
                         for i in reversed(range(n)):
@@ -995,7 +995,7 @@ class LayerWalk:
                     name, p = chosen[j]
                     per_batch[name] = g
                     if ring is None:
-                        p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+                        p.grad = _grad_add(p.grad, g)
                 if ring is not None and batch.at is not None:
                     done = set(order)
                     ring.add(*batch.at, [got[j] if j in done else None for j in range(len(got))])

@@ -132,7 +132,7 @@ def collect(
         fused = gradients and walk.resident and not split and _fused_fits(walk, states, reserve)
     if fused and gradients:
         loss = _fused(walk, arch, states, stats, depth, observers, fisher, geom, score)
-        return Calibration(depth, stats, len(states), _tokens(states), loss, gradients, True)
+        return Calibration(depth, stats, *_counted(states), loss, gradients, fused=True)
     bounds = [states]
     for i in tqdm(range(n), desc="calibrate", unit="layer", disable=not progress, leave=False):
         with walk.layer(i) as module:
@@ -153,18 +153,19 @@ def collect(
             bounds.append(states)
     if split:
         depth.settle()
-    sizes: list[tuple[int, int]] = []  # (windows, tokens predicted) per batch
-    distributed.replay([(b.ids.shape[0], b.ids.shape[1] - 1) for b in states.batches], sizes.append)
-    tokens = sum(rows * width for rows, width in sizes)
+    batches, tokens = _counted(states)
     loss = math.nan
     if gradients:
         loss = _sweep(walk, arch, bounds, stats, fisher, geom, score)
-    return Calibration(depth, stats, len(sizes), tokens, loss, gradients)
+    return Calibration(depth, stats, batches, tokens, loss, gradients)
 
 
-def _tokens(states: States) -> int:
-    """Tokens predicted over the batches (one process)."""
-    return sum(b.ids.shape[0] * (b.ids.shape[1] - 1) for b in states.batches)
+def _counted(states: States) -> tuple[int, int]:
+    """The batches and the tokens predicted, over every process's batches (a collective
+    under torchrun)."""
+    sizes: list[tuple[int, int]] = []  # (windows, tokens predicted) per batch
+    distributed.replay([(b.ids.shape[0], b.ids.shape[1] - 1) for b in states.batches], sizes.append)
+    return len(sizes), sum(rows * width for rows, width in sizes)
 
 
 def _fused_fits(walk: LayerWalk, states: States, reserve: int) -> bool:

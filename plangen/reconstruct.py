@@ -30,6 +30,7 @@ pass to each projection and one through the layer: about two.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -361,55 +362,40 @@ def solve_all(
     down_proj is fitted toward its layer output. Dropped layers pass their
     input on. `in_step`: each layer's batches run in step (`_Step`; default: as
     memory allows, `in_step_walk`; never in residual mode)."""
-    if settings.one_shot:
-        chosen = [_chosen(cand, targets, facts) for cand, targets in jobs]
-        rest = [_rest(cand, parts) for (cand, _), parts in zip(jobs, chosen, strict=True)]
-        shared = _Shared(walk, arch, facts, scores, settings.damp, grams)
-        return shared.solve(jobs, chosen, rest, windows, progress)
-    if in_step is None:
-        in_step = in_step_walk(walk, facts, windows)
-    with Crew() as crew:  # the threads of the batches in step, kept from layer to layer
-        return _sequential(
-            walk, arch, facts, jobs, scores, windows, settings, progress,
-            crew if in_step and not settings.residual else None,
-        )  # fmt: skip
-
-
-def _sequential(
-    walk: LayerWalk,
-    arch: Architecture,
-    facts: ModelFacts,
-    jobs: Sequence[Job],
-    scores: ScoreTables,
-    windows: Sequence[Sequence[int]],
-    settings: Settings,
-    progress: bool,
-    crew: Crew | None,
-) -> list[list[Solved]]:
-    """`solve_all`'s sequential and residual walk (`crew`: each layer's batches in step)."""
-    from tqdm import tqdm
-
     chosen = [_chosen(cand, targets, facts) for cand, targets in jobs]
     rest = [_rest(cand, parts) for (cand, _), parts in zip(jobs, chosen, strict=True)]
+    if settings.one_shot:
+        shared = _Shared(walk, arch, facts, scores, settings.damp, grams)
+        return shared.solve(jobs, chosen, rest, windows, progress)
+    from tqdm import tqdm
+
+    if in_step is None:
+        in_step = in_step_walk(walk, facts, windows)
+    # The threads of the batches in step, kept from layer to layer (none: pass by pass).
+    crew = Crew() if in_step and not settings.residual else None
     first = walk.inputs(windows)  # the embedding: the same pruned or not
     states = [first] + [States(first.batches, _copy(walk, first), 0) for _ in jobs[1:]]
     original = States(first.batches, _copy(walk, first), 0) if settings.residual else None
     solved: list[list[Solved]] = [[] for _ in jobs]
-    for k in tqdm(range(walk.num_layers), desc="reconstruct", unit="layer", disable=not progress):
-        with walk.layer(k) as module:
-            targets = None
-            if original is not None:
-                targets = [walk.forward_batch(k, original, b, module) for b in range(len(original))]
-            for j, (cand, _) in enumerate(jobs):
-                if k in cand.drop:
-                    states[j] = walk.skip(k, states[j])
-                    continue
-                step = _Step(walk, arch, facts, scores, settings, module, k, targets, crew)
-                with applied_layer(module, k, arch, facts, rest[j], scores):
-                    states[j], new = step.run(cand, chosen[j], states[j])
-                solved[j] += new
-            if original is not None and targets is not None:
-                original = _advance(walk, k, original, targets)
+    layers = tqdm(range(walk.num_layers), desc="reconstruct", unit="layer", disable=not progress)
+    with crew or contextlib.nullcontext():
+        for k in layers:
+            with walk.layer(k) as module:
+                targets = None
+                if original is not None:
+                    targets = [
+                        walk.forward_batch(k, original, b, module) for b in range(len(original))
+                    ]
+                for j, (cand, _) in enumerate(jobs):
+                    if k in cand.drop:
+                        states[j] = walk.skip(k, states[j])
+                        continue
+                    step = _Step(walk, arch, facts, scores, settings, module, k, targets, crew)
+                    with applied_layer(module, k, arch, facts, rest[j], scores):
+                        states[j], new = step.run(cand, chosen[j], states[j])
+                    solved[j] += new
+                if original is not None and targets is not None:
+                    original = _advance(walk, k, original, targets)
     for s in states:
         s.cache.close()
     return solved
@@ -682,7 +668,7 @@ class _Step:
             if (self.k, part) in chosen and spec is not None
         ]
         try:
-            if self.crew is not None and self.originals is None:
+            if self.crew is not None:  # never in residual mode (`solve_all`)
                 hooks = [GramHook(proj, stop=False) for _, _, proj in todo]
                 try:
                     stops = [

@@ -73,7 +73,11 @@ def _full_model_gradients(
     return sums, squares, total / count
 
 
-def _sweep(walk: LayerWalk, source: object, **kw: object) -> tuple[Tables, Tables, float]:
+def _sweep(
+    walk: LayerWalk, source: object, fused: bool = False, **kw: object
+) -> tuple[Tables, Tables, float]:
+    """The summed gradients, the per-batch squares and the loss of `backward_sweep` (or,
+    `fused`, of `fused_sweep` on the inputs' states `source`)."""
     sums: Tables = {}
     squares: Tables = {}
 
@@ -87,7 +91,8 @@ def _sweep(walk: LayerWalk, source: object, **kw: object) -> tuple[Tables, Table
             if p.grad is not None:
                 sums[f"{i}.{name}"] = p.grad.clone()
 
-    loss = walk.backward_sweep(source, on_layer, on_batch=on_batch, **kw)  # type: ignore[arg-type]
+    sweep = walk.fused_sweep if fused else walk.backward_sweep
+    loss = sweep(source, on_layer, on_batch=on_batch, **kw)  # type: ignore[operator]
     return sums, squares, loss
 
 
@@ -217,27 +222,14 @@ def test_fused_sweep_equals_full_backward_and_passes_the_walks_states(
     `on_forward` sees each layer's input and output as the layer walk computes them."""
     windows = token_windows()
     want_sums, want_squares, want_loss = _full_model_gradients(models[family], windows)
-    sums: Tables = {}
-    squares: Tables = {}
     seen: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def on_batch(i: int, _k: int, _module: torch.nn.Module, grads: Tables) -> None:
-        for name, g in grads.items():
-            k = f"{i}.{name}"
-            squares[k] = g * g if k not in squares else squares[k] + g * g
-
-    def on_layer(i: int, module: torch.nn.Module) -> None:
-        for name, p in module.named_parameters():
-            if p.grad is not None:
-                sums[f"{i}.{name}"] = p.grad.clone()
 
     def on_forward(i: int, k: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         assert not h_in.requires_grad and not h_out.requires_grad
         seen[(i, k)] = (h_in, h_out)
 
     with LayerWalk.open(models[family], resident=True, batch_size=BATCH) as walk:
-        states = walk.inputs(windows)
-        loss = walk.fused_sweep(states, on_layer, on_forward=on_forward, on_batch=on_batch)
+        sums, squares, loss = _sweep(walk, walk.inputs(windows), fused=True, on_forward=on_forward)
         assert all(p.grad is None for p in walk.model.parameters())
         bounds = walk.boundaries(windows)
         for (i, k), (h_in, h_out) in seen.items():

@@ -80,6 +80,19 @@ def _same(got, want) -> None:
             assert np.array_equal(a.ranking, b.ranking)
 
 
+def _counting(walk: LayerWalk) -> list[int]:
+    """The layer of every `forward_batch` call the walk makes from now on (one per batch)."""
+    runs: list[int] = []
+    real = walk.forward_batch
+
+    def counted(i, states, k, module=None):
+        runs.append(i)
+        return real(i, states, k, module)
+
+    walk.forward_batch = counted  # type: ignore[method-assign]
+    return runs
+
+
 @pytest.mark.parametrize("mode", ["sequential", "one-shot", "residual"])
 def test_one_walk_for_every_candidate_equals_one_walk_each(model_dir: Path, mode: str) -> None:
     from transformers import AutoModelForCausalLM
@@ -163,14 +176,7 @@ def test_one_shot_candidates_share_one_forward_and_one_obs_ranking(model_dir: Pa
         for c in cands
     ]  # fmt: skip
     walk = LayerWalk.over(model, ck.arch, batch_size=4)
-    runs: list[int] = []
-    real = walk.forward_batch
-
-    def counted(i, states, k, module=None):
-        runs.append(i)
-        return real(i, states, k, module)
-
-    walk.forward_batch = counted  # type: ignore[method-assign]
+    runs = _counting(walk)
     together = solve_all(
         walk, ck.arch, facts, [(c, None) for c in cands], scores, windows, settings, progress=False
     )
@@ -240,14 +246,7 @@ def test_in_step_is_one_forward_per_layer_and_the_same_bits(
     def walked(in_step: bool) -> tuple[list[list], list[int]]:
         monkeypatch.setattr(reconstruct, "in_step_walk", lambda *_: in_step)
         walk = LayerWalk.over(model, ck.arch, batch_size=4)
-        runs: list[int] = []
-        real = walk.forward_batch
-
-        def counted(i, states, k, module=None):
-            runs.append(i)
-            return real(i, states, k, module)
-
-        walk.forward_batch = counted  # type: ignore[method-assign]
+        runs = _counting(walk)
         return solve_all(walk, ck.arch, facts, jobs, scores, windows, progress=False), runs
 
     by_passes, passes = walked(False)
