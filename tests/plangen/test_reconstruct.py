@@ -509,8 +509,8 @@ def test_the_gram_by_bands_is_the_float64_product(n):
 
 
 def _obs_full_matrix(weight, gram, damp, blocks):
-    """obs_ranking as it was before it shrank its matrices or stopped early: every round
-    on the full n x n H^-1, to the last column (the reference for both)."""
+    """obs_ranking as it was first written: every round rewrites the full n x n H^-1,
+    to the last column (the reference for the factored rounds and the early stop)."""
     import math
 
     w = weight.detach().to(torch.float64).clone()
@@ -556,14 +556,30 @@ def _obs_case(seed: int, n: int, out: int = 5):
     blocks=st.sampled_from([1, 3, 8, 64]),
     damp=st.sampled_from([1e-3, 1e-2]),
 )
-def test_obs_ranking_shrinking_equals_the_full_matrix_rounds(seed, n, blocks, damp):
-    """Rounds on the columns still in place only: the full ranking is the full-matrix
-    one, score for score."""
+def test_obs_ranking_factored_rounds_equal_the_full_matrix_rounds(seed, n, blocks, damp):
+    """H^-1 kept as itself less the removals' factors: the full ranking is the
+    full-matrix one, score for score."""
     from plangen.reconstruct import obs_ranking
 
     w, gram = _obs_case(seed, n)
     got = obs_ranking(w, gram, damp, blocks=blocks)
     np.testing.assert_array_equal(got, _obs_full_matrix(w, gram, damp, blocks))
+
+
+def test_obs_ranking_without_cholesky_clamps_the_blocks_eigenvalues(monkeypatch):
+    """Where rounding leaves a removed block of H^-1 not positive definite, the round
+    factors it by its eigenvalues instead: on blocks that are (Cholesky made to fail
+    here), the same ranking as the full-matrix rounds."""
+    import plangen.reconstruct as reconstruct
+
+    w, gram = _obs_case(7, 24)
+    expected = _obs_full_matrix(w, gram, DAMP, blocks=6)
+
+    def failing(block):
+        return torch.zeros_like(block), torch.ones((), dtype=torch.int32)
+
+    monkeypatch.setattr(reconstruct.torch.linalg, "cholesky_ex", failing)
+    np.testing.assert_array_equal(reconstruct.obs_ranking(w, gram, DAMP, blocks=6), expected)
 
 
 @given(
