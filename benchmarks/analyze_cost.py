@@ -3,8 +3,8 @@
 On a model that fits (default: the SmolLM2-135M demo checkpoint), in one run:
 
 - one plain forward pass over the calibration set (`plangen.heldout.mean_loss`
-  on the loaded model over the 32 x 512 calibration windows `analyze` reads):
-  the unit of the "passes" columns;
+  on the loaded model over the calibration windows `analyze` reads: 32 x 512,
+  or its `--nsamples` x `--seqlen` when given): the unit of the "passes" columns;
 - `plangen analyze MODEL --json` with the options given (default: none, i.e.
   `auto` at --target-params 0.75), in memory and with `--offload` (and with
   `--offload DIR` when `--disk` is given);
@@ -78,18 +78,37 @@ from executor.loader import load
 from plangen.heldout import mean_loss
 from plangen.options import Options
 from plangen.pipeline import calibration_windows
-opts = Options(model_dir=__import__("pathlib").Path(sys.argv[1]), output=None).resolved()
+window = json.loads(sys.argv[2])  # nsamples / seqlen given to analyze, if any
+opts = Options(model_dir=__import__("pathlib").Path(sys.argv[1]), output=None, **window)
+opts = opts.resolved()
 _, calib, _ = calibration_windows(opts)
 model = load(opts.model_dir, "cpu", torch.float32)
 started = time.perf_counter()
 loss = mean_loss(model, calib, opts.batch_size, "cpu")
-print(json.dumps({"seconds": time.perf_counter() - started, "loss": loss}))
+seconds = time.perf_counter() - started
+print(json.dumps({"seconds": seconds, "loss": loss, "windows": [len(calib), len(calib[0])]}))
 """
 
 
-def forward_pass(model: Path) -> float:
-    _, _, out = timed([sys.executable, "-c", FORWARD, str(model)])
-    return float(json.loads(out)["seconds"])
+def calibration_window(analyze_options: list[str]) -> dict[str, int]:
+    """`--nsamples` and `--seqlen` among analyze's options, so the unit pass reads the
+    same calibration windows as analyze does."""
+    found: dict[str, int] = {}
+    for i, opt in enumerate(analyze_options):
+        for name in ("nsamples", "seqlen"):
+            if opt == f"--{name}" and i + 1 < len(analyze_options):
+                found[name] = int(analyze_options[i + 1])
+            elif opt.startswith(f"--{name}="):
+                found[name] = int(opt.partition("=")[2])
+    return found
+
+
+def forward_pass(model: Path, window: dict[str, int]) -> tuple[float, list[int]]:
+    """Seconds of one plain forward pass over analyze's calibration windows, and their
+    count x length."""
+    _, _, out = timed([sys.executable, "-c", FORWARD, str(model), json.dumps(window)])
+    result = json.loads(out)
+    return float(result["seconds"]), result["windows"]
 
 
 def analyze(model: Path, plan: Path, extra: list[str]) -> dict[str, Any]:
@@ -115,7 +134,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the table here as Markdown")
     parser.add_argument("analyze", nargs="*", help="options for plangen analyze (after --)")
     args = parser.parse_args()
-    unit = forward_pass(args.model)
+    unit, windows = forward_pass(args.model, calibration_window(args.analyze))
     modes = [("in memory", []), ("--offload", ["--offload"])]
     if args.disk is not None:
         modes.append((f"--offload {args.disk}", ["--offload", str(args.disk)]))
@@ -130,13 +149,15 @@ def main() -> None:
             and sidecar(r["plan"]).read_bytes() == sidecar(first).read_bytes()
             for _, r in rows
         )
-    text = render(args, unit, rows, same)
+    text = render(args, unit, windows, rows, same)
     print(text)
     if args.out is not None:
         args.out.write_text(text, encoding="utf-8")
 
 
-def render(args: argparse.Namespace, unit: float, rows: list, same: bool) -> str:
+def render(
+    args: argparse.Namespace, unit: float, windows: list[int], rows: list, same: bool
+) -> str:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
@@ -144,12 +165,15 @@ def render(args: argparse.Namespace, unit: float, rows: list, same: bool) -> str
     lines = [
         "# What `plangen analyze` costs, in memory and layer by layer",
         "",
-        f"Command: `python benchmarks/analyze_cost.py{' --disk DIR' if args.disk else ''}"
+        f"Command: `python benchmarks/analyze_cost.py"
+        f"{' --model ' + str(args.model) if args.model != DEFAULT_MODEL else ''}"
+        f"{' --disk DIR' if args.disk else ''}"
         f"{' -- ' + ' '.join(args.analyze) if args.analyze else ''}`",
         f"Commit: {commit}; date: {datetime.date.today().isoformat()}; model: {args.model.name}; "
         f"analyze options: {options}; CPU, {os.cpu_count()} cores, float32.",
         "",
-        f"One plain forward pass over the 32 x 512 calibration windows: {unit:.1f} s "
+        f"One plain forward pass over the {windows[0]} x {windows[1]} calibration windows: "
+        f"{unit:.1f} s "
         "(the unit of the passes columns).",
         "",
         "| run | wall s | passes (wall / forward) | passes counted | peak RssAnon GB | phases s |",
