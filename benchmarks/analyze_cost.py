@@ -2,9 +2,10 @@
 
 On a model that fits (default: the SmolLM2-135M demo checkpoint), in one run:
 
-- one plain forward pass over the calibration set (`plangen.heldout.mean_loss`
-  on the loaded model over the calibration windows `analyze` reads: 32 x 512,
-  or its `--nsamples` x `--seqlen` when given): the unit of the "passes" columns;
+- a plain forward pass over the calibration set (`plangen.heldout.mean_loss` on
+  the loaded model over the calibration windows `analyze` reads: 32 x 512, or its
+  `--nsamples` x `--seqlen` when given), three times in fresh processes: the median
+  is the unit of the "passes" columns;
 - `plangen analyze MODEL --json` with the options given (default: none, i.e.
   `auto` at --target-params 0.75), in memory and with `--offload` (and with
   `--offload DIR` when `--disk` is given);
@@ -26,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,12 +105,18 @@ def calibration_window(analyze_options: list[str]) -> dict[str, int]:
     return found
 
 
-def forward_pass(model: Path, window: dict[str, int]) -> tuple[float, list[int]]:
-    """Seconds of one plain forward pass over analyze's calibration windows, and their
-    count x length."""
-    _, _, out = timed([sys.executable, "-c", FORWARD, str(model), json.dumps(window)])
-    result = json.loads(out)
-    return float(result["seconds"]), result["windows"]
+def forward_pass(
+    model: Path, window: dict[str, int], runs: int = 3
+) -> tuple[list[float], list[int]]:
+    """Seconds of a plain forward pass over analyze's calibration windows, each in a
+    fresh process (`runs` of them: one varied by 10% from run to run on the 2-core
+    machine), and the windows' count x length."""
+    seconds = []
+    for _ in range(runs):
+        _, _, out = timed([sys.executable, "-c", FORWARD, str(model), json.dumps(window)])
+        result = json.loads(out)
+        seconds.append(float(result["seconds"]))
+    return seconds, result["windows"]
 
 
 def analyze(model: Path, plan: Path, extra: list[str]) -> dict[str, Any]:
@@ -134,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the table here as Markdown")
     parser.add_argument("analyze", nargs="*", help="options for plangen analyze (after --)")
     args = parser.parse_args()
-    unit, windows = forward_pass(args.model, calibration_window(args.analyze))
+    units, windows = forward_pass(args.model, calibration_window(args.analyze))
     modes = [("in memory", []), ("--offload", ["--offload"])]
     if args.disk is not None:
         modes.append((f"--offload {args.disk}", ["--offload", str(args.disk)]))
@@ -149,15 +157,16 @@ def main() -> None:
             and sidecar(r["plan"]).read_bytes() == sidecar(first).read_bytes()
             for _, r in rows
         )
-    text = render(args, unit, windows, rows, same)
+    text = render(args, units, windows, rows, same)
     print(text)
     if args.out is not None:
         args.out.write_text(text, encoding="utf-8")
 
 
 def render(
-    args: argparse.Namespace, unit: float, windows: list[int], rows: list, same: bool
+    args: argparse.Namespace, units: list[float], windows: list[int], rows: list, same: bool
 ) -> str:
+    unit = statistics.median(units)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
@@ -173,7 +182,7 @@ def render(
         f"analyze options: {options}; CPU, {os.cpu_count()} cores, float32.",
         "",
         f"One plain forward pass over the {windows[0]} x {windows[1]} calibration windows: "
-        f"{unit:.1f} s "
+        f"{unit:.1f} s, the median of {', '.join(f'{u:.1f}' for u in units)} "
         "(the unit of the passes columns).",
         "",
         "| run | wall s | passes (wall / forward) | passes counted | peak RssAnon GB | phases s |",
