@@ -17,8 +17,14 @@ the checkpoint is memory-mapped, so the high-water mark of RSS would count the
 page cache). The plans (less their first line, which quotes the command) and
 sidecars of every run are compared byte for byte.
 
-Usage: python benchmarks/analyze_cost.py [--model DIR] [--disk DIR] [--out FILE.md]
-           [-- ANALYZE OPTIONS]
+`--synthetic LAYERS,HIDDEN,MLP,HEADS,KV_HEADS` runs it instead on a Llama checkpoint of
+that shape with random bf16 weights (head size 64, vocabulary 49152, the SmolLM2 demo
+tokenizer copied beside it; `benchmarks/layerwise_memory.py`'s writer), built under
+`--dir` once and reused: a model wider than SmolLM2 that still fits, to see how the cost
+grows with the width (its plans mean nothing; its costs do).
+
+Usage: python benchmarks/analyze_cost.py [--model DIR | --synthetic L,H,F,Q,KV [--dir DIR]]
+           [--disk DIR] [--out FILE.md] [-- ANALYZE OPTIONS]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -135,13 +142,43 @@ def sidecar(plan: Path) -> Path:
     return plan.with_name(plan.name.removesuffix(".prn") + ".scores.safetensors")
 
 
+def synthetic(spec: str, root: Path) -> Path:
+    """The checkpoint `--synthetic` names, written under root unless it is there."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from layerwise_memory import DEMO_MODEL, TOKENIZER_FILES, build
+
+    try:
+        layers, hidden, ffn, heads, kv = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--synthetic {spec!r}: give LAYERS,HIDDEN,MLP,HEADS,KV_HEADS") from None
+    if hidden != heads * 64 or heads % kv:
+        raise SystemExit(f"--synthetic {spec!r}: HIDDEN must be HEADS x 64, HEADS a multiple of KV")
+    shape = {
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": 64,
+        "vocab_size": 49152,
+    }
+    out = build(root / spec.replace(",", "-"), layers, shape)
+    for name in TOKENIZER_FILES:
+        if not (out / name).exists():
+            shutil.copy(DEMO_MODEL / name, out / name)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--synthetic", metavar="L,H,F,Q,KV", help="a random Llama of this shape")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/plancc-cost"), help="its home")
     parser.add_argument("--disk", type=Path, help="also run with --offload DIR (states on disk)")
     parser.add_argument("--out", type=Path, help="write the table here as Markdown")
     parser.add_argument("analyze", nargs="*", help="options for plangen analyze (after --)")
     args = parser.parse_args()
+    if args.synthetic:
+        args.model = synthetic(args.synthetic, args.dir)
     units, windows = forward_pass(args.model, calibration_window(args.analyze))
     modes = [("in memory", []), ("--offload", ["--offload"])]
     if args.disk is not None:
@@ -171,11 +208,15 @@ def render(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     options = " ".join(args.analyze) or "(defaults: auto, --target-params 0.75)"
+    if args.synthetic:
+        source = f" --synthetic {args.synthetic}"
+    else:
+        source = f" --model {args.model}" if args.model != DEFAULT_MODEL else ""
     lines = [
         "# What `plangen analyze` costs, in memory and layer by layer",
         "",
         f"Command: `python benchmarks/analyze_cost.py"
-        f"{' --model ' + str(args.model) if args.model != DEFAULT_MODEL else ''}"
+        f"{source}"
         f"{' --disk DIR' if args.disk else ''}"
         f"{' -- ' + ' '.join(args.analyze) if args.analyze else ''}`",
         f"Commit: {commit}; date: {datetime.date.today().isoformat()}; model: {args.model.name}; "
