@@ -33,7 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path.home() / ".cache" / "plancc" / "SmolLM2-135M-Instruct"
 
 
-def _rss_anon(pid: int) -> int:
+def rss_anon(pid: int) -> int:
+    """A process's anonymous resident memory in bytes (0 once it is gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("RssAnon:"):
@@ -57,24 +57,35 @@ def _rss_anon(pid: int) -> int:
     return 0
 
 
+class AnonPeak:
+    """The peak RssAnon of a running process, sampled every 2 ms on a thread from now
+    until it exits (`join` returns it)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.peak = rss_anon(proc.pid)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while self.proc.poll() is None:
+            self.peak = max(self.peak, rss_anon(self.proc.pid))
+            time.sleep(0.002)
+
+    def join(self) -> int:
+        self._thread.join()
+        return self.peak
+
+
 def timed(cmd: list[str]) -> tuple[float, int, str]:
     """Wall seconds, peak RssAnon and stdout of a command."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
-
-    def sample() -> None:
-        nonlocal peak
-        while proc.poll() is None:
-            peak = max(peak, _rss_anon(proc.pid))
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = AnonPeak(proc)
     out, err = proc.communicate()
     seconds = time.perf_counter() - started
-    sampler.join()
+    peak = sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}):\n{err[-3000:]}")
     return seconds, peak, out
@@ -145,7 +156,7 @@ def sidecar(plan: Path) -> Path:
 def synthetic(spec: str, root: Path) -> Path:
     """The checkpoint `--synthetic` names, written under root unless it is there."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from layerwise_memory import DEMO_MODEL, TOKENIZER_FILES, build
+    from layerwise_memory import build, with_demo_tokenizer
 
     try:
         layers, hidden, ffn, heads, kv = (int(v) for v in spec.split(","))
@@ -162,9 +173,7 @@ def synthetic(spec: str, root: Path) -> Path:
         "vocab_size": 49152,
     }
     out = build(root / spec.replace(",", "-"), layers, shape)
-    for name in TOKENIZER_FILES:
-        if not (out / name).exists():
-            shutil.copy(DEMO_MODEL / name, out / name)
+    with_demo_tokenizer(out)
     return out
 
 

@@ -305,6 +305,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 DEMO_MODEL = Path.home() / ".cache" / "plancc" / "SmolLM2-135M-Instruct"
 
 
+def with_demo_tokenizer(model_dir: Path) -> None:
+    """The SmolLM2 demo tokenizer copied beside a synthetic checkpoint (analyze reads
+    text), unless it is there."""
+    for name in TOKENIZER_FILES:
+        if not (model_dir / name).exists():
+            shutil.copy(DEMO_MODEL / name, model_dir / name)
+
+
 def _analyze(args: argparse.Namespace, sampler: PeakSampler) -> dict[str, Any]:
     """`plangen analyze --offload [DIR] --strategy S [--metric M]` on the checkpoint, in
     this process; the formula from the arguments of analyze's own `placement` call."""
@@ -323,9 +331,7 @@ def _analyze(args: argparse.Namespace, sampler: PeakSampler) -> dict[str, Any]:
         return out
 
     model_dir = Path(args.child)
-    for name in TOKENIZER_FILES:
-        if not (model_dir / name).exists():
-            shutil.copy(DEMO_MODEL / name, model_dir / name)
+    with_demo_tokenizer(model_dir)
     base = sampler.sample()["RssAnon"]
     plan = model_dir.parent / f"{model_dir.name}.prn"
     opts = Options(

@@ -21,11 +21,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from analyze_cost import AnonPeak, rss_anon  # noqa: E402 - a sibling script
 
 CHILD = """
 import json, sys, time, torch
@@ -46,16 +46,6 @@ print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
 """
 
 
-def _rss_anon(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def measure(n: int, out: int) -> tuple[float, int]:
     """Seconds of one ranking and its peak RssAnon above the inputs'."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -64,23 +54,13 @@ def measure(n: int, out: int) -> tuple[float, int]:
     assert proc.stdin is not None and proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
         raise SystemExit(f"the child for n={n} failed")
-    base = _rss_anon(proc.pid)
-    peak = base
-
-    def sample() -> None:
-        nonlocal peak
-        while proc.poll() is None:
-            peak = max(peak, _rss_anon(proc.pid))
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    base = rss_anon(proc.pid)
+    sampler = AnonPeak(proc)
     proc.stdin.write("\n")
     proc.stdin.flush()
     result = json.loads(proc.stdout.readline())
     proc.wait()
-    sampler.join()
-    return float(result["seconds"]), peak - base
+    return float(result["seconds"]), sampler.join() - base
 
 
 def main() -> None:

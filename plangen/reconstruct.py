@@ -275,17 +275,16 @@ def obs_ranking(
         gone = torch.topk(cost, take, largest=False).indices
         gone = gone[torch.argsort(cost[gone], stable=True)]
         score[gone.cpu()] = torch.arange(order, order + take, dtype=torch.float64)
-        if order + take >= decided or take == left:
+        order += take
+        if order >= decided or take == left:
             break
-        v = factors[:order]
+        v = factors[: order - take]
         rows = hinv[gone].sub_(v[:, gone].T @ v)  # H^-1[gone, :], earlier removals gone
         u, moved = _schur_factor(rows, gone)
         w.sub_(w[:, gone] @ moved)  # the removed columns' weight onto the others
         diag.sub_((u * u).sum(0))
-        factors[order : order + take] = u
+        factors[order - take : order] = u
         removed[gone] = True
-        order += take
-    order += take
     if order < n:  # decided: the rest, cheapest first by this round's cost
         removed[gone] = True
         rest = (~removed).nonzero().squeeze(1)
