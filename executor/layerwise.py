@@ -62,6 +62,7 @@ widths, config key `plancc`, is loaded whole by `executor.loader.load`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import mmap
 import os
@@ -79,7 +80,7 @@ from torch import nn
 
 from compiler.architectures import Architecture
 from compiler.checkpoint import TensorInfo, architecture_of, read_config, tensor_index
-from executor import distributed, lm_loss
+from executor import distributed, lm_loss, sharding
 from executor.family_config import PLANCC_KEY
 from executor.loader import fuse_experts
 from executor.lockstep import Crew, Stop, in_step
@@ -289,7 +290,10 @@ class LayerWalk:
         batch_size: int,
         cache: str | Path,
         resident: bool,
+        shard_layers: bool = False,
     ):
+        if shard_layers and resident:
+            raise ValueError("sharding a layer for the sweep needs the layer-wise walk")
         self.model_dir = model_dir
         self.model = model
         self.arch = arch
@@ -298,6 +302,7 @@ class LayerWalk:
         self.batch_size = batch_size
         self.cache = cache
         self.resident = resident
+        self.shard_layers = shard_layers  # the sweep's layers sharded under torchrun
         self.layers: nn.ModuleList = model.get_submodule(arch.layers_module)
         self._handles: dict[str, mmap.mmap] = {}
         self._head_modules = _head_modules(model)
@@ -317,12 +322,15 @@ class LayerWalk:
         batch_size: int = 4,
         cache: str | Path = "host",
         attn_implementation: str | None = None,
+        shard_layers: bool = False,
     ) -> LayerWalk:
         """Read config.json and the safetensors headers and build the skeleton on meta.
 
         `cache`: where states live between layers: "host" (default), "device", or a
         directory (states on disk under it). `resident=True` loads every weight now
-        (the in-memory mode) and `layer` then frees nothing.
+        (the in-memory mode) and `layer` then frees nothing. `shard_layers`: under
+        torchrun, the reverse sweep shards each layer across the processes
+        (`executor.sharding`; every process then sweeps every batch).
         """
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -351,7 +359,15 @@ class LayerWalk:
                 if buf is not None and buf.device != device:
                     module._buffers[name] = buf.to(device)
         walk = cls(
-            model_dir, model, arch, tensor_index(model_dir), device, batch_size, cache, resident
+            model_dir,
+            model,
+            arch,
+            tensor_index(model_dir),
+            device,
+            batch_size,
+            cache,
+            resident,
+            shard_layers,
         )
         if resident:
             walk._load_outside(walk._outside_names())
@@ -446,22 +462,26 @@ class LayerWalk:
         info = self.index[name]
         return info.file, info.data_offsets[0]
 
-    def _set(self, root: nn.Module, rel: str, value: torch.Tensor) -> None:
-        """Put `value` (converted to the placeholder's dtype, on the device) at `rel`."""
+    def _set(
+        self, root: nn.Module, rel: str, value: torch.Tensor, device: torch.device | None = None
+    ) -> None:
+        """Put `value` (converted to the placeholder's dtype, on the device or `device`)
+        at `rel`."""
+        device = device if device is not None else self.device
         owner, _, leaf = rel.rpartition(".")
         module = root.get_submodule(owner) if owner else root
         if leaf in module._parameters:
             old = module._parameters[leaf]
             assert old is not None
             dtype = old.dtype if value.is_floating_point() else value.dtype
-            t = value.to(device=self.device, dtype=dtype, copy=True)
+            t = value.to(device=device, dtype=dtype, copy=True)
             if t.shape != old.shape:
                 raise ValueError(f"{rel}: checkpoint {list(t.shape)}, model {list(old.shape)}")
             module._parameters[leaf] = nn.Parameter(t, requires_grad=old.requires_grad)
         else:
             old_b = module._buffers[leaf]
             assert old_b is not None
-            t = value.to(device=self.device, dtype=old_b.dtype, copy=True)
+            t = value.to(device=device, dtype=old_b.dtype, copy=True)
             module._buffers[leaf] = t
 
     def _unset(self, root: nn.Module, rel: str) -> None:
@@ -483,8 +503,9 @@ class LayerWalk:
         layer = self.layers[i]
         return list(layer.state_dict(keep_vars=True))
 
-    def _load_layer(self, i: int) -> nn.Module:
-        layer = self.layers[i]
+    def _layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors by layer-relative slot, in slot order: views of the mapped
+        files (MoE experts fused as `from_pretrained` fuses them), nothing converted."""
         disk_prefix = self.arch.layer_prefix.replace("{i}", str(i))
         own_prefix = f"{self.arch.layers_module}.{i}."
         slots = self._layer_slots(i)
@@ -495,8 +516,13 @@ class LayerWalk:
         missing = [s for s in slots if own_prefix + s not in state]
         if missing:
             raise ValueError(f"{self.model_dir}: layer {i} lacks {missing[:5]} in the checkpoint")
-        for s in slots:
-            self._set(layer, s, state.pop(own_prefix + s))
+        return {s: state.pop(own_prefix + s) for s in slots}
+
+    def _load_layer(self, i: int) -> nn.Module:
+        layer = self.layers[i]
+        state = self._layer_state(i)
+        for s in list(state):
+            self._set(layer, s, state.pop(s))
         return layer
 
     def _free_layer(self, i: int) -> None:
@@ -514,6 +540,42 @@ class LayerWalk:
             yield self._load_layer(i)
         finally:
             self._free_layer(i)
+
+    @contextlib.contextmanager
+    def _swept_layer(
+        self, i: int, sharded: bool, wants: Callable[[int, str], bool] | None
+    ) -> Iterator[tuple[nn.Module, list[nn.Module] | None]]:
+        """Layer i for the reverse sweep: loaded whole (units None), or sharded."""
+        if not sharded:
+            with self.layer(i) as module:
+                yield module, None
+            return
+        wanted = functools.partial(_wanted, wants, i)
+        with self._sharded_layer(i, wanted) as (module, units):
+            yield module, units
+
+    @contextlib.contextmanager
+    def _sharded_layer(
+        self, i: int, wanted: Callable[[str], bool]
+    ) -> Iterator[tuple[nn.Module, list[nn.Module]]]:
+        """Decoder layer i sharded across the processes (`executor.sharding`): a copy of
+        its skeleton (on meta: nothing allocated) loaded one unit at a time on the host
+        and sharded at once (FSDP moves each unit's shard to the device), so no more
+        than one unit is ever whole; dropped after, the skeleton untouched, so later
+        walks load layer i as before. Yields the layer and its units."""
+        skeleton = self.layers[i]
+        layer = self.layers[i] = copy.deepcopy(skeleton)
+        try:
+            state = self._layer_state(i)
+
+            def load(slots: Sequence[str], device: torch.device) -> None:
+                for s in slots:
+                    self._set(layer, s, state.pop(s), device)
+
+            units = sharding.shard_layer(layer, wanted, self.device, load)
+            yield layer, units
+        finally:
+            self.layers[i] = skeleton
 
     # ---- embedding, final norm, head
 
@@ -814,6 +876,12 @@ class LayerWalk:
         after). `wants(i, name)` picks the parameters that get gradients (default: all
         of the layer's; fewer is cheaper, the others' values are unchanged).
         """
+        sharded = self.shard_layers and sharding.active()
+        if sharded and distributed.current() is not None:
+            raise ValueError(
+                "the sharded sweep runs every batch on every process: call it inside "
+                "executor.distributed.whole()"
+            )
         given = not isinstance(source, States | torch.Tensor) and len(source) > 0
         if given and isinstance(source[0], States):  # type: ignore[index]
             bounds = list(source)  # type: ignore[arg-type]
@@ -838,13 +906,18 @@ class LayerWalk:
         bounds[-1].cache.close()
         for i in reversed(range(self.num_layers)):
             below = self.new_cache() if i > 0 else None  # layer 0's input needs none
-            with self.layer(i) as module:
+            with self._swept_layer(i, sharded, wants) as (module, units):
                 chosen = [
                     (name, p)
                     for name, p in module.named_parameters()
                     if p.requires_grad and (wants is None or wants(i, name))
                 ]
-                self._backward_layer(i, module, chosen, bounds[i], grads, below, on_batch)
+                if units is not None:
+                    self._backward_sharded(
+                        i, module, units, chosen, bounds[i], grads, below, on_batch
+                    )
+                else:
+                    self._backward_layer(i, module, chosen, bounds[i], grads, below, on_batch)
                 try:
                     if on_layer is not None:
                         on_layer(i, module)
@@ -1009,12 +1082,64 @@ class LayerWalk:
             for h in handles:
                 h.remove()
 
+    def _backward_sharded(
+        self,
+        i: int,
+        module: nn.Module,
+        units: list[nn.Module],
+        chosen: list[tuple[str, nn.Parameter]],
+        states: States,
+        grads: StateCache,
+        below: StateCache | None,
+        on_batch: Callable[[int, int, nn.Module, dict[str, torch.Tensor]], None] | None,
+    ) -> None:
+        """`_backward_layer` on a sharded layer (`executor.sharding`), every batch on
+        every process: each batch's backward leaves its sharded gradients in `.grad`
+        (FSDP's reduce-scatter of N equal gradients, exact), which are added to the
+        running sums element by element in batch order, as `_backward_layer` adds the
+        whole ones; `on_batch` gets them in autograd's order, each gathered when read
+        (`sharding.Gathered`); the input's gradient goes to `below`."""
+        params = [p for _, p in chosen]
+        sums: list[torch.Tensor | None] = [None] * len(params)
+        order = sharding.AutogradOrder(module, units, {name for name, _ in chosen})
+        try:
+            for k, batch in enumerate(states.batches):
+                hidden = states.get(k, self.device).detach()
+                if below is not None:
+                    hidden.requires_grad_()
+                for p in params:
+                    p.grad = None
+                with order.batch() as seen, torch.enable_grad():
+                    out = module(hidden, *batch.args[i], **batch.kwargs[i])
+                    out = out[0] if isinstance(out, tuple) else out
+                    out.backward(grads.get(k, self.device))
+                    del out
+                if below is not None:
+                    assert hidden.grad is not None
+                    below.put(k, hidden.grad)
+                got = {name: p.grad for name, p in chosen}
+                for j, p in enumerate(params):
+                    if p.grad is not None:
+                        sums[j] = _grad_add(sums[j], p.grad)
+                if on_batch is not None:
+                    per_batch = {name: got[name] for name in seen if got[name] is not None}
+                    on_batch(i, k, module, sharding.Gathered(per_batch))  # type: ignore[arg-type]
+                del hidden, got
+        finally:
+            order.close()
+        for p, total in zip(params, sums, strict=True):
+            p.grad = total
+
     def _check_final(self, states: States) -> None:
         if states.layer != self.num_layers:
             raise ValueError(
                 f"these states are the input of layer {states.layer}; "
                 f"the head needs the output of all {self.num_layers}"
             )
+
+
+def _wanted(wants: Callable[[int, str], bool] | None, i: int, name: str) -> bool:
+    return wants is None or wants(i, name)
 
 
 def _grad_add(total: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:

@@ -157,6 +157,14 @@ def check_options(opts: Options, ckpt: CheckpointFacts, facts: ModelFacts) -> No
                     "use --target-params, --ratio or --drop"
                 )
     check_target(opts.target, facts)
+    from executor import distributed
+
+    if opts.shard_layers and not distributed.launched():
+        raise AnalyzeError(
+            "--shard-layers shards each decoder layer across torchrun's processes: run "
+            "`torchrun --nproc-per-node N -m plangen analyze ... --shard-layers`, or "
+            "leave it out (one process holds each layer whole)"
+        )
     if opts.plot and not plot_available():
         raise AnalyzeError(f"--plot needs matplotlib, which is not installed: {PLOT_EXTRA}")
     longest = max_positions(ckpt.config)
@@ -352,9 +360,11 @@ def _read_windows(r: Run) -> None:
 def _place(r: Run) -> None:
     """Whole in memory or one decoder layer at a time (`plangen.memory.placement`),
     decided before any window is read; said on stderr when chosen for the user."""
+    from executor import distributed
     from plangen.memory import DoesNotFit, Footprint, placement, prepared
 
     assert r.opts.device is not None  # resolved
+    shard = distributed.current()
     try:
         placed = placement(
             r.opts.offload,
@@ -364,6 +374,8 @@ def _place(r: Run) -> None:
             Footprint.of(r.ckpt),
             r.opts.nsamples * r.opts.seqlen,
             r.gradients,
+            shard=r.opts.shard_layers,
+            world=shard.world if shard is not None else 1,
         )
     except DoesNotFit as exc:
         raise AnalyzeError(str(exc)) from None

@@ -35,6 +35,7 @@ tables need no weight after the walk (`scores.compute_tables`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ import torch
 
 from compiler.architectures import Architecture, TensorSpec
 from compiler.geometry import Geometry
-from executor import distributed
+from executor import distributed, sharding
 from executor.layerwise import LayerWalk, States
 from plangen.metrics.depth import DepthStats
 from plangen.metrics.inputs import InputMoments, LayerInputs, LayerStats, output_projection
@@ -116,7 +117,40 @@ def collect(
     layer recomputed, one batch's activations of every layer held), the same
     statistics bit for bit. `observers` gather more in the forward walk, on the
     same states; `reserve`: the bytes they will hold (the fused pass must fit
-    beside them)."""
+    beside them).
+
+    Under torchrun each process walks its share of the batches, unless the walk
+    shards the sweep's layers (`LayerWalk.shard_layers`, `executor.sharding`): then
+    the gradient pass runs every batch on every process."""
+    if gradients and walk is not None and walk.shard_layers:
+        context: Any = distributed.whole()
+    else:
+        context = contextlib.nullcontext()
+    with context:
+        return _collect(
+            model, arch, windows, metrics, scored, seed, gradients, fisher, geom,
+            batch_size, device, progress, walk, observers, fused, reserve,
+        )  # fmt: skip
+
+
+def _collect(
+    model: Any,
+    arch: Architecture,
+    windows: Sequence[Sequence[int]],
+    metrics: Sequence[str],
+    scored: Collection[int] | None,
+    seed: int,
+    gradients: bool,
+    fisher: bool,
+    geom: Geometry | None,
+    batch_size: int,
+    device: str,
+    progress: bool,
+    walk: LayerWalk | None,
+    observers: Sequence[LayerObserver],
+    fused: bool | None,
+    reserve: int,
+) -> Calibration:
     score = _Scoring(arch, tuple(metrics), scored, geom, seed)
     score.check(gradients)
     if walk is None:
@@ -323,13 +357,13 @@ def _sweep(
     def on_batch(i: int, _k: int, module: Any, grads: dict[str, torch.Tensor]) -> None:
         if split:
             parts = [
-                stats[i].fisher_parts(specs[n], module.get_parameter(n), g)
+                stats[i].fisher_parts(specs[n], sharding.full(module.get_parameter(n)), g)
                 for n, g in grads.items()
             ]
             pending.append(parts)
             return
-        for name, g in grads.items():
-            stats[i].add_fisher(specs[name], module.get_parameter(name), g)
+        for name, g in grads.items():  # a sharded layer's: each gathered when read
+            stats[i].add_fisher(specs[name], sharding.full(module.get_parameter(name)), g)
 
     def on_layer(i: int, module: Any) -> None:
         if fused is not None:
@@ -340,11 +374,13 @@ def _sweep(
             mine = list(pending)
             pending.clear()
             distributed.replay(mine, lambda batch: [accumulator.add(p) for p in batch])
-        summed = {
-            name: p.grad.detach()
-            for name, p in module.named_parameters()
-            if name in specs and p.grad is not None
-        }
+        summed = sharding.Gathered(
+            {
+                name: p.grad.detach()
+                for name, p in module.named_parameters()
+                if name in specs and p.grad is not None
+            }
+        )
         score(i, module, stats[i], summed)
 
     if fused is not None:

@@ -58,6 +58,7 @@ class Placement:
     layerwise: bool
     states: str | Path = "host"
     said: str | None = None
+    sharded: bool = False  # under torchrun: the sweep's layers sharded (executor.sharding)
 
 
 IN_MEMORY = Placement(False)
@@ -168,8 +169,15 @@ class Footprint:
         boundaries = self.layers + 1 if gradients else 2
         return tokens * self.hidden * width * boundaries
 
-    def layerwise(self, width: int, tokens: int, gradients: bool, on_disk: bool) -> int:
+    def layerwise(
+        self, width: int, tokens: int, gradients: bool, on_disk: bool, world: int = 1
+    ) -> int:
+        """One layer (with gradients: its weights, gradient sums and one batch's
+        gradients; sharded across `world` processes, one unit gathered whole with its
+        gradient beside the shards), the states, the accumulators, the embedding."""
         layer = self.largest_layer * width * (3 if gradients else 1)
+        if gradients and world > 1:
+            layer = layer // world + self.largest_tensor * width * 2
         scoring = self.largest_tensor * 8  # a metric's float64 copy of one weight
         states = 0 if on_disk else self.state_cache(width, tokens, gradients)
         return RUNTIME_BASE + layer + scoring + self.outside * width + states
@@ -242,16 +250,25 @@ def placement(
     gradients: bool,
     doing: str = "analyzing",
     fewer: str | None = "fewer --nsamples",
+    shard: bool = False,
+    world: int = 1,
 ) -> Placement:
     """In memory or layer by layer: `--offload` decides when given ("" : states in
     memory, else the directory for them); otherwise in memory when the model fits
     the device, layer by layer when only that fits, and an error (DoesNotFit) that
     names the way out when neither does. --no-memory-check: in memory, unchecked.
     `doing` and `fewer` word the line and the advice for the command asking (`plangen
-    reconstruct` re-solves, and its token count is the plan's, not an option)."""
+    reconstruct` re-solves, and its token count is the plan's, not an option).
+
+    Under torchrun (`world` processes), `shard` (--shard-layers) shards the gradient
+    pass's layers across the processes, layer by layer; it is also chosen, and said,
+    when a layer's backward fits only sharded."""
     width = 2 if dtype == "bfloat16" else 4
+    states_at = Path(offload) if offload else "host"
+    if shard:
+        return Placement(True, states_at, sharded=True)
     if offload is not None:
-        return Placement(True, Path(offload) if offload else "host")
+        return Placement(True, states_at)
     if checks_disabled(memory_check):
         return IN_MEMORY
     free, where = free_memory(device)
@@ -267,6 +284,17 @@ def placement(
             "host",
             f"plangen: {need} but only {size(free)} {where}: {doing} it one decoder "
             f"layer at a time (--offload; about {size(walk)})",
+        )
+    sharded = footprint.layerwise(width, tokens, gradients, on_disk=False, world=world)
+    if gradients and world > 1 and sharded <= free:
+        return Placement(
+            True,
+            "host",
+            f"plangen: {need} but only {size(free)} {where}, and about {size(walk)} even "
+            f"one decoder layer at a time: {doing} it one layer at a time, each sharded "
+            f"across the {world} processes for the gradient pass (--shard-layers; about "
+            f"{size(sharded)})",
+            sharded=True,
         )
     on_disk = footprint.layerwise(width, tokens, gradients, on_disk=True)
     advice = (
@@ -313,7 +341,12 @@ def open_walk(
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if placed.layerwise:
         walk = LayerWalk.open(
-            ckpt.model_dir, device, torch_dtype, batch_size=batch_size, cache=placed.states
+            ckpt.model_dir,
+            device,
+            torch_dtype,
+            batch_size=batch_size,
+            cache=placed.states,
+            shard_layers=placed.sharded,
         )
         return walk, None
     model = load(ckpt.model_dir, device, torch_dtype)

@@ -437,6 +437,17 @@ class Options:
         const="",
         metavar="DIR",
     )
+    shard_layers: bool = option(
+        "--shard-layers",
+        help="under torchrun: the gradient pass shards each decoder layer's weights and "
+        "gradients across the processes (FSDP2, one projection gathered at a time), for "
+        "a layer whose backward does not fit one device; every process then runs every "
+        "calibration batch in that pass (same output). Implies --offload. Chosen "
+        "automatically, and said, when only this fits",
+        group=CALIBRATION,
+        default=False,
+        action="store_true",
+    )
     # ---- output
     plot: bool = option(
         "--plot",

@@ -13,6 +13,7 @@ import torch
 from compiler.architectures import Architecture, TensorSpec
 from compiler.geometry import Geometry
 from executor import distributed
+from executor.sharding import Gathered
 from plangen.metrics import LayerScores
 from plangen.metrics.units import Accumulator, fold_elements
 
@@ -125,10 +126,11 @@ class LayerInputs:
         grads: Mapping[str, torch.Tensor] | None = None,
     ) -> LayerInputs:
         """Decoder layer `index` while the walk has it loaded (`module`): the weights of
-        its attention and dense-MLP tensors (a MoE layer's: its attention only)."""
+        its attention and dense-MLP tensors (a MoE layer's: its attention only); a
+        layer sharded for the sweep (`executor.sharding`) gives each gathered when read."""
         own = dict(module.named_parameters())
         present = tuple(s for s in arch.attention + arch.dense_mlp if s.name in own)
-        weights = {s.name: own[s.name].detach() for s in present}
+        weights = Gathered({s.name: own[s.name].detach() for s in present})
         return cls(index, weights, present, stats, geom, seed, grads or {})
 
     def output_projections(self) -> list[tuple[TensorSpec, torch.Tensor, InputMoments]]:

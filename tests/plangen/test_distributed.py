@@ -66,6 +66,35 @@ def test_gradients_fisher_and_residual_reconstruction_on_two_processes(tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--strategy", "global", "--metric", "taylor2", "--target-params", "0.7"]],
+    ids=["auto", "taylor2"],
+)
+def test_sharded_layers_on_two_processes(tmp_path: Path, extra: list[str]) -> None:
+    """--shard-layers: the gradient pass runs every batch on every process with each
+    layer's projections sharded (FSDP2), the rest of the run split as usual; the
+    gradient tables (Taylor, Fisher), the reconstruction and the plan chosen from them
+    are the single process's."""
+    model = _model(tmp_path, "qwen2")
+    one = tmp_path / "one" / "p.prn"
+    assert plangen(["analyze", str(model), "-o", str(one), *SMALL, *extra]) == 0
+    many = tmp_path / "many" / "p.prn"
+    _torchrun(2, model, many, *extra, "--shard-layers")
+    _same_outputs(one, many)
+
+
+def test_shard_layers_needs_torchrun(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = _model(tmp_path, "llama")
+    plan = tmp_path / "p.prn"
+    assert plangen(["analyze", str(model), "-o", str(plan), *SMALL, "--shard-layers"]) != 0
+    err = capsys.readouterr().err
+    assert "--shard-layers shards each decoder layer across torchrun's processes" in err
+    assert "torchrun --nproc-per-node N" in err
+    assert not plan.exists()
+
+
+@pytest.mark.slow
 def test_auto_on_three_processes(tmp_path: Path) -> None:
     """The default dense analysis (every metric, the sequential reconstruction of the
     OBS candidates, successive halving) on three processes, one batch each."""

@@ -77,6 +77,28 @@ def test_offload_and_the_override_decide_without_an_estimate(fake_memory, tmp_pa
     assert _place(huge, memory_check=False) == Placement(False)
 
 
+def test_a_layer_whose_backward_fits_only_sharded_is_sharded_under_torchrun(fake_memory) -> None:
+    # 4 layers of 1 Gi elements: a layer's weights, gradient sums and one batch's
+    # gradients in float32 are 12 GiB; on 4 processes 3 GiB each (+ embedding, states).
+    fp = _footprint(4 * GIB * 10 // 9, layers=4)
+    with pytest.raises(DoesNotFit, match="even one decoder layer at a time"):
+        _place(fp, gradients=True)
+    got = _place(fp, gradients=True, world=4)
+    assert got.layerwise and got.sharded and got.states == "host"
+    assert got.said is not None
+    assert "each sharded across the 4 processes for the gradient pass (--shard-layers" in got.said
+    # Without a gradient pass one layer fits: no sharding.
+    assert not _place(fp, world=4).sharded
+
+
+def test_shard_layers_implies_the_layerwise_walk(fake_memory, tmp_path: Path) -> None:
+    tiny = _footprint(1000)
+    assert _place(tiny, shard=True, world=2) == Placement(True, "host", sharded=True)
+    assert _place(tiny, shard=True, offload=str(tmp_path)) == Placement(
+        True, tmp_path, sharded=True
+    )
+
+
 def test_the_environment_override(fake_memory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(memory.MEMORY_CHECK_ENV, "1")
     assert _place(_footprint(2000 * GIB // 4, layers=8)) == Placement(False)
