@@ -64,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import mmap
 import os
 import shutil
@@ -924,6 +925,9 @@ class LayerWalk:
                 finally:
                     for _, p in chosen:
                         p.grad = None
+            del module, units, chosen
+            if sharded:
+                gc.collect()  # the sharded layer and FSDP's state refer to each other
             grads.close()
             bounds[i].cache.close()
             if below is not None:
@@ -1097,7 +1101,9 @@ class LayerWalk:
         every process: each batch's backward leaves its sharded gradients in `.grad`
         (FSDP's reduce-scatter of N equal gradients, exact), which are added to the
         running sums element by element in batch order, as `_backward_layer` adds the
-        whole ones; `on_batch` gets them in autograd's order, each gathered when read
+        whole ones (without `on_batch`, FSDP adds them to `.grad` itself, the same
+        element-wise addition, and no batch's gradients are kept beside the sums);
+        `on_batch` gets them in autograd's order, each gathered when read
         (`sharding.Gathered`); the input's gradient goes to `below`."""
         params = [p for _, p in chosen]
         sums: list[torch.Tensor | None] = [None] * len(params)
@@ -1107,8 +1113,9 @@ class LayerWalk:
                 hidden = states.get(k, self.device).detach()
                 if below is not None:
                     hidden.requires_grad_()
-                for p in params:
-                    p.grad = None
+                if on_batch is not None:  # each batch's own gradients, summed here
+                    for p in params:
+                        p.grad = None
                 with order.batch() as seen, torch.enable_grad():
                     out = module(hidden, *batch.args[i], **batch.kwargs[i])
                     out = out[0] if isinstance(out, tuple) else out
@@ -1117,18 +1124,20 @@ class LayerWalk:
                 if below is not None:
                     assert hidden.grad is not None
                     below.put(k, hidden.grad)
-                got = {name: p.grad for name, p in chosen}
-                for j, p in enumerate(params):
-                    if p.grad is not None:
-                        sums[j] = _grad_add(sums[j], p.grad)
                 if on_batch is not None:
+                    got = {name: p.grad for name, p in chosen}
+                    for j, p in enumerate(params):
+                        if p.grad is not None:
+                            sums[j] = _grad_add(sums[j], p.grad)
                     per_batch = {name: got[name] for name in seen if got[name] is not None}
                     on_batch(i, k, module, sharding.Gathered(per_batch))  # type: ignore[arg-type]
-                del hidden, got
+                    del got, per_batch
+                del hidden
         finally:
             order.close()
-        for p, total in zip(params, sums, strict=True):
-            p.grad = total
+        if on_batch is not None:
+            for p, total in zip(params, sums, strict=True):
+                p.grad = total
 
     def _check_final(self, states: States) -> None:
         if states.layer != self.num_layers:

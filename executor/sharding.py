@@ -12,11 +12,12 @@ FSDP2's own all-gather and reduce-scatter.
 Exactness, so that the plan and sidecar stay the single process's byte for byte:
 
 - Every process runs every batch in the sharded sweep (`distributed.whole`): each
-  computes the same unsharded gradient of a unit, and FSDP's reduce-scatter takes the
-  mean of those N equal values. Summed in float64 (`reduce_dtype`), N copies of a
-  float32 or bfloat16 value add up exactly for any N below 2**29, and the division
-  gives the value back: every shard is the single process's gradient, bit for bit,
-  for any number of processes (in float32, three copies can round).
+  computes the same unsharded gradient of a unit, so the reduce-scatter that FSDP
+  would run (a mean of N equal values, which in float32 can round for N = 3) is
+  replaced by what it stands for: each process keeps its own chunk of the gradient
+  it computed (`OwnChunk`, FSDP2's `set_custom_reduce_scatter`). No arithmetic and
+  no transfer: every shard is the single process's gradient, bit for bit, for any
+  number of processes.
 - The gradient sums over batches are the single process's: each batch's sharded
   gradient is added to the sum of the batches before it, element by element, in
   batch order (the walk stashes the running sum before the batch's backward).
@@ -84,16 +85,16 @@ def shard_layer(
 ) -> list[nn.Module]:
     """Load a decoder layer (its skeleton, on meta) one unit at a time and shard each
     unit across the group as soon as it is loaded (FSDP2 `fully_shard`, resharded
-    after each forward, gradients reduced in float64: see the module docstring), so
-    that no more than one unit is ever whole. `load(slots, device)` materializes
-    those of the layer's parameters and buffers (names as in its `state_dict`). The
-    parameters `wanted` does not pick get no gradient. The rest (the norms) is loaded
-    whole on every process, on `device`. Returns the units."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    after each forward, each process keeping its chunk of its own gradient: see the
+    module docstring), so that no more than one unit is ever whole. `load(slots,
+    device)` materializes those of the layer's parameters and buffers (names as in
+    its `state_dict`). The parameters `wanted` does not pick get no gradient. The
+    rest (the norms) is loaded whole on every process, on `device`. Returns the
+    units."""
+    from torch.distributed.fsdp import fully_shard
 
     for name, p in layer.named_parameters():
         p.requires_grad_(wanted(name))
-    policy = MixedPrecisionPolicy(reduce_dtype=torch.float64)
     names = {id(m): n for n, m in layer.named_modules()}
     pending = list(layer.state_dict(keep_vars=True))
     out = units(layer)
@@ -102,9 +103,41 @@ def shard_layer(
         mine = [s for s in pending if s.startswith(prefix)]
         pending = [s for s in pending if not s.startswith(prefix)]
         load(mine, torch.device("cpu"))
-        fully_shard(unit, mesh=mesh(device), reshard_after_forward=True, mp_policy=policy)
+        fully_shard(unit, mesh=mesh(device), reshard_after_forward=True)
+        unit.set_custom_reduce_scatter(OwnChunk())  # type: ignore[operator]
     load(pending, device)
     return out
+
+
+def _reduce_scatter_base() -> type:
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+
+    return ReduceScatter
+
+
+class OwnChunk(_reduce_scatter_base()):  # type: ignore[misc]
+    """FSDP's gradient reduce-scatter where every process computed the same gradient:
+    this process's chunk of its own (the mean of N equal values is the value), copied;
+    nothing sent, nothing added."""
+
+    def allocate(
+        self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: Any,
+        op: Any,
+        async_op: bool = False,
+    ) -> None:
+        import torch.distributed as dist
+
+        n = output_tensor.numel()
+        start = dist.get_rank(group) * n
+        output_tensor.copy_(input_tensor.reshape(-1)[start : start + n])
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,9 @@ BATCH = 2  # five windows: batches of 2, 2 and 1
 Record = dict[str, object]
 
 
-def _record(walk: LayerWalk, wants: object) -> Record:
-    """What the sweep hands its callbacks: per batch the gradients in the order given,
+def _record(walk: LayerWalk, wants: object, per_batch: bool = True) -> Record:
+    """What the sweep hands its callbacks: per batch the gradients in the order given
+    (unless not `per_batch`: then no `on_batch`, and the sums are FSDP's own),
     per layer the summed gradients and weights (gathered where sharded)."""
     batches: list[tuple[int, int, list[str], list[torch.Tensor]]] = []
     layers: dict[str, torch.Tensor] = {}
@@ -48,7 +49,9 @@ def _record(walk: LayerWalk, wants: object) -> Record:
             if p.grad is not None:
                 layers[f"{i}.{name}.grad"] = sharding.full(p.grad).clone()
 
-    loss = walk.backward_sweep(token_windows(), on_layer, on_batch=on_batch, wants=wants)
+    loss = walk.backward_sweep(
+        token_windows(), on_layer, on_batch=on_batch if per_batch else None, wants=wants
+    )
     return {"loss": loss, "batches": batches, "layers": layers, "sharded": sharded}
 
 
@@ -57,8 +60,12 @@ def _only_projections(_i: int, name: str) -> bool:
     return "proj" in name and "experts" not in name
 
 
-def _cases(families: tuple[str, ...]) -> list[tuple[str, bool]]:
-    return [(f, picked) for f in families for picked in (False, True)]
+# (wants: calibration's projections only, on_batch given)
+VARIANTS = ((False, True), (True, True), (True, False))
+
+
+def _cases(families: tuple[str, ...]) -> list[tuple[str, bool, bool]]:
+    return [(f, picked, per_batch) for f in families for picked, per_batch in VARIANTS]
 
 
 def _worker(rank: int, world: int, port: int, root: str, families: tuple[str, ...]) -> None:
@@ -66,9 +73,9 @@ def _worker(rank: int, world: int, port: int, root: str, families: tuple[str, ..
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         out = []
-        for family, picked in _cases(families):
+        for family, picked, per_batch in _cases(families):
             with LayerWalk.open(Path(root) / family, batch_size=BATCH, shard_layers=True) as walk:
-                got = _record(walk, _only_projections if picked else None)
+                got = _record(walk, _only_projections if picked else None, per_batch)
                 got["meta"] = on_meta(walk.model)
             out.append(got)
         torch.save(out, f"{root}/sharded.{world}.{rank}")
@@ -86,16 +93,16 @@ def _check(root: Path, world: int, families: tuple[str, ...]) -> None:
     for f in families:
         assert build(root, f) == root / f
     torch.multiprocessing.spawn(_worker, (world, _free_port(), str(root), families), nprocs=world)
-    for n, (family, picked) in enumerate(_cases(families)):
+    for n, (family, picked, per_batch) in enumerate(_cases(families)):
         with LayerWalk.open(root / family, batch_size=BATCH) as walk:
-            want = _record(walk, _only_projections if picked else None)
+            want = _record(walk, _only_projections if picked else None, per_batch)
         for rank in range(world):
             got = torch.load(f"{root}/sharded.{world}.{rank}")[n]
-            case = f"{family}, rank {rank}, {'projections' if picked else 'all'}"
+            case = f"{family}, rank {rank}, {'projections' if picked else 'all'}, {per_batch}"
             assert got["meta"] and got["sharded"] == [True, True], case
             assert want["sharded"] == [False, False]
             assert got["loss"] == want["loss"], case
-            assert len(got["batches"]) == len(want["batches"]) == 2 * 3, case
+            assert len(got["batches"]) == len(want["batches"]) == 2 * 3 * per_batch, case
             for (i, k, names, grads), (wi, wk, wnames, wgrads) in zip(
                 got["batches"], want["batches"], strict=True
             ):
