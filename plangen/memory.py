@@ -173,11 +173,13 @@ class Footprint:
         self, width: int, tokens: int, gradients: bool, on_disk: bool, world: int = 1
     ) -> int:
         """One layer (with gradients: its weights, gradient sums and one batch's
-        gradients; sharded across `world` processes, one unit gathered whole with its
-        gradient beside the shards), the states, the accumulators, the embedding."""
+        gradients; sharded across `world` processes, beside the shards about four
+        copies of the largest unit: gathered, its gradient, the gradient's copy FSDP
+        reduces, the next unit prefetched; benchmarks/sharded_sweep.py), the states,
+        the accumulators, the embedding."""
         layer = self.largest_layer * width * (3 if gradients else 1)
         if gradients and world > 1:
-            layer = layer // world + self.largest_tensor * width * 2
+            layer = layer // world + self.largest_tensor * width * 4
         scoring = self.largest_tensor * 8  # a metric's float64 copy of one weight
         states = 0 if on_disk else self.state_cache(width, tokens, gradients)
         return RUNTIME_BASE + layer + scoring + self.outside * width + states
