@@ -49,6 +49,9 @@ Then, as SparseGPT, Wanda and llm-compressor's sequential pipeline do:
   `.grad` summed over batches; the input's gradient goes down, the layer and
   its boundary are freed. Bit-identical to the full model's sums
   (tests/executor/test_layerwise_gradients.py); one extra forward of each layer.
+  Opened with `shard_layers` under torchrun, the sweep splits each layer across
+  the processes (`executor.sharding`, FSDP2; every process runs every batch):
+  the same sums, bit for bit (tests/executor/test_sharded_sweep.py).
 
 The embedding is loaded by `inputs` and freed after; the final norm and LM
 head by `loss`/`logits` and freed after (tied heads read the embedding's
