@@ -49,7 +49,7 @@ def test_the_parser_has_exactly_the_flags_of_the_fields() -> None:
         assert action.help == flag.help, f.name
         if f.default is not dataclasses.MISSING:
             assert action.default == f.default, f.name
-    assert len({a.dest for a in actions}) == len(actions) == 45  # with --offload
+    assert len({a.dest for a in actions}) == len(actions) == 46  # with --shard-layers
 
 
 def test_the_size_options_stay_mutually_exclusive() -> None:

@@ -46,6 +46,7 @@ PLANGEN_MAY_USE_FROM_EXECUTOR = {
     "executor.lm_loss",
     "executor.device",
     "executor.distributed",
+    "executor.sharding",  # a layer the sweep shards: its tensors gathered when read
 }
 
 # (importer, imported) edges against the layering, each with why it stays.
