@@ -257,7 +257,9 @@ def check_removal(ctx: Context) -> list[Diagnostic]:
                 W006_HELP,
             )
         ]
-    if f.arch is None:
+    if f.arch is None or check_conflicts(ctx):
+        # Two decisions for one layer (P105): the parameter count would depend on
+        # which one counts, so on the statements' order, which `fmt` changes; no verdict.
         return []
     before, after = cost(original(f)).params, cost(resolve(ctx.plan, f)).params
     if before and after < before * (1 - MOST_OF_THE_MODEL):

@@ -228,6 +228,27 @@ def test_fmt_keeps_the_size_of_a_folded_run() -> None:
     assert_fmt_keeps_meaning(text)
 
 
+def test_fmt_keeps_the_verdict_on_conflicting_widths() -> None:
+    """Two `mlp` decisions for layer 1, one with `compensate` (a bias of 576 more):
+    which one counts depends on the order, which fmt changes, so W006 gives no
+    parameter verdict while P105 stands (found by the property above)."""
+    text = (
+        'plan 1\nmodel "SmolLM2-135M-Instruct" {\n  arch llama\n'
+        "  layers 30  hidden 576  ffn 1536  vocab 49152  tied true\n"
+        '  heads 9  kv_heads 3  head_dim 64\n  fingerprint "sha256:0000"\n}\n\n'
+        "mlp layers 0..6 width 1 compensate\ndrop layers 7..20\nmlp layers 0, 1 width 1\n"
+    )
+    formatted = format_source(text).text
+    assert formatted is not None
+    assert formatted.index("0..1 width 1\n") < formatted.index("0..6 width 1 compensate")
+    codes = {code for code, _ in problems(check_text(text))}
+    assert "P105" in codes and "W006" not in codes
+    assert_fmt_keeps_meaning(text)
+    # Without the conflict the parameter verdict is given.
+    single = text.replace("mlp layers 0, 1 width 1\n", "")
+    assert "W006" in {code for code, _ in problems(check_text(single))}
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(mutated_plans(), plans()))
 def test_cli_never_raises(text: str) -> None:
