@@ -344,9 +344,10 @@ def _analyze(args: argparse.Namespace, sampler: PeakSampler) -> dict[str, Any]:
         seqlen=args.tokens,
         heldout=1,
         batch_size=args.windows,
-        device="cpu",
+        device=args.device,
         dtype=args.dtype,
-        offload=args.offload_dir or "",
+        offload=None if args.in_memory else (args.offload_dir or ""),
+        memory_check=not args.in_memory,  # in memory as asked, unchecked
         quiet=True,
     )
     census: dict[str, Any] | None = {} if args.census else None
@@ -358,15 +359,25 @@ def _analyze(args: argparse.Namespace, sampler: PeakSampler) -> dict[str, Any]:
         memory.placement = placement
     width = 2 if args.dtype == "bfloat16" else 4
     on_disk = isinstance(placed["placement"].states, Path)
-    stated = placed["footprint"].layerwise(
-        width, placed["tokens"], placed["gradients"], on_disk=on_disk
-    )
+    if args.in_memory:
+        stated = placed["footprint"].in_memory(width, placed["gradients"])
+    else:
+        stated = placed["footprint"].layerwise(
+            width, placed["tokens"], placed["gradients"], on_disk=on_disk
+        )
+    device: dict[str, Any] = {}
+    if args.device.startswith("cuda"):
+        import torch
+
+        device = {"device_peak": torch.cuda.max_memory_allocated(), "device": args.device}
     return {
         "base": base,
         "loss": out.loss_before,
         "formula": base + stated,
         "gradients": placed["gradients"],
         "on_disk": on_disk,
+        "in_memory": bool(args.in_memory),
+        **device,
         **({"census": census} if census is not None else {}),
     }
 
@@ -515,6 +526,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "metric": args.metric,
                 "offload_dir": args.offload_dir,
                 "census": 1 if args.census else None,
+                "device": args.device,
+                "in_memory": 1 if args.in_memory else None,
             }
             if args.analyze
             else {}
@@ -554,6 +567,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             "phase_peak": r["phase_peak"],
             "gradients": r.get("gradients", False),
             "on_disk": r.get("on_disk", False),
+            "in_memory": r.get("in_memory", False),
+            "device_peak": r.get("device_peak"),
         }
         rows.append(row)
         print(_analyze_row(row, args) if args.analyze else _row(row), flush=True)
@@ -582,8 +597,9 @@ def _row(r: dict[str, Any]) -> str:
 
 ANALYZE_HEADER = (
     "| layers | checkpoint GB | strategy / metric | states | peak RssAnon GB | formula GB "
-    "| peak / formula | calibrate / sweep / score / judge / rest peak GB | analyze s |\n"
-    "|---:|---:|---|---|---:|---:|---:|---:|---:|"
+    "| peak / formula | calibrate / sweep / score / judge / rest peak GB | analyze s "
+    "| device peak GB |\n"
+    "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -594,10 +610,12 @@ def _analyze_row(r: dict[str, Any], args: argparse.Namespace) -> str:
     rest = max((v for k, v in peaks.items() if k not in MAIN_PHASES), default=0)
     phases = " / ".join(_gb(peaks[k]) if k in peaks else "-" for k in MAIN_PHASES)
     phases += f" / {_gb(rest)}"
+    states = "whole model" if r["in_memory"] else ("disk" if r["on_disk"] else "memory")
+    device = "-" if r["device_peak"] is None else _gb(r["device_peak"])
     return (
         f"| {r['layers']} | {_gb(r['checkpoint'])} | {what} | "
-        f"{'disk' if r['on_disk'] else 'memory'} | {_gb(r['peak_anon'])} | "
-        f"{_gb(r['formula'])} | {r['ratio']:.2f} | {phases} | {r['seconds']:.1f} |"
+        f"{states} | {_gb(r['peak_anon'])} | "
+        f"{_gb(r['formula'])} | {r['ratio']:.2f} | {phases} | {r['seconds']:.1f} | {device} |"
     )
 
 
@@ -628,6 +646,19 @@ def main() -> None:
         help="with --analyze: the tensors held as each stage starts (in the raw result)",
     )
     p.add_argument("--offload-dir", help="with --analyze: the states on disk under this directory")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="with --analyze: analyze's --device (cuda: the peak device memory, "
+        "torch.cuda.max_memory_allocated, is reported too)",
+    )
+    p.add_argument(
+        "--in-memory",
+        type=int,
+        default=0,
+        help="with --analyze, 1: the model loaded whole (no --offload; the memory check "
+        "off), to compare the layer-wise run with",
+    )
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args)), flush=True)
