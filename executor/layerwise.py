@@ -1102,7 +1102,8 @@ class LayerWalk:
     ) -> None:
         """`_backward_layer` on a sharded layer (`executor.sharding`), every batch on
         every process: each batch's backward leaves its sharded gradients in `.grad`
-        (FSDP's reduce-scatter of N equal gradients, exact), which are added to the
+        (each process's own chunk of the gradient all computed alike:
+        `sharding.OwnChunk`), which are added to the
         running sums element by element in batch order, as `_backward_layer` adds the
         whole ones (without `on_batch`, FSDP adds them to `.grad` itself, the same
         element-wise addition, and no batch's gradients are kept beside the sums);
