@@ -549,24 +549,16 @@ class LayerWalk:
     def _swept_layer(
         self, i: int, sharded: bool, wants: Callable[[int, str], bool] | None
     ) -> Iterator[tuple[nn.Module, list[nn.Module] | None]]:
-        """Layer i for the reverse sweep: loaded whole (units None), or sharded."""
+        """Layer i for the reverse sweep: loaded whole (units None), or sharded across
+        the processes (`executor.sharding`): a copy of its skeleton (on meta: nothing
+        allocated) loaded one unit at a time on the host and sharded at once (FSDP
+        moves each unit's shard to the device), so no more than one unit is ever
+        whole; dropped after, the skeleton untouched, so later walks load layer i as
+        before. Yields the layer and its units."""
         if not sharded:
             with self.layer(i) as module:
                 yield module, None
             return
-        wanted = functools.partial(_wanted, wants, i)
-        with self._sharded_layer(i, wanted) as (module, units):
-            yield module, units
-
-    @contextlib.contextmanager
-    def _sharded_layer(
-        self, i: int, wanted: Callable[[str], bool]
-    ) -> Iterator[tuple[nn.Module, list[nn.Module]]]:
-        """Decoder layer i sharded across the processes (`executor.sharding`): a copy of
-        its skeleton (on meta: nothing allocated) loaded one unit at a time on the host
-        and sharded at once (FSDP moves each unit's shard to the device), so no more
-        than one unit is ever whole; dropped after, the skeleton untouched, so later
-        walks load layer i as before. Yields the layer and its units."""
         skeleton = self.layers[i]
         layer = self.layers[i] = copy.deepcopy(skeleton)
         try:
@@ -576,8 +568,8 @@ class LayerWalk:
                 for s in slots:
                     self._set(layer, s, state.pop(s), device)
 
-            units = sharding.shard_layer(layer, wanted, self.device, load)
-            yield layer, units
+            wanted = functools.partial(_wanted, wants, i)
+            yield layer, sharding.shard_layer(layer, wanted, self.device, load)
         finally:
             self.layers[i] = skeleton
 
@@ -914,7 +906,7 @@ class LayerWalk:
                 chosen = [
                     (name, p)
                     for name, p in module.named_parameters()
-                    if p.requires_grad and (wants is None or wants(i, name))
+                    if p.requires_grad and _wanted(wants, i, name)
                 ]
                 if units is not None:
                     self._backward_sharded(

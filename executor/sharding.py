@@ -44,6 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
+# The type FSDP2's public `set_custom_reduce_scatter` takes (transformers imports the
+# module anyway).
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+
 
 def active() -> bool:
     """Whether several processes have joined a group a layer can be sharded across."""
@@ -109,13 +113,7 @@ def shard_layer(
     return out
 
 
-def _reduce_scatter_base() -> type:
-    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
-
-    return ReduceScatter
-
-
-class OwnChunk(_reduce_scatter_base()):  # type: ignore[misc]
+class OwnChunk(ReduceScatter):
     """FSDP's gradient reduce-scatter where every process computed the same gradient:
     this process's chunk of its own (the mean of N equal values is the value), copied;
     nothing sent, nothing added."""

@@ -122,76 +122,56 @@ def collect(
     Under torchrun each process walks its share of the batches, unless the walk
     shards the sweep's layers (`LayerWalk.shard_layers`, `executor.sharding`): then
     the gradient pass runs every batch on every process."""
-    if gradients and walk is not None and walk.shard_layers:
-        context: Any = distributed.whole()
-    else:
-        context = contextlib.nullcontext()
-    with context:
-        return _collect(
-            model, arch, windows, metrics, scored, seed, gradients, fisher, geom,
-            batch_size, device, progress, walk, observers, fused, reserve,
-        )  # fmt: skip
+    with _batches(walk, gradients):
+        score = _Scoring(arch, tuple(metrics), scored, geom, seed)
+        score.check(gradients)
+        if walk is None:
+            walk = LayerWalk.over(model, arch, device, batch_size)
+        from tqdm import tqdm
 
-
-def _collect(
-    model: Any,
-    arch: Architecture,
-    windows: Sequence[Sequence[int]],
-    metrics: Sequence[str],
-    scored: Collection[int] | None,
-    seed: int,
-    gradients: bool,
-    fisher: bool,
-    geom: Geometry | None,
-    batch_size: int,
-    device: str,
-    progress: bool,
-    walk: LayerWalk | None,
-    observers: Sequence[LayerObserver],
-    fused: bool | None,
-    reserve: int,
-) -> Calibration:
-    score = _Scoring(arch, tuple(metrics), scored, geom, seed)
-    score.check(gradients)
-    if walk is None:
-        walk = LayerWalk.over(model, arch, device, batch_size)
-    from tqdm import tqdm
-
-    n = walk.num_layers
-    split = distributed.current() is not None  # torchrun: this process's share of batches
-    stats = [LayerStats() for _ in range(n)]
-    depth = DepthStats(n, split=split)
-    states = walk.inputs(windows)
-    if fused is None:
-        fused = gradients and walk.resident and not split and _fused_fits(walk, states, reserve)
-    if fused and gradients:
-        loss = _fused(walk, arch, states, stats, depth, observers, fisher, geom, score)
-        return Calibration(depth, stats, *_counted(states), loss, gradients, fused=True)
-    bounds = [states]
-    for i in tqdm(range(n), desc="calibrate", unit="layer", disable=not progress, leave=False):
-        with walk.layer(i) as module:
-            for o in observers:
-                o.attach(i, module)
-            try:
-                states = _forward_observed(
-                    walk, i, states, module, arch, stats[i], depth, gradients
-                )
-            finally:
+        n = walk.num_layers
+        split = distributed.current() is not None  # torchrun: this process's share of batches
+        stats = [LayerStats() for _ in range(n)]
+        depth = DepthStats(n, split=split)
+        states = walk.inputs(windows)
+        if fused is None:
+            fused = gradients and walk.resident and not split and _fused_fits(walk, states, reserve)
+        if fused and gradients:
+            loss = _fused(walk, arch, states, stats, depth, observers, fisher, geom, score)
+            return Calibration(depth, stats, *_counted(states), loss, gradients, fused=True)
+        bounds = [states]
+        for i in tqdm(range(n), desc="calibrate", unit="layer", disable=not progress, leave=False):
+            with walk.layer(i) as module:
                 for o in observers:
-                    o.detach(i)
-            if split:  # every process's batches, in global batch order
-                stats[i].attn_in.settle()
-                stats[i].mlp_in.settle()
-            score(i, module, stats[i])
+                    o.attach(i, module)
+                try:
+                    states = _forward_observed(
+                        walk, i, states, module, arch, stats[i], depth, gradients
+                    )
+                finally:
+                    for o in observers:
+                        o.detach(i)
+                if split:  # every process's batches, in global batch order
+                    stats[i].attn_in.settle()
+                    stats[i].mlp_in.settle()
+                score(i, module, stats[i])
+            if gradients:
+                bounds.append(states)
+        if split:
+            depth.settle()
+        batches, tokens = _counted(states)
+        loss = math.nan
         if gradients:
-            bounds.append(states)
-    if split:
-        depth.settle()
-    batches, tokens = _counted(states)
-    loss = math.nan
-    if gradients:
-        loss = _sweep(walk, arch, bounds, stats, fisher, geom, score)
-    return Calibration(depth, stats, batches, tokens, loss, gradients)
+            loss = _sweep(walk, arch, bounds, stats, fisher, geom, score)
+        return Calibration(depth, stats, batches, tokens, loss, gradients)
+
+
+def _batches(walk: LayerWalk | None, gradients: bool) -> Any:
+    """Which batches this process walks: under torchrun its share (the current shard),
+    or every batch when the walk shards the sweep's layers (`distributed.whole`)."""
+    if gradients and walk is not None and walk.shard_layers:
+        return distributed.whole()
+    return contextlib.nullcontext()
 
 
 def _counted(states: States) -> tuple[int, int]:
