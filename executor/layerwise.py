@@ -718,8 +718,7 @@ class LayerWalk:
         module = module if module is not None else self.layers[i]
         batch = states.batches[k]
         with torch.no_grad(), distributed.running(batch.at):  # hooks see the global batch
-            result = module(states.get(k, self.device), *batch.args[i], **batch.kwargs[i])
-        return result[0] if isinstance(result, tuple) else result
+            return _layer_output(module, i, states.get(k, self.device), batch)
 
     def observe(self, i: int, states: States, module: nn.Module | None = None) -> None:
         """Decoder layer i on every batch of `states` for the sake of hooks on its modules
@@ -963,7 +962,7 @@ class LayerWalk:
             [
                 (name, p)
                 for name, p in self.layers[i].named_parameters()
-                if p.requires_grad and (wants is None or wants(i, name))
+                if p.requires_grad and _wanted(wants, i, name)
             ]
             for i in range(n)
         ]
@@ -983,8 +982,7 @@ class LayerWalk:
                     h = states.get(k, self.device).detach()  # layer 0's input: no gradient
                     with torch.enable_grad():
                         for i, layer in enumerate(self.layers):
-                            out = layer(h, *batch.args[i], **batch.kwargs[i])
-                            out = out[0] if isinstance(out, tuple) else out
+                            out = _layer_output(layer, i, h, batch)
                             if on_forward is not None:
                                 on_forward(i, k, h.detach(), out.detach())
                             h = out
@@ -1020,6 +1018,12 @@ class LayerWalk:
             _release_heap()
         return mean
 
+    def _swept_input(self, states: States, k: int, needs_grad: bool) -> torch.Tensor:
+        """Batch k's stored layer input on the device, detached (the cache's tensor
+        untouched), asking for its gradient when the layer below needs it."""
+        hidden = states.get(k, self.device).detach()
+        return hidden.requires_grad_() if needs_grad else hidden
+
     def _backward_layer(
         self,
         i: int,
@@ -1048,13 +1052,10 @@ class LayerWalk:
             p.grad = None
         try:
             for k, batch in enumerate(states.batches):
-                hidden = states.get(k, self.device).detach()  # the cache's tensor untouched
-                if below is not None:
-                    hidden.requires_grad_()
+                hidden = self._swept_input(states, k, below is not None)
                 order.clear()
                 with torch.enable_grad():
-                    out = module(hidden, *batch.args[i], **batch.kwargs[i])
-                    out = out[0] if isinstance(out, tuple) else out
+                    out = _layer_output(module, i, hidden, batch)
                     wrt = ([hidden] if below is not None else []) + params
                     upstream = grads.get(k, self.device)
                     got = list(torch.autograd.grad(out, wrt, upstream, allow_unused=True))
@@ -1106,15 +1107,12 @@ class LayerWalk:
         order = sharding.AutogradOrder(module, units, {name for name, _ in chosen})
         try:
             for k, batch in enumerate(states.batches):
-                hidden = states.get(k, self.device).detach()
-                if below is not None:
-                    hidden.requires_grad_()
+                hidden = self._swept_input(states, k, below is not None)
                 if on_batch is not None:  # each batch's own gradients, summed here
                     for p in params:
                         p.grad = None
                 with order.batch() as seen, torch.enable_grad():
-                    out = module(hidden, *batch.args[i], **batch.kwargs[i])
-                    out = out[0] if isinstance(out, tuple) else out
+                    out = _layer_output(module, i, hidden, batch)
                     out.backward(grads.get(k, self.device))
                     del out
                 if below is not None:
@@ -1141,6 +1139,13 @@ class LayerWalk:
                 f"these states are the input of layer {states.layer}; "
                 f"the head needs the output of all {self.num_layers}"
             )
+
+
+def _layer_output(module: nn.Module, i: int, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Decoder layer i (`module`) on one batch's input: its output states (the first
+    element where the layer returns a tuple), with the batch's recorded call arguments."""
+    out = module(hidden, *batch.args[i], **batch.kwargs[i])
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _wanted(wants: Callable[[int, str], bool] | None, i: int, name: str) -> bool:
